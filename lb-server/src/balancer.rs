@@ -1,0 +1,234 @@
+//! The `grpc.lb.v1.LoadBalancer/BalanceLoad` service.
+//!
+//! Per stream: read `initial_request` (within a deadline), map its name to a
+//! service, answer `initial_response` first (stock clients treat anything
+//! else first as an error), then write the service's current list and every
+//! later change. Lists come from the catalog's watch channel, so a stream
+//! that cannot keep up simply skips to the newest list; identical lists are
+//! never resent. `client_stats` from the client are added to the service's
+//! totals. Streams run inside tonic's response body: no task per stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
+    load_balancer_server::LoadBalancer, InitialLoadBalanceResponse, LoadBalanceRequest, LoadBalanceResponse,
+    ServerList,
+};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{Catalog, PublishedList, ServiceEntry};
+use crate::metrics::Metrics;
+use crate::names::{NameMapper, MAX_NAME_LEN};
+use crate::sessions::{SessionGuard, Sessions, StatsReport};
+
+/// Settings of the BalanceLoad service.
+#[derive(Debug, Clone)]
+pub struct BalancerSettings {
+    /// Client-stats report interval asked of clients (zero = never).
+    pub client_stats_interval: Duration,
+    /// Deadline for the initial request.
+    pub initial_request_timeout: Duration,
+    /// Window over which streams are closed on shutdown.
+    pub shutdown_spread: Duration,
+}
+
+/// The BalanceLoad service.
+pub struct Balancer {
+    catalog: Arc<Catalog>,
+    names: Arc<NameMapper>,
+    sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
+    settings: BalancerSettings,
+    shutdown: CancellationToken,
+}
+
+impl Balancer {
+    /// A service answering from `catalog`; streams end when `shutdown` fires.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        names: Arc<NameMapper>,
+        sessions: Arc<Sessions>,
+        metrics: Arc<Metrics>,
+        settings: BalancerSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Balancer { catalog, names, sessions, metrics, settings, shutdown }
+    }
+
+    fn refuse(&self, reason: &str, status: Status) -> Status {
+        tracing::warn!(reason, message = status.message(), "BalanceLoad stream refused");
+        self.metrics.refuse(reason);
+        status
+    }
+
+    /// Reads and validates the initial request; returns the service entry.
+    async fn accept(&self, inbound: &mut Streaming<LoadBalanceRequest>) -> Result<(String, Arc<ServiceEntry>), Status> {
+        let timeout = self.settings.initial_request_timeout;
+        let first = match tokio::time::timeout(timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(self.refuse(
+                    "initial_request_timeout",
+                    Status::deadline_exceeded(format!("no initial_request within {timeout:?}")),
+                ))
+            }
+            Ok(Err(status)) => return Err(self.refuse("stream_error", status)),
+            Ok(Ok(None)) => {
+                return Err(self.refuse(
+                    "no_initial_request",
+                    Status::invalid_argument("stream closed before initial_request"),
+                ))
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        let name = match first.load_balance_request_type {
+            Some(LoadBalanceRequestType::InitialRequest(r)) => r.name,
+            _ => {
+                return Err(self.refuse(
+                    "not_initial_request",
+                    Status::invalid_argument("the first message must be initial_request"),
+                ))
+            }
+        };
+        if name.len() > MAX_NAME_LEN {
+            return Err(self.refuse(
+                "name_too_long",
+                Status::invalid_argument(format!("name is {} bytes; the limit is {MAX_NAME_LEN}", name.len())),
+            ));
+        }
+        let found = self.names.resolve(&name, |s| self.catalog.contains(s));
+        match found.and_then(|s| self.catalog.service(&s)) {
+            Some(entry) => Ok((name, entry)),
+            None => Err(self.refuse(
+                "unknown_service",
+                Status::not_found(format!(
+                    "unknown service {name:?} (tried {:?}); no backend of that name is registered",
+                    self.names.candidates(&name)
+                )),
+            )),
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<LoadBalanceResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LoadBalancer for Balancer {
+    type BalanceLoadStream = ResponseStream;
+
+    async fn balance_load(
+        &self,
+        request: Request<Streaming<LoadBalanceRequest>>,
+    ) -> Result<Response<Self::BalanceLoadStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (name, entry) = self.accept(&mut inbound).await?;
+        tracing::debug!(?peer, name, service = entry.name(), "BalanceLoad stream accepted");
+        let session = self.sessions.open(self.metrics.clone(), peer, name, entry.name().to_string());
+        let state = StreamState {
+            initial: Some(self.settings.client_stats_interval),
+            lists: entry.subscribe(),
+            last_version: None,
+            inbound,
+            inbound_done: false,
+            finished: false,
+            catalog: self.catalog.clone(),
+            entry,
+            metrics: self.metrics.clone(),
+            session,
+            shutdown: self.shutdown.clone(),
+            shutdown_spread: self.settings.shutdown_spread,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, StreamState::next))))
+    }
+}
+
+/// Everything one stream needs between two messages.
+struct StreamState {
+    initial: Option<Duration>,
+    lists: watch::Receiver<Arc<PublishedList>>,
+    last_version: Option<u64>,
+    inbound: Streaming<LoadBalanceRequest>,
+    inbound_done: bool,
+    finished: bool,
+    catalog: Arc<Catalog>,
+    entry: Arc<ServiceEntry>,
+    metrics: Arc<Metrics>,
+    session: SessionGuard,
+    shutdown: CancellationToken,
+    shutdown_spread: Duration,
+}
+
+impl StreamState {
+    async fn next(mut self) -> Option<(Result<LoadBalanceResponse, Status>, Self)> {
+        if self.finished {
+            return None;
+        }
+        if let Some(interval) = self.initial.take() {
+            let response = LoadBalanceResponseType::InitialResponse(InitialLoadBalanceResponse {
+                client_stats_report_interval: (!interval.is_zero()).then(|| prost_types::Duration {
+                    seconds: interval.as_secs() as i64,
+                    nanos: interval.subsec_nanos() as i32,
+                }),
+            });
+            return Some((Ok(LoadBalanceResponse { load_balance_response_type: Some(response) }), self));
+        }
+        loop {
+            if self.lists.has_changed().unwrap_or(false) {
+                let list = self.lists.borrow_and_update().clone();
+                if self.last_version != Some(list.version) {
+                    if self.last_version.is_some() {
+                        self.metrics.list_push_seconds.observe(list.changed_at.elapsed().as_secs_f64());
+                    }
+                    self.last_version = Some(list.version);
+                    self.metrics.lists_sent.inc();
+                    let s = self.session.session();
+                    s.lists_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    s.list_version.store(list.version, std::sync::atomic::Ordering::Relaxed);
+                    let response = LoadBalanceResponseType::ServerList(ServerList { servers: list.servers.clone() });
+                    return Some((Ok(LoadBalanceResponse { load_balance_response_type: Some(response) }), self));
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    // Spread the closes so clients do not stampede the other replicas.
+                    let spread = self.shutdown_spread.as_millis() as u64;
+                    let delay = if spread == 0 { 0 } else { rand::rng().random_range(0..spread) };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    self.finished = true;
+                    return Some((Err(Status::unavailable("load balancer shutting down; reconnect")), self));
+                }
+                changed = self.lists.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                message = self.inbound.message(), if !self.inbound_done => match message {
+                    Ok(Some(request)) => self.on_request(request),
+                    Ok(None) => self.inbound_done = true,
+                    // The client went away: end quietly.
+                    Err(_) => return None,
+                },
+            }
+        }
+    }
+
+    fn on_request(&mut self, request: LoadBalanceRequest) {
+        match request.load_balance_request_type {
+            Some(LoadBalanceRequestType::ClientStats(stats)) => {
+                self.catalog.record_client_stats(&self.entry, &stats);
+                *self.session.session().last_stats.lock().expect("stats lock") = Some(StatsReport::from(&stats));
+            }
+            Some(LoadBalanceRequestType::InitialRequest(_)) => {
+                tracing::debug!(session = self.session.session().id, "repeated initial_request ignored");
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! `lb-server`: a lookaside load balancer for gRPC.
+//!
+//! The LB watches a service registry, keeps a catalog of every service's
+//! backends, turns it into ordered server lists, and streams those lists to
+//! clients over gRPC's own `grpc.lb.v1.LoadBalancer` protocol. Clients then
+//! call backends directly: the LB is never in the data path.
+//!
+//! Data flows one way, one module per step:
+//!
+//! ```text
+//! registry ──► catalog ──► policy ──► balancer (BalanceLoad streams) ──► clients
+//!                 │
+//!                 └──► admin (HTTP: JSON, /metrics) reads snapshots
+//! ```
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`config`] | flags and env vars |
+//! | [`registry`] | sources: embedded memory, etcd, file |
+//! | [`catalog`] | services, backends, published lists |
+//! | [`policy`] | backends → ordered, weighted server list |
+//! | [`names`] | requested name → service |
+//! | [`balancer`] | the BalanceLoad service |
+//! | [`sessions`] | table of connected streams |
+//! | [`admin`] | admin HTTP endpoint |
+//! | [`metrics`] | Prometheus metrics |
+//!
+//! [`LbServer::start`] assembles and runs them all.
+
+pub mod admin;
+pub mod balancer;
+pub mod catalog;
+pub mod config;
+pub mod metrics;
+pub mod names;
+pub mod policy;
+pub mod registry;
+pub mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_proto::grpc::lb::v1::load_balancer_server::LoadBalancerServer;
+use lb_proto::registry::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::balancer::{Balancer, BalancerSettings};
+use crate::catalog::Catalog;
+use crate::metrics::Metrics;
+use crate::names::NameMapper;
+use crate::policy::Policy;
+use crate::registry::memory::RegistrationApi;
+use crate::registry::RegistrySink;
+use crate::sessions::Sessions;
+
+/// A running LB: its bound addresses and the handles to stop it.
+pub struct LbServer {
+    /// Address of the gRPC port (BalanceLoad, registration API).
+    pub lb_addr: SocketAddr,
+    /// Address of the admin HTTP port.
+    pub admin_addr: SocketAddr,
+    /// The catalog (for embedding programs and tests).
+    pub catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LbServer {
+    /// Binds both ports, starts the registry source and serves. Returns once
+    /// the ports are bound; port 0 picks a free port (see [`LbServer::lb_addr`]).
+    pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
+        let metrics = Arc::new(Metrics::new());
+        let source = registry::from_url(&cfg.registry, &cfg)?;
+        let catalog = Arc::new(Catalog::new(Policy { max_list_len: cfg.max_list_len.max(1) }, metrics.clone(), 1));
+        let sessions = Arc::new(Sessions::default());
+        let shutdown = CancellationToken::new();
+
+        let lb_listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+        let admin_listener = TcpListener::bind(cfg.admin_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--admin-listen): {e}", cfg.admin_listen))?;
+        let lb_addr = lb_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let mut tasks = Vec::new();
+        let sink = RegistrySink::new(source.registry.kind(), catalog.clone(), metrics.clone());
+        tasks.push(tokio::spawn(source.registry.clone().run(sink, shutdown.clone())));
+
+        let balancer = Balancer::new(
+            catalog.clone(),
+            Arc::new(NameMapper::new(cfg.aliases.clone(), cfg.domain_suffixes.clone())),
+            sessions.clone(),
+            metrics.clone(),
+            BalancerSettings {
+                client_stats_interval: cfg.client_stats_interval,
+                initial_request_timeout: cfg.initial_request_timeout,
+                shutdown_spread: cfg.shutdown_spread,
+            },
+            shutdown.clone(),
+        );
+        let registration = RegistrationApi::new(source.memory.clone(), cfg.registry.clone());
+        let incoming = tonic::transport::server::TcpIncoming::from(lb_listener).with_nodelay(Some(true));
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(LoadBalancerServer::new(balancer))
+            .add_service(RegistryServer::new(registration))
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        let admin = admin::router(admin::AdminState {
+            catalog: catalog.clone(),
+            sessions,
+            metrics,
+            registry: cfg.registry.clone(),
+        });
+        let admin_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(admin_listener, admin).with_graceful_shutdown(admin_shutdown.cancelled_owned());
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        }));
+
+        tracing::info!(%lb_addr, %admin_addr, registry = %cfg.registry, "lb-server listening");
+        Ok(LbServer { lb_addr, admin_addr, catalog, shutdown, tasks })
+    }
+
+    /// Stops serving: streams are closed (spread over the shutdown window),
+    /// then the ports. Waits at most `limit` for everything to finish.
+    pub async fn shutdown(self, limit: Duration) {
+        self.shutdown.cancel();
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(?limit, "shutdown did not finish in time");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics of the LB, served as text on the admin port's
+//! `/metrics`.
+//!
+//! One [`Metrics`] value is shared by every part of the server; each part
+//! only increments what it owns. Names follow Prometheus conventions
+//! (`lb_` prefix, `_total` on counters).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels naming a registry source and what happened.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Registry source: `memory`, `etcd`, `file`.
+    pub source: String,
+    /// Event kind (`put`, `delete`, `snapshot`) or reject reason.
+    pub kind: String,
+}
+
+/// Labels naming a service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// The service name in the registry.
+    pub service: String,
+}
+
+/// Labels of client-reported call counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// The service name in the registry.
+    pub service: String,
+    /// `started`, `finished`, `failed_to_send`, `known_received`, `dropped`.
+    pub kind: String,
+}
+
+/// Labels naming why a stream was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Short machine-readable reason, e.g. `unknown_service`.
+    pub reason: String,
+}
+
+/// Every metric the LB exports.
+pub struct Metrics {
+    registry: Registry,
+    /// BalanceLoad streams open now.
+    pub streams_open: Gauge,
+    /// BalanceLoad streams accepted since start.
+    pub streams_total: Counter,
+    /// BalanceLoad streams refused, by reason.
+    pub streams_refused: Family<ReasonLabels, Counter>,
+    /// Server lists written to streams.
+    pub lists_sent: Counter,
+    /// Time from a catalog change to a stream writing the resulting list.
+    pub list_push_seconds: Histogram,
+    /// Registry events applied, by source and kind.
+    pub registry_events: Family<SourceLabels, Counter>,
+    /// Registry entries rejected, by source and reason.
+    pub registry_rejects: Family<SourceLabels, Counter>,
+    /// Backends currently registered, per service.
+    pub backends: Family<ServiceLabels, Gauge>,
+    /// List version per service (increments on every changed list).
+    pub list_version: Family<ServiceLabels, Gauge>,
+    /// Calls reported by clients in client stats, per service and kind.
+    pub client_calls: Family<CallLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let m = Metrics {
+            streams_open: Gauge::default(),
+            streams_total: Counter::default(),
+            streams_refused: Family::default(),
+            lists_sent: Counter::default(),
+            list_push_seconds: Histogram::new(
+                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+            ),
+            registry_events: Family::default(),
+            registry_rejects: Family::default(),
+            backends: Family::default(),
+            list_version: Family::default(),
+            client_calls: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("streams_open", "BalanceLoad streams open now", m.streams_open.clone());
+        registry.register("streams", "BalanceLoad streams accepted", m.streams_total.clone());
+        registry.register(
+            "streams_refused",
+            "BalanceLoad streams refused, by reason",
+            m.streams_refused.clone(),
+        );
+        registry.register("lists_sent", "Server lists written to streams", m.lists_sent.clone());
+        registry.register(
+            "list_push_seconds",
+            "Time from a catalog change to a stream writing the new list",
+            m.list_push_seconds.clone(),
+        );
+        registry.register(
+            "registry_events",
+            "Registry events applied, by source and kind",
+            m.registry_events.clone(),
+        );
+        registry.register(
+            "registry_rejects",
+            "Registry entries rejected, by source and reason",
+            m.registry_rejects.clone(),
+        );
+        registry.register("backends", "Backends registered, per service", m.backends.clone());
+        registry.register("list_version", "Current list version, per service", m.list_version.clone());
+        registry.register(
+            "client_calls",
+            "Calls reported in client stats, per service and kind",
+            m.client_calls.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one registry entry rejected by `source` for `reason`.
+    pub fn reject(&self, source: &str, reason: &str) {
+        self.registry_rejects
+            .get_or_create(&SourceLabels { source: source.into(), kind: reason.into() })
+            .inc();
+    }
+
+    /// Counts one registry event applied.
+    pub fn event(&self, source: &str, kind: &str) {
+        self.registry_events
+            .get_or_create(&SourceLabels { source: source.into(), kind: kind.into() })
+            .inc();
+    }
+
+    /// Counts one refused BalanceLoad stream.
+    pub fn refuse(&self, reason: &str) {
+        self.streams_refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

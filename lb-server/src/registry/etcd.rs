@@ -1,0 +1,130 @@
+//! The etcd registry source.
+//!
+//! Lists `<prefix>` once, then watches it from the next revision. When the
+//! watch is cancelled (compaction) or the connection is lost, it re-lists and
+//! watches again; until that succeeds the catalog keeps the last known state,
+//! so an etcd outage changes nothing that clients see.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use super::entry::{self, Decoded};
+use super::{Instance, Registry, RegistrySink};
+
+/// Delay before the first retry after a failure; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Reads services from etcd.
+pub struct EtcdRegistry {
+    endpoints: Vec<String>,
+    prefix: String,
+}
+
+impl EtcdRegistry {
+    /// A source reading keys under `prefix` from the etcd cluster at `endpoints`.
+    pub fn new(endpoints: Vec<String>, prefix: String) -> Self {
+        EtcdRegistry { endpoints, prefix }
+    }
+
+    /// Connect options shared by the LB and the registration helper: short
+    /// timeouts and HTTP/2 keep-alive, so a dead etcd is noticed in seconds.
+    pub fn connect_options() -> ConnectOptions {
+        ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+    }
+
+    /// One list + watch session; returns when the watch ends (error,
+    /// compaction, or shutdown) and whether it listed successfully.
+    async fn session(&self, sink: &RegistrySink, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut client = Client::connect(&self.endpoints, Some(Self::connect_options())).await?;
+        let listing = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("listing {:?} timed out", self.prefix))??;
+        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let mut instances: Vec<Instance> = Vec::new();
+        for kv in listing.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match entry::decode(&self.prefix, &key, kv.value()).await {
+                Ok(Decoded::Upsert(i)) => instances.push(i),
+                Ok(Decoded::Delete) => {}
+                Err(r) => sink.reject(&key, r.reason, &r.detail),
+            }
+        }
+        tracing::info!(prefix = %self.prefix, revision, instances = instances.len(), "etcd listed");
+        sink.snapshot(instances);
+        sink.mark_synced();
+
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let mut watch = client.watch(self.prefix.as_str(), Some(options)).await?;
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = watch.message() => m?,
+            };
+            let Some(response) = message else {
+                anyhow::bail!("watch stream ended");
+            };
+            if response.canceled() {
+                anyhow::bail!(
+                    "watch cancelled (compacted at revision {}): {}",
+                    response.compact_revision(),
+                    response.cancel_reason()
+                );
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match event.event_type() {
+                    EventType::Delete => sink.remove(&key),
+                    EventType::Put => match entry::decode(&self.prefix, &key, kv.value()).await {
+                        Ok(Decoded::Upsert(i)) => sink.upsert(i),
+                        Ok(Decoded::Delete) => sink.remove(&key),
+                        Err(r) => sink.reject(&key, r.reason, &r.detail),
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl Registry for EtcdRegistry {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn run(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        async move {
+            let mut delay = RETRY_MIN;
+            loop {
+                let started = tokio::time::Instant::now();
+                match self.session(&sink, &shutdown).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?delay,
+                            "etcd unavailable; serving last known state");
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    delay = RETRY_MIN;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+        .boxed()
+    }
+}

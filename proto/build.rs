@@ -1,0 +1,18 @@
+//! Compiles the .proto files under `proto/` with tonic's code generator.
+//! Needs `protoc` on PATH (Debian: `protobuf-compiler`) or in `$PROTOC`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/grpc/lb/v1/load_balancer.proto",
+        "proto/lb/registry/v1/registry.proto",
+        "proto/helloworld/helloworld.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&protos, &["proto"])?;
+    Ok(())
+}
