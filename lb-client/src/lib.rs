@@ -1,1 +1,55 @@
+//! `lb-client`: the thin client side of a lookaside (grpclb) load balancer.
+//!
+//! For callers, [`LbChannel`] is a `tower::Service` that any
+//! tonic-generated client accepts. It keeps one `grpc.lb.v1` stream open to
+//! an LB, walks each received server list in order, and sends every call
+//! straight to a backend: the LB is never in the data path.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use lb_client::LbChannel;
+//! use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+//!
+//! let channel = LbChannel::builder("greeter").lb("127.0.0.1:7000").build()?;
+//! let mut greeter = GreeterClient::new(channel);
+//! let reply = greeter.say_hello(HelloRequest { name: "you".into() }).await?;
+//! println!("{}", reply.into_inner().message);
+//! # Ok(()) }
+//! ```
+//!
+//! For backends, [`Registration`] announces an instance in the registry the
+//! LB reads (etcd or the LB's embedded registry) and keeps it alive.
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`channel`] | the `tower::Service` and its builder |
+//! | [`balancer_stream`] | the LB stream: lists, failover, stats, fallback |
+//! | [`state`] | list in force + connections → pick list |
+//! | [`picker`] | lock-free walk of the pick list |
+//! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
+//! | [`stats`] | client-stats counters |
+//! | [`register`] | backend registration helpers |
+//! | [`backoff`] | jittered exponential backoff |
 
+pub mod backends;
+pub mod backoff;
+pub mod balancer_stream;
+pub mod channel;
+pub mod picker;
+pub mod register;
+pub mod state;
+pub mod stats;
+
+pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN};
+pub use register::{Registration, RegistrationOptions};
+
+/// A boxed error, as tower services use.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}

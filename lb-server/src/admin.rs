@@ -55,12 +55,23 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
         let detail = format!("registry {} has not been listed yet", s.registry);
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "detail": detail}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "detail": detail})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Value {
@@ -78,7 +89,11 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
         v["backends"] = backends
             .iter()
             .map(|b| {
-                let entries = list.servers.iter().filter(|s| s.load_balance_token == b.token).count();
+                let entries = list
+                    .servers
+                    .iter()
+                    .filter(|s| s.load_balance_token == b.token)
+                    .count();
                 json!({
                     "address": b.addr.to_string(),
                     "source": b.source,
@@ -104,14 +119,23 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
 }
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {
-    let all: Vec<Value> = s.catalog.services().iter().map(|e| service_json(e, &s.sessions, false)).collect();
+    let all: Vec<Value> = s
+        .catalog
+        .services()
+        .iter()
+        .map(|e| service_json(e, &s.sessions, false))
+        .collect();
     Json(json!({ "services": all }))
 }
 
 async fn service(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match s.catalog.service(&name) {
         Some(e) => Json(service_json(&e, &s.sessions, true)).into_response(),
-        None => error(StatusCode::NOT_FOUND, "unknown_service", &format!("no service named {name:?}")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            &format!("no service named {name:?}"),
+        ),
     }
 }
 

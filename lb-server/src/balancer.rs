@@ -15,8 +15,8 @@ use std::time::Duration;
 use futures::Stream;
 use lb_proto::grpc::lb::v1::{
     load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
-    load_balancer_server::LoadBalancer, InitialLoadBalanceResponse, LoadBalanceRequest, LoadBalanceResponse,
-    ServerList,
+    load_balancer_server::LoadBalancer, InitialLoadBalanceResponse, LoadBalanceRequest,
+    LoadBalanceResponse, ServerList,
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -59,17 +59,31 @@ impl Balancer {
         settings: BalancerSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        Balancer { catalog, names, sessions, metrics, settings, shutdown }
+        Balancer {
+            catalog,
+            names,
+            sessions,
+            metrics,
+            settings,
+            shutdown,
+        }
     }
 
     fn refuse(&self, reason: &str, status: Status) -> Status {
-        tracing::warn!(reason, message = status.message(), "BalanceLoad stream refused");
+        tracing::warn!(
+            reason,
+            message = status.message(),
+            "BalanceLoad stream refused"
+        );
         self.metrics.refuse(reason);
         status
     }
 
     /// Reads and validates the initial request; returns the service entry.
-    async fn accept(&self, inbound: &mut Streaming<LoadBalanceRequest>) -> Result<(String, Arc<ServiceEntry>), Status> {
+    async fn accept(
+        &self,
+        inbound: &mut Streaming<LoadBalanceRequest>,
+    ) -> Result<(String, Arc<ServiceEntry>), Status> {
         let timeout = self.settings.initial_request_timeout;
         let first = match tokio::time::timeout(timeout, inbound.message()).await {
             Err(_) => {
@@ -99,7 +113,10 @@ impl Balancer {
         if name.len() > MAX_NAME_LEN {
             return Err(self.refuse(
                 "name_too_long",
-                Status::invalid_argument(format!("name is {} bytes; the limit is {MAX_NAME_LEN}", name.len())),
+                Status::invalid_argument(format!(
+                    "name is {} bytes; the limit is {MAX_NAME_LEN}",
+                    name.len()
+                )),
             ));
         }
         let found = self.names.resolve(&name, |s| self.catalog.contains(s));
@@ -129,8 +146,15 @@ impl LoadBalancer for Balancer {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (name, entry) = self.accept(&mut inbound).await?;
-        tracing::debug!(?peer, name, service = entry.name(), "BalanceLoad stream accepted");
-        let session = self.sessions.open(self.metrics.clone(), peer, name, entry.name().to_string());
+        tracing::debug!(
+            ?peer,
+            name,
+            service = entry.name(),
+            "BalanceLoad stream accepted"
+        );
+        let session =
+            self.sessions
+                .open(self.metrics.clone(), peer, name, entry.name().to_string());
         let state = StreamState {
             initial: Some(self.settings.client_stats_interval),
             lists: entry.subscribe(),
@@ -145,7 +169,10 @@ impl LoadBalancer for Balancer {
             shutdown: self.shutdown.clone(),
             shutdown_spread: self.settings.shutdown_spread,
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(state, StreamState::next))))
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            StreamState::next,
+        ))))
     }
 }
 
@@ -172,27 +199,47 @@ impl StreamState {
         }
         if let Some(interval) = self.initial.take() {
             let response = LoadBalanceResponseType::InitialResponse(InitialLoadBalanceResponse {
-                client_stats_report_interval: (!interval.is_zero()).then(|| prost_types::Duration {
-                    seconds: interval.as_secs() as i64,
-                    nanos: interval.subsec_nanos() as i32,
+                client_stats_report_interval: (!interval.is_zero()).then(|| {
+                    prost_types::Duration {
+                        seconds: interval.as_secs() as i64,
+                        nanos: interval.subsec_nanos() as i32,
+                    }
                 }),
             });
-            return Some((Ok(LoadBalanceResponse { load_balance_response_type: Some(response) }), self));
+            return Some((
+                Ok(LoadBalanceResponse {
+                    load_balance_response_type: Some(response),
+                }),
+                self,
+            ));
         }
         loop {
-            if self.lists.has_changed().unwrap_or(false) {
+            {
+                // Compare versions rather than relying on `has_changed`:
+                // `changed()` below marks the newest value as seen.
                 let list = self.lists.borrow_and_update().clone();
                 if self.last_version != Some(list.version) {
                     if self.last_version.is_some() {
-                        self.metrics.list_push_seconds.observe(list.changed_at.elapsed().as_secs_f64());
+                        self.metrics
+                            .list_push_seconds
+                            .observe(list.changed_at.elapsed().as_secs_f64());
                     }
                     self.last_version = Some(list.version);
                     self.metrics.lists_sent.inc();
                     let s = self.session.session();
-                    s.lists_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    s.list_version.store(list.version, std::sync::atomic::Ordering::Relaxed);
-                    let response = LoadBalanceResponseType::ServerList(ServerList { servers: list.servers.clone() });
-                    return Some((Ok(LoadBalanceResponse { load_balance_response_type: Some(response) }), self));
+                    s.lists_sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    s.list_version
+                        .store(list.version, std::sync::atomic::Ordering::Relaxed);
+                    let response = LoadBalanceResponseType::ServerList(ServerList {
+                        servers: list.servers.clone(),
+                    });
+                    return Some((
+                        Ok(LoadBalanceResponse {
+                            load_balance_response_type: Some(response),
+                        }),
+                        self,
+                    ));
                 }
             }
             tokio::select! {
@@ -223,10 +270,18 @@ impl StreamState {
         match request.load_balance_request_type {
             Some(LoadBalanceRequestType::ClientStats(stats)) => {
                 self.catalog.record_client_stats(&self.entry, &stats);
-                *self.session.session().last_stats.lock().expect("stats lock") = Some(StatsReport::from(&stats));
+                *self
+                    .session
+                    .session()
+                    .last_stats
+                    .lock()
+                    .expect("stats lock") = Some(StatsReport::from(&stats));
             }
             Some(LoadBalanceRequestType::InitialRequest(_)) => {
-                tracing::debug!(session = self.session.session().id, "repeated initial_request ignored");
+                tracing::debug!(
+                    session = self.session.session().id,
+                    "repeated initial_request ignored"
+                );
             }
             None => {}
         }

@@ -101,7 +101,12 @@ impl ServiceEntry {
 
     /// A copy of the backends now known.
     pub fn backends(&self) -> Vec<Backend> {
-        self.backends.lock().expect("catalog lock").values().cloned().collect()
+        self.backends
+            .lock()
+            .expect("catalog lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -117,7 +122,13 @@ pub struct Catalog {
 impl Catalog {
     /// An empty catalog fed by `sources` registry sources.
     pub fn new(policy: Policy, metrics: Arc<Metrics>, sources: usize) -> Self {
-        Catalog { services: DashMap::new(), policy, metrics, synced: Mutex::new(HashSet::new()), sources }
+        Catalog {
+            services: DashMap::new(),
+            policy,
+            metrics,
+            synced: Mutex::new(HashSet::new()),
+            sources,
+        }
     }
 
     /// The service named exactly `name`, if known.
@@ -184,7 +195,12 @@ impl Catalog {
 
     /// Removes the instance `key` reported by `source`, wherever it is.
     pub fn remove(&self, source: &'static str, key: &str) {
-        for entry in self.services.iter().map(|e| e.value().clone()).collect::<Vec<_>>() {
+        for entry in self
+            .services
+            .iter()
+            .map(|e| e.value().clone())
+            .collect::<Vec<_>>()
+        {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
                 tracing::info!(service = %entry.name, key, addr = %gone.addr, "backend removed");
@@ -199,7 +215,12 @@ impl Catalog {
         for i in instances {
             by_service.entry(i.service.clone()).or_default().push(i);
         }
-        for entry in self.services.iter().map(|e| e.value().clone()).collect::<Vec<_>>() {
+        for entry in self
+            .services
+            .iter()
+            .map(|e| e.value().clone())
+            .collect::<Vec<_>>()
+        {
             if !by_service.contains_key(&entry.name) {
                 by_service.insert(entry.name.clone(), Vec::new());
             }
@@ -227,13 +248,29 @@ impl Catalog {
     }
 
     /// Adds one client-stats report to the service's totals.
-    pub fn record_client_stats(&self, entry: &ServiceEntry, stats: &lb_proto::grpc::lb::v1::ClientStats) {
-        let dropped: i64 = stats.calls_finished_with_drop.iter().map(|d| d.num_calls.max(0)).sum();
+    pub fn record_client_stats(
+        &self,
+        entry: &ServiceEntry,
+        stats: &lb_proto::grpc::lb::v1::ClientStats,
+    ) {
+        let dropped: i64 = stats
+            .calls_finished_with_drop
+            .iter()
+            .map(|d| d.num_calls.max(0))
+            .sum();
         for (counter, kind, n) in [
             (&entry.calls.started, "started", stats.num_calls_started),
             (&entry.calls.finished, "finished", stats.num_calls_finished),
-            (&entry.calls.failed_to_send, "failed_to_send", stats.num_calls_finished_with_client_failed_to_send),
-            (&entry.calls.known_received, "known_received", stats.num_calls_finished_known_received),
+            (
+                &entry.calls.failed_to_send,
+                "failed_to_send",
+                stats.num_calls_finished_with_client_failed_to_send,
+            ),
+            (
+                &entry.calls.known_received,
+                "known_received",
+                stats.num_calls_finished_known_received,
+            ),
             (&entry.calls.dropped, "dropped", dropped),
         ] {
             let n = n.max(0);
@@ -241,7 +278,10 @@ impl Catalog {
                 counter.fetch_add(n, Ordering::Relaxed);
                 self.metrics
                     .client_calls
-                    .get_or_create(&CallLabels { service: entry.name.clone(), kind: kind.into() })
+                    .get_or_create(&CallLabels {
+                        service: entry.name.clone(),
+                        kind: kind.into(),
+                    })
                     .inc_by(n as u64);
             }
         }
@@ -249,19 +289,37 @@ impl Catalog {
 
     /// Recomputes the service's list and publishes it if it changed.
     fn publish(&self, entry: &ServiceEntry, backends: &BTreeMap<(&'static str, String), Backend>) {
-        let candidates: Vec<Candidate<'_>> =
-            backends.values().map(|b| Candidate { addr: b.addr, token: &b.token, weight: b.weight }).collect();
+        let candidates: Vec<Candidate<'_>> = backends
+            .values()
+            .map(|b| Candidate {
+                addr: b.addr,
+                token: &b.token,
+                weight: b.weight,
+            })
+            .collect();
         let servers = self.policy.build(&candidates);
-        let labels = ServiceLabels { service: entry.name.clone() };
-        self.metrics.backends.get_or_create(&labels).set(backends.len() as i64);
+        let labels = ServiceLabels {
+            service: entry.name.clone(),
+        };
+        self.metrics
+            .backends
+            .get_or_create(&labels)
+            .set(backends.len() as i64);
         entry.list.send_if_modified(|current| {
             if current.servers == servers {
                 return false;
             }
             let version = current.version + 1;
             tracing::info!(service = %entry.name, version, servers = servers.len(), "list changed");
-            self.metrics.list_version.get_or_create(&labels).set(version as i64);
-            *current = Arc::new(PublishedList { version, servers, changed_at: Instant::now() });
+            self.metrics
+                .list_version
+                .get_or_create(&labels)
+                .set(version as i64);
+            *current = Arc::new(PublishedList {
+                version,
+                servers,
+                changed_at: Instant::now(),
+            });
             true
         });
     }
@@ -279,7 +337,10 @@ fn apply_upsert(
             return false;
         }
     }
-    let registered_at = backends.get(&slot).map(|b| b.registered_at).unwrap_or(i.registered_at);
+    let registered_at = backends
+        .get(&slot)
+        .map(|b| b.registered_at)
+        .unwrap_or(i.registered_at);
     tracing::info!(service = %i.service, key = %i.key, addr = %i.addr, weight = i.weight, "backend registered");
     backends.insert(
         slot,
@@ -342,7 +403,11 @@ mod tests {
         let e = c.service("svc").unwrap();
         assert_eq!(e.current_list().version, 1);
         c.upsert("etcd", inst("svc", "k1", 1));
-        assert_eq!(e.current_list().version, 1, "identical upsert must not publish");
+        assert_eq!(
+            e.current_list().version,
+            1,
+            "identical upsert must not publish"
+        );
         c.upsert("etcd", inst("svc", "k2", 2));
         assert_eq!(e.current_list().version, 2);
         assert_eq!(e.current_list().servers.len(), 2);
@@ -360,7 +425,14 @@ mod tests {
         c.upsert("etcd", inst("svc", "k2", 2));
         c.upsert("file", inst("svc", "f1", 3));
         c.replace_source("etcd", vec![inst("svc", "k2", 2), inst("other", "k3", 4)]);
-        let ports: Vec<i32> = c.service("svc").unwrap().current_list().servers.iter().map(|s| s.port).collect();
+        let ports: Vec<i32> = c
+            .service("svc")
+            .unwrap()
+            .current_list()
+            .servers
+            .iter()
+            .map(|s| s.port)
+            .collect();
         assert_eq!(ports.len(), 2);
         assert!(ports.contains(&2) && ports.contains(&3));
         assert_eq!(c.service("other").unwrap().current_list().servers.len(), 1);

@@ -45,7 +45,11 @@ pub struct Config {
 
     /// Domain suffixes stripped from requested names, e.g. `.svc.test` maps
     /// `greeter.svc.test:443` to `greeter` (repeatable / comma-separated).
-    #[arg(long = "domain-suffix", env = "LB_DOMAIN_SUFFIXES", value_delimiter = ',')]
+    #[arg(
+        long = "domain-suffix",
+        env = "LB_DOMAIN_SUFFIXES",
+        value_delimiter = ','
+    )]
     pub domain_suffixes: Vec<String>,
 
     /// Interval at which clients are asked to report client stats (0 = never).

@@ -76,26 +76,40 @@ impl LbServer {
     pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
         let metrics = Arc::new(Metrics::new());
         let source = registry::from_url(&cfg.registry, &cfg)?;
-        let catalog = Arc::new(Catalog::new(Policy { max_list_len: cfg.max_list_len.max(1) }, metrics.clone(), 1));
+        let catalog = Arc::new(Catalog::new(
+            Policy {
+                max_list_len: cfg.max_list_len.max(1),
+            },
+            metrics.clone(),
+            1,
+        ));
         let sessions = Arc::new(Sessions::default());
         let shutdown = CancellationToken::new();
 
         let lb_listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
-        let admin_listener = TcpListener::bind(cfg.admin_listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--admin-listen): {e}", cfg.admin_listen))?;
+        let admin_listener = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (--admin-listen): {e}",
+                cfg.admin_listen
+            )
+        })?;
         let lb_addr = lb_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = Vec::new();
         let sink = RegistrySink::new(source.registry.kind(), catalog.clone(), metrics.clone());
-        tasks.push(tokio::spawn(source.registry.clone().run(sink, shutdown.clone())));
+        tasks.push(tokio::spawn(
+            source.registry.clone().run(sink, shutdown.clone()),
+        ));
 
         let balancer = Balancer::new(
             catalog.clone(),
-            Arc::new(NameMapper::new(cfg.aliases.clone(), cfg.domain_suffixes.clone())),
+            Arc::new(NameMapper::new(
+                cfg.aliases.clone(),
+                cfg.domain_suffixes.clone(),
+            )),
             sessions.clone(),
             metrics.clone(),
             BalancerSettings {
@@ -106,7 +120,8 @@ impl LbServer {
             shutdown.clone(),
         );
         let registration = RegistrationApi::new(source.memory.clone(), cfg.registry.clone());
-        let incoming = tonic::transport::server::TcpIncoming::from(lb_listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(lb_listener).with_nodelay(Some(true));
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -127,14 +142,21 @@ impl LbServer {
         });
         let admin_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(admin_listener, admin).with_graceful_shutdown(admin_shutdown.cancelled_owned());
+            let served = axum::serve(admin_listener, admin)
+                .with_graceful_shutdown(admin_shutdown.cancelled_owned());
             if let Err(e) = served.await {
                 tracing::error!(error = %e, "admin server failed");
             }
         }));
 
         tracing::info!(%lb_addr, %admin_addr, registry = %cfg.registry, "lb-server listening");
-        Ok(LbServer { lb_addr, admin_addr, catalog, shutdown, tasks })
+        Ok(LbServer {
+            lb_addr,
+            admin_addr,
+            catalog,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Stops serving: streams are closed (spread over the shutdown window),

@@ -10,13 +10,19 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
-    let filter = EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("--log {:?}: {e}", cfg.log))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let filter =
+        EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("--log {:?}: {e}", cfg.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 
     let server = LbServer::start(cfg.clone()).await?;
     wait_for_signal().await;
     tracing::info!("shutting down");
-    server.shutdown(cfg.shutdown_spread + Duration::from_secs(5)).await;
+    server
+        .shutdown(cfg.shutdown_spread + Duration::from_secs(5))
+        .await;
     Ok(())
 }
 

@@ -78,9 +78,9 @@ impl Metrics {
             streams_total: Counter::default(),
             streams_refused: Family::default(),
             lists_sent: Counter::default(),
-            list_push_seconds: Histogram::new(
-                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
-            ),
+            list_push_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
             registry_events: Family::default(),
             registry_rejects: Family::default(),
             backends: Family::default(),
@@ -88,14 +88,26 @@ impl Metrics {
             client_calls: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("streams_open", "BalanceLoad streams open now", m.streams_open.clone());
-        registry.register("streams", "BalanceLoad streams accepted", m.streams_total.clone());
+        registry.register(
+            "streams_open",
+            "BalanceLoad streams open now",
+            m.streams_open.clone(),
+        );
+        registry.register(
+            "streams",
+            "BalanceLoad streams accepted",
+            m.streams_total.clone(),
+        );
         registry.register(
             "streams_refused",
             "BalanceLoad streams refused, by reason",
             m.streams_refused.clone(),
         );
-        registry.register("lists_sent", "Server lists written to streams", m.lists_sent.clone());
+        registry.register(
+            "lists_sent",
+            "Server lists written to streams",
+            m.lists_sent.clone(),
+        );
         registry.register(
             "list_push_seconds",
             "Time from a catalog change to a stream writing the new list",
@@ -111,8 +123,16 @@ impl Metrics {
             "Registry entries rejected, by source and reason",
             m.registry_rejects.clone(),
         );
-        registry.register("backends", "Backends registered, per service", m.backends.clone());
-        registry.register("list_version", "Current list version, per service", m.list_version.clone());
+        registry.register(
+            "backends",
+            "Backends registered, per service",
+            m.backends.clone(),
+        );
+        registry.register(
+            "list_version",
+            "Current list version, per service",
+            m.list_version.clone(),
+        );
         registry.register(
             "client_calls",
             "Calls reported in client stats, per service and kind",
@@ -124,20 +144,30 @@ impl Metrics {
     /// Counts one registry entry rejected by `source` for `reason`.
     pub fn reject(&self, source: &str, reason: &str) {
         self.registry_rejects
-            .get_or_create(&SourceLabels { source: source.into(), kind: reason.into() })
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+                kind: reason.into(),
+            })
             .inc();
     }
 
     /// Counts one registry event applied.
     pub fn event(&self, source: &str, kind: &str) {
         self.registry_events
-            .get_or_create(&SourceLabels { source: source.into(), kind: kind.into() })
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+                kind: kind.into(),
+            })
             .inc();
     }
 
     /// Counts one refused BalanceLoad stream.
     pub fn refuse(&self, reason: &str) {
-        self.streams_refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+        self.streams_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Renders every metric in the Prometheus text format.

@@ -19,15 +19,27 @@ pub struct NameMapper {
 
 impl NameMapper {
     /// Rules from configured aliases (`name → service`) and domain suffixes.
-    pub fn new(aliases: impl IntoIterator<Item = (String, String)>, suffixes: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(
+        aliases: impl IntoIterator<Item = (String, String)>,
+        suffixes: impl IntoIterator<Item = String>,
+    ) -> Self {
         let mut suffixes: Vec<String> = suffixes
             .into_iter()
             .filter(|s| !s.is_empty())
-            .map(|s| if s.starts_with('.') { s } else { format!(".{s}") })
+            .map(|s| {
+                if s.starts_with('.') {
+                    s
+                } else {
+                    format!(".{s}")
+                }
+            })
             .collect();
         // Longest first, so `.svc.cluster.local` wins over `.local`.
         suffixes.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        NameMapper { aliases: aliases.into_iter().collect(), suffixes }
+        NameMapper {
+            aliases: aliases.into_iter().collect(),
+            suffixes,
+        }
     }
 
     /// The candidate service names for `name`, most specific first.
@@ -61,7 +73,9 @@ pub fn strip_port(name: &str) -> &str {
     }
     match name.rsplit_once(':') {
         // Only one colon and a numeric port: host:port.
-        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => host,
+        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
+            host
+        }
         _ => name,
     }
 }
@@ -80,12 +94,21 @@ mod tests {
 
     #[test]
     fn aliases_and_suffixes_map_names() {
-        let m = NameMapper::new([("hello".to_string(), "greeter".to_string())], [".svc.test".to_string()]);
+        let m = NameMapper::new(
+            [("hello".to_string(), "greeter".to_string())],
+            [".svc.test".to_string()],
+        );
         let known = |s: &str| s == "greeter";
         assert_eq!(m.resolve("greeter:443", known).as_deref(), Some("greeter"));
         assert_eq!(m.resolve("hello", known).as_deref(), Some("greeter"));
-        assert_eq!(m.resolve("greeter.svc.test:8443", known).as_deref(), Some("greeter"));
-        assert_eq!(m.resolve("hello.svc.test", known).as_deref(), Some("greeter"));
+        assert_eq!(
+            m.resolve("greeter.svc.test:8443", known).as_deref(),
+            Some("greeter")
+        );
+        assert_eq!(
+            m.resolve("hello.svc.test", known).as_deref(),
+            Some("greeter")
+        );
         assert_eq!(m.resolve("other.svc.test", known), None);
         assert_eq!(m.resolve(".svc.test", known), None);
     }
@@ -94,6 +117,9 @@ mod tests {
     fn exact_name_wins_over_suffix_stripping() {
         let m = NameMapper::new([], ["svc.test".to_string()]);
         let known = |s: &str| s == "a.svc.test" || s == "a";
-        assert_eq!(m.resolve("a.svc.test", known).as_deref(), Some("a.svc.test"));
+        assert_eq!(
+            m.resolve("a.svc.test", known).as_deref(),
+            Some("a.svc.test")
+        );
     }
 }

@@ -42,8 +42,14 @@ impl Policy {
             }
         }
         unique.sort_by(|a, b| a.token.cmp(b.token).then(a.addr.cmp(&b.addr)));
-        let weights = scale_weights(&unique.iter().map(|c| c.weight.max(1)).collect::<Vec<_>>(), self.max_list_len);
-        smooth_order(&weights).into_iter().map(|i| server(&unique[i])).collect()
+        let weights = scale_weights(
+            &unique.iter().map(|c| c.weight.max(1)).collect::<Vec<_>>(),
+            self.max_list_len,
+        );
+        smooth_order(&weights)
+            .into_iter()
+            .map(|i| server(&unique[i]))
+            .collect()
     }
 }
 
@@ -57,7 +63,10 @@ fn scale_weights(weights: &[u32], max_len: usize) -> Vec<u32> {
     if total > max_len {
         let room = max_len - w.len() as u64;
         let over: u64 = w.iter().map(|&x| x as u64 - 1).sum();
-        w = w.iter().map(|&x| 1 + ((x as u64 - 1) * room / over.max(1)) as u32).collect();
+        w = w
+            .iter()
+            .map(|&x| 1 + ((x as u64 - 1) * room / over.max(1)) as u32)
+            .collect();
     }
     w
 }
@@ -94,7 +103,12 @@ fn server(c: &Candidate<'_>) -> Server {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    Server { ip_address, port: c.addr.port() as i32, load_balance_token: c.token.to_string(), drop: false }
+    Server {
+        ip_address,
+        port: c.addr.port() as i32,
+        load_balance_token: c.token.to_string(),
+        drop: false,
+    }
 }
 
 #[cfg(test)]
@@ -102,7 +116,11 @@ mod tests {
     use super::*;
 
     fn cand(port: u16, token: &str, weight: u32) -> Candidate<'_> {
-        Candidate { addr: SocketAddr::from(([127, 0, 0, 1], port)), token, weight }
+        Candidate {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            token,
+            weight,
+        }
     }
 
     fn ports(list: &[Server]) -> Vec<i32> {
@@ -148,7 +166,11 @@ mod tests {
     #[test]
     fn ipv6_addresses_are_16_bytes() {
         let p = Policy { max_list_len: 100 };
-        let c = Candidate { addr: "[::1]:80".parse().unwrap(), token: "t", weight: 1 };
+        let c = Candidate {
+            addr: "[::1]:80".parse().unwrap(),
+            token: "t",
+            weight: 1,
+        };
         assert_eq!(p.build(&[c])[0].ip_address.len(), 16);
     }
 }

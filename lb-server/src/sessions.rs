@@ -90,7 +90,11 @@ impl Sessions {
         self.open.insert(id, session.clone());
         metrics.streams_open.inc();
         metrics.streams_total.inc();
-        SessionGuard { sessions: self.clone(), session, metrics }
+        SessionGuard {
+            sessions: self.clone(),
+            session,
+            metrics,
+        }
     }
 
     /// Every open stream, oldest first.
@@ -102,7 +106,10 @@ impl Sessions {
 
     /// Number of open streams for `service`.
     pub fn count_for(&self, service: &str) -> usize {
-        self.open.iter().filter(|e| e.value().service == service).count()
+        self.open
+            .iter()
+            .filter(|e| e.value().service == service)
+            .count()
     }
 }
 

@@ -43,7 +43,11 @@ impl EtcdRegistry {
 
     /// One list + watch session; returns when the watch ends (error,
     /// compaction, or shutdown) and whether it listed successfully.
-    async fn session(&self, sink: &RegistrySink, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn session(
+        &self,
+        sink: &RegistrySink,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut client = Client::connect(&self.endpoints, Some(Self::connect_options())).await?;
         let listing = tokio::time::timeout(
             Duration::from_secs(5),
@@ -65,7 +69,9 @@ impl EtcdRegistry {
         sink.snapshot(instances);
         sink.mark_synced();
 
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
         let mut watch = client.watch(self.prefix.as_str(), Some(options)).await?;
         loop {
             let message = tokio::select! {
@@ -103,7 +109,11 @@ impl Registry for EtcdRegistry {
         "etcd"
     }
 
-    fn run(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+    fn run(
+        self: Arc<Self>,
+        sink: RegistrySink,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
         async move {
             let mut delay = RETRY_MIN;
             loop {

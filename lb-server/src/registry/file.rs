@@ -43,7 +43,9 @@ impl FileRegistry {
     }
 
     async fn load(&self, sink: &RegistrySink) -> Result<Vec<Instance>, String> {
-        let text = tokio::fs::read(&self.path).await.map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let text = tokio::fs::read(&self.path)
+            .await
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
         let parsed: std::collections::BTreeMap<String, Vec<FileEntry>> =
             serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", self.path.display()))?;
         let mut out = Vec::new();
@@ -54,7 +56,9 @@ impl FileRegistry {
                     FileEntry::Weighted { addr, weight } => (addr, weight),
                 };
                 let key = format!("{service}/{addr}");
-                let value = serde_json::json!({"Op": 0, "Addr": addr, "Metadata": {"weight": weight}}).to_string();
+                let value =
+                    serde_json::json!({"Op": 0, "Addr": addr, "Metadata": {"weight": weight}})
+                        .to_string();
                 match entry::decode("", &key, value.as_bytes()).await {
                     Ok(Decoded::Upsert(i)) => out.push(i),
                     Ok(Decoded::Delete) => {}
@@ -71,7 +75,11 @@ impl Registry for FileRegistry {
         "file"
     }
 
-    fn run(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+    fn run(
+        self: Arc<Self>,
+        sink: RegistrySink,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
         async move {
             let mut seen: Option<SystemTime> = None;
             let mut tick = tokio::time::interval(POLL);

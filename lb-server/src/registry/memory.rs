@@ -54,7 +54,9 @@ impl MemoryRegistry {
     }
 
     fn sink(&self) -> Result<&RegistrySink, Status> {
-        self.sink.get().ok_or_else(|| Status::unavailable("embedded registry is starting"))
+        self.sink
+            .get()
+            .ok_or_else(|| Status::unavailable("embedded registry is starting"))
     }
 
     /// Registers `address` as an instance of `service` under a new lease;
@@ -66,9 +68,15 @@ impl MemoryRegistry {
             s => Duration::from_secs(s as u64).min(MAX_TTL),
         };
         if req.service.is_empty() || req.service.contains('/') || req.service.len() > 200 {
-            return Err(Status::invalid_argument("service must be a non-empty name without '/', at most 200 bytes"));
+            return Err(Status::invalid_argument(
+                "service must be a non-empty name without '/', at most 200 bytes",
+            ));
         }
-        let instance = if req.instance.is_empty() { req.address.clone() } else { req.instance.clone() };
+        let instance = if req.instance.is_empty() {
+            req.address.clone()
+        } else {
+            req.instance.clone()
+        };
         let key = format!("{}/{}", req.service, instance);
         let metadata: serde_json::Value = if req.metadata_json.is_empty() {
             serde_json::Value::Null
@@ -76,7 +84,8 @@ impl MemoryRegistry {
             serde_json::from_str(&req.metadata_json)
                 .map_err(|e| Status::invalid_argument(format!("metadata_json is not JSON: {e}")))?
         };
-        let value = serde_json::json!({"Op": 0, "Addr": req.address, "Metadata": metadata}).to_string();
+        let value =
+            serde_json::json!({"Op": 0, "Addr": req.address, "Metadata": metadata}).to_string();
         let instance = match entry::decode("", &key, value.as_bytes()).await {
             Ok(Decoded::Upsert(i)) => i,
             Ok(Decoded::Delete) => return Err(Status::invalid_argument("not a registration")),
@@ -93,7 +102,14 @@ impl MemoryRegistry {
         {
             let mut leases = self.leases.lock().expect("lease lock");
             leases.retain(|_, l| l.key != key);
-            leases.insert(id, Lease { key, ttl, expires: Instant::now() + ttl });
+            leases.insert(
+                id,
+                Lease {
+                    key,
+                    ttl,
+                    expires: Instant::now() + ttl,
+                },
+            );
         }
         sink.upsert(instance);
         Ok((id, ttl))
@@ -102,7 +118,9 @@ impl MemoryRegistry {
     /// Renews lease `id`; NOT_FOUND if it expired or never existed.
     pub fn keep_alive(&self, id: u64) -> Result<Duration, Status> {
         let mut leases = self.leases.lock().expect("lease lock");
-        let lease = leases.get_mut(&id).ok_or_else(|| Status::not_found(format!("lease {id} not found")))?;
+        let lease = leases
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found(format!("lease {id} not found")))?;
         lease.expires = Instant::now() + lease.ttl;
         Ok(lease.ttl)
     }
@@ -145,7 +163,11 @@ impl Registry for MemoryRegistry {
         "memory"
     }
 
-    fn run(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+    fn run(
+        self: Arc<Self>,
+        sink: RegistrySink,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
         async move {
             sink.snapshot(Vec::new());
             sink.mark_synced();
@@ -193,7 +215,10 @@ impl api::registry_server::Registry for RegistrationApi {
         request: Request<api::RegisterRequest>,
     ) -> Result<Response<api::RegisterResponse>, Status> {
         let (lease_id, ttl) = self.registry()?.register(request.into_inner()).await?;
-        Ok(Response::new(api::RegisterResponse { lease_id, ttl_seconds: ttl.as_secs() as u32 }))
+        Ok(Response::new(api::RegisterResponse {
+            lease_id,
+            ttl_seconds: ttl.as_secs() as u32,
+        }))
     }
 
     async fn keep_alive(
@@ -201,7 +226,9 @@ impl api::registry_server::Registry for RegistrationApi {
         request: Request<api::KeepAliveRequest>,
     ) -> Result<Response<api::KeepAliveResponse>, Status> {
         let ttl = self.registry()?.keep_alive(request.into_inner().lease_id)?;
-        Ok(Response::new(api::KeepAliveResponse { ttl_seconds: ttl.as_secs() as u32 }))
+        Ok(Response::new(api::KeepAliveResponse {
+            ttl_seconds: ttl.as_secs() as u32,
+        }))
     }
 
     async fn deregister(

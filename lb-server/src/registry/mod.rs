@@ -53,7 +53,11 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Feeds `sink` until `shutdown` is cancelled. Must never return early on
     /// errors: a source keeps the last known state and retries by itself.
-    fn run(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) -> BoxFuture<'static, ()>;
+    fn run(
+        self: Arc<Self>,
+        sink: RegistrySink,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()>;
 }
 
 /// Where a registry source reports what it sees. Cheap to clone.
@@ -67,7 +71,11 @@ pub struct RegistrySink {
 impl RegistrySink {
     /// A sink writing into `catalog` on behalf of `source`.
     pub fn new(source: &'static str, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
-        RegistrySink { source, catalog, metrics }
+        RegistrySink {
+            source,
+            catalog,
+            metrics,
+        }
     }
 
     /// The source's name.
@@ -97,7 +105,13 @@ impl RegistrySink {
     /// Reports an entry that could not be used. The last good state of that
     /// key (if any) is kept; nothing else changes.
     pub fn reject(&self, key: &str, reason: entry::RejectReason, detail: &str) {
-        tracing::warn!(source = self.source, key, reason = reason.as_str(), detail, "registry entry rejected");
+        tracing::warn!(
+            source = self.source,
+            key,
+            reason = reason.as_str(),
+            detail,
+            "registry entry rejected"
+        );
         self.metrics.reject(self.source, reason.as_str());
     }
 
@@ -120,18 +134,39 @@ pub struct Source {
 pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source> {
     if url == "memory" || url == "memory://" {
         let memory = Arc::new(memory::MemoryRegistry::new(cfg.default_ttl));
-        return Ok(Source { registry: memory.clone(), memory: Some(memory) });
+        return Ok(Source {
+            registry: memory.clone(),
+            memory: Some(memory),
+        });
     }
     if let Some(rest) = url.strip_prefix("etcd://") {
-        let endpoints: Vec<String> =
-            rest.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.trim_end_matches('/').to_string()).collect();
-        anyhow::ensure!(!endpoints.is_empty(), "--registry {url:?}: no etcd endpoint given (etcd://host:2379,…)");
+        let endpoints: Vec<String> = rest
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect();
+        anyhow::ensure!(
+            !endpoints.is_empty(),
+            "--registry {url:?}: no etcd endpoint given (etcd://host:2379,…)"
+        );
         let registry = Arc::new(etcd::EtcdRegistry::new(endpoints, cfg.etcd_prefix.clone()));
-        return Ok(Source { registry, memory: None });
+        return Ok(Source {
+            registry,
+            memory: None,
+        });
     }
     if let Some(path) = url.strip_prefix("file://") {
-        anyhow::ensure!(!path.is_empty(), "--registry {url:?}: no file path given (file:///path/services.json)");
-        return Ok(Source { registry: Arc::new(file::FileRegistry::new(path.into())), memory: None });
+        anyhow::ensure!(
+            !path.is_empty(),
+            "--registry {url:?}: no file path given (file:///path/services.json)"
+        );
+        return Ok(Source {
+            registry: Arc::new(file::FileRegistry::new(path.into())),
+            memory: None,
+        });
     }
-    anyhow::bail!("--registry {url:?} is not one of: memory, etcd://host:port[,host:port…], file:///path")
+    anyhow::bail!(
+        "--registry {url:?} is not one of: memory, etcd://host:port[,host:port…], file:///path"
+    )
 }

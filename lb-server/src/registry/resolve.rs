@@ -17,11 +17,19 @@ pub async fn resolve(hp: &HostPort) -> Result<SocketAddr, Rejected> {
     if let Ok(ip) = hp.host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, hp.port));
     }
-    let unresolvable = |detail: String| Rejected { reason: RejectReason::Unresolvable, detail };
+    let unresolvable = |detail: String| Rejected {
+        reason: RejectReason::Unresolvable,
+        detail,
+    };
     let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
     let addrs: Vec<SocketAddr> = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
         .await
-        .map_err(|_| unresolvable(format!("{}: lookup took longer than {LOOKUP_TIMEOUT:?}", hp.host)))?
+        .map_err(|_| {
+            unresolvable(format!(
+                "{}: lookup took longer than {LOOKUP_TIMEOUT:?}",
+                hp.host
+            ))
+        })?
         .map_err(|e| unresolvable(format!("{}: {e}", hp.host)))?
         .collect();
     addrs
@@ -38,11 +46,23 @@ mod tests {
 
     #[tokio::test]
     async fn literals_and_localhost_resolve() {
-        let hp = HostPort { host: "127.0.0.9".into(), port: 80 };
+        let hp = HostPort {
+            host: "127.0.0.9".into(),
+            port: 80,
+        };
         assert_eq!(resolve(&hp).await.unwrap(), "127.0.0.9:80".parse().unwrap());
-        let hp = HostPort { host: "localhost".into(), port: 81 };
+        let hp = HostPort {
+            host: "localhost".into(),
+            port: 81,
+        };
         assert!(resolve(&hp).await.unwrap().ip().is_loopback());
-        let hp = HostPort { host: "no-such-host.invalid".into(), port: 81 };
-        assert_eq!(resolve(&hp).await.unwrap_err().reason, RejectReason::Unresolvable);
+        let hp = HostPort {
+            host: "no-such-host.invalid".into(),
+            port: 81,
+        };
+        assert_eq!(
+            resolve(&hp).await.unwrap_err().reason,
+            RejectReason::Unresolvable
+        );
     }
 }

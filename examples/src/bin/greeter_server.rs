@@ -1,0 +1,101 @@
+//! `greeter-server`: an example backend that registers itself.
+//!
+//! Prints `LISTENING <addr>` once serving. On SIGTERM or SIGINT it shuts
+//! down gracefully: NOT_SERVING, deregister, drain, stop.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use lb_client::{Registration, RegistrationOptions};
+use lb_examples::greeter::RunningGreeter;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "greeter-server",
+    about = "Example gRPC backend that registers itself with the load balancer's registry."
+)]
+struct Args {
+    /// Address to serve on (port 0 picks a free one).
+    #[arg(long, env = "GREETER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Service name to register under.
+    #[arg(long, env = "GREETER_SERVICE", default_value = "greeter")]
+    service: String,
+    /// Registry: `etcd://host:2379[,…]`, `lb://host:7000` (the LB's embedded
+    /// registry), or `none`.
+    #[arg(long, env = "GREETER_REGISTRY", default_value = "lb://127.0.0.1:7000")]
+    registry: String,
+    /// etcd key prefix.
+    #[arg(long, env = "GREETER_ETCD_PREFIX", default_value = "/services/")]
+    etcd_prefix: String,
+    /// Registration lease time to live.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Write the plain `host:port` value to etcd instead of naming JSON.
+    #[arg(long)]
+    plain: bool,
+    /// Weight stored in the registration metadata.
+    #[arg(long)]
+    weight: Option<u32>,
+    /// Time between deregistering and stopping, for clients to move away.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Log filter.
+    #[arg(long, env = "GREETER_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&args.log)?)
+        .with_target(false)
+        .init();
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let options = RegistrationOptions {
+        ttl: args.ttl,
+        metadata: args.weight.map(|w| serde_json_weight(w)),
+        plain_value: args.plain,
+        etcd_prefix: args.etcd_prefix.clone(),
+    };
+    let registry = args.registry.clone();
+    let service = args.service.clone();
+    let mut registration_error = None;
+    let greeter = RunningGreeter::start(listener, |addr| {
+        if registry == "none" {
+            return None;
+        }
+        match Registration::start(&registry, &service, &addr.to_string(), options) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                registration_error = Some(e);
+                None
+            }
+        }
+    })
+    .await?;
+    if let Some(e) = registration_error {
+        anyhow::bail!("--registry {}: {e}", args.registry);
+    }
+    println!("LISTENING {}", greeter.addr);
+    std::io::stdout().flush()?;
+    tracing::info!(addr = %greeter.addr, service = %args.service, registry = %args.registry, "greeter serving");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!(drain = ?args.drain, "shutting down gracefully");
+    greeter.shutdown(args.drain).await;
+    Ok(())
+}
+
+fn serde_json_weight(w: u32) -> serde_json::Value {
+    serde_json::json!({ "weight": w })
+}

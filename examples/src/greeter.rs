@@ -1,0 +1,133 @@
+//! The greeter backend: `helloworld.Greeter/SayHello` answering with its own
+//! address, plus `grpc.health.v1.Health`.
+//!
+//! Shutdown is graceful and loses no call: health goes NOT_SERVING, the
+//! instance is deregistered (so the LB pushes new lists), the server keeps
+//! serving for a drain period while clients move away, then stops after the
+//! calls in flight finish.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_client::Registration;
+use lb_proto::helloworld::greeter_server::{Greeter, GreeterServer};
+use lb_proto::helloworld::{HelloReply, HelloRequest};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Metadata key in which the greeter echoes the `lb-token` it received.
+pub const TOKEN_ECHO: &str = "x-lb-token";
+
+/// The greeter service.
+pub struct GreeterService {
+    addr: SocketAddr,
+    calls: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl Greeter for GreeterService {
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let token = request.metadata().get(lb_client::LB_TOKEN).cloned();
+        let name = request.into_inner().name;
+        let mut reply = Response::new(HelloReply {
+            message: format!("Hello {name} from {}", self.addr),
+        });
+        if let Some(token) = token {
+            reply.metadata_mut().insert(TOKEN_ECHO, token);
+        }
+        Ok(reply)
+    }
+}
+
+/// The backend address named in a greeter reply.
+pub fn backend_of(message: &str) -> &str {
+    message.rsplit(" from ").next().unwrap_or(message)
+}
+
+/// A running greeter.
+pub struct RunningGreeter {
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// Calls answered so far.
+    pub calls: Arc<AtomicU64>,
+    health: HealthReporter,
+    registration: Option<Registration>,
+    stop: CancellationToken,
+    server: JoinHandle<()>,
+}
+
+impl RunningGreeter {
+    /// Serves on `listener`; `register` (if any) is started once serving.
+    pub async fn start(
+        listener: TcpListener,
+        register: impl FnOnce(SocketAddr) -> Option<Registration>,
+    ) -> anyhow::Result<Self> {
+        let addr = listener.local_addr()?;
+        let calls = Arc::new(AtomicU64::new(0));
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<GreeterServer<GreeterService>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let stop = CancellationToken::new();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(GreeterServer::new(GreeterService {
+                addr,
+                calls: calls.clone(),
+            }));
+        let shutdown = stop.clone().cancelled_owned();
+        let server = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "greeter server failed");
+            }
+        });
+        let registration = register(addr);
+        Ok(RunningGreeter {
+            addr,
+            calls,
+            health,
+            registration,
+            stop,
+            server,
+        })
+    }
+
+    /// Waits until the registration (if any) is confirmed.
+    pub async fn wait_registered(&self, timeout: Duration) -> bool {
+        match &self.registration {
+            Some(r) => r.wait_registered(timeout).await,
+            None => true,
+        }
+    }
+
+    /// Graceful stop: NOT_SERVING, deregister, drain for `drain`, then stop
+    /// once calls in flight are done.
+    pub async fn shutdown(self, drain: Duration) {
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_not_serving::<GreeterServer<GreeterService>>()
+            .await;
+        if let Some(r) = self.registration {
+            r.deregister().await;
+        }
+        tokio::time::sleep(drain).await;
+        self.stop.cancel();
+        let _ = self.server.await;
+    }
+}

@@ -1,0 +1,266 @@
+//! Backend connections: one HTTP/2 connection per backend address, kept
+//! across list updates, reconnected with jittered exponential backoff.
+//!
+//! Each connection knows its state (connecting, ready, failed), which the
+//! picker uses: only ready backends are picked, like gRPC's own balancers.
+//! A backend leaving the list stops being reconnected; calls already in
+//! flight on its connection finish normally.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    /// Limit for TCP connect plus HTTP/2 handshake.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff after a failure: first delay.
+    pub backoff_initial: Duration,
+    /// Reconnect backoff: longest delay.
+    pub backoff_max: Duration,
+    /// HTTP/2 PING interval; a backend that stops answering is dropped.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        ConnSettings {
+            connect_timeout: Duration::from_secs(3),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(3),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// State of one backend connection.
+#[derive(Clone)]
+pub enum ConnState {
+    /// First connection attempt under way.
+    Connecting,
+    /// Connected.
+    Ready(SendRequest<tonic::body::Body>),
+    /// Not connected; retrying after a backoff.
+    Failed(String),
+}
+
+/// One backend's connection.
+pub struct BackendConn {
+    /// The backend's address.
+    pub addr: SocketAddr,
+    state: Mutex<ConnState>,
+    cancel: CancellationToken,
+    kick: Notify,
+}
+
+impl BackendConn {
+    /// The current state.
+    pub fn state(&self) -> ConnState {
+        self.state.lock().expect("conn lock").clone()
+    }
+
+    fn set(&self, state: ConnState) {
+        *self.state.lock().expect("conn lock") = state;
+    }
+
+    /// Reports that a request could not be sent on this connection: if the
+    /// connection is closed, it is marked failed at once (and reconnected).
+    pub fn report_send_failure(&self, on_change: &(dyn Fn() + Send + Sync)) {
+        let closed =
+            matches!(&*self.state.lock().expect("conn lock"), ConnState::Ready(s) if s.is_closed());
+        if closed {
+            self.set(ConnState::Failed("connection closed".into()));
+            on_change();
+        }
+    }
+}
+
+/// Callback run whenever a connection changes state.
+pub type OnChange = Arc<dyn Fn() + Send + Sync>;
+
+/// All backend connections of one channel.
+pub struct BackendPool {
+    conns: Mutex<HashMap<SocketAddr, Arc<BackendConn>>>,
+    settings: ConnSettings,
+    on_change: OnChange,
+}
+
+impl BackendPool {
+    /// An empty pool; `on_change` runs after every state change.
+    pub fn new(settings: ConnSettings, on_change: OnChange) -> Self {
+        BackendPool {
+            conns: Mutex::new(HashMap::new()),
+            settings,
+            on_change,
+        }
+    }
+
+    /// The connection to `addr`, if the pool has one.
+    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<BackendConn>> {
+        self.conns.lock().expect("pool lock").get(addr).cloned()
+    }
+
+    /// Keeps connections to exactly `addrs`: opens new ones, closes those no
+    /// longer wanted, and retries failed ones at once (the list changed, so
+    /// the backend may be back).
+    pub fn sync(&self, addrs: &[SocketAddr]) {
+        let mut conns = self.conns.lock().expect("pool lock");
+        conns.retain(|addr, conn| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                tracing::debug!(%addr, "backend left the list; closing");
+                conn.cancel.cancel();
+            }
+            keep
+        });
+        for addr in addrs {
+            match conns.get(addr) {
+                Some(conn) => {
+                    if matches!(conn.state(), ConnState::Failed(_)) {
+                        conn.kick.notify_one();
+                    }
+                }
+                None => {
+                    let conn = Arc::new(BackendConn {
+                        addr: *addr,
+                        state: Mutex::new(ConnState::Connecting),
+                        cancel: CancellationToken::new(),
+                        kick: Notify::new(),
+                    });
+                    conns.insert(*addr, conn.clone());
+                    tokio::spawn(maintain(
+                        conn,
+                        self.settings.clone(),
+                        self.on_change.clone(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Closes every connection.
+    pub fn close_all(&self) {
+        for (_, conn) in self.conns.lock().expect("pool lock").drain() {
+            conn.cancel.cancel();
+        }
+    }
+}
+
+impl Drop for BackendPool {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+/// Opens one HTTP/2 connection; returns the sender and a receiver that
+/// completes when the connection closes.
+async fn connect(
+    addr: SocketAddr,
+    settings: &ConnSettings,
+) -> Result<
+    (
+        SendRequest<tonic::body::Body>,
+        tokio::sync::oneshot::Receiver<()>,
+    ),
+    String,
+> {
+    let attempt = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        builder
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))
+    };
+    let (sender, connection) = tokio::time::timeout(settings.connect_timeout, attempt)
+        .await
+        .map_err(|_| {
+            format!(
+                "connect {addr}: timed out after {:?}",
+                settings.connect_timeout
+            )
+        })??;
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    // The connection runs on its own task so that in-flight calls finish
+    // even after the backend leaves the list.
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%addr, error = %e, "backend connection ended");
+        }
+        let _ = closed_tx.send(());
+    });
+    Ok((sender, closed_rx))
+}
+
+/// Keeps one backend connected until it is cancelled.
+async fn maintain(conn: Arc<BackendConn>, settings: ConnSettings, on_change: OnChange) {
+    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    loop {
+        let attempt = tokio::select! {
+            _ = conn.cancel.cancelled() => return,
+            a = connect(conn.addr, &settings) => a,
+        };
+        match attempt {
+            Ok((sender, closed)) => {
+                tracing::debug!(addr = %conn.addr, "backend connected");
+                conn.set(ConnState::Ready(sender));
+                on_change();
+                let connected_at = tokio::time::Instant::now();
+                tokio::select! {
+                    _ = conn.cancel.cancelled() => {
+                        conn.set(ConnState::Failed("removed".into()));
+                        return;
+                    }
+                    _ = closed => {}
+                }
+                tracing::debug!(addr = %conn.addr, "backend connection closed; reconnecting");
+                conn.set(ConnState::Failed("connection closed".into()));
+                on_change();
+                // A connection that lived a while earned a fresh backoff; one
+                // that closed at once (a flapping backend) waits as usual.
+                if connected_at.elapsed() > Duration::from_secs(1) {
+                    backoff.reset();
+                } else {
+                    tokio::select! {
+                        _ = conn.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(addr = %conn.addr, %error, "backend connection failed");
+                let was_failed = matches!(conn.state(), ConnState::Failed(_));
+                conn.set(ConnState::Failed(error));
+                if !was_failed {
+                    on_change();
+                }
+                tokio::select! {
+                    _ = conn.cancel.cancelled() => return,
+                    _ = conn.kick.notified() => backoff.reset(),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The connection to the load balancer: one `BalanceLoad` stream at a time,
+//! moving across the configured LB addresses when a stream breaks.
+//!
+//! - The first answer must be `initial_response`; its interval schedules
+//!   `client_stats` reports.
+//! - Each `server_list` replaces the list in force; `fallback_response`
+//!   switches to the fallback backends.
+//! - When a stream breaks, the last list stays in force and the next LB
+//!   address is tried after a short random delay (after a working stream) or
+//!   a jittered exponential backoff (after failed attempts).
+//! - If no list arrives within the fallback timeout, or every LB address
+//!   fails before any list was received, the fallback backends are used
+//!   until a list arrives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
+    load_balancer_client::LoadBalancerClient, InitialLoadBalanceRequest, LoadBalanceRequest,
+    Server,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::backoff::Backoff;
+use crate::state::{ChannelState, ListEntry};
+
+/// Settings of the LB connection.
+#[derive(Debug, Clone)]
+pub struct LbSettings {
+    /// LB addresses (`host:port`), tried in turn.
+    pub lb_addrs: Vec<String>,
+    /// Time allowed for connecting to one LB and receiving `initial_response`.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff after failed attempts: first delay.
+    pub backoff_initial: Duration,
+    /// Reconnect backoff: longest delay.
+    pub backoff_max: Duration,
+    /// Use fallback backends if no list arrived within this time.
+    pub fallback_timeout: Duration,
+}
+
+/// How one stream ended.
+struct Ended {
+    got_list: bool,
+    why: String,
+}
+
+/// Runs until `cancel`: keeps a BalanceLoad stream to one of the LBs.
+pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: CancellationToken) {
+    let fallback_timer = {
+        let state = state.clone();
+        let timeout = settings.fallback_timeout;
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(timeout) => {
+                    if !state.got_lb_list() {
+                        state.fallback_if_waiting(&format!("no list from any load balancer within {timeout:?}"));
+                    }
+                }
+            }
+        })
+    };
+    let n = settings.lb_addrs.len().max(1);
+    let mut index = rand::rng().random_range(0..n);
+    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    let mut failures_in_a_row = 0usize;
+    loop {
+        let addr = settings.lb_addrs[index % n].clone();
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => break,
+            e = session(&state, &addr, &settings, &cancel) => e,
+        };
+        if cancel.is_cancelled() {
+            break;
+        }
+        let delay = if ended.got_list {
+            failures_in_a_row = 0;
+            backoff.reset();
+            tracing::info!(lb = %addr, why = %ended.why, "load balancer stream ended; keeping the last list");
+            // Spread reconnects so that clients of a dead LB do not all hit
+            // the survivors at the same instant.
+            let spread = settings.backoff_initial.as_millis().max(1) as u64;
+            Duration::from_millis(rand::rng().random_range(0..spread))
+        } else {
+            failures_in_a_row += 1;
+            tracing::warn!(lb = %addr, why = %ended.why, "load balancer unavailable");
+            if failures_in_a_row >= n && !state.got_lb_list() {
+                state.fallback_if_waiting(&format!(
+                    "every load balancer failed; last: {}",
+                    ended.why
+                ));
+            }
+            backoff.next_delay()
+        };
+        index += 1;
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    fallback_timer.abort();
+}
+
+/// One BalanceLoad stream, from connect to end.
+async fn session(
+    state: &Arc<ChannelState>,
+    addr: &str,
+    settings: &LbSettings,
+    cancel: &CancellationToken,
+) -> Ended {
+    let mut got_list = false;
+    let why = match stream(state, addr, settings, cancel, &mut got_list).await {
+        Ok(()) => "stream closed by the load balancer".to_string(),
+        Err(e) => e,
+    };
+    Ended { got_list, why }
+}
+
+async fn stream(
+    state: &Arc<ChannelState>,
+    addr: &str,
+    settings: &LbSettings,
+    cancel: &CancellationToken,
+    got_list: &mut bool,
+) -> Result<(), String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad LB address {addr:?}: {e}"))?
+        .connect_timeout(settings.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
+    let (tx, rx) = mpsc::channel::<LoadBalanceRequest>(4);
+    tx.send(LoadBalanceRequest {
+        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+            InitialLoadBalanceRequest {
+                name: state.service.clone(),
+            },
+        )),
+    })
+    .await
+    .map_err(|_| "request channel closed".to_string())?;
+
+    let opening = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut inbound = LoadBalancerClient::new(channel)
+            .balance_load(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{addr}: {} {}", s.code(), s.message()))?
+            .into_inner();
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| format!("{addr}: {} {}", s.code(), s.message()))?
+            .ok_or_else(|| format!("{addr}: stream ended before initial_response"))?;
+        match first.load_balance_response_type {
+            Some(LoadBalanceResponseType::InitialResponse(r)) => {
+                Ok((inbound, r.client_stats_report_interval))
+            }
+            other => Err(format!(
+                "{addr}: expected initial_response first, got {other:?}"
+            )),
+        }
+    };
+    let (mut inbound, interval) = tokio::time::timeout(settings.connect_timeout, opening)
+        .await
+        .map_err(|_| {
+            format!(
+                "{addr}: no initial_response within {:?}",
+                settings.connect_timeout
+            )
+        })??;
+
+    let interval = interval
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .filter(|d| !d.is_zero());
+    let reporter =
+        interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
+    let _reporter = AbortOnDrop(reporter);
+    tracing::debug!(lb = %addr, service = %state.service, ?interval, "load balancer stream open");
+
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = inbound.message() => m.map_err(|s| format!("{addr}: {} {}", s.code(), s.message()))?,
+        };
+        match message.and_then(|m| m.load_balance_response_type) {
+            Some(LoadBalanceResponseType::ServerList(list)) => {
+                let entries = to_entries(&list.servers);
+                tracing::debug!(lb = %addr, service = %state.service, entries = entries.len(), "server list");
+                state.set_lb_list(entries);
+                *got_list = true;
+            }
+            Some(LoadBalanceResponseType::FallbackResponse(_)) => {
+                state.enter_fallback("the load balancer asked for fallback");
+            }
+            Some(LoadBalanceResponseType::InitialResponse(_)) => {
+                tracing::debug!(lb = %addr, "repeated initial_response ignored");
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn report_stats(
+    state: Arc<ChannelState>,
+    tx: mpsc::Sender<LoadBalanceRequest>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let report = LoadBalanceRequest {
+            load_balance_request_type: Some(LoadBalanceRequestType::ClientStats(
+                state.stats.take(),
+            )),
+        };
+        if tx.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Converts received servers to list entries, skipping malformed ones.
+pub fn to_entries(servers: &[Server]) -> Vec<ListEntry> {
+    servers
+        .iter()
+        .filter_map(|s| {
+            let token = (!s.load_balance_token.is_empty())
+                .then(|| Arc::from(s.load_balance_token.as_str()));
+            if s.drop {
+                return Some(ListEntry {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    token,
+                    drop: true,
+                });
+            }
+            let ip: std::net::IpAddr = match s.ip_address.len() {
+                4 => <[u8; 4]>::try_from(&s.ip_address[..]).ok()?.into(),
+                16 => <[u8; 16]>::try_from(&s.ip_address[..]).ok()?.into(),
+                n => {
+                    tracing::warn!(len = n, "server entry with a bad IP address length skipped");
+                    return None;
+                }
+            };
+            let port = u16::try_from(s.port).ok().filter(|p| *p != 0);
+            let Some(port) = port else {
+                tracing::warn!(port = s.port, "server entry with a bad port skipped");
+                return None;
+            };
+            Some(ListEntry {
+                addr: SocketAddr::new(ip, port),
+                token,
+                drop: false,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_convert_and_bad_ones_are_skipped() {
+        let servers = vec![
+            Server {
+                ip_address: vec![127, 0, 0, 1],
+                port: 80,
+                load_balance_token: "a".into(),
+                drop: false,
+            },
+            Server {
+                ip_address: vec![1, 2, 3],
+                port: 80,
+                load_balance_token: "bad".into(),
+                drop: false,
+            },
+            Server {
+                ip_address: vec![127, 0, 0, 1],
+                port: 70000,
+                load_balance_token: "bad".into(),
+                drop: false,
+            },
+            Server {
+                ip_address: vec![],
+                port: 0,
+                load_balance_token: "d".into(),
+                drop: true,
+            },
+            Server {
+                ip_address: std::net::Ipv6Addr::LOCALHOST.octets().to_vec(),
+                port: 81,
+                load_balance_token: String::new(),
+                drop: false,
+            },
+        ];
+        let entries = to_entries(&servers);
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].addr, "127.0.0.1:80".parse().unwrap());
+        assert_eq!(entries[0].token.as_deref(), Some("a"));
+        assert!(entries[1].drop);
+        assert_eq!(entries[2].addr, "[::1]:81".parse().unwrap());
+        assert_eq!(entries[2].token, None);
+    }
+}

@@ -1,0 +1,357 @@
+//! [`LbChannel`]: the `tower::Service` that tonic-generated clients accept.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lb_client::Error> {
+//! use lb_client::LbChannel;
+//! let channel = LbChannel::builder("greeter").lb("127.0.0.1:7000").build()?;
+//! // let mut client = GreeterClient::new(channel);
+//! # Ok(()) }
+//! ```
+//!
+//! Each call picks the next entry of the current list: a backend gets the
+//! call (with `lb-token` metadata), a drop entry fails it with UNAVAILABLE.
+//! A call that could not be written to its backend's connection is retried
+//! once on the next entry. With no usable entry, calls wait while backends
+//! are connecting and fail fast with UNAVAILABLE otherwise (or wait up to
+//! their deadline with [`LbChannelBuilder::wait_for_ready`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme, Uri};
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::Status;
+
+use crate::backends::ConnSettings;
+use crate::balancer_stream::{self, LbSettings};
+use crate::picker::{Pick, ReadyBackend};
+use crate::state::ChannelState;
+use crate::Error;
+
+/// Metadata key carrying the load-balance token to backends.
+pub const LB_TOKEN: &str = "lb-token";
+
+/// Builds an [`LbChannel`].
+#[derive(Debug, Clone)]
+pub struct LbChannelBuilder {
+    service: String,
+    lb: LbSettings,
+    conn: ConnSettings,
+    fallback: Vec<SocketAddr>,
+    wait_for_ready: bool,
+}
+
+impl LbChannelBuilder {
+    /// Adds one LB address (`host:port`). Several may be given; the channel
+    /// moves between them when a stream breaks.
+    pub fn lb(mut self, addr: impl Into<String>) -> Self {
+        self.lb.lb_addrs.push(addr.into());
+        self
+    }
+
+    /// Adds several LB addresses.
+    pub fn lbs<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
+        self.lb.lb_addrs.extend(addrs.into_iter().map(Into::into));
+        self
+    }
+
+    /// Backends to call when no LB list can be had (default: none).
+    pub fn fallback_backends(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.fallback = addrs.into_iter().collect();
+        self
+    }
+
+    /// Use the fallback backends if no list arrived within this time
+    /// (default 10 s, as stock gRPC clients).
+    pub fn fallback_timeout(mut self, timeout: Duration) -> Self {
+        self.lb.fallback_timeout = timeout;
+        self
+    }
+
+    /// Time allowed to connect to one LB and get its first answer (default 3 s).
+    pub fn lb_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.lb.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnect backoff towards the LBs (defaults 200 ms to 10 s).
+    pub fn lb_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.lb.backoff_initial = initial;
+        self.lb.backoff_max = max;
+        self
+    }
+
+    /// Reconnect backoff towards backends (defaults 100 ms to 3 s).
+    pub fn backend_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.conn.backoff_initial = initial;
+        self.conn.backoff_max = max;
+        self
+    }
+
+    /// Time allowed to connect to one backend (default 3 s).
+    pub fn backend_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.conn.connect_timeout = timeout;
+        self
+    }
+
+    /// Calls wait (up to their deadline) while no backend is usable, instead
+    /// of failing fast with UNAVAILABLE (default false).
+    pub fn wait_for_ready(mut self, wait: bool) -> Self {
+        self.wait_for_ready = wait;
+        self
+    }
+
+    /// Starts the channel. Must be called within a Tokio runtime.
+    pub fn build(self) -> Result<LbChannel, Error> {
+        if self.service.is_empty() || self.service.len() > 255 {
+            return Err(Error::Config("service name must be 1 to 255 bytes".into()));
+        }
+        if self.lb.lb_addrs.is_empty() && self.fallback.is_empty() {
+            return Err(Error::Config(
+                "give at least one LB address (or fallback backends)".into(),
+            ));
+        }
+        tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Config("LbChannel::build must be called within a Tokio runtime".into())
+        })?;
+        let state = ChannelState::new(self.service, self.fallback, self.conn, self.wait_for_ready);
+        let cancel = CancellationToken::new();
+        if self.lb.lb_addrs.is_empty() {
+            state.enter_fallback("no load balancer configured");
+        } else {
+            tokio::spawn(balancer_stream::run(state.clone(), self.lb, cancel.clone()));
+        }
+        Ok(LbChannel {
+            state: state.clone(),
+            _guard: Arc::new(StopOnDrop { cancel, state }),
+        })
+    }
+}
+
+/// Stops the background tasks when the last clone of a channel is dropped.
+struct StopOnDrop {
+    cancel: CancellationToken,
+    state: Arc<ChannelState>,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.state.close();
+    }
+}
+
+/// A client channel balanced by a lookaside LB. Cheap to clone; clones share
+/// the list, connections and stats.
+#[derive(Clone)]
+pub struct LbChannel {
+    state: Arc<ChannelState>,
+    _guard: Arc<StopOnDrop>,
+}
+
+impl std::fmt::Debug for LbChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LbChannel")
+            .field("service", &self.state.service)
+            .finish()
+    }
+}
+
+impl LbChannel {
+    /// A builder for a channel to `service` (the name sent to the LB).
+    pub fn builder(service: impl Into<String>) -> LbChannelBuilder {
+        LbChannelBuilder {
+            service: service.into(),
+            lb: LbSettings {
+                lb_addrs: Vec::new(),
+                connect_timeout: Duration::from_secs(3),
+                backoff_initial: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(10),
+                fallback_timeout: Duration::from_secs(10),
+            },
+            conn: ConnSettings::default(),
+            fallback: Vec::new(),
+            wait_for_ready: false,
+        }
+    }
+
+    /// Backend addresses of the current pick list, in order (only backends
+    /// whose connection is ready appear).
+    pub fn ready_backends(&self) -> Vec<SocketAddr> {
+        self.state.picker.load().backend_addrs()
+    }
+
+    /// Waits until at least one backend is ready, or `timeout` passes.
+    pub async fn ready_within(&self, timeout: Duration) -> bool {
+        let mut changes = self.state.picker.subscribe();
+        let wait = async {
+            loop {
+                if !self.ready_backends().is_empty() {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && !self.ready_backends().is_empty()
+    }
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, crate::BoxError>> + Send>>;
+
+impl tower::Service<http::Request<Body>> for LbChannel {
+    type Response = http::Response<Body>;
+    type Error = crate::BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is decided per call, when it is picked.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move { Ok(call(state, request).await) })
+    }
+}
+
+/// Runs one call: pick, send, retry once if it could not be sent, wait when
+/// nothing is usable yet. Failures become gRPC status responses.
+async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> http::Response<Body> {
+    let deadline = grpc_timeout(request.headers()).map(|d| tokio::time::Instant::now() + d);
+    let mut changes = state.picker.subscribe();
+    let mut retried = false;
+    loop {
+        let backend: Option<ReadyBackend> = {
+            let list = state.picker.load();
+            match list.pick() {
+                Pick::Backend(b) => Some(b.clone()),
+                Pick::Drop(token) => {
+                    state.stats.dropped(token);
+                    return Status::unavailable(format!(
+                        "call dropped by the load balancer (token {token})"
+                    ))
+                    .into_http();
+                }
+                Pick::Wait => None,
+                Pick::Fail(why) if !state.wait_for_ready => {
+                    return Status::unavailable(why.to_string()).into_http()
+                }
+                Pick::Fail(_) => None,
+            }
+        };
+        let Some(mut backend) = backend else {
+            let waited = match deadline {
+                Some(d) => tokio::time::timeout_at(d, changes.changed()).await.ok(),
+                None => Some(changes.changed().await),
+            };
+            match waited {
+                Some(Ok(())) => continue,
+                Some(Err(_)) => return Status::unavailable("channel closed").into_http(),
+                None => {
+                    let why = match state.picker.load().mode() {
+                        crate::picker::Mode::Failing(why) => why.clone(),
+                        _ => "no backend became ready".to_string(),
+                    };
+                    return Status::deadline_exceeded(format!(
+                        "deadline exceeded while waiting for a backend: {why}"
+                    ))
+                    .into_http();
+                }
+            }
+        };
+        prepare(&mut request, &backend);
+        state.stats.started();
+        match backend.sender.try_send_request(request).await {
+            Ok(response) => {
+                state.stats.known_received();
+                return response.map(Body::new);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !retried => {
+                    state.stats.failed_to_send();
+                    state.report_send_failure(&backend);
+                    tracing::debug!(addr = %backend.addr, error = %e.into_error(), "call not sent; retrying on the next backend");
+                    retried = true;
+                    request = unsent;
+                }
+                Some(_) => {
+                    state.stats.failed_to_send();
+                    state.report_send_failure(&backend);
+                    return Status::unavailable(format!(
+                        "backend {} unavailable: {}",
+                        backend.addr,
+                        e.into_error()
+                    ))
+                    .into_http();
+                }
+                None => {
+                    state.stats.failed();
+                    let error = e.into_error();
+                    return Status::unavailable(format!("backend {}: {error}", backend.addr))
+                        .into_http();
+                }
+            },
+        }
+    }
+}
+
+/// Points the request at the backend and attaches its token.
+fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend) {
+    let path = request.uri().path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Authority::try_from(backend.addr.to_string()).ok();
+    parts.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    match &backend.token {
+        Some(token) => {
+            request.headers_mut().insert(LB_TOKEN, token.clone());
+        }
+        None => {
+            request.headers_mut().remove(LB_TOKEN);
+        }
+    }
+}
+
+/// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_timeout(&h), None);
+        h.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
+        h.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), Some(Duration::from_secs(3)));
+        h.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), None);
+    }
+}

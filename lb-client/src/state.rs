@@ -1,0 +1,218 @@
+//! The channel's shared state: the list in force (from the LB, or the
+//! fallback backends), the backend connections, and the picker built from
+//! both. The picker is rebuilt whenever the list or a connection changes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::HeaderValue;
+
+use crate::backends::{BackendPool, ConnSettings, ConnState};
+use crate::picker::{Entry, Mode, PickList, Picker, ReadyBackend};
+use crate::stats::CallStats;
+
+/// One entry of a server list as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Backend address.
+    pub addr: SocketAddr,
+    /// Its load-balance token (none in fallback mode).
+    pub token: Option<Arc<str>>,
+    /// A drop entry.
+    pub drop: bool,
+}
+
+/// Where the list in force comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Nothing yet.
+    Waiting,
+    /// The LB's latest list.
+    Lb(Vec<ListEntry>),
+    /// The configured fallback backends.
+    Fallback(Vec<ListEntry>),
+    /// No list and no fallback: calls fail with this reason.
+    Unavailable(String),
+}
+
+/// Shared by the channel, the LB stream task and the connection tasks.
+pub struct ChannelState {
+    /// The service this channel calls.
+    pub service: String,
+    /// The current pick list.
+    pub picker: Picker,
+    /// Counters reported to the LB.
+    pub stats: CallStats,
+    /// Calls wait while no backend is ready instead of failing fast.
+    pub wait_for_ready: bool,
+    fallback: Vec<SocketAddr>,
+    pool: BackendPool,
+    source: Mutex<Source>,
+    got_lb_list: AtomicBool,
+}
+
+impl ChannelState {
+    /// New state; `fallback` backends are used when no LB list can be had.
+    pub fn new(
+        service: String,
+        fallback: Vec<SocketAddr>,
+        conn: ConnSettings,
+        wait_for_ready: bool,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak: &std::sync::Weak<ChannelState>| {
+            let weak = weak.clone();
+            let on_change = Arc::new(move || {
+                if let Some(state) = weak.upgrade() {
+                    state.rebuild();
+                }
+            });
+            ChannelState {
+                service,
+                picker: Picker::default(),
+                stats: CallStats::default(),
+                wait_for_ready,
+                fallback,
+                pool: BackendPool::new(conn, on_change),
+                source: Mutex::new(Source::Waiting),
+                got_lb_list: AtomicBool::new(false),
+            }
+        })
+    }
+
+    /// Whether a list from an LB has ever been received.
+    pub fn got_lb_list(&self) -> bool {
+        self.got_lb_list.load(Ordering::Relaxed)
+    }
+
+    /// Installs a list received from the LB.
+    pub fn set_lb_list(&self, entries: Vec<ListEntry>) {
+        self.got_lb_list.store(true, Ordering::Relaxed);
+        let addrs = backend_addrs(&entries);
+        *self.source.lock().expect("source lock") = Source::Lb(entries);
+        self.pool.sync(&addrs);
+        self.rebuild();
+    }
+
+    /// Switches to the fallback backends (or, with none configured, to
+    /// failing calls) because `why`.
+    pub fn enter_fallback(&self, why: &str) {
+        let next = if self.fallback.is_empty() {
+            tracing::warn!(service = %self.service, why, "no server list and no fallback backends");
+            Source::Unavailable(format!(
+                "no server list for {:?}: {why}; no fallback backends configured",
+                self.service
+            ))
+        } else {
+            tracing::warn!(service = %self.service, why, fallback = ?self.fallback, "using fallback backends");
+            Source::Fallback(
+                self.fallback
+                    .iter()
+                    .map(|&addr| ListEntry {
+                        addr,
+                        token: None,
+                        drop: false,
+                    })
+                    .collect(),
+            )
+        };
+        let addrs = match &next {
+            Source::Fallback(e) => backend_addrs(e),
+            _ => Vec::new(),
+        };
+        *self.source.lock().expect("source lock") = next;
+        self.pool.sync(&addrs);
+        self.rebuild();
+    }
+
+    /// Enters fallback only if no list is in force yet.
+    pub fn fallback_if_waiting(&self, why: &str) {
+        let waiting = matches!(
+            *self.source.lock().expect("source lock"),
+            Source::Waiting | Source::Unavailable(_)
+        );
+        if waiting {
+            self.enter_fallback(why);
+        }
+    }
+
+    /// Reports that a request could not be sent on `backend`'s connection.
+    pub fn report_send_failure(&self, backend: &ReadyBackend) {
+        backend.conn.report_send_failure(&|| self.rebuild());
+    }
+
+    /// Rebuilds the pick list from the source and connection states.
+    fn rebuild(&self) {
+        let source = self.source.lock().expect("source lock");
+        let (entries, empty_mode) = match &*source {
+            Source::Waiting => (&[][..], Mode::Waiting),
+            Source::Lb(e) => (
+                &e[..],
+                Mode::Failing(format!(
+                    "the load balancer lists no servers for {:?}",
+                    self.service
+                )),
+            ),
+            Source::Fallback(e) => (
+                &e[..],
+                Mode::Failing("no fallback backend reachable".into()),
+            ),
+            Source::Unavailable(why) => (&[][..], Mode::Failing(why.clone())),
+        };
+        let mut picks = Vec::with_capacity(entries.len());
+        let mut connecting = false;
+        let mut failures: Vec<String> = Vec::new();
+        for e in entries {
+            if e.drop {
+                picks.push(Entry::Drop(
+                    e.token.clone().unwrap_or_else(|| Arc::from("")),
+                ));
+                continue;
+            }
+            let Some(conn) = self.pool.get(&e.addr) else {
+                continue;
+            };
+            match conn.state() {
+                ConnState::Ready(sender) => picks.push(Entry::Backend(ReadyBackend {
+                    sender,
+                    addr: e.addr,
+                    token: e
+                        .token
+                        .as_deref()
+                        .and_then(|t| HeaderValue::from_str(t).ok()),
+                    conn,
+                })),
+                ConnState::Connecting => connecting = true,
+                ConnState::Failed(why) => {
+                    if failures.len() < 3 {
+                        failures.push(why)
+                    }
+                }
+            }
+        }
+        let mode = if connecting {
+            Mode::Waiting
+        } else if entries.is_empty() {
+            empty_mode
+        } else {
+            Mode::Failing(format!(
+                "no backend of {:?} is reachable: {}",
+                self.service,
+                failures.join("; ")
+            ))
+        };
+        self.picker.store(PickList::new(picks, mode));
+    }
+
+    /// Stops every backend connection.
+    pub fn close(&self) {
+        self.pool.close_all();
+    }
+}
+
+fn backend_addrs(entries: &[ListEntry]) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = entries.iter().filter(|e| !e.drop).map(|e| e.addr).collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
