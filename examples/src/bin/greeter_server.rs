@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let options = RegistrationOptions {
         ttl: args.ttl,
-        metadata: args.weight.map(|w| serde_json_weight(w)),
+        metadata: args.weight.map(serde_json_weight),
         plain_value: args.plain,
         etcd_prefix: args.etcd_prefix.clone(),
     };
