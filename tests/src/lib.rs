@@ -1,1 +1,600 @@
+//! Harness for the multi-process integration tests.
+//!
+//! Everything is real and local: an etcd server started from `etcd` on PATH
+//! (or `$ETCD_BIN`) with a temporary data dir, `lb-server` and
+//! `greeter-server` processes built from this workspace, all on loopback
+//! ports chosen at run time. Every process is started by the harness and
+//! stopped by PID when its handle is dropped. Process output goes to log
+//! files under `target/test-logs/`.
+//!
+//! | item | job |
+//! | --- | --- |
+//! | [`Etcd`] | one etcd member: start, kill, restart, put/delete |
+//! | [`Lb`] | one `lb-server` process and its admin endpoint |
+//! | [`Greeter`] | one `greeter-server` process |
+//! | [`Caller`] | calls in the background, counting where each went |
+//! | [`http_get`] | a minimal HTTP/1.1 GET for the admin port |
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_client::LbChannel;
+use lb_examples::greeter::backend_of;
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Directory of this workspace's built binaries (`target/<profile>`).
+fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; fails loudly if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found. Build the binaries first: `cargo build --workspace --bins` (scripts/test does this).",
+        path.display()
+    );
+    path
+}
+
+/// Path of the etcd server binary; fails loudly with a fix-it message.
+pub fn etcd_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ETCD_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "ETCD_BIN={} does not exist", p.display());
+        return p;
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "etcd not found on PATH and ETCD_BIN is not set. Install it (Debian: `apt-get install etcd-server`), \
+             set ETCD_BIN=/path/to/etcd, or run scripts/test, which installs it."
+        )
+    })
+}
+
+fn log_file(name: &str) -> (std::fs::File, PathBuf) {
+    let dir = bin_dir().join("..").join("test-logs");
+    std::fs::create_dir_all(&dir).expect("create test-logs dir");
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("{name}-{}-{n}.log", std::process::id()));
+    (std::fs::File::create(&path).expect("create log file"), path)
+}
+
+/// A child process stopped (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its output goes.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, stdout_piped: bool) -> Proc {
+        let (log, path) = log_file(name);
+        cmd.stderr(log.try_clone().expect("clone log"));
+        cmd.stdout(if stdout_piped {
+            Stdio::piped()
+        } else {
+            Stdio::from(log)
+        });
+        cmd.stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc {
+            child: Some(child),
+            log: path,
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, signal);
+            }
+        }
+    }
+
+    /// SIGTERM, then wait up to `limit` for exit (SIGKILL after that).
+    pub fn terminate(&mut self, limit: Duration) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} did not exit within {limit:?} of SIGTERM; killing",
+            self.name
+        );
+        self.kill();
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `cond` holds, checking every 10 ms, at most `limit`.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One etcd member on loopback with a temporary data dir.
+pub struct Etcd {
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Etcd {
+        let mut etcd = Etcd {
+            proc: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.launch().await;
+        etcd
+    }
+
+    async fn launch(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd_bin());
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("test={peer}"),
+                "--log-level",
+                "warn",
+            ]);
+        self.proc = Some(Proc::spawn("etcd", cmd, false));
+        let up = async {
+            loop {
+                if let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], None).await {
+                    if c.get("probe", None).await.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let log = self
+            .proc
+            .as_ref()
+            .map(|p| p.log.display().to_string())
+            .unwrap_or_default();
+        tokio::time::timeout(Duration::from_secs(20), up)
+            .await
+            .unwrap_or_else(|_| panic!("etcd did not come up within 20 s; see {log}"));
+    }
+
+    /// `host:port` of the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The `--registry` value for this etcd.
+    pub fn registry_url(&self) -> String {
+        format!("etcd://{}", self.endpoint())
+    }
+
+    /// SIGKILLs etcd (its data stays).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    /// A client.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("connect etcd")
+    }
+
+    /// Writes `key = value`.
+    pub async fn put(&self, key: &str, value: &str) {
+        self.client()
+            .await
+            .put(key, value, None)
+            .await
+            .expect("etcd put");
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) {
+        self.client()
+            .await
+            .delete(key, None)
+            .await
+            .expect("etcd delete");
+    }
+}
+
+/// One `lb-server` process.
+pub struct Lb {
+    /// The process.
+    pub proc: Proc,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    args: Vec<String>,
+}
+
+impl Lb {
+    /// Starts `lb-server` with `args` (listen addresses are added) and waits
+    /// until its admin port answers `/healthz`.
+    pub async fn start(args: &[&str]) -> Lb {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(addr, admin, args.iter().map(|s| s.to_string()).collect()).await
+    }
+
+    async fn start_on(addr: SocketAddr, admin: SocketAddr, args: Vec<String>) -> Lb {
+        let mut cmd = Command::new(bin("lb-server"));
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--admin-listen")
+            .arg(admin.to_string());
+        cmd.args(&args).env("LB_LOG", "info,lb_server=debug");
+        let proc = Proc::spawn("lb-server", cmd, false);
+        let lb = Lb {
+            proc,
+            addr,
+            admin,
+            args,
+        };
+        let log = lb.proc.log.display().to_string();
+        assert!(
+            wait_until(Duration::from_secs(10), || http_get(lb.admin, "/healthz")
+                .map(|r| r.0 == 200)
+                .unwrap_or(false))
+            .await,
+            "lb-server did not answer /healthz within 10 s; see {log}"
+        );
+        lb
+    }
+
+    /// Stops it gracefully and starts it again on the same ports.
+    pub async fn restart(self) -> Lb {
+        let (addr, admin, args) = (self.addr, self.admin, self.args.clone());
+        let mut proc = self.proc;
+        proc.terminate(Duration::from_secs(10));
+        Self::start_on(addr, admin, args).await
+    }
+
+    /// GET on the admin port: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// The value of one Prometheus sample, e.g.
+    /// `lb_registry_rejects_total{source="etcd",kind="bad_value"}`; 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], b"")
+}
+
+/// A minimal HTTP/1.1 request: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: good enough for JSON checks to look for substrings.
+    Ok((status, body))
+}
+
+/// One `greeter-server` process.
+pub struct Greeter {
+    /// The process.
+    pub proc: Proc,
+    /// Where it serves.
+    pub addr: SocketAddr,
+    registered: Arc<AtomicBool>,
+}
+
+impl Greeter {
+    /// Starts a greeter registering with `registry` (`etcd://…`, `lb://…`,
+    /// `none`); extra flags in `args`. Waits until it serves.
+    pub async fn start(registry: &str, args: &[&str]) -> Greeter {
+        Self::start_on("127.0.0.1:0", registry, args).await
+    }
+
+    /// Like [`Greeter::start`], on a given address.
+    pub async fn start_on(listen: &str, registry: &str, args: &[&str]) -> Greeter {
+        let mut cmd = Command::new(bin("greeter-server"));
+        cmd.args(["--listen", listen, "--registry", registry, "--log", "info"])
+            .args(args);
+        let mut proc = Proc::spawn("greeter", cmd, true);
+        let stdout = proc
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let registered = Arc::new(AtomicBool::new(false));
+        let flag = registered.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("LISTENING ") {
+                    let _ = tx.send(addr.trim().parse().expect("LISTENING address"));
+                } else if line.trim() == "REGISTERED" {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        let log = proc.log.display().to_string();
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+            .await
+            .expect("join")
+            .unwrap_or_else(|_| panic!("greeter did not start within 10 s; see {log}"));
+        Greeter {
+            proc,
+            addr,
+            registered,
+        }
+    }
+
+    /// Whether the greeter reported its registration as confirmed.
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::SeqCst)
+    }
+
+    /// Waits until registered.
+    pub async fn wait_registered(&self, limit: Duration) -> bool {
+        wait_until(limit, || self.is_registered()).await
+    }
+}
+
+/// Result of background calls.
+#[derive(Debug, Default, Clone)]
+pub struct Calls {
+    /// Successful calls per backend.
+    pub per_backend: BTreeMap<String, u64>,
+    /// First success per backend.
+    pub first_seen: BTreeMap<String, Instant>,
+    /// Last success per backend.
+    pub last_seen: BTreeMap<String, Instant>,
+    /// Failures: (when, code, message).
+    pub failures: Vec<(Instant, tonic::Code, String)>,
+    /// Times of every successful call, per backend.
+    pub times: BTreeMap<String, Vec<Instant>>,
+}
+
+impl Calls {
+    /// Successful calls.
+    pub fn ok(&self) -> u64 {
+        self.per_backend.values().sum()
+    }
+
+    /// The first successful call to `backend` after `t`.
+    pub fn first_after(&self, backend: &str, t: Instant) -> Option<Instant> {
+        self.times.get(backend)?.iter().copied().find(|x| *x > t)
+    }
+
+    /// Successful calls to `backend` after `t`.
+    pub fn count_after(&self, backend: &str, t: Instant) -> usize {
+        self.times
+            .get(backend)
+            .map(|v| v.iter().filter(|x| **x > t).count())
+            .unwrap_or(0)
+    }
+}
+
+/// Calls the greeter continuously from `concurrency` tasks until stopped.
+pub struct Caller {
+    stop: Arc<AtomicBool>,
+    calls: Arc<Mutex<Calls>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Caller {
+    /// Starts calling through `channel`; each task pauses `pause` between calls.
+    /// Calls run until [`Caller::stop`], and never longer than 5 minutes.
+    pub fn start(channel: &LbChannel, concurrency: usize, pause: Duration) -> Caller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let limit = Instant::now() + Duration::from_secs(300);
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (stop, calls, mut client) = (
+                    stop.clone(),
+                    calls.clone(),
+                    GreeterClient::new(channel.clone()),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
+                        let mut req = tonic::Request::new(HelloRequest { name: "bg".into() });
+                        req.set_timeout(Duration::from_secs(5));
+                        let result = client.say_hello(req).await;
+                        let now = Instant::now();
+                        {
+                            let mut c = calls.lock().unwrap();
+                            match result {
+                                Ok(r) => {
+                                    let b = backend_of(&r.into_inner().message).to_string();
+                                    *c.per_backend.entry(b.clone()).or_default() += 1;
+                                    c.first_seen.entry(b.clone()).or_insert(now);
+                                    c.last_seen.insert(b.clone(), now);
+                                    c.times.entry(b).or_default().push(now);
+                                }
+                                Err(s) => c.failures.push((now, s.code(), s.message().to_string())),
+                            }
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                })
+            })
+            .collect();
+        Caller { stop, calls, tasks }
+    }
+
+    /// What happened so far.
+    pub fn snapshot(&self) -> Calls {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Stops and returns what happened.
+    pub async fn stop(self) -> Calls {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let calls = self.calls.lock().unwrap().clone();
+        calls
+    }
+}
+
+/// A channel to `service` through the LB(s) at `lbs`, with short backoffs
+/// suited to tests.
+pub fn channel(service: &str, lbs: &[SocketAddr]) -> LbChannel {
+    LbChannel::builder(service)
+        .lbs(lbs.iter().map(|a| a.to_string()))
+        .lb_backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .build()
+        .expect("build channel")
+}
+
+/// Waits until `channel` has exactly `n` distinct ready backends.
+pub async fn wait_backends(channel: &LbChannel, n: usize, limit: Duration) -> bool {
+    wait_until(limit, || {
+        let mut b = channel.ready_backends();
+        b.sort();
+        b.dedup();
+        b.len() == n
+    })
+    .await
+}
+
+/// Makes `n` calls one after another; returns per-backend counts and failures.
+pub async fn call_n(channel: &LbChannel, n: u64) -> lb_examples::drive::Tally {
+    lb_examples::drive::drive(channel, n, 1, Duration::from_secs(5)).await
+}

@@ -87,9 +87,21 @@ async fn main() -> anyhow::Result<()> {
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
+    let announce = async {
+        if args.registry != "none"
+            && greeter
+                .wait_registered(Duration::from_secs(24 * 3600))
+                .await
+        {
+            println!("REGISTERED");
+            let _ = std::io::stdout().flush();
+        }
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = announce => {}
     }
     tracing::info!(drain = ?args.drain, "shutting down gracefully");
     greeter.shutdown(args.drain).await;
