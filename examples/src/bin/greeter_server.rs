@@ -1,6 +1,7 @@
 //! `greeter-server`: an example backend that registers itself.
 //!
-//! Prints `LISTENING <addr>` once serving. On SIGTERM or SIGINT it shuts
+//! Prints `LISTENING <addr>` once serving and `REGISTERED` once its
+//! registration is confirmed. On SIGTERM or SIGINT it shuts
 //! down gracefully: NOT_SERVING, deregister, drain, stop.
 
 use std::io::Write;
@@ -21,6 +22,11 @@ struct Args {
     /// Address to serve on (port 0 picks a free one).
     #[arg(long, env = "GREETER_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Address to register (`host:port`); default: the listen address, or
+    /// `<hostname>:<port>` when listening on 0.0.0.0 / [::] (the LB resolves
+    /// host names).
+    #[arg(long, env = "GREETER_ADVERTISE")]
+    advertise: Option<String>,
     /// Service name to register under.
     #[arg(long, env = "GREETER_SERVICE", default_value = "greeter")]
     service: String,
@@ -64,12 +70,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let registry = args.registry.clone();
     let service = args.service.clone();
+    let advertise = args.advertise.clone();
     let mut registration_error = None;
     let greeter = RunningGreeter::start(listener, |addr| {
         if registry == "none" {
             return None;
         }
-        match Registration::start(&registry, &service, &addr.to_string(), options) {
+        let advertised = advertise.unwrap_or_else(|| advertised_addr(addr));
+        match Registration::start(&registry, &service, &advertised, options) {
             Ok(r) => Some(r),
             Err(e) => {
                 registration_error = Some(e);
@@ -106,6 +114,20 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(drain = ?args.drain, "shutting down gracefully");
     greeter.shutdown(args.drain).await;
     Ok(())
+}
+
+/// The address to register for a server bound to `addr`.
+fn advertised_addr(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", addr.port())
 }
 
 fn serde_json_weight(w: u32) -> serde_json::Value {

@@ -1,0 +1,310 @@
+//! `lb-bench`: benchmarks of the load balancer, each measured side by side
+//! with its baseline in one run.
+//!
+//! - `throughput`: unary echo calls/s through `LbChannel` (over 3 backends
+//!   and over 1) vs a plain tonic `Channel` to one backend, alternating
+//!   rounds so that machine noise hits both alike.
+//! - `propagation`: `put` of a new backend in etcd → first call a connected
+//!   client makes to it, next to the time etcd's own watch delivered the put.
+//!   Starts its own etcd (`etcd` on PATH or `$ETCD_BIN`) and an in-process LB.
+//!
+//! Results are printed as a Markdown table and written as JSON (`--json`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use lb_client::{LbChannel, Registration, RegistrationOptions};
+use lb_examples::greeter::{backend_of, RunningGreeter};
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use lb_server::{Config, LbServer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tonic::codegen::{Body, Bytes, StdError};
+
+#[derive(Parser)]
+#[command(name = "lb-bench", about = "Benchmarks of the lookaside load balancer, each beside its baseline.")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Unary calls/s: LbChannel (3 backends, 1 backend) vs tonic Channel (1 backend).
+    Throughput {
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Length of one measured round.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        round: Duration,
+        /// Rounds per contender (alternated).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// etcd put → first call on the new backend, vs etcd's own watch delivery.
+    Propagation {
+        /// Number of put/delete cycles.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let result = match args.bench {
+        Bench::Throughput { concurrency, round, rounds } => throughput(concurrency, round, rounds).await?,
+        Bench::Propagation { samples } => propagation(samples).await?,
+    };
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn greeter(register: Option<(SocketAddr, &str)>) -> anyhow::Result<RunningGreeter> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let g = RunningGreeter::start(listener, |addr| {
+        register.and_then(|(lb, service)| {
+            Registration::embedded(vec![lb.to_string()], service, &addr.to_string(), RegistrationOptions::default()).ok()
+        })
+    })
+    .await?;
+    anyhow::ensure!(g.wait_registered(Duration::from_secs(5)).await, "greeter did not register");
+    Ok(g)
+}
+
+/// Runs `concurrency` callers for `duration`; returns calls/s and p50/p99 latency (µs).
+async fn load<T>(client: GreeterClient<T>, concurrency: usize, duration: Duration) -> (f64, u64, u64)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (mut client, stop, failures) = (client.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match client.say_hello(HelloRequest { name: "bench".into() }).await {
+                        Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "calls failed during the benchmark");
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn throughput(concurrency: usize, round: Duration, rounds: usize) -> anyhow::Result<serde_json::Value> {
+    let lb = LbServer::start(Config::with_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)).await?;
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(greeter(Some((lb.lb_addr, "greeter"))).await?);
+    }
+    let solo = greeter(Some((lb.lb_addr, "solo"))).await?;
+
+    let lb3 = LbChannel::builder("greeter").lb(lb.lb_addr.to_string()).build()?;
+    let lb1 = LbChannel::builder("solo").lb(lb.lb_addr.to_string()).build()?;
+    anyhow::ensure!(lb3.ready_within(Duration::from_secs(5)).await && lb1.ready_within(Duration::from_secs(5)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await; // all three connected
+    let tonic1 = tonic::transport::Endpoint::from_shared(format!("http://{}", solo.addr))?.tcp_nodelay(true).connect().await?;
+
+    let names = ["LbChannel, 3 backends", "LbChannel, 1 backend", "tonic Channel, 1 backend"];
+    let mut results: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); 3];
+    eprintln!("throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} each");
+    // Warm-up, unmeasured.
+    load(GreeterClient::new(lb3.clone()), concurrency, Duration::from_millis(500)).await;
+    for r in 0..rounds {
+        results[0].push(load(GreeterClient::new(lb3.clone()), concurrency, round).await);
+        results[1].push(load(GreeterClient::new(lb1.clone()), concurrency, round).await);
+        results[2].push(load(GreeterClient::new(tonic1.clone()), concurrency, round).await);
+        eprintln!("  round {}: {:.0} / {:.0} / {:.0} calls/s", r + 1, results[0][r].0, results[1][r].0, results[2][r].0);
+    }
+    let baseline = median(results[2].iter().map(|x| x.0).collect());
+    println!("| contender | calls/s (median) | p50 µs | p99 µs | ratio to tonic Channel |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let mut rows = Vec::new();
+    for (name, runs) in names.iter().zip(&results) {
+        let cps = median(runs.iter().map(|x| x.0).collect());
+        let p50 = median(runs.iter().map(|x| x.1 as f64).collect());
+        let p99 = median(runs.iter().map(|x| x.2 as f64).collect());
+        println!("| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {:.2}x |", cps / baseline);
+        rows.push(json!({"contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99, "ratio": cps / baseline}));
+    }
+    drop((lb3, lb1));
+    for b in backends {
+        b.shutdown(Duration::ZERO).await;
+    }
+    solo.shutdown(Duration::ZERO).await;
+    lb.shutdown(Duration::from_secs(2)).await;
+    Ok(json!({"bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(), "rounds": rounds, "rows": rows}))
+}
+
+struct EtcdProcess {
+    child: std::process::Child,
+    _dir: PathBuf,
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start_etcd() -> anyhow::Result<(EtcdProcess, String)> {
+    let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+    let (client, peer) = (free_port()?, free_port()?);
+    let dir = std::env::temp_dir().join(format!("lb-bench-etcd-{}", std::process::id()));
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = std::process::Command::new(&bin)
+        .args(["--name", "bench", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}"), "--log-level", "error"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {bin} (install etcd-server or set ETCD_BIN): {e}"))?;
+    let etcd = EtcdProcess { child, _dir: dir };
+    let endpoint = format!("127.0.0.1:{client}");
+    for _ in 0..200 {
+        if let Ok(mut c) = etcd_client::Client::connect([&endpoint], None).await {
+            if c.get("probe", None).await.is_ok() {
+                return Ok((etcd, endpoint));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("etcd did not come up")
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
+    let (_etcd, endpoint) = start_etcd().await?;
+    let mut cfg = Config::with_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
+    cfg.registry = format!("etcd://{endpoint}");
+    let lb = LbServer::start(cfg).await?;
+    let mut etcd = etcd_client::Client::connect([&endpoint], None).await?;
+
+    // One backend always present, one that comes and goes.
+    let steady = greeter(None).await?;
+    let mover = greeter(None).await?;
+    etcd.put(format!("/services/greeter/{}", steady.addr), steady.addr.to_string(), None).await?;
+    let channel = LbChannel::builder("greeter").lb(lb.lb_addr.to_string()).build()?;
+    anyhow::ensure!(channel.ready_within(Duration::from_secs(5)).await, "no list");
+
+    // A client calling continuously (at most one call in flight, ~every 200 µs).
+    let seen: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover_addr = mover.addr.to_string();
+    let caller = {
+        let (seen, stop, mover_addr, mut client) = (seen.clone(), stop.clone(), mover_addr.clone(), GreeterClient::new(channel.clone()));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = client.say_hello(HelloRequest { name: "p".into() }).await {
+                    if backend_of(&r.into_inner().message) == mover_addr {
+                        seen.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        })
+    };
+
+    let mut watcher = etcd.clone();
+    let mut to_client = Vec::new();
+    let mut to_watch = Vec::new();
+    let key = format!("/services/greeter/{}", mover.addr);
+    eprintln!("propagation: {samples} put/delete cycles");
+    for _ in 0..samples {
+        let mut watch = watcher.watch(key.as_str(), None).await?;
+        let _created = watch.message().await?;
+        *seen.lock().unwrap() = None;
+        let t0 = Instant::now();
+        etcd.put(key.as_str(), mover_addr.as_str(), None).await?;
+        let watched = loop {
+            let m = watch.message().await?.ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+            if !m.events().is_empty() {
+                break t0.elapsed();
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let arrived = loop {
+            if let Some(t) = *seen.lock().unwrap() {
+                break t.duration_since(t0);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "client never called the new backend");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        to_watch.push(watched.as_secs_f64() * 1e3);
+        to_client.push(arrived.as_secs_f64() * 1e3);
+        etcd.delete(key.as_str(), None).await?;
+        let gone = Instant::now() + Duration::from_secs(5);
+        while channel.ready_backends().contains(&mover.addr) && Instant::now() < gone {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = caller.await;
+    to_client.sort_by(|a, b| a.total_cmp(b));
+    to_watch.sort_by(|a, b| a.total_cmp(b));
+    println!("| measure (ms, {samples} samples) | p50 | p99 | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (name, v) in [("etcd put → etcd watch event (baseline)", &to_watch), ("etcd put → client's first call on the new backend", &to_client)] {
+        println!("| {name} | {:.2} | {:.2} | {:.2} |", pct(v, 0.5), pct(v, 0.99), v[v.len() - 1]);
+    }
+    lb.shutdown(Duration::from_secs(2)).await;
+    Ok(json!({
+        "bench": "propagation",
+        "samples": samples,
+        "etcd_watch_ms": {"p50": pct(&to_watch, 0.5), "p99": pct(&to_watch, 0.99), "max": to_watch[to_watch.len()-1]},
+        "first_call_ms": {"p50": pct(&to_client, 0.5), "p99": pct(&to_client, 0.99), "max": to_client[to_client.len()-1]},
+    }))
+}
