@@ -13,7 +13,11 @@ async fn setup(n: usize, ttl: &str) -> (Etcd, Lb, Vec<Greeter>) {
     let mut greeters = Vec::new();
     for _ in 0..n {
         let g = Greeter::start(&etcd.registry_url(), &["--ttl", ttl]).await;
-        assert!(g.wait_registered(Duration::from_secs(10)).await, "see {}", g.proc.log.display());
+        assert!(
+            g.wait_registered(Duration::from_secs(10)).await,
+            "see {}",
+            g.proc.log.display()
+        );
         greeters.push(g);
     }
     (etcd, lb, greeters)
@@ -22,7 +26,10 @@ async fn setup(n: usize, ttl: &str) -> (Etcd, Lb, Vec<Greeter>) {
 async fn say_hello(ch: &LbChannel, timeout: Duration) -> Result<String, tonic::Status> {
     let mut req = tonic::Request::new(HelloRequest { name: "t".into() });
     req.set_timeout(timeout);
-    GreeterClient::new(ch.clone()).say_hello(req).await.map(|r| r.into_inner().message)
+    GreeterClient::new(ch.clone())
+        .say_hello(req)
+        .await
+        .map(|r| r.into_inner().message)
 }
 
 /// Scenarios 4 and 5: etcd dies — clients keep calling, new clients get
@@ -38,9 +45,17 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
     etcd.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let newcomer = channel("greeter", &[lb.addr]);
-    assert!(wait_backends(&newcomer, 3, Duration::from_secs(5)).await, "a new client got no list during the outage");
+    assert!(
+        wait_backends(&newcomer, 3, Duration::from_secs(5)).await,
+        "a new client got no list during the outage"
+    );
     let tally = call_n(&newcomer, 30).await;
-    assert_eq!(tally.failed(), 0, "new client failed during the outage: {:?}", tally.failures);
+    assert_eq!(
+        tally.failed(),
+        0,
+        "new client failed during the outage: {:?}",
+        tally.failures
+    );
     assert_eq!(tally.per_backend.len(), 3);
 
     // A backend starting during the outage registers once etcd is back.
@@ -49,22 +64,38 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
     assert!(!late.is_registered(), "registered while etcd was down?");
     let back_at = Instant::now();
     etcd.restart().await;
-    assert!(late.wait_registered(Duration::from_secs(15)).await, "late greeter never registered");
-    assert!(wait_backends(&ch, 4, Duration::from_secs(15)).await, "late backend never reached the client");
-    eprintln!("etcd back -> late backend in client list: {:?}", back_at.elapsed());
+    assert!(
+        late.wait_registered(Duration::from_secs(15)).await,
+        "late greeter never registered"
+    );
+    assert!(
+        wait_backends(&ch, 4, Duration::from_secs(15)).await,
+        "late backend never reached the client"
+    );
+    eprintln!(
+        "etcd back -> late backend in client list: {:?}",
+        back_at.elapsed()
+    );
 
     // Removals resume too.
     let removed = greeters[0].addr;
     etcd.delete(&format!("/services/greeter/{removed}")).await;
     let t = Instant::now();
     assert!(
-        lb_tests::wait_until(Duration::from_secs(5), || !ch.ready_backends().contains(&removed)).await,
+        lb_tests::wait_until(Duration::from_secs(5), || !ch
+            .ready_backends()
+            .contains(&removed))
+        .await,
         "deleted backend still listed"
     );
     eprintln!("etcd delete -> gone from client list: {:?}", t.elapsed());
 
     let calls = caller.stop().await;
-    assert!(calls.failures.is_empty(), "calls failed across the etcd outage: {:?}", calls.failures);
+    assert!(
+        calls.failures.is_empty(),
+        "calls failed across the etcd outage: {:?}",
+        calls.failures
+    );
     assert!(calls.ok() > 100, "too few calls made: {}", calls.ok());
 }
 
@@ -75,29 +106,50 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
 async fn all_backends_down_fail_fast_then_resume() {
     let (etcd, lb, mut greeters) = setup(3, "60s").await;
     let ch = channel("greeter", &[lb.addr]);
-    let patient = LbChannel::builder("greeter").lb(lb.addr.to_string()).wait_for_ready(true).build().unwrap();
+    let patient = LbChannel::builder("greeter")
+        .lb(lb.addr.to_string())
+        .wait_for_ready(true)
+        .build()
+        .unwrap();
     assert!(wait_backends(&ch, 3, Duration::from_secs(10)).await);
     assert!(wait_backends(&patient, 3, Duration::from_secs(10)).await);
     let first = greeters[0].addr;
     for g in &mut greeters {
         g.proc.kill();
     }
-    assert!(wait_backends(&ch, 0, Duration::from_secs(5)).await, "dead backends still ready");
+    assert!(
+        wait_backends(&ch, 0, Duration::from_secs(5)).await,
+        "dead backends still ready"
+    );
 
     let t = Instant::now();
-    let err = say_hello(&ch, Duration::from_secs(10)).await.expect_err("a call succeeded with every backend dead");
+    let err = say_hello(&ch, Duration::from_secs(10))
+        .await
+        .expect_err("a call succeeded with every backend dead");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(t.elapsed() < Duration::from_secs(1), "fail-fast took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "fail-fast took {:?}",
+        t.elapsed()
+    );
 
     let t = Instant::now();
-    let err = say_hello(&patient, Duration::from_millis(500)).await.expect_err("wait-for-ready call succeeded");
+    let err = say_hello(&patient, Duration::from_millis(500))
+        .await
+        .expect_err("wait-for-ready call succeeded");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
-    assert!(t.elapsed() >= Duration::from_millis(400), "wait-for-ready gave up after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "wait-for-ready gave up after {:?}",
+        t.elapsed()
+    );
 
     // One backend returns on its old address; both clients resume.
-    let _back = Greeter::start_on(&first.to_string(), &etcd.registry_url(), &["--ttl", "60s"]).await;
+    let _back =
+        Greeter::start_on(&first.to_string(), &etcd.registry_url(), &["--ttl", "60s"]).await;
     let t = Instant::now();
-    let resumed = lb_tests::wait_until(Duration::from_secs(10), || !ch.ready_backends().is_empty()).await;
+    let resumed =
+        lb_tests::wait_until(Duration::from_secs(10), || !ch.ready_backends().is_empty()).await;
     assert!(resumed, "service did not resume within 10 s");
     eprintln!("backend back -> client ready: {:?}", t.elapsed());
     assert!(say_hello(&ch, Duration::from_secs(5)).await.is_ok());
@@ -118,14 +170,24 @@ async fn lb_restart_while_clients_run_loses_no_call() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, clients) = lb.get("/api/v1/clients");
     assert!(
-        lb_tests::wait_until(Duration::from_secs(5), || lb.get("/api/v1/clients").1.contains("\"service\":\"greeter\""))
-            .await,
+        lb_tests::wait_until(Duration::from_secs(5), || lb
+            .get("/api/v1/clients")
+            .1
+            .contains("\"service\":\"greeter\""))
+        .await,
         "client did not reconnect to the restarted LB: {clients}"
     );
 
     let third = Greeter::start(&etcd.registry_url(), &["--ttl", "10s"]).await;
     assert!(third.wait_registered(Duration::from_secs(10)).await);
-    assert!(wait_backends(&ch, 3, Duration::from_secs(5)).await, "a change after the LB restart did not reach the client");
+    assert!(
+        wait_backends(&ch, 3, Duration::from_secs(5)).await,
+        "a change after the LB restart did not reach the client"
+    );
     let calls = caller.stop().await;
-    assert!(calls.failures.is_empty(), "calls failed across the LB restart: {:?}", calls.failures);
+    assert!(
+        calls.failures.is_empty(),
+        "calls failed across the LB restart: {:?}",
+        calls.failures
+    );
 }

@@ -16,9 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 fn initial(name: &str) -> LoadBalanceRequest {
     LoadBalanceRequest {
-        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(InitialLoadBalanceRequest {
-            name: name.into(),
-        })),
+        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+            InitialLoadBalanceRequest { name: name.into() },
+        )),
     }
 }
 
@@ -26,20 +26,40 @@ fn initial(name: &str) -> LoadBalanceRequest {
 async fn open(
     lb: &Lb,
     name: &str,
-) -> (mpsc::Sender<LoadBalanceRequest>, Result<tonic::Streaming<LoadBalanceResponse>, tonic::Status>) {
-    let mut client = LoadBalancerClient::connect(format!("http://{}", lb.addr)).await.expect("connect LB");
+) -> (
+    mpsc::Sender<LoadBalanceRequest>,
+    Result<tonic::Streaming<LoadBalanceResponse>, tonic::Status>,
+) {
+    let mut client = LoadBalancerClient::connect(format!("http://{}", lb.addr))
+        .await
+        .expect("connect LB");
     let (tx, rx) = mpsc::channel(4);
     tx.send(initial(name)).await.unwrap();
-    let result = client.balance_load(ReceiverStream::new(rx)).await.map(|r| r.into_inner());
+    let result = client
+        .balance_load(ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
     (tx, result)
 }
 
 async fn embedded_lb_with_greeters(n: usize, ttl: &str) -> (Lb, Vec<Greeter>) {
-    let lb = Lb::start(&["--registry", "memory", "--domain-suffix", ".svc.test", "--client-stats-interval", "200ms"]).await;
+    let lb = Lb::start(&[
+        "--registry",
+        "memory",
+        "--domain-suffix",
+        ".svc.test",
+        "--client-stats-interval",
+        "200ms",
+    ])
+    .await;
     let mut greeters = Vec::new();
     for _ in 0..n {
         let g = Greeter::start(&format!("lb://{}", lb.addr), &["--ttl", ttl]).await;
-        assert!(g.wait_registered(Duration::from_secs(10)).await, "see {}", g.proc.log.display());
+        assert!(
+            g.wait_registered(Duration::from_secs(10)).await,
+            "see {}",
+            g.proc.log.display()
+        );
         greeters.push(g);
     }
     (lb, greeters)
@@ -54,7 +74,12 @@ async fn stream_answers_initial_response_then_lists_and_refuses_unknown_names() 
     // The name as stock clients send it: authority with port and domain.
     let (_tx, stream) = open(&lb, "greeter.svc.test:8443").await;
     let mut stream = stream.expect("stream opened");
-    let first = stream.message().await.unwrap().unwrap().load_balance_response_type;
+    let first = stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .load_balance_response_type;
     match first {
         Some(LoadBalanceResponseType::InitialResponse(r)) => {
             let interval = r.client_stats_report_interval.expect("interval set");
@@ -62,7 +87,13 @@ async fn stream_answers_initial_response_then_lists_and_refuses_unknown_names() 
         }
         other => panic!("first response must be initial_response, got {other:?}"),
     }
-    match stream.message().await.unwrap().unwrap().load_balance_response_type {
+    match stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .load_balance_response_type
+    {
         Some(LoadBalanceResponseType::ServerList(list)) => {
             assert_eq!(list.servers.len(), 2);
             for s in &list.servers {
@@ -82,9 +113,20 @@ async fn stream_answers_initial_response_then_lists_and_refuses_unknown_names() 
         Ok(mut s) => s.message().await.expect_err("unknown service got a stream"),
     };
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
-    assert!(status.message().contains("unknown service"), "{}", status.message());
-    assert!(t.elapsed() < Duration::from_secs(2), "refusal took {:?}", t.elapsed());
-    assert_eq!(lb.metric("lb_streams_refused_total{reason=\"unknown_service\"}"), 1.0);
+    assert!(
+        status.message().contains("unknown service"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        lb.metric("lb_streams_refused_total{reason=\"unknown_service\"}"),
+        1.0
+    );
 
     // An oversized name is refused too.
     let (_tx, refused) = open(&lb, &"x".repeat(300)).await;
@@ -95,10 +137,16 @@ async fn stream_answers_initial_response_then_lists_and_refuses_unknown_names() 
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     // lb-client callers of an unknown service fail fast with UNAVAILABLE.
-    let ch = lb_client::LbChannel::builder("nope").lb(lb.addr.to_string()).build().unwrap();
+    let ch = lb_client::LbChannel::builder("nope")
+        .lb(lb.addr.to_string())
+        .build()
+        .unwrap();
     let mut req = tonic::Request::new(HelloRequest { name: "x".into() });
     req.set_timeout(Duration::from_secs(5));
-    let err = GreeterClient::new(ch).say_hello(req).await.expect_err("call to an unknown service succeeded");
+    let err = GreeterClient::new(ch)
+        .say_hello(req)
+        .await
+        .expect_err("call to an unknown service succeeded");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
 
@@ -126,7 +174,10 @@ async fn junk_on_the_lb_port_disturbs_nobody() {
     drop(held);
 
     let fresh = channel("greeter", &[lb.addr]);
-    assert!(wait_backends(&fresh, 2, Duration::from_secs(5)).await, "a new client got no list after junk");
+    assert!(
+        wait_backends(&fresh, 2, Duration::from_secs(5)).await,
+        "a new client got no list after junk"
+    );
     let calls = caller.stop().await;
     assert!(calls.failures.is_empty(), "{:?}", calls.failures);
     assert_eq!(lb.get("/healthz").0, 200);
@@ -141,20 +192,31 @@ async fn embedded_registry_leases_tokens_and_client_stats() {
     assert!(wait_backends(&ch, 3, Duration::from_secs(10)).await);
     let tally = call_n(&ch, 60).await;
     assert_eq!(tally.failed(), 0);
-    assert_eq!(tally.per_backend.values().copied().collect::<Vec<_>>(), vec![20, 20, 20]);
+    assert_eq!(
+        tally.per_backend.values().copied().collect::<Vec<_>>(),
+        vec![20, 20, 20]
+    );
 
     // Backends receive the token the LB listed for them.
     let (_, body) = lb.get("/api/v1/services/greeter");
     let mut req = tonic::Request::new(HelloRequest { name: "t".into() });
     req.set_timeout(Duration::from_secs(5));
     let reply = GreeterClient::new(ch.clone()).say_hello(req).await.unwrap();
-    let token = reply.metadata().get(lb_examples::greeter::TOKEN_ECHO).expect("lb-token reached the backend");
-    assert!(body.contains(token.to_str().unwrap()), "token {token:?} not listed by the LB: {body}");
+    let token = reply
+        .metadata()
+        .get(lb_examples::greeter::TOKEN_ECHO)
+        .expect("lb-token reached the backend");
+    assert!(
+        body.contains(token.to_str().unwrap()),
+        "token {token:?} not listed by the LB: {body}"
+    );
 
     // Client stats reach the LB (interval 200 ms).
     assert!(
-        wait_until(Duration::from_secs(5), || lb.metric("lb_client_calls_total{service=\"greeter\",kind=\"started\"}") >= 61.0)
-            .await,
+        wait_until(Duration::from_secs(5), || lb.metric(
+            "lb_client_calls_total{service=\"greeter\",kind=\"started\"}"
+        ) >= 61.0)
+        .await,
         "client stats not aggregated: {}",
         lb.metric("lb_client_calls_total{service=\"greeter\",kind=\"started\"}")
     );
@@ -165,16 +227,26 @@ async fn embedded_registry_leases_tokens_and_client_stats() {
     dead_proc.kill();
     let t = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(6), || !lb.get("/api/v1/services/greeter").1.contains(&dead.addr.to_string())).await,
+        wait_until(Duration::from_secs(6), || !lb
+            .get("/api/v1/services/greeter")
+            .1
+            .contains(&dead.addr.to_string()))
+        .await,
         "lease of a killed backend never expired"
     );
-    eprintln!("SIGKILL -> lease expiry removed it from the LB: {:?}", t.elapsed());
+    eprintln!(
+        "SIGKILL -> lease expiry removed it from the LB: {:?}",
+        t.elapsed()
+    );
 
     // A graceful stop deregisters at once.
     let mut leaving = greeters.remove(0);
     let addr = leaving.addr.to_string();
     tokio::task::block_in_place(|| leaving.proc.terminate(Duration::from_secs(10)));
-    assert!(!lb.get("/api/v1/services/greeter").1.contains(&addr), "graceful stop did not deregister");
+    assert!(
+        !lb.get("/api/v1/services/greeter").1.contains(&addr),
+        "graceful stop did not deregister"
+    );
 }
 
 /// The registration API refuses registrations when the LB reads etcd, with
@@ -182,9 +254,12 @@ async fn embedded_registry_leases_tokens_and_client_stats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_api_refuses_when_registry_is_not_embedded() {
     let lb = Lb::start(&["--registry", "file:///nonexistent/services.json"]).await;
-    let mut client = lb_proto::registry::v1::registry_client::RegistryClient::connect(format!("http://{}", lb.addr))
-        .await
-        .unwrap();
+    let mut client = lb_proto::registry::v1::registry_client::RegistryClient::connect(format!(
+        "http://{}",
+        lb.addr
+    ))
+    .await
+    .unwrap();
     let err = client
         .register(lb_proto::registry::v1::RegisterRequest {
             service: "greeter".into(),
@@ -194,6 +269,14 @@ async fn registration_api_refuses_when_registry_is_not_embedded() {
         .await
         .expect_err("registration accepted");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("file:///nonexistent"), "{}", err.message());
-    assert_eq!(lb.get("/readyz").0, 503, "a registry that never listed must not be ready");
+    assert!(
+        err.message().contains("file:///nonexistent"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        lb.get("/readyz").0,
+        503,
+        "a registry that never listed must not be ready"
+    );
 }

@@ -26,7 +26,10 @@ use tokio::net::TcpListener;
 use tonic::codegen::{Body, Bytes, StdError};
 
 #[derive(Parser)]
-#[command(name = "lb-bench", about = "Benchmarks of the lookaside load balancer, each beside its baseline.")]
+#[command(
+    name = "lb-bench",
+    about = "Benchmarks of the lookaside load balancer, each beside its baseline."
+)]
 struct Args {
     #[command(subcommand)]
     bench: Bench,
@@ -61,7 +64,11 @@ enum Bench {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let result = match args.bench {
-        Bench::Throughput { concurrency, round, rounds } => throughput(concurrency, round, rounds).await?,
+        Bench::Throughput {
+            concurrency,
+            round,
+            rounds,
+        } => throughput(concurrency, round, rounds).await?,
         Bench::Propagation { samples } => propagation(samples).await?,
     };
     if let Some(path) = args.json {
@@ -75,16 +82,29 @@ async fn greeter(register: Option<(SocketAddr, &str)>) -> anyhow::Result<Running
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let g = RunningGreeter::start(listener, |addr| {
         register.and_then(|(lb, service)| {
-            Registration::embedded(vec![lb.to_string()], service, &addr.to_string(), RegistrationOptions::default()).ok()
+            Registration::embedded(
+                vec![lb.to_string()],
+                service,
+                &addr.to_string(),
+                RegistrationOptions::default(),
+            )
+            .ok()
         })
     })
     .await?;
-    anyhow::ensure!(g.wait_registered(Duration::from_secs(5)).await, "greeter did not register");
+    anyhow::ensure!(
+        g.wait_registered(Duration::from_secs(5)).await,
+        "greeter did not register"
+    );
     Ok(g)
 }
 
 /// Runs `concurrency` callers for `duration`; returns calls/s and p50/p99 latency (µs).
-async fn load<T>(client: GreeterClient<T>, concurrency: usize, duration: Duration) -> (f64, u64, u64)
+async fn load<T>(
+    client: GreeterClient<T>,
+    concurrency: usize,
+    duration: Duration,
+) -> (f64, u64, u64)
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
     T::Future: Send,
@@ -102,7 +122,12 @@ where
                 let mut latencies = Vec::with_capacity(100_000);
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    match client.say_hello(HelloRequest { name: "bench".into() }).await {
+                    match client
+                        .say_hello(HelloRequest {
+                            name: "bench".into(),
+                        })
+                        .await
+                    {
                         Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
                         Err(_) => {
                             failures.fetch_add(1, Ordering::Relaxed);
@@ -120,9 +145,17 @@ where
         all.extend(t.await.unwrap_or_default());
     }
     let elapsed = start.elapsed().as_secs_f64();
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "calls failed during the benchmark");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls failed during the benchmark"
+    );
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
 }
 
@@ -131,30 +164,65 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn throughput(concurrency: usize, round: Duration, rounds: usize) -> anyhow::Result<serde_json::Value> {
-    let lb = LbServer::start(Config::with_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?)).await?;
+async fn throughput(
+    concurrency: usize,
+    round: Duration,
+    rounds: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let lb = LbServer::start(Config::with_addrs(
+        "127.0.0.1:0".parse()?,
+        "127.0.0.1:0".parse()?,
+    ))
+    .await?;
     let mut backends = Vec::new();
     for _ in 0..3 {
         backends.push(greeter(Some((lb.lb_addr, "greeter"))).await?);
     }
     let solo = greeter(Some((lb.lb_addr, "solo"))).await?;
 
-    let lb3 = LbChannel::builder("greeter").lb(lb.lb_addr.to_string()).build()?;
-    let lb1 = LbChannel::builder("solo").lb(lb.lb_addr.to_string()).build()?;
-    anyhow::ensure!(lb3.ready_within(Duration::from_secs(5)).await && lb1.ready_within(Duration::from_secs(5)).await);
+    let lb3 = LbChannel::builder("greeter")
+        .lb(lb.lb_addr.to_string())
+        .build()?;
+    let lb1 = LbChannel::builder("solo")
+        .lb(lb.lb_addr.to_string())
+        .build()?;
+    anyhow::ensure!(
+        lb3.ready_within(Duration::from_secs(5)).await
+            && lb1.ready_within(Duration::from_secs(5)).await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await; // all three connected
-    let tonic1 = tonic::transport::Endpoint::from_shared(format!("http://{}", solo.addr))?.tcp_nodelay(true).connect().await?;
+    let tonic1 = tonic::transport::Endpoint::from_shared(format!("http://{}", solo.addr))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
 
-    let names = ["LbChannel, 3 backends", "LbChannel, 1 backend", "tonic Channel, 1 backend"];
+    let names = [
+        "LbChannel, 3 backends",
+        "LbChannel, 1 backend",
+        "tonic Channel, 1 backend",
+    ];
     let mut results: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); 3];
-    eprintln!("throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} each");
+    eprintln!(
+        "throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} each"
+    );
     // Warm-up, unmeasured.
-    load(GreeterClient::new(lb3.clone()), concurrency, Duration::from_millis(500)).await;
+    load(
+        GreeterClient::new(lb3.clone()),
+        concurrency,
+        Duration::from_millis(500),
+    )
+    .await;
     for r in 0..rounds {
         results[0].push(load(GreeterClient::new(lb3.clone()), concurrency, round).await);
         results[1].push(load(GreeterClient::new(lb1.clone()), concurrency, round).await);
         results[2].push(load(GreeterClient::new(tonic1.clone()), concurrency, round).await);
-        eprintln!("  round {}: {:.0} / {:.0} / {:.0} calls/s", r + 1, results[0][r].0, results[1][r].0, results[2][r].0);
+        eprintln!(
+            "  round {}: {:.0} / {:.0} / {:.0} calls/s",
+            r + 1,
+            results[0][r].0,
+            results[1][r].0,
+            results[2][r].0
+        );
     }
     let baseline = median(results[2].iter().map(|x| x.0).collect());
     println!("| contender | calls/s (median) | p50 µs | p99 µs | ratio to tonic Channel |");
@@ -164,7 +232,10 @@ async fn throughput(concurrency: usize, round: Duration, rounds: usize) -> anyho
         let cps = median(runs.iter().map(|x| x.0).collect());
         let p50 = median(runs.iter().map(|x| x.1 as f64).collect());
         let p99 = median(runs.iter().map(|x| x.2 as f64).collect());
-        println!("| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {:.2}x |", cps / baseline);
+        println!(
+            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {:.2}x |",
+            cps / baseline
+        );
         rows.push(json!({"contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99, "ratio": cps / baseline}));
     }
     drop((lb3, lb1));
@@ -173,7 +244,9 @@ async fn throughput(concurrency: usize, round: Duration, rounds: usize) -> anyho
     }
     solo.shutdown(Duration::ZERO).await;
     lb.shutdown(Duration::from_secs(2)).await;
-    Ok(json!({"bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(), "rounds": rounds, "rows": rows}))
+    Ok(
+        json!({"bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(), "rounds": rounds, "rows": rows}),
+    )
 }
 
 struct EtcdProcess {
@@ -190,7 +263,9 @@ impl Drop for EtcdProcess {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn start_etcd() -> anyhow::Result<(EtcdProcess, String)> {
@@ -202,13 +277,30 @@ async fn start_etcd() -> anyhow::Result<(EtcdProcess, String)> {
     let child = std::process::Command::new(&bin)
         .args(["--name", "bench", "--data-dir"])
         .arg(&dir)
-        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("bench={peer_url}"), "--log-level", "error"])
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("bench={peer_url}"),
+            "--log-level",
+            "error",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {bin} (install etcd-server or set ETCD_BIN): {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot start {bin} (install etcd-server or set ETCD_BIN): {e}")
+        })?;
     let etcd = EtcdProcess { child, _dir: dir };
     let endpoint = format!("127.0.0.1:{client}");
     for _ in 0..200 {
@@ -236,16 +328,31 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
     // One backend always present, one that comes and goes.
     let steady = greeter(None).await?;
     let mover = greeter(None).await?;
-    etcd.put(format!("/services/greeter/{}", steady.addr), steady.addr.to_string(), None).await?;
-    let channel = LbChannel::builder("greeter").lb(lb.lb_addr.to_string()).build()?;
-    anyhow::ensure!(channel.ready_within(Duration::from_secs(5)).await, "no list");
+    etcd.put(
+        format!("/services/greeter/{}", steady.addr),
+        steady.addr.to_string(),
+        None,
+    )
+    .await?;
+    let channel = LbChannel::builder("greeter")
+        .lb(lb.lb_addr.to_string())
+        .build()?;
+    anyhow::ensure!(
+        channel.ready_within(Duration::from_secs(5)).await,
+        "no list"
+    );
 
     // A client calling continuously (at most one call in flight, ~every 200 µs).
     let seen: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mover_addr = mover.addr.to_string();
     let caller = {
-        let (seen, stop, mover_addr, mut client) = (seen.clone(), stop.clone(), mover_addr.clone(), GreeterClient::new(channel.clone()));
+        let (seen, stop, mover_addr, mut client) = (
+            seen.clone(),
+            stop.clone(),
+            mover_addr.clone(),
+            GreeterClient::new(channel.clone()),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(r) = client.say_hello(HelloRequest { name: "p".into() }).await {
@@ -269,7 +376,10 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
         let t0 = Instant::now();
         etcd.put(key.as_str(), mover_addr.as_str(), None).await?;
         let watched = loop {
-            let m = watch.message().await?.ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+            let m = watch
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
             if !m.events().is_empty() {
                 break t0.elapsed();
             }
@@ -279,7 +389,10 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
             if let Some(t) = *seen.lock().unwrap() {
                 break t.duration_since(t0);
             }
-            anyhow::ensure!(Instant::now() < deadline, "client never called the new backend");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "client never called the new backend"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         };
         to_watch.push(watched.as_secs_f64() * 1e3);
@@ -297,8 +410,19 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
     to_watch.sort_by(|a, b| a.total_cmp(b));
     println!("| measure (ms, {samples} samples) | p50 | p99 | max |");
     println!("| --- | ---: | ---: | ---: |");
-    for (name, v) in [("etcd put → etcd watch event (baseline)", &to_watch), ("etcd put → client's first call on the new backend", &to_client)] {
-        println!("| {name} | {:.2} | {:.2} | {:.2} |", pct(v, 0.5), pct(v, 0.99), v[v.len() - 1]);
+    for (name, v) in [
+        ("etcd put → etcd watch event (baseline)", &to_watch),
+        (
+            "etcd put → client's first call on the new backend",
+            &to_client,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v[v.len() - 1]
+        );
     }
     lb.shutdown(Duration::from_secs(2)).await;
     Ok(json!({
