@@ -8,3 +8,14 @@
 
 pub mod drive;
 pub mod greeter;
+
+/// Sets up `tracing` logs to stderr with the given filter (EnvFilter syntax).
+pub fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("log filter {filter:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    Ok(())
+}

@@ -474,6 +474,31 @@ impl Greeter {
     }
 }
 
+/// Starts `n` greeters registering with `registry` (extra flags in `args`)
+/// and waits until every one is registered.
+pub async fn greeters(n: usize, registry: &str, args: &[&str]) -> Vec<Greeter> {
+    let mut all = Vec::with_capacity(n);
+    for _ in 0..n {
+        let g = Greeter::start(registry, args).await;
+        assert!(
+            g.wait_registered(Duration::from_secs(10)).await,
+            "greeter did not register; see {}",
+            g.proc.log.display()
+        );
+        all.push(g);
+    }
+    all
+}
+
+/// A fresh etcd, an LB reading it, and `n` greeters registered in it (extra
+/// greeter flags in `greeter_args`).
+pub async fn etcd_cluster(n: usize, greeter_args: &[&str]) -> (Etcd, Lb, Vec<Greeter>) {
+    let etcd = Etcd::start().await;
+    let lb = Lb::start(&["--registry", &etcd.registry_url()]).await;
+    let greeters = greeters(n, &etcd.registry_url(), greeter_args).await;
+    (etcd, lb, greeters)
+}
+
 /// Result of background calls.
 #[derive(Debug, Default, Clone)]
 pub struct Calls {

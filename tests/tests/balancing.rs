@@ -3,28 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::{call_n, channel, wait_backends, wait_until, Caller, Etcd, Greeter, Lb};
-
-async fn setup(n: usize) -> (Etcd, Lb, Vec<Greeter>) {
-    let etcd = Etcd::start().await;
-    let lb = Lb::start(&["--registry", &etcd.registry_url()]).await;
-    let mut greeters = Vec::new();
-    for _ in 0..n {
-        let g = Greeter::start(&etcd.registry_url(), &["--ttl", "10s", "--drain", "1s"]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
-    (etcd, lb, greeters)
-}
+use lb_tests::{
+    call_n, channel, etcd_cluster, wait_backends, wait_until, Caller, Etcd, Greeter, Lb,
+};
 
 /// Scenario 1: each of three backends gets a third of 300 calls (±10 %).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_evenly_over_three_backends() {
-    let (_etcd, lb, greeters) = setup(3).await;
+    let (_etcd, lb, greeters) = etcd_cluster(3, &["--ttl", "10s", "--drain", "1s"]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(
         wait_backends(&ch, 3, Duration::from_secs(10)).await,
@@ -52,7 +38,7 @@ async fn calls_spread_evenly_over_three_backends() {
 /// and gets its share within 1 s of registering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_loses_no_call_and_return_gets_share_within_a_second() {
-    let (etcd, lb, mut greeters) = setup(3).await;
+    let (etcd, lb, mut greeters) = etcd_cluster(3, &["--ttl", "10s", "--drain", "1s"]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 3, Duration::from_secs(10)).await);
     let caller = Caller::start(&ch, 4, Duration::from_millis(2));

@@ -5,23 +5,7 @@ use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::{call_n, channel, wait_backends, Caller, Etcd, Greeter, Lb};
-
-async fn setup(n: usize, ttl: &str) -> (Etcd, Lb, Vec<Greeter>) {
-    let etcd = Etcd::start().await;
-    let lb = Lb::start(&["--registry", &etcd.registry_url()]).await;
-    let mut greeters = Vec::new();
-    for _ in 0..n {
-        let g = Greeter::start(&etcd.registry_url(), &["--ttl", ttl]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
-    (etcd, lb, greeters)
-}
+use lb_tests::{call_n, channel, etcd_cluster, wait_backends, Caller, Greeter};
 
 async fn say_hello(ch: &LbChannel, timeout: Duration) -> Result<String, tonic::Status> {
     let mut req = tonic::Request::new(HelloRequest { name: "t".into() });
@@ -37,7 +21,7 @@ async fn say_hello(ch: &LbChannel, timeout: Duration) -> Result<String, tonic::S
 /// the outage appears and a deleted key disappears, by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
-    let (mut etcd, lb, greeters) = setup(3, "10s").await;
+    let (mut etcd, lb, greeters) = etcd_cluster(3, &["--ttl", "10s"]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 3, Duration::from_secs(10)).await);
     let caller = Caller::start(&ch, 2, Duration::from_millis(5));
@@ -104,7 +88,7 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
 /// resumes when one backend returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_down_fail_fast_then_resume() {
-    let (etcd, lb, mut greeters) = setup(3, "60s").await;
+    let (etcd, lb, mut greeters) = etcd_cluster(3, &["--ttl", "60s"]).await;
     let ch = channel("greeter", &[lb.addr]);
     let patient = LbChannel::builder("greeter")
         .lb(lb.addr.to_string())
@@ -160,7 +144,7 @@ async fn all_backends_down_fail_fast_then_resume() {
 /// last list), clients reconnect, and later changes reach them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_restart_while_clients_run_loses_no_call() {
-    let (etcd, lb, _greeters) = setup(2, "10s").await;
+    let (etcd, lb, _greeters) = etcd_cluster(2, &["--ttl", "10s"]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
     let caller = Caller::start(&ch, 2, Duration::from_millis(5));

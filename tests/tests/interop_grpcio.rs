@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use lb_tests::{Greeter, Lb};
+use lb_tests::Lb;
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,12 +41,7 @@ async fn python_grpcio_balances_through_the_lb_via_dns_srv() {
         "200ms",
     ])
     .await;
-    let mut greeters = Vec::new();
-    for _ in 0..3 {
-        let g = Greeter::start(&format!("lb://{}", lb.addr), &[]).await;
-        assert!(g.wait_registered(Duration::from_secs(10)).await);
-        greeters.push(g);
-    }
+    let greeters = lb_tests::greeters(3, &format!("lb://{}", lb.addr), &[]).await;
     let script = workspace().join("tests/interop/grpclb_client.py");
     let child = tokio::process::Command::new(python())
         .arg(&script)

@@ -52,16 +52,7 @@ async fn embedded_lb_with_greeters(n: usize, ttl: &str) -> (Lb, Vec<Greeter>) {
         "200ms",
     ])
     .await;
-    let mut greeters = Vec::new();
-    for _ in 0..n {
-        let g = Greeter::start(&format!("lb://{}", lb.addr), &["--ttl", ttl]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
+    let greeters = lb_tests::greeters(n, &format!("lb://{}", lb.addr), &["--ttl", ttl]).await;
     (lb, greeters)
 }
 

@@ -12,7 +12,6 @@ use lb_examples::drive::drive;
 use lb_examples::greeter::RunningGreeter;
 use lb_server::{Config, LbServer};
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,10 +65,7 @@ async fn wait_for_backends(channel: &LbChannel, n: usize) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log)?)
-        .with_target(false)
-        .init();
+    lb_examples::init_logging(&args.log)?;
     let timeout = Duration::from_secs(5);
 
     let lb = LbServer::start(Config::with_addrs(args.listen, args.admin_listen)).await?;

@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use lb_client::LbChannel;
 use lb_examples::drive::drive;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,10 +45,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log)?)
-        .with_target(false)
-        .init();
+    lb_examples::init_logging(&args.log)?;
     let channel = LbChannel::builder(&args.service)
         .lbs(args.lb.clone())
         .fallback_backends(args.fallback.clone())

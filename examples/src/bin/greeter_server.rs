@@ -11,7 +11,6 @@ use std::time::Duration;
 use clap::Parser;
 use lb_client::{Registration, RegistrationOptions};
 use lb_examples::greeter::RunningGreeter;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,10 +56,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log)?)
-        .with_target(false)
-        .init();
+    lb_examples::init_logging(&args.log)?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let options = RegistrationOptions {
         ttl: args.ttl,
