@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/grpc/lb/v1/load_balancer.proto",
         "proto/lb/registry/v1/registry.proto",
         "proto/helloworld/helloworld.proto",
+        "proto/xds/data/orca/v3/orca_load_report.proto",
+        "proto/xds/service/orca/v3/orca.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lb_client::orca::LoadRecorder;
 use lb_client::Registration;
 use lb_proto::helloworld::greeter_server::{Greeter, GreeterServer};
 use lb_proto::helloworld::{HelloReply, HelloRequest};
@@ -24,10 +25,21 @@ use tonic_health::ServingStatus;
 /// Metadata key in which the greeter echoes the `lb-token` it received.
 pub const TOKEN_ECHO: &str = "x-lb-token";
 
+/// How a greeter behaves.
+#[derive(Debug, Clone, Default)]
+pub struct GreeterOptions {
+    /// Utilization reported over ORCA (application and CPU), simulated.
+    pub utilization: f64,
+    /// Extra latency added to every call, simulating a slow backend.
+    pub delay: Duration,
+}
+
 /// The greeter service.
 pub struct GreeterService {
     addr: SocketAddr,
     calls: Arc<AtomicU64>,
+    load: LoadRecorder,
+    delay: Duration,
 }
 
 #[tonic::async_trait]
@@ -37,6 +49,10 @@ impl Greeter for GreeterService {
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.load.record_call();
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let token = request.metadata().get(lb_client::LB_TOKEN).cloned();
         let name = request.into_inner().name;
         let mut reply = Response::new(HelloReply {
@@ -60,7 +76,10 @@ pub struct RunningGreeter {
     pub addr: SocketAddr,
     /// Calls answered so far.
     pub calls: Arc<AtomicU64>,
+    /// Load reported over ORCA.
+    pub load: LoadRecorder,
     health: HealthReporter,
+    serving: std::sync::atomic::AtomicBool,
     registration: Option<Registration>,
     stop: CancellationToken,
     server: JoinHandle<()>,
@@ -70,10 +89,14 @@ impl RunningGreeter {
     /// Serves on `listener`; `register` (if any) is started once serving.
     pub async fn start(
         listener: TcpListener,
+        options: GreeterOptions,
         register: impl FnOnce(SocketAddr) -> Option<Registration>,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         let calls = Arc::new(AtomicU64::new(0));
+        let load = LoadRecorder::new();
+        load.set_application_utilization(options.utilization);
+        load.set_cpu_utilization(options.utilization);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<GreeterServer<GreeterService>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
@@ -82,9 +105,12 @@ impl RunningGreeter {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
+            .add_service(load.service())
             .add_service(GreeterServer::new(GreeterService {
                 addr,
                 calls: calls.clone(),
+                load: load.clone(),
+                delay: options.delay,
             }));
         let shutdown = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move {
@@ -99,6 +125,8 @@ impl RunningGreeter {
         Ok(RunningGreeter {
             addr,
             calls,
+            load,
+            serving: std::sync::atomic::AtomicBool::new(true),
             health,
             registration,
             stop,
@@ -112,6 +140,28 @@ impl RunningGreeter {
             Some(r) => r.wait_registered(timeout).await,
             None => true,
         }
+    }
+
+    /// Sets the health status reported to health checkers (server-wide and
+    /// for the Greeter service).
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        self.health
+            .set_service_status("helloworld.Greeter", status)
+            .await;
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Flips the health status; returns the new one (true = serving).
+    pub async fn toggle_serving(&self) -> bool {
+        let next = !self.serving.load(Ordering::Relaxed);
+        self.set_serving(next).await;
+        next
     }
 
     /// Graceful stop: NOT_SERVING, deregister, drain for `drain`, then stop

@@ -18,7 +18,8 @@
 //! ```
 //!
 //! For backends, [`Registration`] announces an instance in the registry the
-//! LB reads (etcd or the LB's embedded registry) and keeps it alive.
+//! LB reads (etcd or the LB's embedded registry) and keeps it alive, and
+//! [`orca::LoadRecorder`] publishes their load to the LB.
 //!
 //! | module | job |
 //! | --- | --- |
@@ -29,12 +30,14 @@
 //! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
 //! | [`stats`] | client-stats counters |
 //! | [`register`] | backend registration helpers |
+//! | [`orca`] | backend-side ORCA load reporting |
 //! | [`backoff`] | jittered exponential backoff |
 
 pub mod backends;
 pub mod backoff;
 pub mod balancer_stream;
 pub mod channel;
+pub mod orca;
 pub mod picker;
 pub mod register;
 pub mod state;

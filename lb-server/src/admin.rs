@@ -86,6 +86,8 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
     });
     if detail {
         let total = list.servers.len().max(1) as f64;
+        v["panic"] = json!(list.panic);
+        v["shed_fraction"] = json!(list.shed_fraction);
         v["backends"] = backends
             .iter()
             .map(|b| {
@@ -94,17 +96,11 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
                     .iter()
                     .filter(|s| s.load_balance_token == b.token)
                     .count();
-                json!({
-                    "address": b.addr.to_string(),
-                    "source": b.source,
-                    "key": b.key,
-                    "token": b.token,
-                    "weight": b.weight,
-                    "metadata": b.metadata,
-                    "registered_at": humantime::format_rfc3339_millis(b.registered_at).to_string(),
-                    "list_entries": entries,
-                    "list_share": entries as f64 / total,
-                })
+                let mut row = serde_json::to_value(b).unwrap_or_default();
+                row["address"] = json!(b.addr.to_string());
+                row["list_entries"] = json!(entries);
+                row["list_share"] = json!(entries as f64 / total);
+                row
             })
             .collect();
         v["calls"] = json!({

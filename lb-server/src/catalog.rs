@@ -7,6 +7,11 @@
 //! wins, so a slow stream never holds up the registry or other streams.
 //! Locks are per service, plain `std` mutexes never held across an await.
 //!
+//! Health checks and load reports are written here too ([`Catalog::set_health`],
+//! [`Catalog::set_load`]); a health change republishes at once, load reports
+//! are folded in by the periodic [`Catalog::refresh_all`]. Each backend keeps
+//! the policy's last [`Decision`] about it, for the admin API.
+//!
 //! A service, once seen, stays known for the life of the process (with an
 //! empty list when it has no backends), so that clients of a service whose
 //! backends are all gone see "no servers" rather than "unknown service".
@@ -23,7 +28,7 @@ use lb_proto::grpc::lb::v1::Server;
 use tokio::sync::watch;
 
 use crate::metrics::{CallLabels, Metrics, ServiceLabels};
-use crate::policy::{Candidate, Policy};
+use crate::policy::{Candidate, Decision, HealthState, Load, Policy};
 use crate::registry::Instance;
 
 /// A backend as the catalog knows it.
@@ -44,6 +49,45 @@ pub struct Backend {
     /// When it was first reported.
     #[serde(with = "humantime_serde_compat")]
     pub registered_at: SystemTime,
+    /// Health as last checked.
+    pub health: HealthState,
+    /// Since when the health has been what it is.
+    #[serde(with = "humantime_serde_compat")]
+    pub health_since: SystemTime,
+    /// Detail of the last health change (error text, status).
+    pub health_detail: String,
+    /// Since when it has been serving (slow start).
+    #[serde(skip)]
+    pub serving_since: Option<Instant>,
+    /// Load as weighting uses it.
+    #[serde(skip)]
+    pub load: Option<Load>,
+    /// The last ORCA report, as received.
+    pub load_report: Option<LoadReport>,
+    /// Taken out of lists by an operator, kept registered.
+    pub drained: bool,
+    /// The policy's last decision about it.
+    pub decision: Decision,
+}
+
+/// The fields of an ORCA report shown to operators.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    /// CPU utilization.
+    pub cpu_utilization: f64,
+    /// Memory utilization.
+    pub mem_utilization: f64,
+    /// Application utilization.
+    pub application_utilization: f64,
+    /// Queries per second.
+    pub qps: f64,
+    /// Errors per second.
+    pub eps: f64,
+    /// Application-defined metrics.
+    pub named_metrics: std::collections::BTreeMap<String, f64>,
+    /// When it arrived.
+    #[serde(with = "humantime_serde_compat")]
+    pub received_at: SystemTime,
 }
 
 /// A server list as published to streams.
@@ -55,6 +99,10 @@ pub struct PublishedList {
     pub servers: Vec<Server>,
     /// When the change that produced it was applied.
     pub changed_at: Instant,
+    /// Panic mode was on when it was built.
+    pub panic: bool,
+    /// Fraction of drop entries (load shedding).
+    pub shed_fraction: f64,
 }
 
 /// Call counters reported by clients for one service (sums of client stats).
@@ -117,17 +165,186 @@ pub struct Catalog {
     metrics: Arc<Metrics>,
     synced: Mutex<HashSet<&'static str>>,
     sources: usize,
+    initial_health: HealthState,
+    members: watch::Sender<u64>,
 }
 
 impl Catalog {
-    /// An empty catalog fed by `sources` registry sources.
-    pub fn new(policy: Policy, metrics: Arc<Metrics>, sources: usize) -> Self {
+    /// An empty catalog fed by `sources` registry sources. With
+    /// `health_checked`, new backends start as [`HealthState::Unknown`] until
+    /// checked; without, as [`HealthState::Unchecked`] (treated as serving).
+    pub fn new(
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        sources: usize,
+        health_checked: bool,
+    ) -> Self {
         Catalog {
             services: DashMap::new(),
             policy,
             metrics,
             synced: Mutex::new(HashSet::new()),
             sources,
+            initial_health: if health_checked {
+                HealthState::Unknown
+            } else {
+                HealthState::Unchecked
+            },
+            members: watch::channel(0).0,
+        }
+    }
+
+    /// Every (service, backend address) pair known now.
+    pub fn members(&self) -> Vec<(String, SocketAddr)> {
+        let mut out = Vec::new();
+        for e in self.services.iter() {
+            let backends = e.value().backends.lock().expect("catalog lock");
+            out.extend(backends.values().map(|b| (e.key().clone(), b.addr)));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Changes whenever a backend address appears or disappears.
+    pub fn subscribe_members(&self) -> watch::Receiver<u64> {
+        self.members.subscribe()
+    }
+
+    fn members_changed(&self) {
+        self.members.send_modify(|g| *g += 1);
+    }
+
+    /// Applies `f` to every backend of `service` at `addr`; republishes if it
+    /// returned true for any, right away or (`defer`) at the next refresh.
+    fn update_backends(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        defer: bool,
+        mut f: impl FnMut(&mut Backend) -> bool,
+    ) -> bool {
+        let Some(entry) = self.service(service) else {
+            return false;
+        };
+        let mut backends = entry.backends.lock().expect("catalog lock");
+        let mut changed = false;
+        for b in backends.values_mut().filter(|b| b.addr == addr) {
+            changed |= f(b);
+        }
+        if changed && !defer {
+            self.publish(&entry, &mut backends);
+        }
+        changed
+    }
+
+    /// Records a health check result; the list is republished at once.
+    pub fn set_health(&self, service: &str, addr: SocketAddr, health: HealthState, detail: &str) {
+        let metrics = &self.metrics;
+        self.update_backends(service, addr, false, |b| {
+            if b.health == health {
+                return false;
+            }
+            tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, "health changed");
+            metrics.health_transition(service, health);
+            b.serving_since = (health == HealthState::Serving).then(Instant::now);
+            b.health = health;
+            b.health_since = SystemTime::now();
+            b.health_detail = detail.to_string();
+            true
+        });
+    }
+
+    /// Records an ORCA load report; weights follow at the next refresh.
+    pub fn set_load(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        report: &lb_proto::xds::data::orca::v3::OrcaLoadReport,
+    ) {
+        let now = Instant::now();
+        let utilization = if report.application_utilization > 0.0 {
+            report.application_utilization
+        } else {
+            report.cpu_utilization
+        };
+        let penalty = self.policy.weights.error_penalty;
+        let usable =
+            crate::policy::raw_weight(report.rps_fractional, report.eps, utilization, penalty)
+                .is_some();
+        let expiry = self.policy.weights.expiry;
+        self.update_backends(service, addr, true, |b| {
+            let previous = b
+                .load
+                .as_ref()
+                .filter(|l| now.saturating_duration_since(l.at) <= expiry);
+            let usable_since = if usable {
+                previous.and_then(|l| l.usable_since).or(Some(now))
+            } else {
+                None
+            };
+            b.load = Some(Load {
+                utilization,
+                qps: report.rps_fractional,
+                eps: report.eps,
+                at: now,
+                usable_since,
+            });
+            b.load_report = Some(LoadReport {
+                cpu_utilization: report.cpu_utilization,
+                mem_utilization: report.mem_utilization,
+                application_utilization: report.application_utilization,
+                qps: report.rps_fractional,
+                eps: report.eps,
+                named_metrics: report
+                    .named_metrics
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+                received_at: SystemTime::now(),
+            });
+            true
+        });
+    }
+
+    /// Forgets a backend's load (its report stream ended).
+    pub fn clear_load(&self, service: &str, addr: SocketAddr) {
+        self.update_backends(service, addr, true, |b| {
+            let had = b.load.is_some();
+            b.load = None;
+            had
+        });
+    }
+
+    /// Takes a backend out of lists (or puts it back), keeping it registered.
+    /// Returns false when no such backend exists.
+    pub fn set_drained(&self, service: &str, addr: SocketAddr, drained: bool) -> bool {
+        let Some(entry) = self.service(service) else {
+            return false;
+        };
+        let mut backends = entry.backends.lock().expect("catalog lock");
+        let mut found = false;
+        for b in backends.values_mut().filter(|b| b.addr == addr) {
+            found = true;
+            b.drained = drained;
+        }
+        if found {
+            self.publish(&entry, &mut backends);
+        }
+        found
+    }
+
+    /// Recomputes every service's list (time-dependent inputs: load
+    /// reports, blackout and expiry, slow start). Publishes only changes.
+    pub fn refresh_all(&self) {
+        for entry in self
+            .services
+            .iter()
+            .map(|e| e.value().clone())
+            .collect::<Vec<_>>()
+        {
+            let mut backends = entry.backends.lock().expect("catalog lock");
+            self.publish(&entry, &mut backends);
         }
     }
 
@@ -172,6 +389,8 @@ impl Catalog {
                     version: 0,
                     servers: Vec::new(),
                     changed_at: Instant::now(),
+                    panic: false,
+                    shed_fraction: 0.0,
                 }));
                 Arc::new(ServiceEntry {
                     name: service.to_string(),
@@ -188,8 +407,10 @@ impl Catalog {
     pub fn upsert(&self, source: &'static str, instance: Instance) {
         let entry = self.entry(&instance.service);
         let mut backends = entry.backends.lock().expect("catalog lock");
-        if apply_upsert(&mut backends, source, instance) {
-            self.publish(&entry, &backends);
+        if apply_upsert(&mut backends, source, instance, self.initial_health) {
+            self.publish(&entry, &mut backends);
+            drop(backends);
+            self.members_changed();
         }
     }
 
@@ -204,7 +425,9 @@ impl Catalog {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
                 tracing::info!(service = %entry.name, key, addr = %gone.addr, "backend removed");
-                self.publish(&entry, &backends);
+                self.publish(&entry, &mut backends);
+                drop(backends);
+                self.members_changed();
             }
         }
     }
@@ -239,10 +462,12 @@ impl Catalog {
             });
             let mut changed = backends.len() != before;
             for i in fresh {
-                changed |= apply_upsert(&mut backends, source, i);
+                changed |= apply_upsert(&mut backends, source, i, self.initial_health);
             }
             if changed {
-                self.publish(&entry, &backends);
+                self.publish(&entry, &mut backends);
+                drop(backends);
+                self.members_changed();
             }
         }
     }
@@ -287,17 +512,31 @@ impl Catalog {
         }
     }
 
-    /// Recomputes the service's list and publishes it if it changed.
-    fn publish(&self, entry: &ServiceEntry, backends: &BTreeMap<(&'static str, String), Backend>) {
-        let candidates: Vec<Candidate<'_>> = backends
-            .values()
-            .map(|b| Candidate {
-                addr: b.addr,
-                token: &b.token,
-                weight: b.weight,
-            })
-            .collect();
-        let servers = self.policy.build(&candidates);
+    /// Recomputes the service's list, records the decisions, and publishes
+    /// the list if it changed.
+    fn publish(
+        &self,
+        entry: &ServiceEntry,
+        backends: &mut BTreeMap<(&'static str, String), Backend>,
+    ) {
+        let outcome = {
+            let candidates: Vec<Candidate<'_>> = backends
+                .values()
+                .map(|b| Candidate {
+                    addr: b.addr,
+                    token: &b.token,
+                    weight: b.weight,
+                    health: b.health,
+                    serving_since: b.serving_since,
+                    load: b.load.as_ref(),
+                    drained: b.drained,
+                })
+                .collect();
+            self.policy.build(&candidates, Instant::now())
+        };
+        for (b, d) in backends.values_mut().zip(outcome.decisions) {
+            b.decision = d;
+        }
         let labels = ServiceLabels {
             service: entry.name.clone(),
         };
@@ -305,21 +544,16 @@ impl Catalog {
             .backends
             .get_or_create(&labels)
             .set(backends.len() as i64);
+        let (servers, panic, shed_fraction) =
+            (outcome.servers, outcome.panic, outcome.shed_fraction);
         entry.list.send_if_modified(|current| {
-            if current.servers == servers {
+            if current.servers == servers && current.panic == panic {
                 return false;
             }
             let version = current.version + 1;
-            tracing::info!(service = %entry.name, version, servers = servers.len(), "list changed");
-            self.metrics
-                .list_version
-                .get_or_create(&labels)
-                .set(version as i64);
-            *current = Arc::new(PublishedList {
-                version,
-                servers,
-                changed_at: Instant::now(),
-            });
+            tracing::info!(service = %entry.name, version, servers = servers.len(), panic, "list changed");
+            self.metrics.list_version.get_or_create(&labels).set(version as i64);
+            *current = Arc::new(PublishedList { version, servers, changed_at: Instant::now(), panic, shed_fraction });
             true
         });
     }
@@ -330,13 +564,24 @@ fn apply_upsert(
     backends: &mut BTreeMap<(&'static str, String), Backend>,
     source: &'static str,
     i: Instance,
+    initial_health: HealthState,
 ) -> bool {
     let slot = (source, i.key.clone());
-    if let Some(b) = backends.get(&slot) {
-        if b.addr == i.addr && b.weight == i.weight && b.metadata == i.metadata {
-            return false;
+    if let Some(b) = backends.get_mut(&slot) {
+        if b.addr == i.addr {
+            if b.weight == i.weight && b.metadata == i.metadata {
+                return false;
+            }
+            // Same backend, new registry data: keep its health and load.
+            tracing::info!(service = %i.service, key = %i.key, weight = i.weight, "backend updated");
+            b.weight = i.weight;
+            b.metadata = i.metadata;
+            return true;
         }
     }
+    // A backend at an address already known in this service (another key)
+    // shares that address's health.
+    let sibling = backends.values().find(|b| b.addr == i.addr).cloned();
     let registered_at = backends
         .get(&slot)
         .map(|b| b.registered_at)
@@ -352,6 +597,20 @@ fn apply_upsert(
             weight: i.weight,
             metadata: i.metadata,
             registered_at,
+            health: sibling.as_ref().map(|b| b.health).unwrap_or(initial_health),
+            health_since: sibling
+                .as_ref()
+                .map(|b| b.health_since)
+                .unwrap_or_else(SystemTime::now),
+            health_detail: sibling
+                .as_ref()
+                .map(|b| b.health_detail.clone())
+                .unwrap_or_default(),
+            serving_since: sibling.as_ref().and_then(|b| b.serving_since),
+            load: sibling.as_ref().and_then(|b| b.load.clone()),
+            load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
+            drained: false,
+            decision: Decision::default(),
         },
     );
     true
@@ -382,7 +641,15 @@ mod tests {
     use super::*;
 
     fn catalog() -> Catalog {
-        Catalog::new(Policy { max_list_len: 64 }, Arc::new(Metrics::new()), 1)
+        Catalog::new(
+            Policy {
+                max_list_len: 64,
+                ..Policy::default()
+            },
+            Arc::new(Metrics::new()),
+            1,
+            false,
+        )
     }
 
     fn inst(service: &str, key: &str, port: u16) -> Instance {
@@ -415,6 +682,49 @@ mod tests {
         assert_eq!(e.current_list().servers.len(), 1);
         c.remove("etcd", "k2");
         assert!(c.contains("svc"), "a service stays known when empty");
+        assert!(e.current_list().servers.is_empty());
+    }
+
+    #[test]
+    fn health_changes_republish_and_unchecked_backends_wait() {
+        let c = Catalog::new(
+            Policy {
+                panic_threshold: 0.0,
+                ..Policy::default()
+            },
+            Arc::new(Metrics::new()),
+            1,
+            true,
+        );
+        let mut members = c.subscribe_members();
+        c.upsert("etcd", inst("svc", "k1", 1));
+        c.upsert("etcd", inst("svc", "k2", 2));
+        assert!(members.has_changed().unwrap());
+        members.mark_unchanged();
+        let e = c.service("svc").unwrap();
+        assert!(
+            e.current_list().servers.is_empty(),
+            "nothing is listed before its first health check"
+        );
+        let a1 = SocketAddr::from(([127, 0, 0, 1], 1));
+        let a2 = SocketAddr::from(([127, 0, 0, 1], 2));
+        c.set_health("svc", a1, HealthState::Serving, "");
+        c.set_health("svc", a2, HealthState::Serving, "");
+        assert_eq!(e.current_list().servers.len(), 2);
+        c.set_health("svc", a2, HealthState::Unreachable, "connection refused");
+        assert_eq!(e.current_list().servers.len(), 1);
+        let b2 = e.backends().into_iter().find(|b| b.addr == a2).unwrap();
+        assert!(
+            !b2.decision.listed && b2.decision.reason.contains("unreachable"),
+            "{:?}",
+            b2.decision
+        );
+        assert!(
+            !members.has_changed().unwrap(),
+            "health changes are not membership changes"
+        );
+        assert_eq!(c.members().len(), 2);
+        assert!(c.set_drained("svc", a1, true));
         assert!(e.current_list().servers.is_empty());
     }
 

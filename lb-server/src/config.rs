@@ -75,12 +75,95 @@ pub struct Config {
     #[arg(long, env = "LB_SHUTDOWN_SPREAD", default_value = "1s", value_parser = humantime::parse_duration)]
     pub shutdown_spread: Duration,
 
+    /// Actively health-check backends (`grpc.health.v1.Health/Watch`, or
+    /// periodic `Check` when Watch is unimplemented).
+    #[arg(long, env = "LB_HEALTH_CHECKS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub health_checks: bool,
+
+    /// Health service name checked for a service, `service=name` (repeatable /
+    /// comma-separated); default empty (the whole server).
+    #[arg(long = "health-service", env = "LB_HEALTH_SERVICES", value_delimiter = ',', value_parser = parse_alias)]
+    pub health_services: Vec<(String, String)>,
+
+    /// Interval of `Check` calls for backends without `Watch`.
+    #[arg(long, env = "LB_HEALTH_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// Limit for connecting to a backend and for each health answer; also the
+    /// HTTP/2 keep-alive timeout that detects a silent backend.
+    #[arg(long, env = "LB_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// List backends before their first successful health check.
+    #[arg(long, env = "LB_LIST_UNCHECKED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub list_unchecked: bool,
+
+    /// Subscribe to backends' ORCA load reports and weight lists by them.
+    #[arg(long, env = "LB_ORCA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub orca: bool,
+
+    /// ORCA report interval asked of backends.
+    #[arg(long, env = "LB_ORCA_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub orca_interval: Duration,
+
+    /// How often weights (load, blackout, expiry, slow start) are recomputed.
+    #[arg(long, env = "LB_WEIGHT_UPDATE_PERIOD", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub weight_update_period: Duration,
+
+    /// A backend's load weight is ignored for this long after it first appears.
+    #[arg(long, env = "LB_WEIGHT_BLACKOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub weight_blackout: Duration,
+
+    /// A load report older than this is ignored.
+    #[arg(long, env = "LB_WEIGHT_EXPIRY", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub weight_expiry: Duration,
+
+    /// Weight penalty of errors (`eps/qps × penalty` is added to utilization).
+    #[arg(long, env = "LB_ERROR_PENALTY", default_value_t = 1.0)]
+    pub error_penalty: f64,
+
+    /// Window over which a newly healthy backend's weight ramps up (0 = off).
+    #[arg(long, env = "LB_SLOW_START", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub slow_start: Duration,
+
+    /// Panic mode: when fewer than this fraction of backends are healthy, list
+    /// all of them (0 = never).
+    #[arg(long, env = "LB_PANIC_THRESHOLD", default_value_t = 0.5)]
+    pub panic_threshold: f64,
+
+    /// Shed load (drop entries) when every backend's utilization is above
+    /// this (off unless set).
+    #[arg(long, env = "LB_SHED_UTILIZATION")]
+    pub shed_utilization: Option<f64>,
+
+    /// Largest fraction of calls shed.
+    #[arg(long, env = "LB_MAX_SHED", default_value_t = 0.5)]
+    pub max_shed: f64,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log: String,
 }
 
 impl Config {
+    /// The list-building policy these flags describe.
+    pub fn policy(&self) -> crate::policy::Policy {
+        crate::policy::Policy {
+            max_list_len: self.max_list_len.max(1),
+            list_unchecked: self.list_unchecked,
+            panic_threshold: self.panic_threshold.clamp(0.0, 1.0),
+            slow_start: self.slow_start,
+            slow_start_min: 0.1,
+            weights: crate::policy::WeightSettings {
+                blackout: self.weight_blackout,
+                expiry: self.weight_expiry,
+                error_penalty: self.error_penalty.max(0.0),
+            },
+            shed_utilization: self.shed_utilization,
+            max_shed: self.max_shed.clamp(0.0, 0.95),
+        }
+    }
+
     /// Defaults of every flag, with the given listen addresses: handy for
     /// embedding the LB in a program or a test.
     pub fn with_addrs(listen: SocketAddr, admin_listen: SocketAddr) -> Self {

@@ -8,8 +8,10 @@
 //! Data flows one way, one module per step:
 //!
 //! ```text
-//! registry ──► catalog ──► policy ──► balancer (BalanceLoad streams) ──► clients
+//! registry ──► catalog ◄── health (Watch/Check per backend)
+//!                 ▲    ◄── load (ORCA stream per backend)
 //!                 │
+//!                 └──► policy ──► balancer (BalanceLoad streams) ──► clients
 //!                 └──► admin (HTTP: JSON, /metrics) reads snapshots
 //! ```
 //!
@@ -18,7 +20,9 @@
 //! | [`config`] | flags and env vars |
 //! | [`registry`] | sources: embedded memory, etcd, file |
 //! | [`catalog`] | services, backends, published lists |
-//! | [`policy`] | backends → ordered, weighted server list |
+//! | [`health`] | active health checks per backend |
+//! | [`load`] | ORCA load reports per backend |
+//! | [`policy`] | backends → ordered, weighted server list, with reasons |
 //! | [`names`] | requested name → service |
 //! | [`balancer`] | the BalanceLoad service |
 //! | [`sessions`] | table of connected streams |
@@ -31,6 +35,8 @@ pub mod admin;
 pub mod balancer;
 pub mod catalog;
 pub mod config;
+pub mod health;
+pub mod load;
 pub mod metrics;
 pub mod names;
 pub mod policy;
@@ -53,7 +59,6 @@ use crate::balancer::{Balancer, BalancerSettings};
 use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 use crate::names::NameMapper;
-use crate::policy::Policy;
 use crate::registry::memory::RegistrationApi;
 use crate::registry::RegistrySink;
 use crate::sessions::Sessions;
@@ -77,11 +82,10 @@ impl LbServer {
         let metrics = Arc::new(Metrics::new());
         let source = registry::from_url(&cfg.registry, &cfg)?;
         let catalog = Arc::new(Catalog::new(
-            Policy {
-                max_list_len: cfg.max_list_len.max(1),
-            },
+            cfg.policy(),
             metrics.clone(),
             1,
+            cfg.health_checks,
         ));
         let sessions = Arc::new(Sessions::default());
         let shutdown = CancellationToken::new();
@@ -103,6 +107,25 @@ impl LbServer {
         tasks.push(tokio::spawn(
             source.registry.clone().run(sink, shutdown.clone()),
         ));
+        if cfg.health_checks {
+            let settings = health::HealthSettings {
+                service_names: cfg.health_services.iter().cloned().collect(),
+                check_interval: cfg.health_check_interval,
+                timeout: cfg.health_timeout,
+                orca: cfg.orca,
+                orca_interval: cfg.orca_interval,
+            };
+            tasks.push(tokio::spawn(health::run(
+                catalog.clone(),
+                settings,
+                shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(refresh(
+            catalog.clone(),
+            cfg.weight_update_period,
+            shutdown.clone(),
+        )));
 
         let balancer = Balancer::new(
             catalog.clone(),
@@ -166,6 +189,19 @@ impl LbServer {
         let all = futures::future::join_all(self.tasks);
         if tokio::time::timeout(limit, all).await.is_err() {
             tracing::warn!(?limit, "shutdown did not finish in time");
+        }
+    }
+}
+
+/// Recomputes every list periodically: load reports, weight blackout and
+/// expiry, and slow start depend on time.
+async fn refresh(catalog: Arc<Catalog>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => catalog.refresh_all(),
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub list_version: Family<ServiceLabels, Gauge>,
     /// Calls reported by clients in client stats, per service and kind.
     pub client_calls: Family<CallLabels, Counter>,
+    /// Health transitions, per service and new state.
+    pub health_transitions: Family<CallLabels, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
             backends: Family::default(),
             list_version: Family::default(),
             client_calls: Family::default(),
+            health_transitions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +141,11 @@ impl Metrics {
             "Calls reported in client stats, per service and kind",
             m.client_calls.clone(),
         );
+        registry.register(
+            "health_transitions",
+            "Health transitions, per service and new state",
+            m.health_transitions.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -166,6 +174,17 @@ impl Metrics {
         self.streams_refused
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one health transition of a backend of `service` to `to`.
+    pub fn health_transition(&self, service: &str, to: crate::policy::HealthState) {
+        let to = format!("{to:?}").to_lowercase();
+        self.health_transitions
+            .get_or_create(&CallLabels {
+                service: service.into(),
+                kind: to,
             })
             .inc();
     }

@@ -1,26 +1,89 @@
-//! Policy: turns a service's backends into the ordered server list that
-//! clients walk.
+//! Policy: turns a service's backends (registry data, health, load) into the
+//! ordered server list that clients walk, and records why each backend is
+//! or is not in it.
 //!
-//! Clients consume a grpclb list in order, duplicates included, so weights
-//! are expressed by repetition. The order is smooth weighted round robin
-//! (the sequence nginx uses): a backend of weight 3 next to one of weight 1
-//! gives `A A B A`, never a burst. Equal weights give each backend once.
-//! The order depends only on the backends (sorted by token), so every LB
-//! replica sends the same list for the same backends.
+//! Steps, in order:
+//! 1. **Eligibility**: backends whose health is SERVING (or not yet checked,
+//!    when configured) are eligible.
+//! 2. **Panic mode**: when fewer than `panic_threshold` of the registered
+//!    backends are eligible, all registered backends are listed rather than
+//!    overloading the few healthy ones.
+//! 3. **Weights**: gRPC's weighted round robin from ORCA reports,
+//!    `qps / (utilization + eps/qps × penalty)`, ignored during a blackout
+//!    after the weight first appears and after it goes stale; backends
+//!    without a usable weight get the mean; weights are clamped to
+//!    [mean/10, mean×10]; multiplied by the registry weight and by the
+//!    slow-start ramp of newly healthy backends.
+//! 4. **Repetition**: weights become integers and a smooth weighted round
+//!    robin order (no bursts of one backend), within `max_list_len`.
+//! 5. **Shedding** (off by default): when every listed backend reports
+//!    utilization above the threshold, `drop` entries are spread through the
+//!    list so that clients shed the excess.
+//!
+//! The order depends only on the inputs (backends sorted by token), so every
+//! LB replica sends the same list for the same state.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use lb_proto::grpc::lb::v1::Server;
 
-/// What the policy needs to know about one backend.
+/// Token of the drop entries used for load shedding.
+pub const SHED_TOKEN: &str = "lb-shed";
+
+/// Largest integer weight a backend gets when weights are fractional.
+const RESOLUTION: f64 = 20.0;
+
+/// Health of a backend as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// Not checked yet.
+    Unknown,
+    /// Reports SERVING.
+    Serving,
+    /// Reports NOT_SERVING (or does not know the checked service).
+    NotServing,
+    /// Health stream broken or connection refused.
+    Unreachable,
+    /// Health checking is disabled: treated as serving.
+    Unchecked,
+}
+
+/// The latest ORCA load report of a backend, with the times weighting needs.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Candidate<'a> {
-    /// Where it serves.
-    pub addr: SocketAddr,
-    /// Its stable load-balance token.
-    pub token: &'a str,
-    /// Relative weight, ≥ 1.
-    pub weight: u32,
+pub struct Load {
+    /// Application utilization if reported, else CPU utilization.
+    pub utilization: f64,
+    /// Queries per second.
+    pub qps: f64,
+    /// Errors per second.
+    pub eps: f64,
+    /// When the report arrived.
+    pub at: Instant,
+    /// Since when reports have given a usable weight (for the blackout).
+    pub usable_since: Option<Instant>,
+}
+
+/// Weighting settings (gRPC weighted round robin defaults).
+#[derive(Debug, Clone)]
+pub struct WeightSettings {
+    /// A new weight is ignored for this long.
+    pub blackout: Duration,
+    /// A weight older than this is ignored.
+    pub expiry: Duration,
+    /// Penalty of errors: `eps/qps × penalty` is added to utilization.
+    pub error_penalty: f64,
+}
+
+impl Default for WeightSettings {
+    fn default() -> Self {
+        WeightSettings {
+            blackout: Duration::from_secs(10),
+            expiry: Duration::from_secs(180),
+            error_penalty: 1.0,
+        }
+    }
 }
 
 /// List-building settings.
@@ -28,29 +91,319 @@ pub struct Candidate<'a> {
 pub struct Policy {
     /// Longest list produced; weights are scaled down to fit.
     pub max_list_len: usize,
+    /// List backends that have not been health-checked yet.
+    pub list_unchecked: bool,
+    /// Panic when fewer than this fraction of backends are eligible (0 = never).
+    pub panic_threshold: f64,
+    /// Weight ramp of a newly healthy backend (zero = off).
+    pub slow_start: Duration,
+    /// Weight factor at the start of the ramp.
+    pub slow_start_min: f64,
+    /// ORCA weighting.
+    pub weights: WeightSettings,
+    /// Shed load when every listed backend's utilization is above this.
+    pub shed_utilization: Option<f64>,
+    /// Largest fraction of calls shed.
+    pub max_shed: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_list_len: 256,
+            list_unchecked: false,
+            panic_threshold: 0.5,
+            slow_start: Duration::ZERO,
+            slow_start_min: 0.1,
+            weights: WeightSettings::default(),
+            shed_utilization: None,
+            max_shed: 0.5,
+        }
+    }
+}
+
+/// What the policy needs to know about one backend.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// Its stable load-balance token.
+    pub token: &'a str,
+    /// Registry weight, ≥ 1.
+    pub weight: u32,
+    /// Health.
+    pub health: HealthState,
+    /// Since when it has been serving (for slow start).
+    pub serving_since: Option<Instant>,
+    /// Latest load report.
+    pub load: Option<&'a Load>,
+    /// Taken out by an operator (drained).
+    pub drained: bool,
+}
+
+/// Why a backend is (not) listed, and with what weight.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Decision {
+    /// In the list.
+    pub listed: bool,
+    /// Relative weight used (1.0 = average), 0 when not listed.
+    pub weight: f64,
+    /// Entries in the list.
+    pub entries: usize,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+/// The result for one service.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    /// The ordered list.
+    pub servers: Vec<Server>,
+    /// One decision per candidate, in the candidates' order.
+    pub decisions: Vec<Decision>,
+    /// Panic mode is on.
+    pub panic: bool,
+    /// Fraction of list entries that are drops.
+    pub shed_fraction: f64,
 }
 
 impl Policy {
-    /// Builds the ordered list for `candidates`. Backends sharing an address
-    /// are listed once (with the larger weight).
-    pub fn build(&self, candidates: &[Candidate<'_>]) -> Vec<Server> {
-        let mut unique: Vec<Candidate<'_>> = Vec::with_capacity(candidates.len());
-        for c in candidates {
-            match unique.iter_mut().find(|u| u.addr == c.addr) {
-                Some(u) => u.weight = u.weight.max(c.weight),
-                None => unique.push(c.clone()),
+    /// The ORCA weight of a load report at `now`, if usable.
+    fn orca_weight(&self, load: Option<&Load>, now: Instant) -> Option<f64> {
+        let l = load?;
+        let w = &self.weights;
+        if now.saturating_duration_since(l.at) > w.expiry {
+            return None;
+        }
+        if now.saturating_duration_since(l.usable_since?) < w.blackout {
+            return None;
+        }
+        raw_weight(l.qps, l.eps, l.utilization, w.error_penalty)
+    }
+
+    fn slow_start_factor(&self, since: Option<Instant>, now: Instant) -> f64 {
+        match since {
+            Some(t) if !self.slow_start.is_zero() => {
+                let progress =
+                    now.saturating_duration_since(t).as_secs_f64() / self.slow_start.as_secs_f64();
+                (self.slow_start_min + (1.0 - self.slow_start_min) * progress).min(1.0)
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// Builds the list and the decisions for `candidates` at time `now`.
+    pub fn build(&self, candidates: &[Candidate<'_>], now: Instant) -> Outcome {
+        let mut decisions = vec![Decision::default(); candidates.len()];
+        // One entry per address (the first candidate with it wins).
+        let unique: Vec<usize> = (0..candidates.len())
+            .filter(|&i| !candidates[..i].iter().any(|c| c.addr == candidates[i].addr))
+            .collect();
+        for i in 0..candidates.len() {
+            if !unique.contains(&i) {
+                decisions[i].reason = "same address as another instance; listed once".into();
             }
         }
-        unique.sort_by(|a, b| a.token.cmp(b.token).then(a.addr.cmp(&b.addr)));
-        let weights = scale_weights(
-            &unique.iter().map(|c| c.weight.max(1)).collect::<Vec<_>>(),
-            self.max_list_len,
-        );
-        smooth_order(&weights)
+        let eligible = |c: &Candidate<'_>| {
+            !c.drained
+                && match c.health {
+                    HealthState::Serving | HealthState::Unchecked => true,
+                    HealthState::Unknown => self.list_unchecked,
+                    HealthState::NotServing | HealthState::Unreachable => false,
+                }
+        };
+        let registered: Vec<usize> = unique
+            .iter()
+            .copied()
+            .filter(|&i| !candidates[i].drained)
+            .collect();
+        let healthy: Vec<usize> = registered
+            .iter()
+            .copied()
+            .filter(|&i| eligible(&candidates[i]))
+            .collect();
+        let panic = self.panic_threshold > 0.0
+            && !registered.is_empty()
+            && (healthy.len() as f64) < self.panic_threshold * registered.len() as f64;
+        let chosen: Vec<usize> = if panic {
+            registered.clone()
+        } else {
+            healthy.clone()
+        };
+        for &i in &unique {
+            let c = &candidates[i];
+            if !chosen.contains(&i) {
+                decisions[i].reason = match (c.drained, c.health) {
+                    (true, _) => "drained by an operator".into(),
+                    (_, HealthState::Unknown) => "not health-checked yet".into(),
+                    (_, HealthState::NotServing) => "health: NOT_SERVING".into(),
+                    (_, HealthState::Unreachable) => "health: unreachable".into(),
+                    (_, h) => format!("health: {h:?}"),
+                };
+            }
+        }
+        if chosen.is_empty() {
+            return Outcome {
+                servers: Vec::new(),
+                decisions,
+                panic,
+                shed_fraction: 0.0,
+            };
+        }
+
+        // Relative weights.
+        let orca: Vec<Option<f64>> = chosen
+            .iter()
+            .map(|&i| self.orca_weight(candidates[i].load, now))
+            .collect();
+        let known: Vec<f64> = orca.iter().flatten().copied().collect();
+        let mean = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let weights: Vec<f64> = chosen
+            .iter()
+            .zip(&orca)
+            .map(|(&i, w)| {
+                let c = &candidates[i];
+                let relative = w
+                    .map(|w| w.clamp(mean / 10.0, mean * 10.0) / mean)
+                    .unwrap_or(1.0);
+                relative * c.weight.max(1) as f64 * self.slow_start_factor(c.serving_since, now)
+            })
+            .collect();
+        let ints = to_integers(&weights);
+        let ints = scale_weights(&ints, self.max_list_len);
+
+        // Order by token, then smooth weighted round robin.
+        let mut order: Vec<usize> = (0..chosen.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (ca, cb) = (&candidates[chosen[a]], &candidates[chosen[b]]);
+            ca.token.cmp(cb.token).then(ca.addr.cmp(&cb.addr))
+        });
+        let sorted_weights: Vec<u32> = order.iter().map(|&k| ints[k]).collect();
+        let mut servers: Vec<Server> = smooth_order(&sorted_weights)
             .into_iter()
-            .map(|i| server(&unique[i]))
-            .collect()
+            .map(|j| server(&candidates[chosen[order[j]]]))
+            .collect();
+
+        for (k, &i) in chosen.iter().enumerate() {
+            let c = &candidates[i];
+            let d = &mut decisions[i];
+            d.listed = true;
+            d.weight = weights[k];
+            d.entries = servers
+                .iter()
+                .filter(|s| s.load_balance_token == c.token)
+                .count();
+            let mut why = Vec::new();
+            if panic {
+                why.push(format!(
+                    "panic mode: only {} of {} backends healthy",
+                    healthy.len(),
+                    registered.len()
+                ));
+            } else {
+                why.push("serving".to_string());
+            }
+            match orca[k] {
+                Some(w) => why.push(format!("load weight {w:.2} (mean {mean:.2})")),
+                None if c.load.is_some() => why.push(
+                    "load report not usable yet (blackout, idle or stale): mean weight".into(),
+                ),
+                None => why.push("no load report: mean weight".into()),
+            }
+            let f = self.slow_start_factor(c.serving_since, now);
+            if f < 1.0 {
+                why.push(format!("slow start {:.0}%", f * 100.0));
+            }
+            d.reason = why.join("; ");
+        }
+
+        let shed_fraction = self.shed(&chosen, candidates, now, &mut servers);
+        Outcome {
+            servers,
+            decisions,
+            panic,
+            shed_fraction,
+        }
     }
+
+    /// Adds drop entries when every chosen backend is above the shedding
+    /// threshold; returns the fraction of drops.
+    fn shed(
+        &self,
+        chosen: &[usize],
+        candidates: &[Candidate<'_>],
+        now: Instant,
+        servers: &mut Vec<Server>,
+    ) -> f64 {
+        let Some(threshold) = self.shed_utilization.filter(|t| *t > 0.0) else {
+            return 0.0;
+        };
+        let fresh = |c: &Candidate<'_>| {
+            c.load
+                .filter(|l| now.saturating_duration_since(l.at) <= self.weights.expiry)
+                .map(|l| l.utilization)
+        };
+        let utils: Option<Vec<f64>> = chosen.iter().map(|&i| fresh(&candidates[i])).collect();
+        let Some(min_util) = utils.and_then(|u| u.into_iter().reduce(f64::min)) else {
+            return 0.0;
+        };
+        if min_util <= threshold {
+            return 0.0;
+        }
+        // Remove the share of calls that brings utilization back to the threshold.
+        let fraction = (1.0 - threshold / min_util).min(self.max_shed);
+        let n = servers.len();
+        let drops = ((n as f64 * fraction / (1.0 - fraction)).round() as usize).max(1);
+        let mut out = Vec::with_capacity(n + drops);
+        let mut placed = 0;
+        for (k, s) in servers.drain(..).enumerate() {
+            out.push(s);
+            // Spread the drops evenly through the list.
+            while placed < drops && (placed + 1) * n <= (k + 1) * drops {
+                out.push(Server {
+                    ip_address: Vec::new(),
+                    port: 0,
+                    load_balance_token: SHED_TOKEN.into(),
+                    drop: true,
+                });
+                placed += 1;
+            }
+        }
+        *servers = out;
+        drops as f64 / servers.len() as f64
+    }
+}
+
+/// gRPC weighted round robin's weight, or `None` when there is no signal.
+pub fn raw_weight(qps: f64, eps: f64, utilization: f64, penalty: f64) -> Option<f64> {
+    if qps <= 0.0 || utilization <= 0.0 {
+        return None;
+    }
+    Some(qps / (utilization + eps / qps * penalty))
+}
+
+/// Float weights to integers: exact when they are integers already,
+/// otherwise scaled so the largest is [`RESOLUTION`].
+fn to_integers(weights: &[f64]) -> Vec<u32> {
+    if weights
+        .iter()
+        .all(|w| (w - w.round()).abs() < 1e-9 && *w >= 1.0)
+    {
+        return weights.iter().map(|w| w.round() as u32).collect();
+    }
+    let max = weights
+        .iter()
+        .copied()
+        .fold(f64::MIN, f64::max)
+        .max(f64::MIN_POSITIVE);
+    weights
+        .iter()
+        .map(|w| ((w / max) * RESOLUTION).round().max(1.0) as u32)
+        .collect()
 }
 
 /// Reduces weights by their common divisor, then scales them down (keeping
@@ -120,6 +473,10 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             token,
             weight,
+            health: HealthState::Serving,
+            serving_since: None,
+            load: None,
+            drained: false,
         }
     }
 
@@ -127,50 +484,238 @@ mod tests {
         list.iter().map(|s| s.port).collect()
     }
 
-    #[test]
-    fn equal_weights_list_each_backend_once_in_token_order() {
-        let p = Policy { max_list_len: 100 };
-        let list = p.build(&[cand(3, "c", 1), cand(1, "a", 1), cand(2, "b", 1)]);
-        assert_eq!(ports(&list), vec![1, 2, 3]);
-        assert_eq!(list[0].ip_address, vec![127, 0, 0, 1]);
-        assert_eq!(list[0].load_balance_token, "a");
-        assert!(!list[0].drop);
+    fn policy() -> Policy {
+        Policy {
+            max_list_len: 100,
+            ..Policy::default()
+        }
+    }
+
+    fn build(p: &Policy, c: &[Candidate<'_>]) -> Outcome {
+        p.build(c, Instant::now())
     }
 
     #[test]
-    fn weights_repeat_smoothly() {
-        let p = Policy { max_list_len: 100 };
-        let list = p.build(&[cand(1, "a", 3), cand(2, "b", 1)]);
-        assert_eq!(ports(&list), vec![1, 1, 2, 1]);
-        let list = p.build(&[cand(1, "a", 5), cand(2, "b", 1), cand(3, "c", 1)]);
-        assert_eq!(ports(&list), vec![1, 1, 2, 1, 3, 1, 1]);
-        // Common divisors are removed: 4:2 is 2:1.
-        assert_eq!(p.build(&[cand(1, "a", 4), cand(2, "b", 2)]).len(), 3);
+    fn equal_weights_list_each_backend_once_in_token_order() {
+        let out = build(
+            &policy(),
+            &[cand(3, "c", 1), cand(1, "a", 1), cand(2, "b", 1)],
+        );
+        assert_eq!(ports(&out.servers), vec![1, 2, 3]);
+        assert_eq!(out.servers[0].ip_address, vec![127, 0, 0, 1]);
+        assert_eq!(out.servers[0].load_balance_token, "a");
+        assert!(out.decisions.iter().all(|d| d.listed && d.entries == 1));
+    }
+
+    #[test]
+    fn registry_weights_repeat_smoothly() {
+        let out = build(&policy(), &[cand(1, "a", 3), cand(2, "b", 1)]);
+        assert_eq!(ports(&out.servers), vec![1, 1, 2, 1]);
+        let out = build(
+            &policy(),
+            &[cand(1, "a", 5), cand(2, "b", 1), cand(3, "c", 1)],
+        );
+        assert_eq!(ports(&out.servers), vec![1, 1, 2, 1, 3, 1, 1]);
+        assert_eq!(
+            build(&policy(), &[cand(1, "a", 4), cand(2, "b", 2)])
+                .servers
+                .len(),
+            3
+        );
     }
 
     #[test]
     fn long_lists_are_scaled_to_the_limit() {
-        let p = Policy { max_list_len: 10 };
-        let list = p.build(&[cand(1, "a", 1000), cand(2, "b", 1)]);
-        assert!(list.len() <= 10, "{}", list.len());
-        assert!(ports(&list).contains(&2));
+        let p = Policy {
+            max_list_len: 10,
+            ..Policy::default()
+        };
+        let out = build(&p, &[cand(1, "a", 1000), cand(2, "b", 1)]);
+        assert!(out.servers.len() <= 10, "{}", out.servers.len());
+        assert!(ports(&out.servers).contains(&2));
     }
 
     #[test]
     fn duplicate_addresses_are_listed_once() {
-        let p = Policy { max_list_len: 100 };
-        let list = p.build(&[cand(1, "a", 1), cand(1, "a", 1), cand(2, "b", 1)]);
-        assert_eq!(ports(&list), vec![1, 2]);
+        let out = build(
+            &policy(),
+            &[cand(1, "a", 1), cand(1, "a", 1), cand(2, "b", 1)],
+        );
+        assert_eq!(ports(&out.servers), vec![1, 2]);
     }
 
     #[test]
     fn ipv6_addresses_are_16_bytes() {
-        let p = Policy { max_list_len: 100 };
-        let c = Candidate {
-            addr: "[::1]:80".parse().unwrap(),
-            token: "t",
-            weight: 1,
+        let mut c = cand(80, "t", 1);
+        c.addr = "[::1]:80".parse().unwrap();
+        assert_eq!(build(&policy(), &[c]).servers[0].ip_address.len(), 16);
+    }
+
+    #[test]
+    fn unhealthy_and_unchecked_backends_are_not_listed() {
+        let mut b = cand(2, "b", 1);
+        b.health = HealthState::NotServing;
+        let mut c = cand(3, "c", 1);
+        c.health = HealthState::Unknown;
+        let out = build(
+            &Policy {
+                panic_threshold: 0.0,
+                ..policy()
+            },
+            &[cand(1, "a", 1), b.clone(), c.clone()],
+        );
+        assert_eq!(ports(&out.servers), vec![1]);
+        assert!(out.decisions[1].reason.contains("NOT_SERVING"));
+        assert!(out.decisions[2].reason.contains("not health-checked"));
+        let lenient = Policy {
+            list_unchecked: true,
+            panic_threshold: 0.0,
+            ..policy()
         };
-        assert_eq!(p.build(&[c])[0].ip_address.len(), 16);
+        assert_eq!(
+            ports(&build(&lenient, &[cand(1, "a", 1), b, c]).servers),
+            vec![1, 3]
+        );
+    }
+
+    #[test]
+    fn panic_mode_lists_everyone_when_too_few_are_healthy() {
+        let sick = |port, token| Candidate {
+            health: HealthState::Unreachable,
+            ..cand(port, token, 1)
+        };
+        let out = build(
+            &policy(),
+            &[cand(1, "a", 1), sick(2, "b"), sick(3, "c"), sick(4, "d")],
+        );
+        assert!(out.panic);
+        assert_eq!(out.servers.len(), 4);
+        assert!(out.decisions[1].reason.contains("panic"));
+        let calm = build(&policy(), &[cand(1, "a", 1), cand(2, "b", 1), sick(3, "c")]);
+        assert!(!calm.panic);
+        assert_eq!(calm.servers.len(), 2);
+        let off = build(
+            &Policy {
+                panic_threshold: 0.0,
+                ..policy()
+            },
+            &[cand(1, "a", 1), sick(2, "b"), sick(3, "c")],
+        );
+        assert_eq!(off.servers.len(), 1);
+    }
+
+    #[test]
+    fn load_reports_weight_backends_after_the_blackout() {
+        let now = Instant::now();
+        let long_ago = now - Duration::from_secs(60);
+        let load = |util| Load {
+            utilization: util,
+            qps: 100.0,
+            eps: 0.0,
+            at: now,
+            usable_since: Some(long_ago),
+        };
+        let (l1, l4) = (load(0.2), load(0.8));
+        let mk = |port, token, l| Candidate {
+            load: Some(l),
+            ..cand(port, token, 1)
+        };
+        let out = policy().build(
+            &[
+                mk(1, "a", &l1),
+                mk(2, "b", &l1),
+                mk(3, "c", &l1),
+                mk(4, "d", &l4),
+            ],
+            now,
+        );
+        let busy = out.decisions[3].entries as f64 / out.servers.len() as f64;
+        assert!(
+            busy < 0.125,
+            "4x utilization must get well under a fair quarter: {busy}"
+        );
+        // During the blackout the weight is not used yet.
+        let fresh = Load {
+            usable_since: Some(now),
+            ..l4.clone()
+        };
+        let out = policy().build(&[mk(1, "a", &l1), mk(4, "d", &fresh)], now);
+        assert_eq!(out.decisions[1].entries, out.decisions[0].entries);
+        // A stale report is ignored.
+        let stale = Load {
+            at: now - Duration::from_secs(600),
+            ..l4
+        };
+        let out = policy().build(&[mk(1, "a", &l1), mk(4, "d", &stale)], now);
+        assert_eq!(out.decisions[1].entries, out.decisions[0].entries);
+        // Errors lower a weight.
+        assert!(
+            raw_weight(100.0, 50.0, 0.5, 1.0).unwrap() < raw_weight(100.0, 0.0, 0.5, 1.0).unwrap()
+        );
+        assert_eq!(raw_weight(0.0, 0.0, 0.5, 1.0), None);
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_backend() {
+        let now = Instant::now();
+        let p = Policy {
+            slow_start: Duration::from_secs(10),
+            ..policy()
+        };
+        let new = Candidate {
+            serving_since: Some(now - Duration::from_secs(1)),
+            ..cand(2, "b", 1)
+        };
+        let out = p.build(&[cand(1, "a", 1), new.clone()], now);
+        assert!(
+            out.decisions[1].entries * 4 < out.decisions[0].entries,
+            "{:?}",
+            out.decisions
+        );
+        assert!(out.decisions[1].reason.contains("slow start"));
+        let later = Candidate {
+            serving_since: Some(now - Duration::from_secs(11)),
+            ..new
+        };
+        let out = p.build(&[cand(1, "a", 1), later], now);
+        assert_eq!(out.decisions[1].entries, out.decisions[0].entries);
+    }
+
+    #[test]
+    fn shedding_spreads_drops_when_everyone_is_overloaded() {
+        let now = Instant::now();
+        let hot = Load {
+            utilization: 1.2,
+            qps: 10.0,
+            eps: 0.0,
+            at: now,
+            usable_since: None,
+        };
+        let mk = |port, token| Candidate {
+            load: Some(&hot),
+            ..cand(port, token, 1)
+        };
+        let p = Policy {
+            shed_utilization: Some(0.9),
+            ..policy()
+        };
+        let out = p.build(&[mk(1, "a"), mk(2, "b"), mk(3, "c"), mk(4, "d")], now);
+        let drops = out.servers.iter().filter(|s| s.drop).count();
+        assert!(drops >= 1, "{:?}", out.servers);
+        assert!(
+            out.shed_fraction > 0.1 && out.shed_fraction <= 0.5,
+            "{}",
+            out.shed_fraction
+        );
+        assert!(
+            !out.servers[0].drop || !out.servers[1].drop,
+            "drops must be spread"
+        );
+        // Off by default.
+        assert!(policy()
+            .build(&[mk(1, "a")], now)
+            .servers
+            .iter()
+            .all(|s| !s.drop));
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use lb_client::{LbChannel, Registration, RegistrationOptions};
 use lb_examples::drive::drive;
-use lb_examples::greeter::RunningGreeter;
+use lb_examples::greeter::{GreeterOptions, RunningGreeter};
 use lb_server::{Config, LbServer};
 use tokio::net::TcpListener;
 
@@ -43,7 +43,7 @@ async fn greeter(lb: std::net::SocketAddr) -> anyhow::Result<RunningGreeter> {
         ttl: Duration::from_secs(5),
         ..Default::default()
     };
-    let g = RunningGreeter::start(listener, |addr| {
+    let g = RunningGreeter::start(listener, GreeterOptions::default(), |addr| {
         Registration::embedded(vec![lb.to_string()], "greeter", &addr.to_string(), options).ok()
     })
     .await?;

@@ -1,7 +1,8 @@
 //! `greeter-server`: an example backend that registers itself.
 //!
 //! Prints `LISTENING <addr>` once serving and `REGISTERED` once its
-//! registration is confirmed. On SIGTERM or SIGINT it shuts
+//! registration is confirmed. SIGUSR1 flips its health status (printing
+//! `HEALTH SERVING` or `HEALTH NOT_SERVING`); it reports load over ORCA. On SIGTERM or SIGINT it shuts
 //! down gracefully: NOT_SERVING, deregister, drain, stop.
 
 use std::io::Write;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use lb_client::{Registration, RegistrationOptions};
-use lb_examples::greeter::RunningGreeter;
+use lb_examples::greeter::{GreeterOptions, RunningGreeter};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +49,12 @@ struct Args {
     /// Time between deregistering and stopping, for clients to move away.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// Utilization to report over ORCA (simulated load, e.g. 0.8).
+    #[arg(long, default_value_t = 0.1)]
+    utilization: f64,
+    /// Extra latency per call (simulates a slow backend).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: Duration,
     /// Log filter.
     #[arg(long, env = "GREETER_LOG", default_value = "info")]
     log: String,
@@ -68,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
     let service = args.service.clone();
     let advertise = args.advertise.clone();
     let mut registration_error = None;
-    let greeter = RunningGreeter::start(listener, |addr| {
+    let behaviour = GreeterOptions {
+        utilization: args.utilization,
+        delay: args.delay,
+    };
+    let greeter = RunningGreeter::start(listener, behaviour, |addr| {
         if registry == "none" {
             return None;
         }
@@ -91,21 +102,34 @@ async fn main() -> anyhow::Result<()> {
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
-    let announce = async {
-        if args.registry != "none"
-            && greeter
-                .wait_registered(Duration::from_secs(24 * 3600))
-                .await
-        {
-            println!("REGISTERED");
-            let _ = std::io::stdout().flush();
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    {
+        let announce = async {
+            if args.registry != "none"
+                && greeter
+                    .wait_registered(Duration::from_secs(24 * 3600))
+                    .await
+            {
+                println!("REGISTERED");
+                let _ = std::io::stdout().flush();
+            }
+            std::future::pending::<()>().await
+        };
+        let toggles = async {
+            // SIGUSR1 flips the reported health (SERVING <-> NOT_SERVING).
+            while usr1.recv().await.is_some() {
+                let serving = greeter.toggle_serving().await;
+                tracing::info!(serving, "health toggled by SIGUSR1");
+                println!("HEALTH {}", if serving { "SERVING" } else { "NOT_SERVING" });
+                let _ = std::io::stdout().flush();
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = announce => {}
+            _ = toggles => {}
         }
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = announce => {}
     }
     tracing::info!(drain = ?args.drain, "shutting down gracefully");
     greeter.shutdown(args.drain).await;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use lb_client::{LbChannel, Registration, RegistrationOptions};
-use lb_examples::greeter::{backend_of, RunningGreeter};
+use lb_examples::greeter::{backend_of, GreeterOptions, RunningGreeter};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_server::{Config, LbServer};
 use serde_json::json;
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn greeter(register: Option<(SocketAddr, &str)>) -> anyhow::Result<RunningGreeter> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let g = RunningGreeter::start(listener, |addr| {
+    let g = RunningGreeter::start(listener, GreeterOptions::default(), |addr| {
         register.and_then(|(lb, service)| {
             Registration::embedded(
                 vec![lb.to_string()],

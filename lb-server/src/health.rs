@@ -1,0 +1,229 @@
+//! Active health checking: who works.
+//!
+//! One probe per (service, backend address) in the catalog, started and
+//! stopped as membership changes. A probe keeps one HTTP/2 connection to its
+//! backend and on it:
+//! - a `grpc.health.v1.Health/Watch` stream: every status change is written
+//!   to the catalog at once; a broken stream or refused connection means
+//!   *unreachable now* (no waiting for a lease to expire);
+//! - periodic `Check` calls instead, when `Watch` is UNIMPLEMENTED;
+//! - the ORCA load stream ([`crate::load`]), when enabled.
+//!
+//! HTTP/2 keep-alive on the connection detects a backend that went silent
+//! (a partition rather than a crash) within about two health timeouts.
+//! Reconnects use jittered exponential backoff.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::catalog::Catalog;
+use crate::policy::HealthState;
+
+/// Health-checking settings.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Health service name per registry service (default "": whole server).
+    pub service_names: HashMap<String, String>,
+    /// Interval of `Check` calls when `Watch` is unimplemented.
+    pub check_interval: Duration,
+    /// Connect timeout, per-answer timeout and keep-alive timeout.
+    pub timeout: Duration,
+    /// Subscribe to ORCA load reports on the same connection.
+    pub orca: bool,
+    /// ORCA report interval asked of backends.
+    pub orca_interval: Duration,
+}
+
+/// Runs probes for every catalog member until `shutdown`.
+pub async fn run(catalog: Arc<Catalog>, settings: HealthSettings, shutdown: CancellationToken) {
+    let settings = Arc::new(settings);
+    let mut members = catalog.subscribe_members();
+    let mut probes: HashMap<(String, SocketAddr), CancellationToken> = HashMap::new();
+    loop {
+        let now: Vec<(String, SocketAddr)> = catalog.members();
+        probes.retain(|key, cancel| {
+            let keep = now.contains(key);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        for key in now {
+            if probes.contains_key(&key) {
+                continue;
+            }
+            let cancel = shutdown.child_token();
+            probes.insert(key.clone(), cancel.clone());
+            tokio::spawn(probe(
+                catalog.clone(),
+                settings.clone(),
+                key.0,
+                key.1,
+                cancel,
+            ));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = members.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Jittered exponential backoff between reconnects.
+struct Backoff(Duration);
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d.mul_f64(rand::rng().random_range(0.8..1.2))
+    }
+}
+
+async fn probe(
+    catalog: Arc<Catalog>,
+    s: Arc<HealthSettings>,
+    service: String,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+) {
+    let name = s.service_names.get(&service).cloned().unwrap_or_default();
+    let mut backoff = Backoff(Backoff::MIN);
+    tracing::debug!(%service, %addr, health_service = %name, "probe started");
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = session(&catalog, &s, &service, addr, &name) => r,
+        };
+        let detail = match result {
+            Ok(()) => "health stream ended".to_string(),
+            Err(e) => e,
+        };
+        catalog.set_health(&service, addr, HealthState::Unreachable, &detail);
+        catalog.clear_load(&service, addr);
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Backoff(Backoff::MIN);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
+}
+
+/// One connection to the backend: health (and load) until it breaks.
+async fn session(
+    catalog: &Arc<Catalog>,
+    s: &HealthSettings,
+    service: &str,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<(), String> {
+    let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(s.timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(s.timeout)
+        .keep_alive_timeout(s.timeout)
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _load = s.orca.then(|| {
+        let task = tokio::spawn(crate::load::collect(
+            catalog.clone(),
+            channel.clone(),
+            service.to_string(),
+            addr,
+            s.orca_interval,
+        ));
+        AbortOnDrop(task)
+    });
+    let mut client = HealthClient::new(channel);
+    let request = HealthCheckRequest {
+        service: name.to_string(),
+    };
+    let watch = tokio::time::timeout(s.timeout, client.watch(request.clone())).await;
+    let mut stream = match watch {
+        Err(_) => return Err(format!("no answer to Watch within {:?}", s.timeout)),
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            return check_loop(catalog, s, service, addr, &mut client, request).await;
+        }
+        Ok(Err(status)) => return Err(format!("Watch: {} {}", status.code(), status.message())),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(answer)) => apply(catalog, service, addr, answer.status),
+            Ok(None) => return Err("Watch stream ended".into()),
+            Err(status) => {
+                return Err(format!(
+                    "Watch stream broke: {} {}",
+                    status.code(),
+                    status.message()
+                ))
+            }
+        }
+    }
+}
+
+/// Periodic `Check`, for backends without `Watch`.
+async fn check_loop(
+    catalog: &Arc<Catalog>,
+    s: &HealthSettings,
+    service: &str,
+    addr: SocketAddr,
+    client: &mut HealthClient<Channel>,
+    request: HealthCheckRequest,
+) -> Result<(), String> {
+    tracing::debug!(service, %addr, "Watch unimplemented; polling Check");
+    let mut tick = tokio::time::interval(s.check_interval);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(s.timeout, client.check(request.clone())).await {
+            Err(_) => return Err(format!("no answer to Check within {:?}", s.timeout)),
+            Ok(Ok(answer)) => apply(catalog, service, addr, answer.into_inner().status),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => catalog.set_health(
+                service,
+                addr,
+                HealthState::NotServing,
+                "health service unknown to the backend",
+            ),
+            Ok(Err(status)) => {
+                return Err(format!("Check: {} {}", status.code(), status.message()))
+            }
+        }
+    }
+}
+
+fn apply(catalog: &Catalog, service: &str, addr: SocketAddr, status: i32) {
+    let (state, detail) = match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => (HealthState::Serving, "SERVING"),
+        Ok(ServingStatus::NotServing) => (HealthState::NotServing, "NOT_SERVING"),
+        Ok(ServingStatus::ServiceUnknown) => (HealthState::NotServing, "SERVICE_UNKNOWN"),
+        _ => (HealthState::NotServing, "UNKNOWN"),
+    };
+    catalog.set_health(service, addr, state, detail);
+}
+
+/// Aborts a task when dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
