@@ -28,10 +28,51 @@ pub const TOKEN_ECHO: &str = "x-lb-token";
 /// How a greeter behaves.
 #[derive(Debug, Clone, Default)]
 pub struct GreeterOptions {
-    /// Utilization reported over ORCA (application and CPU), simulated.
+    /// Constant utilization reported over ORCA (application and CPU),
+    /// simulated; 0 = none.
     pub utilization: f64,
+    /// Simulated capacity in calls/s: utilization is reported as measured
+    /// qps / capacity (overrides `utilization` for the application value).
+    pub capacity: Option<f64>,
     /// Extra latency added to every call, simulating a slow backend.
     pub delay: Duration,
+    /// Serve a health service that answers `Check` but not `Watch`
+    /// (UNIMPLEMENTED), like some older servers.
+    pub health_check_only: bool,
+}
+
+/// A `grpc.health.v1.Health` that answers `Check` only.
+struct CheckOnlyHealth {
+    serving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for CheckOnlyHealth {
+    type WatchStream =
+        futures::stream::Empty<Result<tonic_health::pb::HealthCheckResponse, Status>>;
+
+    async fn check(
+        &self,
+        _request: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic_health::pb::HealthCheckResponse>, Status> {
+        let status = if self.serving.load(Ordering::Relaxed) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(Response::new(tonic_health::pb::HealthCheckResponse {
+            status: tonic_health::pb::health_check_response::ServingStatus::from(status) as i32,
+        }))
+    }
+
+    async fn watch(
+        &self,
+        _request: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "Watch is not implemented by this server",
+        ))
+    }
 }
 
 /// The greeter service.
@@ -79,7 +120,7 @@ pub struct RunningGreeter {
     /// Load reported over ORCA.
     pub load: LoadRecorder,
     health: HealthReporter,
-    serving: std::sync::atomic::AtomicBool,
+    serving: Arc<std::sync::atomic::AtomicBool>,
     registration: Option<Registration>,
     stop: CancellationToken,
     server: JoinHandle<()>,
@@ -97,14 +138,23 @@ impl RunningGreeter {
         let load = LoadRecorder::new();
         load.set_application_utilization(options.utilization);
         load.set_cpu_utilization(options.utilization);
+        load.set_capacity(options.capacity);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<GreeterServer<GreeterService>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let stop = CancellationToken::new();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let check_only = options.health_check_only.then(|| {
+            tonic_health::pb::health_server::HealthServer::new(CheckOnlyHealth {
+                serving: serving.clone(),
+            })
+        });
+        let watching = (!options.health_check_only).then_some(health_service);
         let router = tonic::transport::Server::builder()
-            .add_service(health_service)
+            .add_optional_service(watching)
+            .add_optional_service(check_only)
             .add_service(load.service())
             .add_service(GreeterServer::new(GreeterService {
                 addr,
@@ -126,7 +176,7 @@ impl RunningGreeter {
             addr,
             calls,
             load,
-            serving: std::sync::atomic::AtomicBool::new(true),
+            serving,
             health,
             registration,
             stop,

@@ -37,6 +37,7 @@ struct Gauges {
     cpu: f64,
     mem: f64,
     application: f64,
+    capacity: Option<f64>,
     named: HashMap<String, f64>,
 }
 
@@ -86,6 +87,14 @@ impl LoadRecorder {
         self.inner.gauges.lock().expect("gauges").application = v.max(0.0);
     }
 
+    /// Calls per second this backend can serve at 100 % utilization. When
+    /// set, application utilization is reported as measured qps / capacity
+    /// (so weighted round robin converges on capacity), instead of the value
+    /// given to [`LoadRecorder::set_application_utilization`].
+    pub fn set_capacity(&self, qps: Option<f64>) {
+        self.inner.gauges.lock().expect("gauges").capacity = qps.filter(|c| *c > 0.0);
+    }
+
     /// An application-defined metric.
     pub fn set_named_metric(&self, name: &str, v: f64) {
         self.inner
@@ -111,7 +120,7 @@ impl LoadRecorder {
         OrcaLoadReport {
             cpu_utilization: g.cpu,
             mem_utilization: g.mem,
-            application_utilization: g.application,
+            application_utilization: g.capacity.map(|c| qps / c).unwrap_or(g.application),
             rps_fractional: qps,
             eps,
             named_metrics: g.named.clone(),
@@ -198,5 +207,16 @@ mod tests {
         assert_eq!(report.named_metrics["queue"], 3.0);
         let again = r.report(&mut last);
         assert_eq!(again.rps_fractional, 0.0, "counters are per window");
+        r.set_capacity(Some(10.0));
+        last.2 = Instant::now() - Duration::from_secs(1);
+        for _ in 0..5 {
+            r.record_call();
+        }
+        let by_capacity = r.report(&mut last);
+        assert!(
+            (by_capacity.application_utilization - 0.5).abs() < 0.05,
+            "{}",
+            by_capacity.application_utilization
+        );
     }
 }

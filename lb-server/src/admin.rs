@@ -109,6 +109,7 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
             "failed_to_send": entry.calls.failed_to_send.load(Ordering::Relaxed),
             "known_received": entry.calls.known_received.load(Ordering::Relaxed),
             "dropped": entry.calls.dropped.load(Ordering::Relaxed),
+            "dropped_by_token": *entry.calls.dropped_by_token.lock().expect("drops lock"),
         });
     }
     v

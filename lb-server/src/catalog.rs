@@ -118,6 +118,8 @@ pub struct CallTotals {
     pub known_received: AtomicI64,
     /// Calls dropped on a drop entry.
     pub dropped: AtomicI64,
+    /// Dropped calls per load-balance token.
+    pub dropped_by_token: Mutex<BTreeMap<String, i64>>,
 }
 
 /// One service.
@@ -167,7 +169,12 @@ pub struct Catalog {
     sources: usize,
     initial_health: HealthState,
     members: watch::Sender<u64>,
+    synced_at: Mutex<Option<Instant>>,
 }
+
+/// Backends that become healthy this soon after the registry was first
+/// listed are the LB's starting state, not newcomers: no slow start for them.
+const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Catalog {
     /// An empty catalog fed by `sources` registry sources. With
@@ -191,6 +198,7 @@ impl Catalog {
                 HealthState::Unchecked
             },
             members: watch::channel(0).0,
+            synced_at: Mutex::new(None),
         }
     }
 
@@ -241,13 +249,21 @@ impl Catalog {
     /// Records a health check result; the list is republished at once.
     pub fn set_health(&self, service: &str, addr: SocketAddr, health: HealthState, detail: &str) {
         let metrics = &self.metrics;
+        let now = Instant::now();
+        let warm = self
+            .synced_at
+            .lock()
+            .expect("synced lock")
+            .is_some_and(|t| now.saturating_duration_since(t) > STARTUP_GRACE);
         self.update_backends(service, addr, false, |b| {
             if b.health == health {
                 return false;
             }
             tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, "health changed");
             metrics.health_transition(service, health);
-            b.serving_since = (health == HealthState::Serving).then(Instant::now);
+            // Slow start applies to backends that become healthy once the LB
+            // is warm; those found at startup are already carrying load.
+            b.serving_since = (health == HealthState::Serving && warm).then_some(now);
             b.health = health;
             b.health_since = SystemTime::now();
             b.health_detail = detail.to_string();
@@ -375,6 +391,12 @@ impl Catalog {
         if self.synced.lock().expect("synced lock").insert(source) {
             tracing::info!(source, "registry synced");
         }
+        if self.is_synced() {
+            self.synced_at
+                .lock()
+                .expect("synced lock")
+                .get_or_insert_with(Instant::now);
+        }
     }
 
     fn entry(&self, service: &str) -> Arc<ServiceEntry> {
@@ -483,6 +505,17 @@ impl Catalog {
             .iter()
             .map(|d| d.num_calls.max(0))
             .sum();
+        if dropped > 0 {
+            let mut by_token = entry.calls.dropped_by_token.lock().expect("drops lock");
+            for d in &stats.calls_finished_with_drop {
+                // Bounded: tokens are the LB's own (< 50 bytes); junk is ignored.
+                let known = by_token.contains_key(&d.load_balance_token);
+                if d.load_balance_token.len() < 50 && (known || by_token.len() < 1024) {
+                    *by_token.entry(d.load_balance_token.clone()).or_default() +=
+                        d.num_calls.max(0);
+                }
+            }
+        }
         for (counter, kind, n) in [
             (&entry.calls.started, "started", stats.num_calls_started),
             (&entry.calls.finished, "finished", stats.num_calls_finished),

@@ -199,9 +199,9 @@ impl Policy {
         let unique: Vec<usize> = (0..candidates.len())
             .filter(|&i| !candidates[..i].iter().any(|c| c.addr == candidates[i].addr))
             .collect();
-        for i in 0..candidates.len() {
+        for (i, d) in decisions.iter_mut().enumerate() {
             if !unique.contains(&i) {
-                decisions[i].reason = "same address as another instance; listed once".into();
+                d.reason = "same address as another instance; listed once".into();
             }
         }
         let eligible = |c: &Candidate<'_>| {
@@ -212,10 +212,16 @@ impl Policy {
                     HealthState::NotServing | HealthState::Unreachable => false,
                 }
         };
+        // Backends not checked yet count neither as healthy nor as sick: a
+        // freshly registered backend must not trigger panic (and be listed
+        // before its first check).
+        let counted = |c: &Candidate<'_>| {
+            !c.drained && (self.list_unchecked || c.health != HealthState::Unknown)
+        };
         let registered: Vec<usize> = unique
             .iter()
             .copied()
-            .filter(|&i| !candidates[i].drained)
+            .filter(|&i| counted(&candidates[i]))
             .collect();
         let healthy: Vec<usize> = registered
             .iter()
@@ -591,6 +597,18 @@ mod tests {
         assert!(out.panic);
         assert_eq!(out.servers.len(), 4);
         assert!(out.decisions[1].reason.contains("panic"));
+        // Unchecked backends do not count: a lone new backend is no panic.
+        let new = Candidate {
+            health: HealthState::Unknown,
+            ..cand(5, "e", 1)
+        };
+        let lone = build(&policy(), &[new.clone()]);
+        assert!(!lone.panic && lone.servers.is_empty(), "{lone:?}");
+        let mixed = build(&policy(), &[cand(1, "a", 1), sick(2, "b"), new]);
+        assert!(
+            !mixed.panic && ports(&mixed.servers) == vec![1],
+            "{mixed:?}"
+        );
         let calm = build(&policy(), &[cand(1, "a", 1), cand(2, "b", 1), sick(3, "c")]);
         assert!(!calm.panic);
         assert_eq!(calm.servers.len(), 2);

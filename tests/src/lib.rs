@@ -13,7 +13,7 @@
 //! | [`Lb`] | one `lb-server` process and its admin endpoint |
 //! | [`Greeter`] | one `greeter-server` process |
 //! | [`Caller`] | calls in the background, counting where each went |
-//! | [`http_get`] | a minimal HTTP/1.1 GET for the admin port |
+//! | [`http_get`] | a minimal HTTP GET for the admin port |
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -371,12 +371,12 @@ impl Lb {
     }
 }
 
-/// A minimal HTTP/1.1 GET: (status, body).
+/// A minimal HTTP GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     http_request(addr, "GET", path, &[], b"")
 }
 
-/// A minimal HTTP/1.1 request: (status, body).
+/// A minimal HTTP/1.0 request (so the body is never chunked): (status, body).
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -387,7 +387,7 @@ pub fn http_request(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -408,7 +408,6 @@ pub fn http_request(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    // Chunked bodies: good enough for JSON checks to look for substrings.
     Ok((status, body))
 }
 
@@ -419,6 +418,7 @@ pub struct Greeter {
     /// Where it serves.
     pub addr: SocketAddr,
     registered: Arc<AtomicBool>,
+    serving: Arc<AtomicBool>,
 }
 
 impl Greeter {
@@ -441,13 +441,17 @@ impl Greeter {
             .expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
         let registered = Arc::new(AtomicBool::new(false));
+        let serving = Arc::new(AtomicBool::new(true));
         let flag = registered.clone();
+        let health = serving.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("LISTENING ") {
                     let _ = tx.send(addr.trim().parse().expect("LISTENING address"));
                 } else if line.trim() == "REGISTERED" {
                     flag.store(true, Ordering::SeqCst);
+                } else if let Some(status) = line.strip_prefix("HEALTH ") {
+                    health.store(status.trim() == "SERVING", Ordering::SeqCst);
                 }
             }
         });
@@ -460,7 +464,24 @@ impl Greeter {
             proc,
             addr,
             registered,
+            serving,
         }
+    }
+
+    /// Flips the greeter's reported health (SIGUSR1) and waits until it
+    /// confirms the new status; returns it (true = serving).
+    pub async fn toggle_health(&self) -> bool {
+        let before = self.serving.load(Ordering::SeqCst);
+        self.proc.signal(libc::SIGUSR1);
+        assert!(
+            wait_until(Duration::from_secs(5), || self
+                .serving
+                .load(Ordering::SeqCst)
+                != before)
+            .await,
+            "greeter did not confirm its health toggle"
+        );
+        !before
     }
 
     /// Whether the greeter reported its registration as confirmed.
@@ -622,4 +643,75 @@ pub async fn wait_backends(channel: &LbChannel, n: usize, limit: Duration) -> bo
 /// Makes `n` calls one after another; returns per-backend counts and failures.
 pub async fn call_n(channel: &LbChannel, n: u64) -> lb_examples::drive::Tally {
     lb_examples::drive::drive(channel, n, 1, Duration::from_secs(5)).await
+}
+
+/// Records every server list an LB sends on one raw BalanceLoad stream.
+pub struct ListWatcher {
+    lists: Arc<Mutex<Vec<(Instant, Vec<SocketAddr>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ListWatcher {
+    /// Opens a stream for `name` to the LB at `lb` and records lists.
+    pub async fn start(lb: SocketAddr, name: &str) -> ListWatcher {
+        use lb_proto::grpc::lb::v1::{
+            load_balance_request::LoadBalanceRequestType,
+            load_balance_response::LoadBalanceResponseType,
+            load_balancer_client::LoadBalancerClient, InitialLoadBalanceRequest,
+            LoadBalanceRequest,
+        };
+        let mut client = LoadBalancerClient::connect(format!("http://{lb}"))
+            .await
+            .expect("connect LB");
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(LoadBalanceRequest {
+            load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+                InitialLoadBalanceRequest { name: name.into() },
+            )),
+        })
+        .await
+        .unwrap();
+        let mut stream = client
+            .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("BalanceLoad")
+            .into_inner();
+        let lists: Arc<Mutex<Vec<(Instant, Vec<SocketAddr>)>>> = Arc::default();
+        let sink = lists.clone();
+        let task = tokio::spawn(async move {
+            let _keep_open = tx;
+            while let Ok(Some(m)) = stream.message().await {
+                if let Some(LoadBalanceResponseType::ServerList(l)) = m.load_balance_response_type {
+                    let addrs = lb_client::balancer_stream::to_entries(&l.servers)
+                        .into_iter()
+                        .filter(|e| !e.drop)
+                        .map(|e| e.addr)
+                        .collect();
+                    sink.lock().unwrap().push((Instant::now(), addrs));
+                }
+            }
+        });
+        ListWatcher { lists, task }
+    }
+
+    /// The latest list, if any.
+    pub fn latest(&self) -> Option<Vec<SocketAddr>> {
+        self.lists.lock().unwrap().last().map(|(_, l)| l.clone())
+    }
+
+    /// When the first list after `t` without `addr` arrived.
+    pub fn removed_after(&self, addr: SocketAddr, t: Instant) -> Option<Instant> {
+        self.lists
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, l)| *at >= t && !l.contains(&addr))
+            .map(|(at, _)| *at)
+    }
+}
+
+impl Drop for ListWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

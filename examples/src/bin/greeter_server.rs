@@ -49,12 +49,18 @@ struct Args {
     /// Time between deregistering and stopping, for clients to move away.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     drain: Duration,
-    /// Utilization to report over ORCA (simulated load, e.g. 0.8).
-    #[arg(long, default_value_t = 0.1)]
+    /// Constant utilization to report over ORCA (simulated, e.g. 0.8; 0 = none).
+    #[arg(long, default_value_t = 0.0)]
     utilization: f64,
+    /// Simulated capacity in calls/s: report utilization = measured qps / capacity.
+    #[arg(long)]
+    capacity: Option<f64>,
     /// Extra latency per call (simulates a slow backend).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     delay: Duration,
+    /// Serve health `Check` only (`Watch` answers UNIMPLEMENTED).
+    #[arg(long)]
+    health_check_only: bool,
     /// Log filter.
     #[arg(long, env = "GREETER_LOG", default_value = "info")]
     log: String,
@@ -77,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
     let mut registration_error = None;
     let behaviour = GreeterOptions {
         utilization: args.utilization,
+        capacity: args.capacity,
         delay: args.delay,
+        health_check_only: args.health_check_only,
     };
     let greeter = RunningGreeter::start(listener, behaviour, |addr| {
         if registry == "none" {
