@@ -602,7 +602,7 @@ mod tests {
             health: HealthState::Unknown,
             ..cand(5, "e", 1)
         };
-        let lone = build(&policy(), &[new.clone()]);
+        let lone = build(&policy(), std::slice::from_ref(&new));
         assert!(!lone.panic && lone.servers.is_empty(), "{lone:?}");
         let mixed = build(&policy(), &[cand(1, "a", 1), sick(2, "b"), new]);
         assert!(
