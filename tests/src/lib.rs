@@ -645,9 +645,12 @@ pub async fn call_n(channel: &LbChannel, n: u64) -> lb_examples::drive::Tally {
     lb_examples::drive::drive(channel, n, 1, Duration::from_secs(5)).await
 }
 
+/// Lists received, with their arrival times.
+type ListLog = Arc<Mutex<Vec<(Instant, Vec<SocketAddr>)>>>;
+
 /// Records every server list an LB sends on one raw BalanceLoad stream.
 pub struct ListWatcher {
-    lists: Arc<Mutex<Vec<(Instant, Vec<SocketAddr>)>>>,
+    lists: ListLog,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -676,7 +679,7 @@ impl ListWatcher {
             .await
             .expect("BalanceLoad")
             .into_inner();
-        let lists: Arc<Mutex<Vec<(Instant, Vec<SocketAddr>)>>> = Arc::default();
+        let lists: ListLog = Arc::default();
         let sink = lists.clone();
         let task = tokio::spawn(async move {
             let _keep_open = tx;
