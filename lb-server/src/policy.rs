@@ -12,7 +12,7 @@
 //!    `qps / (utilization + eps/qps × penalty)`, ignored during a blackout
 //!    after the weight first appears and after it goes stale; backends
 //!    without a usable weight get the mean; weights are clamped to
-//!    [mean/10, mean×10]; multiplied by the registry weight and by the
+//!    [mean/100, mean×10]; multiplied by the registry weight and by the
 //!    slow-start ramp of newly healthy backends.
 //! 4. **Repetition**: weights become integers and a smooth weighted round
 //!    robin order (no bursts of one backend), within `max_list_len`.
@@ -31,8 +31,14 @@ use lb_proto::grpc::lb::v1::Server;
 /// Token of the drop entries used for load shedding.
 pub const SHED_TOKEN: &str = "lb-shed";
 
-/// Largest integer weight a backend gets when weights are fractional.
-const RESOLUTION: f64 = 20.0;
+/// Largest integer weight a backend gets when weights are fractional (less
+/// when the list budget per backend is smaller).
+const MAX_RESOLUTION: f64 = 100.0;
+
+/// Load weights are clamped to [mean × MIN_RATIO, mean × MAX_RATIO], as
+/// gRPC's weighted round robin scheduler does.
+const MIN_RATIO: f64 = 0.01;
+const MAX_RATIO: f64 = 10.0;
 
 /// Health of a backend as the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -274,12 +280,14 @@ impl Policy {
             .map(|(&i, w)| {
                 let c = &candidates[i];
                 let relative = w
-                    .map(|w| w.clamp(mean / 10.0, mean * 10.0) / mean)
+                    .map(|w| w.clamp(mean * MIN_RATIO, mean * MAX_RATIO) / mean)
                     .unwrap_or(1.0);
                 relative * c.weight.max(1) as f64 * self.slow_start_factor(c.serving_since, now)
             })
             .collect();
-        let ints = to_integers(&weights);
+        let resolution =
+            (self.max_list_len as f64 / chosen.len() as f64).clamp(1.0, MAX_RESOLUTION);
+        let ints = to_integers(&weights, resolution);
         let ints = scale_weights(&ints, self.max_list_len);
 
         // Order by token, then smooth weighted round robin.
@@ -393,8 +401,8 @@ pub fn raw_weight(qps: f64, eps: f64, utilization: f64, penalty: f64) -> Option<
 }
 
 /// Float weights to integers: exact when they are integers already,
-/// otherwise scaled so the largest is [`RESOLUTION`].
-fn to_integers(weights: &[f64]) -> Vec<u32> {
+/// otherwise scaled so the largest is `resolution`.
+fn to_integers(weights: &[f64], resolution: f64) -> Vec<u32> {
     if weights
         .iter()
         .all(|w| (w - w.round()).abs() < 1e-9 && *w >= 1.0)
@@ -408,7 +416,7 @@ fn to_integers(weights: &[f64]) -> Vec<u32> {
         .max(f64::MIN_POSITIVE);
     weights
         .iter()
-        .map(|w| ((w / max) * RESOLUTION).round().max(1.0) as u32)
+        .map(|w| ((w / max) * resolution).round().max(1.0) as u32)
         .collect()
 }
 

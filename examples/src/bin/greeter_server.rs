@@ -104,8 +104,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(e) = registration_error {
         anyhow::bail!("--registry {}: {e}", args.registry);
     }
-    println!("LISTENING {}", greeter.addr);
-    std::io::stdout().flush()?;
+    say(&format!("LISTENING {}", greeter.addr));
     tracing::info!(addr = %greeter.addr, service = %args.service, registry = %args.registry, "greeter serving");
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -118,8 +117,7 @@ async fn main() -> anyhow::Result<()> {
                     .wait_registered(Duration::from_secs(24 * 3600))
                     .await
             {
-                println!("REGISTERED");
-                let _ = std::io::stdout().flush();
+                say("REGISTERED");
             }
             std::future::pending::<()>().await
         };
@@ -128,8 +126,11 @@ async fn main() -> anyhow::Result<()> {
             while usr1.recv().await.is_some() {
                 let serving = greeter.toggle_serving().await;
                 tracing::info!(serving, "health toggled by SIGUSR1");
-                println!("HEALTH {}", if serving { "SERVING" } else { "NOT_SERVING" });
-                let _ = std::io::stdout().flush();
+                say(if serving {
+                    "HEALTH SERVING"
+                } else {
+                    "HEALTH NOT_SERVING"
+                });
             }
         };
         tokio::select! {
@@ -142,6 +143,13 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(drain = ?args.drain, "shutting down gracefully");
     greeter.shutdown(args.drain).await;
     Ok(())
+}
+
+/// Prints a status line for whoever started us; a closed stdout is ignored
+/// (a backend must not die because nobody reads its output).
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
 
 /// The address to register for a server bound to `addr`.

@@ -7,6 +7,11 @@
 //! - `propagation`: `put` of a new backend in etcd → first call a connected
 //!   client makes to it, next to the time etcd's own watch delivered the put.
 //!   Starts its own etcd (`etcd` on PATH or `$ETCD_BIN`) and an in-process LB.
+//! - `slow-backend`: four backends, one 20 ms slower and reporting high
+//!   utilization: client latency through a load-aware LB vs a plain round
+//!   robin LB over the same backends, alternating rounds.
+//! - `kill-removal`: SIGKILL a backend process, time until the LB's
+//!   published list no longer has it, beside the registration lease TTL.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 
@@ -58,6 +63,24 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// One slow, busy backend of four: load-aware lists vs plain round robin.
+    SlowBackend {
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Length of one measured round.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        round: Duration,
+        /// Rounds per contender (alternated).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// SIGKILL a backend, time until the LB's list drops it.
+    KillRemoval {
+        /// Number of kills.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
 }
 
 #[tokio::main]
@@ -70,6 +93,12 @@ async fn main() -> anyhow::Result<()> {
             rounds,
         } => throughput(concurrency, round, rounds).await?,
         Bench::Propagation { samples } => propagation(samples).await?,
+        Bench::SlowBackend {
+            concurrency,
+            round,
+            rounds,
+        } => slow_backend(concurrency, round, rounds).await?,
+        Bench::KillRemoval { samples } => kill_removal(samples).await?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
@@ -99,12 +128,13 @@ async fn greeter(register: Option<(SocketAddr, &str)>) -> anyhow::Result<Running
     Ok(g)
 }
 
-/// Runs `concurrency` callers for `duration`; returns calls/s and p50/p99 latency (µs).
+/// Runs `concurrency` callers for `duration`; returns calls/s and p50, p99,
+/// p99.9 latency (µs).
 async fn load<T>(
     client: GreeterClient<T>,
     concurrency: usize,
     duration: Duration,
-) -> (f64, u64, u64)
+) -> (f64, u64, u64, u64)
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
     T::Future: Send,
@@ -156,7 +186,7 @@ where
             .copied()
             .unwrap_or(0)
     };
-    (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
+    (all.len() as f64 / elapsed, pct(0.50), pct(0.99), pct(0.999))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -201,7 +231,7 @@ async fn throughput(
         "LbChannel, 1 backend",
         "tonic Channel, 1 backend",
     ];
-    let mut results: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); 3];
+    let mut results: Vec<Vec<(f64, u64, u64, u64)>> = vec![Vec::new(); 3];
     eprintln!(
         "throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} each"
     );
@@ -431,4 +461,242 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
         "etcd_watch_ms": {"p50": pct(&to_watch, 0.5), "p99": pct(&to_watch, 0.99), "max": to_watch[to_watch.len()-1]},
         "first_call_ms": {"p50": pct(&to_client, 0.5), "p99": pct(&to_client, 0.99), "max": to_client[to_client.len()-1]},
     }))
+}
+
+/// Starts an in-process greeter behaving as `options`, registered as
+/// `service` with the embedded registry of every LB in `lbs`.
+async fn greeter_with(
+    options: GreeterOptions,
+    lbs: &[SocketAddr],
+    service: &str,
+) -> anyhow::Result<RunningGreeter> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let lbs: Vec<String> = lbs.iter().map(|a| a.to_string()).collect();
+    let g = RunningGreeter::start(listener, options, |addr| {
+        Registration::embedded(
+            lbs,
+            service,
+            &addr.to_string(),
+            RegistrationOptions::default(),
+        )
+        .ok()
+    })
+    .await?;
+    anyhow::ensure!(
+        g.wait_registered(Duration::from_secs(5)).await,
+        "greeter did not register"
+    );
+    Ok(g)
+}
+
+async fn slow_backend(
+    concurrency: usize,
+    round: Duration,
+    rounds: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut aware_cfg = Config::with_addrs(any, any);
+    aware_cfg.weight_blackout = Duration::from_secs(1);
+    aware_cfg.orca_interval = Duration::from_millis(200);
+    aware_cfg.weight_update_period = Duration::from_millis(200);
+    let mut plain_cfg = aware_cfg.clone();
+    plain_cfg.orca = false;
+    let aware = LbServer::start(aware_cfg).await?;
+    let plain = LbServer::start(plain_cfg).await?;
+    let lbs = [aware.lb_addr, plain.lb_addr];
+    // Capacity model: utilization = measured qps / capacity. The slow
+    // backend (+20 ms) has a small capacity, so under load it reports a
+    // utilization far above 1.
+    let mut backends = Vec::new();
+    for i in 0..4 {
+        let options = if i == 0 {
+            GreeterOptions {
+                delay: Duration::from_millis(20),
+                capacity: Some(50.0),
+                ..Default::default()
+            }
+        } else {
+            GreeterOptions {
+                capacity: Some(20_000.0),
+                ..Default::default()
+            }
+        };
+        backends.push(greeter_with(options, &lbs, "greeter").await?);
+    }
+    let slow_addr = backends[0].addr;
+    let aware_ch = LbChannel::builder("greeter")
+        .lb(aware.lb_addr.to_string())
+        .build()?;
+    let plain_ch = LbChannel::builder("greeter")
+        .lb(plain.lb_addr.to_string())
+        .build()?;
+    anyhow::ensure!(
+        aware_ch.ready_within(Duration::from_secs(5)).await
+            && plain_ch.ready_within(Duration::from_secs(5)).await
+    );
+    eprintln!("slow-backend: 4 backends, {slow_addr} +20 ms; concurrency {concurrency}; warming up load weights");
+    load(
+        GreeterClient::new(aware_ch.clone()),
+        concurrency,
+        Duration::from_secs(3),
+    )
+    .await;
+    let mut plain_runs = Vec::new();
+    let mut aware_runs = Vec::new();
+    for r in 0..rounds {
+        plain_runs.push(load(GreeterClient::new(plain_ch.clone()), concurrency, round).await);
+        aware_runs.push(load(GreeterClient::new(aware_ch.clone()), concurrency, round).await);
+        eprintln!(
+            "  round {}: plain p99 {} µs, load-aware p99 {} µs",
+            r + 1,
+            plain_runs[r].2,
+            aware_runs[r].2
+        );
+    }
+    let slow_share = {
+        let list = aware
+            .catalog
+            .service("greeter")
+            .map(|e| e.current_list())
+            .expect("service");
+        let port = slow_addr.port() as i32;
+        list.servers.iter().filter(|s| s.port == port).count() as f64
+            / list.servers.len().max(1) as f64
+    };
+    let summary = |runs: &[(f64, u64, u64, u64)]| {
+        (
+            median(runs.iter().map(|x| x.0).collect()),
+            median(runs.iter().map(|x| x.1 as f64).collect()),
+            median(runs.iter().map(|x| x.2 as f64).collect()),
+            median(runs.iter().map(|x| x.3 as f64).collect()),
+        )
+    };
+    let (pc, p50p, p99p, p999p) = summary(&plain_runs);
+    let (ac, p50a, p99a, p999a) = summary(&aware_runs);
+    println!("| lists | calls/s | p50 µs | p99 µs | p99.9 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| plain round robin (baseline) | {pc:.0} | {p50p:.0} | {p99p:.0} | {p999p:.0} |");
+    println!("| load-aware (ORCA weights) | {ac:.0} | {p50a:.0} | {p99a:.0} | {p999a:.0} |");
+    println!(
+        "| ratio load-aware / plain | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+        ac / pc,
+        p50a / p50p,
+        p99a / p99p,
+        p999a / p999p
+    );
+    println!(
+        "\nslow backend's share of the load-aware list: {:.1} %",
+        slow_share * 100.0
+    );
+    drop((aware_ch, plain_ch));
+    for b in backends {
+        b.shutdown(Duration::ZERO).await;
+    }
+    aware.shutdown(Duration::from_secs(2)).await;
+    plain.shutdown(Duration::from_secs(2)).await;
+    Ok(json!({
+        "bench": "slow_backend", "concurrency": concurrency, "rounds": rounds,
+        "plain": {"calls_per_s": pc, "p50_us": p50p, "p99_us": p99p, "p999_us": p999p},
+        "load_aware": {"calls_per_s": ac, "p50_us": p50a, "p99_us": p99a, "p999_us": p999a},
+        "p99_ratio": p99a / p99p, "slow_share_of_list": slow_share,
+    }))
+}
+
+async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
+    let greeter_bin = std::env::current_exe()?.with_file_name("greeter-server");
+    anyhow::ensure!(
+        greeter_bin.exists(),
+        "{} not found: build it (cargo build --release --bins)",
+        greeter_bin.display()
+    );
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut cfg = Config::with_addrs(any, any);
+    // Killed backends stay registered until their lease expires; at one kill
+    // every few ms they soon outnumber the live ones, and panic mode (rightly)
+    // lists everyone. Panic mode is off here so each kill is measured alone.
+    cfg.panic_threshold = 0.0;
+    let lb = LbServer::start(cfg).await?;
+    // Steady backends keep the service non-empty.
+    let mut steady = Vec::new();
+    for _ in 0..2 {
+        steady.push(greeter_with(GreeterOptions::default(), &[lb.lb_addr], "greeter").await?);
+    }
+    let listed = |addr: SocketAddr| {
+        lb.catalog.service("greeter").map(|e| {
+            let list = e.current_list();
+            list.servers
+                .iter()
+                .any(|s| s.port == addr.port() as i32 && s.ip_address == [127, 0, 0, 1])
+        })
+    };
+    let ttl = Duration::from_secs(10);
+    let mut took = Vec::new();
+    eprintln!("kill-removal: {samples} SIGKILLs, lease TTL {ttl:?} (panic mode off)");
+    for _ in 0..samples {
+        let mut child = std::process::Command::new(&greeter_bin)
+            .args([
+                "--registry",
+                &format!("lb://{}", lb.lb_addr),
+                "--ttl",
+                "10s",
+                "--log",
+                "error",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("stdout");
+        // Read the address, then keep draining stdout on the same thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if l.starts_with("LISTENING ") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+            .await?
+            .map_err(|_| anyhow::anyhow!("greeter did not start"))?;
+        let addr: SocketAddr = line.trim_start_matches("LISTENING ").trim().parse()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while listed(addr) != Some(true) {
+            anyhow::ensure!(Instant::now() < deadline, "backend never listed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let t0 = Instant::now();
+        child.kill()?;
+        while listed(addr) == Some(true) {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "killed backend never removed"
+            );
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        took.push(t0.elapsed().as_secs_f64() * 1e3);
+        let _ = child.wait();
+    }
+    took.sort_by(|a, b| a.total_cmp(b));
+    let (p50, p99, max) = (pct(&took, 0.5), pct(&took, 0.99), took[took.len() - 1]);
+    println!("| measure ({samples} kills) | p50 | p99 | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!("| SIGKILL → gone from the LB's list (health check) | {p50:.1} ms | {p99:.1} ms | {max:.1} ms |");
+    println!(
+        "| lease TTL (baseline: removal without health checks) | {:.0} ms | | |",
+        ttl.as_secs_f64() * 1e3
+    );
+    println!(
+        "| ratio p99 / TTL | {:.4}x | | |",
+        p99 / (ttl.as_secs_f64() * 1e3)
+    );
+    for g in steady {
+        g.shutdown(Duration::ZERO).await;
+    }
+    lb.shutdown(Duration::from_secs(2)).await;
+    Ok(
+        json!({"bench": "kill_removal", "samples": samples, "p50_ms": p50, "p99_ms": p99, "max_ms": max, "ttl_ms": ttl.as_secs_f64() * 1e3}),
+    )
 }
