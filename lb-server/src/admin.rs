@@ -1,23 +1,50 @@
-//! Admin HTTP endpoint (axum): health, readiness, Prometheus metrics and a
-//! read-only JSON view of services, backends and connected clients.
+//! Admin HTTP endpoint (axum): what the LB knows, in the forms operators use.
+//!
+//! | method and path | answer |
+//! | --- | --- |
+//! | `GET /` | the dashboard page (static, polls the JSON API) |
+//! | `GET /healthz` | process up |
+//! | `GET /readyz` | registry listed at least once (503 with why otherwise) |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /api/v1/services` | every service, summarised |
+//! | `GET /api/v1/services/{name}` | one service: backends, health, load, weights, reasons |
+//! | `GET /api/v1/clients` | connected BalanceLoad streams |
+//! | `POST /api/v1/services/{name}/backends/{addr}/drain` | take out of lists, keep registered |
+//! | `POST /api/v1/services/{name}/backends/{addr}/undrain` | put back |
+//! | `PUT /api/v1/services/{name}/backends/{addr}/weight` | `{"weight": n, "ttl_seconds": s}` override |
+//! | `DELETE /api/v1/services/{name}/backends/{addr}/weight` | clear the override |
+//!
+//! Mutations need `Authorization: Bearer <token>` (compared in constant
+//! time); without a configured token they are disabled (403). Every
+//! mutation is logged. Errors are JSON `{"error": …, "detail": …}`.
 //!
 //! Handlers read snapshots of the catalog and session table; no lock is held
 //! across an await, so the admin port can never slow down BalanceLoad.
-//! Errors are JSON `{"error": …, "detail": …}` with a 4xx status.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use crate::catalog::{Catalog, ServiceEntry};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::policy::HealthState;
 use crate::sessions::Sessions;
+
+/// The dashboard page, served as is (no build step).
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+/// Longest weight override accepted.
+const MAX_OVERRIDE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -30,18 +57,28 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The `--registry` value, shown in readiness answers.
     pub registry: String,
+    /// Bearer token required by mutations; `None` disables them.
+    pub token: Option<Arc<str>>,
 }
 
-/// The admin router.
+/// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so that mutations can log who made them.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/clients", get(clients))
+        .route("/api/v1/services/{name}/backends/{addr}/drain", post(drain))
+        .route("/api/v1/services/{name}/backends/{addr}/undrain", post(undrain))
+        .route("/api/v1/services/{name}/backends/{addr}/weight", put(set_weight).delete(clear_weight))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+        })
         .with_state(state)
 }
 
@@ -50,28 +87,27 @@ pub fn error(status: StatusCode, error: &str, detail: &str) -> Response {
     (status, Json(json!({ "error": error, "detail": detail }))).into_response()
 }
 
+/// A refused request: counted, then answered with a JSON error.
+fn refuse(s: &AdminState, status: StatusCode, reason: &str, detail: &str) -> Response {
+    s.metrics.admin_errors.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    let mut response = error(status, reason, detail);
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
 async fn readyz(State(s): State<AdminState>) -> Response {
     if s.catalog.is_synced() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
         let detail = format!("registry {} has not been listed yet", s.registry);
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "detail": detail})),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "detail": detail}))).into_response()
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 
 fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Value {
@@ -80,22 +116,22 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
     let mut v = json!({
         "name": entry.name(),
         "backends": backends.len(),
-        "listed": list.servers.len(),
+        "healthy": backends
+            .iter()
+            .filter(|b| matches!(b.health, HealthState::Serving | HealthState::Unchecked))
+            .count(),
+        "listed": backends.iter().filter(|b| b.decision.listed).count(),
         "list_version": list.version,
+        "panic": list.panic,
         "clients": sessions.count_for(entry.name()),
     });
     if detail {
         let total = list.servers.len().max(1) as f64;
-        v["panic"] = json!(list.panic);
         v["shed_fraction"] = json!(list.shed_fraction);
         v["backends"] = backends
             .iter()
             .map(|b| {
-                let entries = list
-                    .servers
-                    .iter()
-                    .filter(|s| s.load_balance_token == b.token)
-                    .count();
+                let entries = list.servers.iter().filter(|s| s.load_balance_token == b.token).count();
                 let mut row = serde_json::to_value(b).unwrap_or_default();
                 row["address"] = json!(b.addr.to_string());
                 row["list_entries"] = json!(entries);
@@ -116,23 +152,14 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
 }
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {
-    let all: Vec<Value> = s
-        .catalog
-        .services()
-        .iter()
-        .map(|e| service_json(e, &s.sessions, false))
-        .collect();
+    let all: Vec<Value> = s.catalog.services().iter().map(|e| service_json(e, &s.sessions, false)).collect();
     Json(json!({ "services": all }))
 }
 
 async fn service(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match s.catalog.service(&name) {
         Some(e) => Json(service_json(&e, &s.sessions, true)).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "unknown_service",
-            &format!("no service named {name:?}"),
-        ),
+        None => refuse(&s, StatusCode::NOT_FOUND, "unknown_service", &format!("no service named {name:?}")),
     }
 }
 
@@ -155,4 +182,140 @@ async fn clients(State(s): State<AdminState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "clients": all }))
+}
+
+/// Checks the bearer token of a mutation.
+fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &s.token else {
+        return Err(refuse(
+            s,
+            StatusCode::FORBIDDEN,
+            "mutations_disabled",
+            "admin mutations are disabled: start the LB with --admin-token-file (or LB_ADMIN_TOKEN)",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        None => Err(refuse(s, StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <token>")),
+        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
+        Some(_) => Err(refuse(s, StatusCode::UNAUTHORIZED, "unauthorized", "wrong token")),
+    }
+}
+
+/// Parses the backend address of a mutation path and checks it exists.
+fn backend(s: &AdminState, name: &str, addr: &str) -> Result<SocketAddr, Response> {
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        refuse(s, StatusCode::BAD_REQUEST, "bad_address", &format!("{addr:?} is not ip:port (IPv6 as [::1]:80)"))
+    })?;
+    let entry = s
+        .catalog
+        .service(name)
+        .ok_or_else(|| refuse(s, StatusCode::NOT_FOUND, "unknown_service", &format!("no service named {name:?}")))?;
+    if !entry.backends().iter().any(|b| b.addr == addr) {
+        return Err(refuse(s, StatusCode::NOT_FOUND, "unknown_backend", &format!("{name:?} has no backend {addr}")));
+    }
+    Ok(addr)
+}
+
+/// Logs, counts and answers an applied mutation.
+fn applied(s: &AdminState, peer: SocketAddr, action: &str, name: &str, addr: SocketAddr, detail: Value) -> Response {
+    tracing::info!(%peer, action, service = name, backend = %addr, %detail, "admin mutation");
+    s.metrics.admin_mutations.get_or_create(&ReasonLabels { reason: action.into() }).inc();
+    let mut body = json!({"ok": true, "action": action, "service": name, "backend": addr.to_string()});
+    if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
+        b.extend(d.clone());
+    }
+    Json(body).into_response()
+}
+
+type MutationPath = Path<(String, String)>;
+
+async fn drain(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, addr)): MutationPath,
+    headers: HeaderMap,
+) -> Response {
+    set_drained(&s, peer, &headers, &name, &addr, true)
+}
+
+async fn undrain(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, addr)): MutationPath,
+    headers: HeaderMap,
+) -> Response {
+    set_drained(&s, peer, &headers, &name, &addr, false)
+}
+
+fn set_drained(s: &AdminState, peer: SocketAddr, headers: &HeaderMap, name: &str, addr: &str, drained: bool) -> Response {
+    if let Err(r) = authorize(s, headers) {
+        return r;
+    }
+    let addr = match backend(s, name, addr) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    s.catalog.set_drained(name, addr, drained);
+    applied(s, peer, if drained { "drain" } else { "undrain" }, name, addr, json!({}))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightRequest {
+    weight: u32,
+    ttl_seconds: Option<u64>,
+}
+
+async fn set_weight(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, addr)): MutationPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let addr = match backend(&s, &name, &addr) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let request: WeightRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let detail = format!("expected {{\"weight\": 1-10000, \"ttl_seconds\": optional}}: {e}");
+            return refuse(&s, StatusCode::BAD_REQUEST, "bad_json", &detail);
+        }
+    };
+    if !(1..=10_000).contains(&request.weight) {
+        return refuse(&s, StatusCode::BAD_REQUEST, "bad_weight", "weight must be 1 to 10000 (drain to take a backend out)");
+    }
+    let ttl = Duration::from_secs(request.ttl_seconds.unwrap_or(300));
+    if ttl.is_zero() || ttl > MAX_OVERRIDE_TTL {
+        return refuse(&s, StatusCode::BAD_REQUEST, "bad_ttl", "ttl_seconds must be 1 to 604800");
+    }
+    s.catalog.set_weight_override(&name, addr, Some((request.weight, ttl)));
+    applied(&s, peer, "weight_override", &name, addr, json!({"weight": request.weight, "ttl_seconds": ttl.as_secs()}))
+}
+
+async fn clear_weight(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((name, addr)): MutationPath,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let addr = match backend(&s, &name, &addr) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    s.catalog.set_weight_override(&name, addr, None);
+    applied(&s, peer, "weight_override_cleared", &name, addr, json!({}))
 }

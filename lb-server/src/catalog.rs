@@ -68,6 +68,20 @@ pub struct Backend {
     pub drained: bool,
     /// The policy's last decision about it.
     pub decision: Decision,
+    /// Operator's weight override, replacing the registry weight until it expires.
+    pub weight_override: Option<WeightOverride>,
+}
+
+/// An operator's weight override.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WeightOverride {
+    /// The weight used instead of the registry weight.
+    pub weight: u32,
+    /// When it lapses.
+    #[serde(with = "humantime_serde_compat")]
+    pub until: SystemTime,
+    #[serde(skip)]
+    expires: Instant,
 }
 
 /// The fields of an ORCA report shown to operators.
@@ -350,6 +364,26 @@ impl Catalog {
         found
     }
 
+    /// Sets (or with `None` clears) an operator's weight override of a
+    /// backend, lasting `ttl`. Returns false when no such backend exists.
+    pub fn set_weight_override(&self, service: &str, addr: SocketAddr, over: Option<(u32, std::time::Duration)>) -> bool {
+        let Some(entry) = self.service(service) else { return false };
+        let mut backends = entry.backends.lock().expect("catalog lock");
+        let mut found = false;
+        for b in backends.values_mut().filter(|b| b.addr == addr) {
+            found = true;
+            b.weight_override = over.map(|(weight, ttl)| WeightOverride {
+                weight: weight.max(1),
+                until: SystemTime::now() + ttl,
+                expires: Instant::now() + ttl,
+            });
+        }
+        if found {
+            self.publish(&entry, &mut backends);
+        }
+        found
+    }
+
     /// Recomputes every service's list (time-dependent inputs: load
     /// reports, blackout and expiry, slow start). Publishes only changes.
     pub fn refresh_all(&self) {
@@ -446,6 +480,9 @@ impl Catalog {
         {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
+                if !backends.values().any(|b| b.addr == gone.addr) {
+                    self.metrics.forget_backend(&entry.name, gone.addr);
+                }
                 tracing::info!(service = %entry.name, key, addr = %gone.addr, "backend removed");
                 self.publish(&entry, &mut backends);
                 drop(backends);
@@ -479,6 +516,7 @@ impl Catalog {
                 let retained = *src != source || keep.contains(key);
                 if !retained {
                     tracing::info!(service = %service, key, addr = %b.addr, "backend removed (not in re-list)");
+                    self.metrics.forget_backend(&service, b.addr);
                 }
                 retained
             });
@@ -552,22 +590,30 @@ impl Catalog {
         entry: &ServiceEntry,
         backends: &mut BTreeMap<(&'static str, String), Backend>,
     ) {
+        let now = Instant::now();
+        for b in backends.values_mut() {
+            if b.weight_override.as_ref().is_some_and(|o| o.expires <= now) {
+                tracing::info!(service = %entry.name, addr = %b.addr, "weight override expired");
+                b.weight_override = None;
+            }
+        }
         let outcome = {
             let candidates: Vec<Candidate<'_>> = backends
                 .values()
                 .map(|b| Candidate {
                     addr: b.addr,
                     token: &b.token,
-                    weight: b.weight,
+                    weight: b.weight_override.as_ref().map(|o| o.weight).unwrap_or(b.weight),
                     health: b.health,
                     serving_since: b.serving_since,
                     load: b.load.as_ref(),
                     drained: b.drained,
                 })
                 .collect();
-            self.policy.build(&candidates, Instant::now())
+            self.policy.build(&candidates, now)
         };
         for (b, d) in backends.values_mut().zip(outcome.decisions) {
+            self.metrics.set_backend(&entry.name, b.addr, d.weight, b.health);
             b.decision = d;
         }
         let labels = ServiceLabels {
@@ -643,6 +689,7 @@ fn apply_upsert(
             load: sibling.as_ref().and_then(|b| b.load.clone()),
             load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
             drained: false,
+            weight_override: None,
             decision: Decision::default(),
         },
     );

@@ -140,12 +140,36 @@ pub struct Config {
     #[arg(long, env = "LB_MAX_SHED", default_value_t = 0.5)]
     pub max_shed: f64,
 
+    /// File holding the bearer token that admin mutations (drain, weight
+    /// override) require. Without a token, mutations are disabled.
+    #[arg(long, env = "LB_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
+    /// The admin token itself (prefer the env var or --admin-token-file: a
+    /// command line is visible to every local user).
+    #[arg(long, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log: String,
 }
 
 impl Config {
+    /// The admin token, from `--admin-token-file` or `--admin-token`; `None`
+    /// disables admin mutations.
+    pub fn load_admin_token(&self) -> anyhow::Result<Option<String>> {
+        let token = match (&self.admin_token_file, &self.admin_token) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--admin-token-file {}: {e}", path.display()))?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Ok(None),
+        };
+        let token = token.trim().to_string();
+        anyhow::ensure!(token.len() >= 16, "the admin token must be at least 16 characters");
+        Ok(Some(token))
+    }
+
     /// The list-building policy these flags describe.
     pub fn policy(&self) -> crate::policy::Policy {
         crate::policy::Policy {

@@ -80,6 +80,7 @@ impl LbServer {
     /// the ports are bound; port 0 picks a free port (see [`LbServer::lb_addr`]).
     pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
         let metrics = Arc::new(Metrics::new());
+        let admin_token = cfg.load_admin_token()?;
         let source = registry::from_url(&cfg.registry, &cfg)?;
         let catalog = Arc::new(Catalog::new(
             cfg.policy(),
@@ -157,15 +158,16 @@ impl LbServer {
             }
         }));
 
-        let admin = admin::router(admin::AdminState {
+let admin = admin::router(admin::AdminState {
             catalog: catalog.clone(),
             sessions,
             metrics,
             registry: cfg.registry.clone(),
+            token: admin_token.map(Arc::from),
         });
         let admin_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(admin_listener, admin)
+            let served = axum::serve(admin_listener, admin.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(admin_shutdown.cancelled_owned());
             if let Err(e) = served.await {
                 tracing::error!(error = %e, "admin server failed");

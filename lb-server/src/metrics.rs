@@ -37,6 +37,15 @@ pub struct CallLabels {
     pub kind: String,
 }
 
+/// Labels naming one backend of a service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The service name in the registry.
+    pub service: String,
+    /// The backend's address.
+    pub backend: String,
+}
+
 /// Labels naming why a stream was refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -69,6 +78,14 @@ pub struct Metrics {
     pub client_calls: Family<CallLabels, Counter>,
     /// Health transitions, per service and new state.
     pub health_transitions: Family<CallLabels, Counter>,
+    /// Relative weight of each backend in its service's list (0 = not listed).
+    pub backend_weight: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 when a backend's health check says it serves, else 0.
+    pub backend_healthy: Family<BackendLabels, Gauge>,
+    /// Admin mutations applied, by action.
+    pub admin_mutations: Family<ReasonLabels, Counter>,
+    /// Admin requests refused, by reason.
+    pub admin_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -89,6 +106,10 @@ impl Metrics {
             list_version: Family::default(),
             client_calls: Family::default(),
             health_transitions: Family::default(),
+            backend_weight: Family::default(),
+            backend_healthy: Family::default(),
+            admin_mutations: Family::default(),
+            admin_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +167,18 @@ impl Metrics {
             "Health transitions, per service and new state",
             m.health_transitions.clone(),
         );
+        registry.register(
+            "backend_weight",
+            "Relative weight of each backend in its list (0 = not listed)",
+            m.backend_weight.clone(),
+        );
+        registry.register(
+            "backend_healthy",
+            "1 when a backend's health check says it serves",
+            m.backend_healthy.clone(),
+        );
+        registry.register("admin_mutations", "Admin mutations applied, by action", m.admin_mutations.clone());
+        registry.register("admin_errors", "Admin requests refused, by reason", m.admin_errors.clone());
         Metrics { registry, ..m }
     }
 
@@ -187,6 +220,21 @@ impl Metrics {
                 kind: to,
             })
             .inc();
+    }
+
+    /// Sets the per-backend gauges.
+    pub fn set_backend(&self, service: &str, addr: std::net::SocketAddr, weight: f64, health: crate::policy::HealthState) {
+        let labels = BackendLabels { service: service.into(), backend: addr.to_string() };
+        self.backend_weight.get_or_create(&labels).set(weight);
+        let healthy = matches!(health, crate::policy::HealthState::Serving | crate::policy::HealthState::Unchecked);
+        self.backend_healthy.get_or_create(&labels).set(healthy as i64);
+    }
+
+    /// Drops the per-backend gauges of a backend that left.
+    pub fn forget_backend(&self, service: &str, addr: std::net::SocketAddr) {
+        let labels = BackendLabels { service: service.into(), backend: addr.to_string() };
+        self.backend_weight.remove(&labels);
+        self.backend_healthy.remove(&labels);
     }
 
     /// Renders every metric in the Prometheus text format.
