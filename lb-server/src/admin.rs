@@ -73,11 +73,21 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/clients", get(clients))
         .route("/api/v1/services/{name}/backends/{addr}/drain", post(drain))
-        .route("/api/v1/services/{name}/backends/{addr}/undrain", post(undrain))
-        .route("/api/v1/services/{name}/backends/{addr}/weight", put(set_weight).delete(clear_weight))
+        .route(
+            "/api/v1/services/{name}/backends/{addr}/undrain",
+            post(undrain),
+        )
+        .route(
+            "/api/v1/services/{name}/backends/{addr}/weight",
+            put(set_weight).delete(clear_weight),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
         })
         .with_state(state)
 }
@@ -89,10 +99,18 @@ pub fn error(status: StatusCode, error: &str, detail: &str) -> Response {
 
 /// A refused request: counted, then answered with a JSON error.
 fn refuse(s: &AdminState, status: StatusCode, reason: &str, detail: &str) -> Response {
-    s.metrics.admin_errors.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    s.metrics
+        .admin_errors
+        .get_or_create(&ReasonLabels {
+            reason: reason.into(),
+        })
+        .inc();
     let mut response = error(status, reason, detail);
     if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
     }
     response
 }
@@ -102,12 +120,23 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
         let detail = format!("registry {} has not been listed yet", s.registry);
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "detail": detail}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "detail": detail})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Value {
@@ -131,7 +160,11 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
         v["backends"] = backends
             .iter()
             .map(|b| {
-                let entries = list.servers.iter().filter(|s| s.load_balance_token == b.token).count();
+                let entries = list
+                    .servers
+                    .iter()
+                    .filter(|s| s.load_balance_token == b.token)
+                    .count();
                 let mut row = serde_json::to_value(b).unwrap_or_default();
                 row["address"] = json!(b.addr.to_string());
                 row["list_entries"] = json!(entries);
@@ -152,14 +185,24 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
 }
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {
-    let all: Vec<Value> = s.catalog.services().iter().map(|e| service_json(e, &s.sessions, false)).collect();
+    let all: Vec<Value> = s
+        .catalog
+        .services()
+        .iter()
+        .map(|e| service_json(e, &s.sessions, false))
+        .collect();
     Json(json!({ "services": all }))
 }
 
 async fn service(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match s.catalog.service(&name) {
         Some(e) => Json(service_json(&e, &s.sessions, true)).into_response(),
-        None => refuse(&s, StatusCode::NOT_FOUND, "unknown_service", &format!("no service named {name:?}")),
+        None => refuse(
+            &s,
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            &format!("no service named {name:?}"),
+        ),
     }
 }
 
@@ -184,11 +227,32 @@ async fn clients(State(s): State<AdminState>) -> Json<Value> {
     Json(json!({ "clients": all }))
 }
 
+/// A refused admin request: status, machine-readable reason, detail.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str, detail: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Turns a handler's result into a response, counting refusals.
+fn answer(s: &AdminState, result: Result<Response, Refusal>) -> Response {
+    result.unwrap_or_else(|r| refuse(s, r.status, r.reason, &r.detail))
+}
+
 /// Checks the bearer token of a mutation.
-fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(expected) = &s.token else {
-        return Err(refuse(
-            s,
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "mutations_disabled",
             "admin mutations are disabled: start the LB with --admin-token-file (or LB_ADMIN_TOKEN)",
@@ -200,32 +264,64 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        None => Err(refuse(s, StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <token>")),
+        None => Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <token>",
+        )),
         Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-        Some(_) => Err(refuse(s, StatusCode::UNAUTHORIZED, "unauthorized", "wrong token")),
+        Some(_) => Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "wrong token",
+        )),
     }
 }
 
 /// Parses the backend address of a mutation path and checks it exists.
-fn backend(s: &AdminState, name: &str, addr: &str) -> Result<SocketAddr, Response> {
+fn backend(s: &AdminState, name: &str, addr: &str) -> Result<SocketAddr, Refusal> {
     let addr: SocketAddr = addr.parse().map_err(|_| {
-        refuse(s, StatusCode::BAD_REQUEST, "bad_address", &format!("{addr:?} is not ip:port (IPv6 as [::1]:80)"))
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_address",
+            format!("{addr:?} is not ip:port (IPv6 as [::1]:80)"),
+        )
     })?;
-    let entry = s
-        .catalog
-        .service(name)
-        .ok_or_else(|| refuse(s, StatusCode::NOT_FOUND, "unknown_service", &format!("no service named {name:?}")))?;
+    let entry = s.catalog.service(name).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            format!("no service named {name:?}"),
+        )
+    })?;
     if !entry.backends().iter().any(|b| b.addr == addr) {
-        return Err(refuse(s, StatusCode::NOT_FOUND, "unknown_backend", &format!("{name:?} has no backend {addr}")));
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "unknown_backend",
+            format!("{name:?} has no backend {addr}"),
+        ));
     }
     Ok(addr)
 }
 
 /// Logs, counts and answers an applied mutation.
-fn applied(s: &AdminState, peer: SocketAddr, action: &str, name: &str, addr: SocketAddr, detail: Value) -> Response {
+fn applied(
+    s: &AdminState,
+    peer: SocketAddr,
+    action: &str,
+    name: &str,
+    addr: SocketAddr,
+    detail: Value,
+) -> Response {
     tracing::info!(%peer, action, service = name, backend = %addr, %detail, "admin mutation");
-    s.metrics.admin_mutations.get_or_create(&ReasonLabels { reason: action.into() }).inc();
-    let mut body = json!({"ok": true, "action": action, "service": name, "backend": addr.to_string()});
+    s.metrics
+        .admin_mutations
+        .get_or_create(&ReasonLabels {
+            reason: action.into(),
+        })
+        .inc();
+    let mut body =
+        json!({"ok": true, "action": action, "service": name, "backend": addr.to_string()});
     if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
         b.extend(d.clone());
     }
@@ -240,7 +336,7 @@ async fn drain(
     Path((name, addr)): MutationPath,
     headers: HeaderMap,
 ) -> Response {
-    set_drained(&s, peer, &headers, &name, &addr, true)
+    answer(&s, set_drained(&s, peer, &headers, &name, &addr, true))
 }
 
 async fn undrain(
@@ -249,19 +345,28 @@ async fn undrain(
     Path((name, addr)): MutationPath,
     headers: HeaderMap,
 ) -> Response {
-    set_drained(&s, peer, &headers, &name, &addr, false)
+    answer(&s, set_drained(&s, peer, &headers, &name, &addr, false))
 }
 
-fn set_drained(s: &AdminState, peer: SocketAddr, headers: &HeaderMap, name: &str, addr: &str, drained: bool) -> Response {
-    if let Err(r) = authorize(s, headers) {
-        return r;
-    }
-    let addr = match backend(s, name, addr) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+fn set_drained(
+    s: &AdminState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    name: &str,
+    addr: &str,
+    drained: bool,
+) -> Result<Response, Refusal> {
+    authorize(s, headers)?;
+    let addr = backend(s, name, addr)?;
     s.catalog.set_drained(name, addr, drained);
-    applied(s, peer, if drained { "drain" } else { "undrain" }, name, addr, json!({}))
+    Ok(applied(
+        s,
+        peer,
+        if drained { "drain" } else { "undrain" },
+        name,
+        addr,
+        json!({}),
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -278,29 +383,32 @@ async fn set_weight(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
-    let addr = match backend(&s, &name, &addr) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    let request: WeightRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            let detail = format!("expected {{\"weight\": 1-10000, \"ttl_seconds\": optional}}: {e}");
-            return refuse(&s, StatusCode::BAD_REQUEST, "bad_json", &detail);
+    let result = (|| {
+        authorize(&s, &headers)?;
+        let addr = backend(&s, &name, &addr)?;
+        let request: WeightRequest = serde_json::from_slice(&body).map_err(|e| {
+            let detail =
+                format!("expected {{\"weight\": 1-10000, \"ttl_seconds\": optional}}: {e}");
+            Refusal::new(StatusCode::BAD_REQUEST, "bad_json", detail)
+        })?;
+        if !(1..=10_000).contains(&request.weight) {
+            let detail = "weight must be 1 to 10000 (drain to take a backend out)";
+            return Err(Refusal::new(StatusCode::BAD_REQUEST, "bad_weight", detail));
         }
-    };
-    if !(1..=10_000).contains(&request.weight) {
-        return refuse(&s, StatusCode::BAD_REQUEST, "bad_weight", "weight must be 1 to 10000 (drain to take a backend out)");
-    }
-    let ttl = Duration::from_secs(request.ttl_seconds.unwrap_or(300));
-    if ttl.is_zero() || ttl > MAX_OVERRIDE_TTL {
-        return refuse(&s, StatusCode::BAD_REQUEST, "bad_ttl", "ttl_seconds must be 1 to 604800");
-    }
-    s.catalog.set_weight_override(&name, addr, Some((request.weight, ttl)));
-    applied(&s, peer, "weight_override", &name, addr, json!({"weight": request.weight, "ttl_seconds": ttl.as_secs()}))
+        let ttl = Duration::from_secs(request.ttl_seconds.unwrap_or(300));
+        if ttl.is_zero() || ttl > MAX_OVERRIDE_TTL {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad_ttl",
+                "ttl_seconds must be 1 to 604800",
+            ));
+        }
+        s.catalog
+            .set_weight_override(&name, addr, Some((request.weight, ttl)));
+        let detail = json!({"weight": request.weight, "ttl_seconds": ttl.as_secs()});
+        Ok(applied(&s, peer, "weight_override", &name, addr, detail))
+    })();
+    answer(&s, result)
 }
 
 async fn clear_weight(
@@ -309,13 +417,18 @@ async fn clear_weight(
     Path((name, addr)): MutationPath,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
-    let addr = match backend(&s, &name, &addr) {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    s.catalog.set_weight_override(&name, addr, None);
-    applied(&s, peer, "weight_override_cleared", &name, addr, json!({}))
+    let result = (|| {
+        authorize(&s, &headers)?;
+        let addr = backend(&s, &name, &addr)?;
+        s.catalog.set_weight_override(&name, addr, None);
+        Ok(applied(
+            &s,
+            peer,
+            "weight_override_cleared",
+            &name,
+            addr,
+            json!({}),
+        ))
+    })();
+    answer(&s, result)
 }

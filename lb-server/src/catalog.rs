@@ -366,8 +366,15 @@ impl Catalog {
 
     /// Sets (or with `None` clears) an operator's weight override of a
     /// backend, lasting `ttl`. Returns false when no such backend exists.
-    pub fn set_weight_override(&self, service: &str, addr: SocketAddr, over: Option<(u32, std::time::Duration)>) -> bool {
-        let Some(entry) = self.service(service) else { return false };
+    pub fn set_weight_override(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        over: Option<(u32, std::time::Duration)>,
+    ) -> bool {
+        let Some(entry) = self.service(service) else {
+            return false;
+        };
         let mut backends = entry.backends.lock().expect("catalog lock");
         let mut found = false;
         for b in backends.values_mut().filter(|b| b.addr == addr) {
@@ -603,7 +610,11 @@ impl Catalog {
                 .map(|b| Candidate {
                     addr: b.addr,
                     token: &b.token,
-                    weight: b.weight_override.as_ref().map(|o| o.weight).unwrap_or(b.weight),
+                    weight: b
+                        .weight_override
+                        .as_ref()
+                        .map(|o| o.weight)
+                        .unwrap_or(b.weight),
                     health: b.health,
                     serving_since: b.serving_since,
                     load: b.load.as_ref(),
@@ -613,7 +624,8 @@ impl Catalog {
             self.policy.build(&candidates, now)
         };
         for (b, d) in backends.values_mut().zip(outcome.decisions) {
-            self.metrics.set_backend(&entry.name, b.addr, d.weight, b.health);
+            self.metrics
+                .set_backend(&entry.name, b.addr, d.weight, b.health);
             b.decision = d;
         }
         let labels = ServiceLabels {

@@ -166,7 +166,10 @@ impl Config {
             (None, None) => return Ok(None),
         };
         let token = token.trim().to_string();
-        anyhow::ensure!(token.len() >= 16, "the admin token must be at least 16 characters");
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the admin token must be at least 16 characters"
+        );
         Ok(Some(token))
     }
 

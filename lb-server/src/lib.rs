@@ -158,7 +158,7 @@ impl LbServer {
             }
         }));
 
-let admin = admin::router(admin::AdminState {
+        let admin = admin::router(admin::AdminState {
             catalog: catalog.clone(),
             sessions,
             metrics,
@@ -167,8 +167,11 @@ let admin = admin::router(admin::AdminState {
         });
         let admin_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(admin_listener, admin.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(admin_shutdown.cancelled_owned());
+            let served = axum::serve(
+                admin_listener,
+                admin.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned());
             if let Err(e) = served.await {
                 tracing::error!(error = %e, "admin server failed");
             }

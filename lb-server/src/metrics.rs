@@ -177,8 +177,16 @@ impl Metrics {
             "1 when a backend's health check says it serves",
             m.backend_healthy.clone(),
         );
-        registry.register("admin_mutations", "Admin mutations applied, by action", m.admin_mutations.clone());
-        registry.register("admin_errors", "Admin requests refused, by reason", m.admin_errors.clone());
+        registry.register(
+            "admin_mutations",
+            "Admin mutations applied, by action",
+            m.admin_mutations.clone(),
+        );
+        registry.register(
+            "admin_errors",
+            "Admin requests refused, by reason",
+            m.admin_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -223,16 +231,33 @@ impl Metrics {
     }
 
     /// Sets the per-backend gauges.
-    pub fn set_backend(&self, service: &str, addr: std::net::SocketAddr, weight: f64, health: crate::policy::HealthState) {
-        let labels = BackendLabels { service: service.into(), backend: addr.to_string() };
+    pub fn set_backend(
+        &self,
+        service: &str,
+        addr: std::net::SocketAddr,
+        weight: f64,
+        health: crate::policy::HealthState,
+    ) {
+        let labels = BackendLabels {
+            service: service.into(),
+            backend: addr.to_string(),
+        };
         self.backend_weight.get_or_create(&labels).set(weight);
-        let healthy = matches!(health, crate::policy::HealthState::Serving | crate::policy::HealthState::Unchecked);
-        self.backend_healthy.get_or_create(&labels).set(healthy as i64);
+        let healthy = matches!(
+            health,
+            crate::policy::HealthState::Serving | crate::policy::HealthState::Unchecked
+        );
+        self.backend_healthy
+            .get_or_create(&labels)
+            .set(healthy as i64);
     }
 
     /// Drops the per-backend gauges of a backend that left.
     pub fn forget_backend(&self, service: &str, addr: std::net::SocketAddr) {
-        let labels = BackendLabels { service: service.into(), backend: addr.to_string() };
+        let labels = BackendLabels {
+            service: service.into(),
+            backend: addr.to_string(),
+        };
         self.backend_weight.remove(&labels);
         self.backend_healthy.remove(&labels);
     }
