@@ -270,6 +270,8 @@ async fn rolling_restart_under_load_fails_no_call() {
         );
         gs.push(new);
     }
+    // Keep the load on a little, so the last replacement serves too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let calls = caller.stop().await;
     assert!(
         calls.failures.is_empty(),
