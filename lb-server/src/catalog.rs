@@ -238,7 +238,8 @@ impl Catalog {
     }
 
     /// Applies `f` to every backend of `service` at `addr`; republishes if it
-    /// returned true for any, right away or (`defer`) at the next refresh.
+    /// returned true for any (then returns true), right away or (`defer`) at
+    /// the next refresh.
     fn update_backends(
         &self,
         service: &str,
@@ -349,19 +350,10 @@ impl Catalog {
     /// Takes a backend out of lists (or puts it back), keeping it registered.
     /// Returns false when no such backend exists.
     pub fn set_drained(&self, service: &str, addr: SocketAddr, drained: bool) -> bool {
-        let Some(entry) = self.service(service) else {
-            return false;
-        };
-        let mut backends = entry.backends.lock().expect("catalog lock");
-        let mut found = false;
-        for b in backends.values_mut().filter(|b| b.addr == addr) {
-            found = true;
+        self.update_backends(service, addr, false, |b| {
             b.drained = drained;
-        }
-        if found {
-            self.publish(&entry, &mut backends);
-        }
-        found
+            true
+        })
     }
 
     /// Sets (or with `None` clears) an operator's weight override of a
@@ -372,23 +364,14 @@ impl Catalog {
         addr: SocketAddr,
         over: Option<(u32, std::time::Duration)>,
     ) -> bool {
-        let Some(entry) = self.service(service) else {
-            return false;
-        };
-        let mut backends = entry.backends.lock().expect("catalog lock");
-        let mut found = false;
-        for b in backends.values_mut().filter(|b| b.addr == addr) {
-            found = true;
+        self.update_backends(service, addr, false, |b| {
             b.weight_override = over.map(|(weight, ttl)| WeightOverride {
                 weight: weight.max(1),
                 until: SystemTime::now() + ttl,
                 expires: Instant::now() + ttl,
             });
-        }
-        if found {
-            self.publish(&entry, &mut backends);
-        }
-        found
+            true
+        })
     }
 
     /// Recomputes every service's list (time-dependent inputs: load

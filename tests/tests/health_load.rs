@@ -1,8 +1,6 @@
 //! Health and load awareness (DESIGN §4, 7–9): active health checks, ORCA
 //! load reports, slow start, panic mode and shedding, with real processes.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lb_tests::{
@@ -146,13 +144,6 @@ async fn check_only_backends_are_polled() {
     others.clear();
 }
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// Scenario 8b: of four backends, the one reporting 4x the utilization gets
 /// clearly less traffic (below half the fair share), through lb-client and
 /// through Python grpcio (gRPC C-core).
@@ -193,43 +184,9 @@ async fn busy_backend_gets_less_traffic_with_lb_client_and_grpcio() {
     );
 
     // The stock C-core client walks the same weighted list.
-    let python = std::env::var_os("LB_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} not found: run scripts/test",
-        python.display()
-    );
-    let out = tokio::process::Command::new(python)
-        .arg(workspace().join("tests/interop/grpclb_client.py"))
-        .args([
-            "--lb-port",
-            &lb.addr.port().to_string(),
-            "--host",
-            "greeter.svc.test",
-            "--calls",
-            "400",
-        ])
-        .env("GRPC_DNS_RESOLVER", "ares")
-        .env("GRPC_VERBOSITY", "ERROR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), out)
-        .await
-        .expect("python timed out")
-        .unwrap();
+    let summary = lb_tests::grpcio_client(lb.addr, "greeter.svc.test", 400, 0.0).await;
     let calls = caller.stop().await;
     assert!(calls.failures.is_empty(), "{:?}", calls.failures);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let n = summary["per_backend"][&busy_addr].as_u64().unwrap_or(0);
     eprintln!("grpcio: busy backend {n} of 400 calls: {summary}");
     assert!(

@@ -107,27 +107,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn greeter(register: Option<(SocketAddr, &str)>) -> anyhow::Result<RunningGreeter> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let g = RunningGreeter::start(listener, GreeterOptions::default(), |addr| {
-        register.and_then(|(lb, service)| {
-            Registration::embedded(
-                vec![lb.to_string()],
-                service,
-                &addr.to_string(),
-                RegistrationOptions::default(),
-            )
-            .ok()
-        })
-    })
-    .await?;
-    anyhow::ensure!(
-        g.wait_registered(Duration::from_secs(5)).await,
-        "greeter did not register"
-    );
-    Ok(g)
-}
-
 /// Runs `concurrency` callers for `duration`; returns calls/s and p50, p99,
 /// p99.9 latency (µs).
 async fn load<T>(
@@ -206,9 +185,9 @@ async fn throughput(
     .await?;
     let mut backends = Vec::new();
     for _ in 0..3 {
-        backends.push(greeter(Some((lb.lb_addr, "greeter"))).await?);
+        backends.push(greeter_with(GreeterOptions::default(), &[lb.lb_addr], "greeter").await?);
     }
-    let solo = greeter(Some((lb.lb_addr, "solo"))).await?;
+    let solo = greeter_with(GreeterOptions::default(), &[lb.lb_addr], "solo").await?;
 
     let lb3 = LbChannel::builder("greeter")
         .lb(lb.lb_addr.to_string())
@@ -356,8 +335,8 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
     let mut etcd = etcd_client::Client::connect([&endpoint], None).await?;
 
     // One backend always present, one that comes and goes.
-    let steady = greeter(None).await?;
-    let mover = greeter(None).await?;
+    let steady = greeter_with(GreeterOptions::default(), &[], "greeter").await?;
+    let mover = greeter_with(GreeterOptions::default(), &[], "greeter").await?;
     etcd.put(
         format!("/services/greeter/{}", steady.addr),
         steady.addr.to_string(),
@@ -464,7 +443,8 @@ async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Starts an in-process greeter behaving as `options`, registered as
-/// `service` with the embedded registry of every LB in `lbs`.
+/// `service` with the embedded registry of every LB in `lbs` (none: not
+/// registered).
 async fn greeter_with(
     options: GreeterOptions,
     lbs: &[SocketAddr],
@@ -473,6 +453,9 @@ async fn greeter_with(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let lbs: Vec<String> = lbs.iter().map(|a| a.to_string()).collect();
     let g = RunningGreeter::start(listener, options, |addr| {
+        if lbs.is_empty() {
+            return None;
+        }
         Registration::embedded(
             lbs,
             service,
