@@ -4,7 +4,6 @@
 //! Needs a Python with `grpcio` and `dnslib`: `$LB_TEST_PYTHON`, or the
 //! `.venv` that `scripts/test` creates at the workspace root.
 
-
 use lb_tests::Lb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
