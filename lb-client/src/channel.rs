@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::{Scheme, Uri};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::Status;
@@ -226,7 +226,9 @@ impl tower::Service<http::Request<Body>> for LbChannel {
 /// nothing is usable yet. Failures become gRPC status responses.
 async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> http::Response<Body> {
     let deadline = grpc_timeout(request.headers()).map(|d| tokio::time::Instant::now() + d);
-    let mut changes = state.picker.subscribe();
+    // Subscribed only once a call has to wait; it then picks once more so
+    // that no change between its pick and its subscription is missed.
+    let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut retried = false;
     loop {
         let backend: Option<ReadyBackend> = {
@@ -248,6 +250,10 @@ async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> htt
             }
         };
         let Some(mut backend) = backend else {
+            let Some(changes) = changes.as_mut() else {
+                changes = Some(state.picker.subscribe());
+                continue;
+            };
             let waited = match deadline {
                 Some(d) => tokio::time::timeout_at(d, changes.changed()).await.ok(),
                 None => Some(changes.changed().await),
@@ -308,7 +314,7 @@ fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend) {
     let path = request.uri().path_and_query().cloned();
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Authority::try_from(backend.addr.to_string()).ok();
+    parts.authority = Some(backend.authority.clone());
     parts.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;

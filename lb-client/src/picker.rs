@@ -23,6 +23,8 @@ pub struct ReadyBackend {
     pub sender: SendRequest<tonic::body::Body>,
     /// The backend's address.
     pub addr: SocketAddr,
+    /// `host:port` authority of requests to it (parsed once per list).
+    pub authority: http::uri::Authority,
     /// `lb-token` metadata value; `None` in fallback mode.
     pub token: Option<HeaderValue>,
     /// The connection, to report failures to.

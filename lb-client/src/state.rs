@@ -176,6 +176,8 @@ impl ChannelState {
                 ConnState::Ready(sender) => picks.push(Entry::Backend(ReadyBackend {
                     sender,
                     addr: e.addr,
+                    authority: http::uri::Authority::try_from(e.addr.to_string())
+                        .expect("a socket address is a valid authority"),
                     token: e
                         .token
                         .as_deref()

@@ -377,12 +377,7 @@ impl Catalog {
     /// Recomputes every service's list (time-dependent inputs: load
     /// reports, blackout and expiry, slow start). Publishes only changes.
     pub fn refresh_all(&self) {
-        for entry in self
-            .services
-            .iter()
-            .map(|e| e.value().clone())
-            .collect::<Vec<_>>()
-        {
+        for entry in self.services() {
             let mut backends = entry.backends.lock().expect("catalog lock");
             self.publish(&entry, &mut backends);
         }
@@ -462,12 +457,7 @@ impl Catalog {
 
     /// Removes the instance `key` reported by `source`, wherever it is.
     pub fn remove(&self, source: &'static str, key: &str) {
-        for entry in self
-            .services
-            .iter()
-            .map(|e| e.value().clone())
-            .collect::<Vec<_>>()
-        {
+        for entry in self.services() {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
                 if !backends.values().any(|b| b.addr == gone.addr) {
@@ -487,12 +477,7 @@ impl Catalog {
         for i in instances {
             by_service.entry(i.service.clone()).or_default().push(i);
         }
-        for entry in self
-            .services
-            .iter()
-            .map(|e| e.value().clone())
-            .collect::<Vec<_>>()
-        {
+        for entry in self.services() {
             if !by_service.contains_key(&entry.name) {
                 by_service.insert(entry.name.clone(), Vec::new());
             }

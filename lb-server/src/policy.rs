@@ -202,12 +202,13 @@ impl Policy {
     pub fn build(&self, candidates: &[Candidate<'_>], now: Instant) -> Outcome {
         let mut decisions = vec![Decision::default(); candidates.len()];
         // One entry per address (the first candidate with it wins).
-        let unique: Vec<usize> = (0..candidates.len())
-            .filter(|&i| !candidates[..i].iter().any(|c| c.addr == candidates[i].addr))
-            .collect();
-        for (i, d) in decisions.iter_mut().enumerate() {
-            if !unique.contains(&i) {
-                d.reason = "same address as another instance; listed once".into();
+        let mut seen = std::collections::HashSet::with_capacity(candidates.len());
+        let mut unique: Vec<usize> = Vec::with_capacity(candidates.len());
+        for (i, c) in candidates.iter().enumerate() {
+            if seen.insert(c.addr) {
+                unique.push(i);
+            } else {
+                decisions[i].reason = "same address as another instance; listed once".into();
             }
         }
         let eligible = |c: &Candidate<'_>| {
@@ -242,9 +243,13 @@ impl Policy {
         } else {
             healthy.clone()
         };
+        let mut is_chosen = vec![false; candidates.len()];
+        for &i in &chosen {
+            is_chosen[i] = true;
+        }
         for &i in &unique {
             let c = &candidates[i];
-            if !chosen.contains(&i) {
+            if !is_chosen[i] {
                 decisions[i].reason = match (c.drained, c.health) {
                     (true, _) => "drained by an operator".into(),
                     (_, HealthState::Unknown) => "not health-checked yet".into(),
@@ -307,10 +312,8 @@ impl Policy {
             let d = &mut decisions[i];
             d.listed = true;
             d.weight = weights[k];
-            d.entries = servers
-                .iter()
-                .filter(|s| s.load_balance_token == c.token)
-                .count();
+            // Smooth order emits each backend exactly its integer weight times.
+            d.entries = ints[k] as usize;
             let mut why = Vec::new();
             if panic {
                 why.push(format!(

@@ -345,6 +345,21 @@ impl Lb {
         lb
     }
 
+    /// An LB with the embedded registry, answering names under `.svc.test`
+    /// and asking clients for stats every 200 ms; `extra` flags are added.
+    pub async fn embedded(extra: &[&str]) -> Lb {
+        let mut args = vec![
+            "--registry",
+            "memory",
+            "--domain-suffix",
+            ".svc.test",
+            "--client-stats-interval",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(&args).await
+    }
+
     /// Stops it gracefully and starts it again on the same ports.
     pub async fn restart(self) -> Lb {
         let (addr, admin, args) = (self.addr, self.admin, self.args.clone());

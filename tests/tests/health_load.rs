@@ -11,12 +11,6 @@ use lb_tests::{
 /// An LB with the embedded registry and fast load-weighting settings.
 async fn fast_lb(extra: &[&str]) -> Lb {
     let mut args = vec![
-        "--registry",
-        "memory",
-        "--domain-suffix",
-        ".svc.test",
-        "--client-stats-interval",
-        "200ms",
         "--weight-blackout",
         "1s",
         "--orca-interval",
@@ -27,7 +21,7 @@ async fn fast_lb(extra: &[&str]) -> Lb {
         "200ms",
     ];
     args.extend_from_slice(extra);
-    Lb::start(&args).await
+    Lb::embedded(&args).await
 }
 
 fn registry(lb: &Lb) -> String {

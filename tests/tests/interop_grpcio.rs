@@ -8,15 +8,7 @@ use lb_tests::Lb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_balances_through_the_lb_via_dns_srv() {
-    let lb = Lb::start(&[
-        "--registry",
-        "memory",
-        "--domain-suffix",
-        ".svc.test",
-        "--client-stats-interval",
-        "200ms",
-    ])
-    .await;
+    let lb = Lb::embedded(&[]).await;
     let greeters = lb_tests::greeters(3, &format!("lb://{}", lb.addr), &[]).await;
     let summary = lb_tests::grpcio_client(lb.addr, "greeter.svc.test", 300, 2.5).await;
     eprintln!("grpcio summary: {summary}");

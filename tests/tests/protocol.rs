@@ -43,15 +43,7 @@ async fn open(
 }
 
 async fn embedded_lb_with_greeters(n: usize, ttl: &str) -> (Lb, Vec<Greeter>) {
-    let lb = Lb::start(&[
-        "--registry",
-        "memory",
-        "--domain-suffix",
-        ".svc.test",
-        "--client-stats-interval",
-        "200ms",
-    ])
-    .await;
+    let lb = Lb::embedded(&[]).await;
     let greeters = lb_tests::greeters(n, &format!("lb://{}", lb.addr), &["--ttl", ttl]).await;
     (lb, greeters)
 }
