@@ -53,6 +53,10 @@ pub struct AdminState {
     pub catalog: Arc<Catalog>,
     /// Connected streams.
     pub sessions: Arc<Sessions>,
+    /// Per-client subsets.
+    pub subsets: Arc<crate::subsets::Subsets>,
+    /// Cluster membership, when replicas share health checks.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The `--registry` value, shown in readiness answers.
@@ -72,6 +76,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/clients", get(clients))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/services/{name}/backends/{addr}/drain", post(drain))
         .route(
             "/api/v1/services/{name}/backends/{addr}/undrain",
@@ -139,7 +144,8 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
-fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Value {
+fn service_json(entry: &ServiceEntry, s: &AdminState, detail: bool) -> Value {
+    let sessions = &s.sessions;
     let list = entry.current_list();
     let backends = entry.backends();
     let mut v = json!({
@@ -157,6 +163,9 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
     if detail {
         let total = list.servers.len().max(1) as f64;
         v["shed_fraction"] = json!(list.shed_fraction);
+        v["subset_size"] = json!(s.subsets.size());
+        let subset_counts = s.subsets.counts(entry.name());
+        let view = s.cluster.as_ref().map(|c| c.view());
         v["backends"] = backends
             .iter()
             .map(|b| {
@@ -169,6 +178,13 @@ fn service_json(entry: &ServiceEntry, sessions: &Sessions, detail: bool) -> Valu
                 row["address"] = json!(b.addr.to_string());
                 row["list_entries"] = json!(entries);
                 row["list_share"] = json!(entries as f64 / total);
+                if s.subsets.enabled() {
+                    row["subset_clients"] = json!(subset_counts.get(&b.addr).copied().unwrap_or(0));
+                }
+                if let Some(view) = &view {
+                    row["checked_by"] =
+                        json!(view.owner(entry.name(), b.addr).unwrap_or(&view.replica_id));
+                }
                 row
             })
             .collect();
@@ -189,14 +205,14 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
         .catalog
         .services()
         .iter()
-        .map(|e| service_json(e, &s.sessions, false))
+        .map(|e| service_json(e, &s, false))
         .collect();
     Json(json!({ "services": all }))
 }
 
 async fn service(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match s.catalog.service(&name) {
-        Some(e) => Json(service_json(&e, &s.sessions, true)).into_response(),
+        Some(e) => Json(service_json(&e, &s, true)).into_response(),
         None => refuse(
             &s,
             StatusCode::NOT_FOUND,
@@ -221,10 +237,20 @@ async fn clients(State(s): State<AdminState>) -> Json<Value> {
                 "lists_sent": c.lists_sent.load(Ordering::Relaxed),
                 "list_version": c.list_version.load(Ordering::Relaxed),
                 "last_stats": c.last_stats.lock().expect("stats lock").clone(),
+                "client_id": c.client_id,
+                "subset": c.subset.lock().expect("subset lock").clone(),
             })
         })
         .collect();
     Json(json!({ "clients": all }))
+}
+
+/// `/api/v1/cluster`: this replica's view of the cluster.
+async fn cluster(State(s): State<AdminState>) -> Json<Value> {
+    match &s.cluster {
+        Some(c) => Json(json!({ "clustered": true, "view": c.view() })),
+        None => Json(json!({ "clustered": false })),
+    }
 }
 
 /// A refused admin request: status, machine-readable reason, detail.

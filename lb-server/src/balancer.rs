@@ -7,6 +7,10 @@
 //! that cannot keep up simply skips to the newest list; identical lists are
 //! never resent. `client_stats` from the client are added to the service's
 //! totals. Streams run inside tonic's response body: no task per stream.
+//!
+//! With subsets on ([`crate::subsets`]), each stream gets the service's list
+//! filtered to its client's subset, and is re-sent it when the subset
+//! changes.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use crate::catalog::{Catalog, PublishedList, ServiceEntry};
 use crate::metrics::Metrics;
 use crate::names::{NameMapper, MAX_NAME_LEN};
 use crate::sessions::{SessionGuard, Sessions, StatsReport};
+use crate::subsets::{self, Subsets};
 
 /// Settings of the BalanceLoad service.
 #[derive(Debug, Clone)]
@@ -44,6 +49,7 @@ pub struct Balancer {
     catalog: Arc<Catalog>,
     names: Arc<NameMapper>,
     sessions: Arc<Sessions>,
+    subsets: Arc<Subsets>,
     metrics: Arc<Metrics>,
     settings: BalancerSettings,
     shutdown: CancellationToken,
@@ -55,6 +61,7 @@ impl Balancer {
         catalog: Arc<Catalog>,
         names: Arc<NameMapper>,
         sessions: Arc<Sessions>,
+        subsets: Arc<Subsets>,
         metrics: Arc<Metrics>,
         settings: BalancerSettings,
         shutdown: CancellationToken,
@@ -63,6 +70,7 @@ impl Balancer {
             catalog,
             names,
             sessions,
+            subsets,
             metrics,
             settings,
             shutdown,
@@ -144,6 +152,12 @@ impl LoadBalancer for Balancer {
         request: Request<Streaming<LoadBalanceRequest>>,
     ) -> Result<Response<Self::BalanceLoadStream>, Status> {
         let peer = request.remote_addr();
+        let client_id = request
+            .metadata()
+            .get(subsets::CLIENT_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= subsets::MAX_CLIENT_ID_LEN)
+            .map(str::to_string);
         let mut inbound = request.into_inner();
         let (name, entry) = self.accept(&mut inbound).await?;
         tracing::debug!(
@@ -152,13 +166,27 @@ impl LoadBalancer for Balancer {
             service = entry.name(),
             "BalanceLoad stream accepted"
         );
-        let session =
-            self.sessions
-                .open(self.metrics.clone(), peer, name, entry.name().to_string());
+        let session = self.sessions.open(
+            self.metrics.clone(),
+            peer,
+            name,
+            entry.name().to_string(),
+            client_id,
+        );
+        let subset = self.subsets.enabled().then(|| {
+            let table = self.subsets.table(entry.name());
+            let s = session.session();
+            Subset {
+                changes: table.subscribe(),
+                member: table.join(s.id, &s.client_id, &entry.current_list()),
+                last_sent: None,
+            }
+        });
         let state = StreamState {
             initial: Some(self.settings.client_stats_interval),
             lists: entry.subscribe(),
             last_version: None,
+            subset,
             inbound,
             inbound_done: false,
             finished: false,
@@ -176,11 +204,19 @@ impl LoadBalancer for Balancer {
     }
 }
 
+/// A stream's subset and what it last sent.
+struct Subset {
+    member: subsets::Member,
+    changes: watch::Receiver<u64>,
+    last_sent: Option<Vec<lb_proto::grpc::lb::v1::Server>>,
+}
+
 /// Everything one stream needs between two messages.
 struct StreamState {
     initial: Option<Duration>,
     lists: watch::Receiver<Arc<PublishedList>>,
     last_version: Option<u64>,
+    subset: Option<Subset>,
     inbound: Streaming<LoadBalanceRequest>,
     inbound_done: bool,
     finished: bool,
@@ -214,33 +250,19 @@ impl StreamState {
             ));
         }
         loop {
-            {
-                // Compare versions rather than relying on `has_changed`:
-                // `changed()` below marks the newest value as seen.
-                let list = self.lists.borrow_and_update().clone();
-                if self.last_version != Some(list.version) {
-                    if self.last_version.is_some() {
-                        self.metrics
-                            .list_push_seconds
-                            .observe(list.changed_at.elapsed().as_secs_f64());
-                    }
-                    self.last_version = Some(list.version);
-                    self.metrics.lists_sent.inc();
-                    let s = self.session.session();
-                    s.lists_sent
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    s.list_version
-                        .store(list.version, std::sync::atomic::Ordering::Relaxed);
-                    let response = LoadBalanceResponseType::ServerList(ServerList {
-                        servers: list.servers.clone(),
-                    });
-                    return Some((
-                        Ok(LoadBalanceResponse {
-                            load_balance_response_type: Some(response),
-                        }),
-                        self,
-                    ));
-                }
+            if let Some(servers) = self.next_list() {
+                self.metrics.lists_sent.inc();
+                self.session
+                    .session()
+                    .lists_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let response = LoadBalanceResponseType::ServerList(ServerList { servers });
+                return Some((
+                    Ok(LoadBalanceResponse {
+                        load_balance_response_type: Some(response),
+                    }),
+                    self,
+                ));
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -256,6 +278,11 @@ impl StreamState {
                         return None;
                     }
                 }
+                changed = async { self.subset.as_mut().expect("guarded").changes.changed().await }, if self.subset.is_some() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
                 message = self.inbound.message(), if !self.inbound_done => match message {
                     Ok(Some(request)) => self.on_request(request),
                     Ok(None) => self.inbound_done = true,
@@ -264,6 +291,40 @@ impl StreamState {
                 },
             }
         }
+    }
+
+    /// The list to send now, if it differs from the last one sent.
+    fn next_list(&mut self) -> Option<Vec<lb_proto::grpc::lb::v1::Server>> {
+        // Compare versions rather than relying on `has_changed`: `changed()`
+        // marks the newest value as seen.
+        let list = self.lists.borrow_and_update().clone();
+        let new_version = self.last_version != Some(list.version);
+        let servers = match &mut self.subset {
+            None if !new_version => return None,
+            None => list.servers.clone(),
+            Some(sub) => {
+                sub.changes.borrow_and_update();
+                let (servers, subset) = sub.member.filter(&list);
+                if sub.last_sent.as_ref() == Some(&servers) {
+                    self.last_version = Some(list.version);
+                    return None;
+                }
+                sub.last_sent = Some(servers.clone());
+                *self.session.session().subset.lock().expect("subset lock") = Some(subset);
+                servers
+            }
+        };
+        if new_version && self.last_version.is_some() {
+            self.metrics
+                .list_push_seconds
+                .observe(list.changed_at.elapsed().as_secs_f64());
+        }
+        self.last_version = Some(list.version);
+        self.session
+            .session()
+            .list_version
+            .store(list.version, std::sync::atomic::Ordering::Relaxed);
+        Some(servers)
     }
 
     fn on_request(&mut self, request: LoadBalanceRequest) {

@@ -150,6 +150,33 @@ pub struct Config {
     #[arg(long, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// With an etcd registry: share health checking with the other replicas
+    /// over the same etcd (each backend is checked by one replica and the
+    /// results are published), instead of every replica checking everything.
+    #[arg(long, env = "LB_CLUSTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cluster: bool,
+
+    /// Key prefix of the replicas' own keys in etcd (membership, shared
+    /// health results).
+    #[arg(long, env = "LB_CLUSTER_PREFIX", default_value = "/lb-cluster/")]
+    pub cluster_prefix: String,
+
+    /// This replica's id in the cluster; default `<hostname>:<lb port>`.
+    /// A restarted replica keeping its id takes its backends back at once.
+    #[arg(long, env = "LB_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Lease time to live of a replica's membership: how long a dead
+    /// replica's backends go unchecked before the others take them over.
+    #[arg(long, env = "LB_REPLICA_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub replica_ttl: Duration,
+
+    /// Give each client a subset of this many backends (0 = every backend).
+    /// Subsets are balanced across the clients of a replica and change
+    /// minimally when backends come and go.
+    #[arg(long, env = "LB_SUBSET_SIZE", default_value_t = 0)]
+    pub subset_size: usize,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log: String,
@@ -189,6 +216,21 @@ impl Config {
             shed_utilization: self.shed_utilization,
             max_shed: self.max_shed.clamp(0.0, 0.95),
         }
+    }
+
+    /// This replica's cluster id: `--replica-id`, else `<hostname>:<port>`
+    /// of the bound gRPC port.
+    pub fn replica_id(&self, lb_addr: SocketAddr) -> String {
+        if let Some(id) = self.replica_id.as_deref().filter(|s| !s.trim().is_empty()) {
+            return id.trim().to_string();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "lb".to_string());
+        format!("{host}:{}", lb_addr.port())
     }
 
     /// Defaults of every flag, with the given listen addresses: handy for

@@ -12,6 +12,10 @@
 //! HTTP/2 keep-alive on the connection detects a backend that went silent
 //! (a partition rather than a crash) within about two health timeouts.
 //! Reconnects use jittered exponential backoff.
+//!
+//! With replicas ([`crate::cluster`]), a replica probes only the backends it
+//! owns; results go through a [`Reporter`], which also publishes them, and
+//! the results of backends owned by others are read from the cluster.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::catalog::Catalog;
+use crate::cluster::Cluster;
 use crate::policy::HealthState;
 
 /// Health-checking settings.
@@ -43,28 +48,100 @@ pub struct HealthSettings {
     pub orca_interval: Duration,
 }
 
-/// Runs probes for every catalog member until `shutdown`.
-pub async fn run(catalog: Arc<Catalog>, settings: HealthSettings, shutdown: CancellationToken) {
+/// Where probe results go: the catalog, or the cluster (which applies them
+/// to the catalog and publishes them to the other replicas).
+pub struct Reporter {
+    catalog: Arc<Catalog>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Reporter {
+    /// Results for `catalog`, shared through `cluster` when given.
+    pub fn new(catalog: Arc<Catalog>, cluster: Option<Arc<Cluster>>) -> Self {
+        Reporter { catalog, cluster }
+    }
+
+    /// A health check result.
+    pub fn health(&self, service: &str, addr: SocketAddr, state: HealthState, detail: &str) {
+        match &self.cluster {
+            Some(c) => c.report_health(service, addr, state, detail),
+            None => self.catalog.set_health(service, addr, state, detail),
+        }
+    }
+
+    /// A load report.
+    pub fn load(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        report: &lb_proto::xds::data::orca::v3::OrcaLoadReport,
+    ) {
+        match &self.cluster {
+            Some(c) => c.report_load(service, addr, report),
+            None => self.catalog.set_load(service, addr, report),
+        }
+    }
+
+    /// The load stream ended.
+    pub fn clear_load(&self, service: &str, addr: SocketAddr) {
+        match &self.cluster {
+            Some(c) => c.clear_load(service, addr),
+            None => self.catalog.clear_load(service, addr),
+        }
+    }
+}
+
+/// Runs probes for every catalog member this replica owns until `shutdown`.
+pub async fn run(
+    catalog: Arc<Catalog>,
+    cluster: Option<Arc<Cluster>>,
+    settings: HealthSettings,
+    shutdown: CancellationToken,
+) {
     let settings = Arc::new(settings);
+    let reporter = Arc::new(Reporter::new(catalog.clone(), cluster.clone()));
     let mut members = catalog.subscribe_members();
+    let mut view = cluster.as_ref().map(|c| c.subscribe());
     let mut probes: HashMap<(String, SocketAddr), CancellationToken> = HashMap::new();
+    let mut remote: std::collections::HashSet<(String, SocketAddr)> = Default::default();
     loop {
         let now: Vec<(String, SocketAddr)> = catalog.members();
+        let owned =
+            |key: &(String, SocketAddr)| cluster.as_ref().is_none_or(|c| c.owns(&key.0, key.1));
         probes.retain(|key, cancel| {
-            let keep = now.contains(key);
+            let present = now.binary_search(key).is_ok();
+            let keep = present && owned(key);
             if !keep {
                 cancel.cancel();
+                if let Some(c) = &cluster {
+                    if present {
+                        tracing::debug!(service = %key.0, addr = %key.1, "probe handed over to its owner");
+                        c.release(&key.0, key.1);
+                    } else {
+                        c.withdraw(&key.0, key.1);
+                    }
+                }
             }
             keep
         });
+        remote.retain(|key| now.binary_search(key).is_ok() && !owned(key));
         for key in now {
+            if !owned(&key) {
+                if let Some(c) = &cluster {
+                    if remote.insert(key.clone()) {
+                        c.apply_remote(&key);
+                    }
+                }
+                continue;
+            }
+            remote.remove(&key);
             if probes.contains_key(&key) {
                 continue;
             }
             let cancel = shutdown.child_token();
             probes.insert(key.clone(), cancel.clone());
             tokio::spawn(probe(
-                catalog.clone(),
+                reporter.clone(),
                 settings.clone(),
                 key.0,
                 key.1,
@@ -74,6 +151,9 @@ pub async fn run(catalog: Arc<Catalog>, settings: HealthSettings, shutdown: Canc
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = members.changed() => if changed.is_err() { return },
+            changed = async { view.as_mut().expect("guarded").changed().await }, if view.is_some() => {
+                if changed.is_err() { return }
+            }
         }
     }
 }
@@ -93,7 +173,7 @@ impl Backoff {
 }
 
 async fn probe(
-    catalog: Arc<Catalog>,
+    reporter: Arc<Reporter>,
     s: Arc<HealthSettings>,
     service: String,
     addr: SocketAddr,
@@ -106,14 +186,14 @@ async fn probe(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = session(&catalog, &s, &service, addr, &name) => r,
+            r = session(&reporter, &s, &service, addr, &name) => r,
         };
         let detail = match result {
             Ok(()) => "health stream ended".to_string(),
             Err(e) => e,
         };
-        catalog.set_health(&service, addr, HealthState::Unreachable, &detail);
-        catalog.clear_load(&service, addr);
+        reporter.health(&service, addr, HealthState::Unreachable, &detail);
+        reporter.clear_load(&service, addr);
         if started.elapsed() > Duration::from_secs(5) {
             backoff = Backoff(Backoff::MIN);
         }
@@ -126,7 +206,7 @@ async fn probe(
 
 /// One connection to the backend: health (and load) until it breaks.
 async fn session(
-    catalog: &Arc<Catalog>,
+    reporter: &Arc<Reporter>,
     s: &HealthSettings,
     service: &str,
     addr: SocketAddr,
@@ -144,7 +224,7 @@ async fn session(
         .map_err(|e| format!("connect: {e}"))?;
     let _load = s.orca.then(|| {
         let task = tokio::spawn(crate::load::collect(
-            catalog.clone(),
+            reporter.clone(),
             channel.clone(),
             service.to_string(),
             addr,
@@ -161,13 +241,13 @@ async fn session(
         Err(_) => return Err(format!("no answer to Watch within {:?}", s.timeout)),
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-            return check_loop(catalog, s, service, addr, &mut client, request).await;
+            return check_loop(reporter, s, service, addr, &mut client, request).await;
         }
         Ok(Err(status)) => return Err(format!("Watch: {} {}", status.code(), status.message())),
     };
     loop {
         match stream.message().await {
-            Ok(Some(answer)) => apply(catalog, service, addr, answer.status),
+            Ok(Some(answer)) => apply(reporter, service, addr, answer.status),
             Ok(None) => return Err("Watch stream ended".into()),
             Err(status) => {
                 return Err(format!(
@@ -182,7 +262,7 @@ async fn session(
 
 /// Periodic `Check`, for backends without `Watch`.
 async fn check_loop(
-    catalog: &Arc<Catalog>,
+    reporter: &Reporter,
     s: &HealthSettings,
     service: &str,
     addr: SocketAddr,
@@ -195,8 +275,8 @@ async fn check_loop(
         tick.tick().await;
         match tokio::time::timeout(s.timeout, client.check(request.clone())).await {
             Err(_) => return Err(format!("no answer to Check within {:?}", s.timeout)),
-            Ok(Ok(answer)) => apply(catalog, service, addr, answer.into_inner().status),
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => catalog.set_health(
+            Ok(Ok(answer)) => apply(reporter, service, addr, answer.into_inner().status),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => reporter.health(
                 service,
                 addr,
                 HealthState::NotServing,
@@ -209,14 +289,14 @@ async fn check_loop(
     }
 }
 
-fn apply(catalog: &Catalog, service: &str, addr: SocketAddr, status: i32) {
+fn apply(reporter: &Reporter, service: &str, addr: SocketAddr, status: i32) {
     let (state, detail) = match ServingStatus::try_from(status) {
         Ok(ServingStatus::Serving) => (HealthState::Serving, "SERVING"),
         Ok(ServingStatus::NotServing) => (HealthState::NotServing, "NOT_SERVING"),
         Ok(ServingStatus::ServiceUnknown) => (HealthState::NotServing, "SERVICE_UNKNOWN"),
         _ => (HealthState::NotServing, "UNKNOWN"),
     };
-    catalog.set_health(service, addr, state, detail);
+    reporter.health(service, addr, state, detail);
 }
 
 /// Aborts a task when dropped.

@@ -21,9 +21,12 @@
 //! | [`registry`] | sources: embedded memory, etcd, file |
 //! | [`catalog`] | services, backends, published lists |
 //! | [`health`] | active health checks per backend |
+//! | [`cluster`] | replicas sharing health checks through etcd |
+//! | [`rendezvous`] | stable rendezvous hashing |
 //! | [`load`] | ORCA load reports per backend |
 //! | [`policy`] | backends → ordered, weighted server list, with reasons |
 //! | [`names`] | requested name → service |
+//! | [`subsets`] | per-client subsets of backends |
 //! | [`balancer`] | the BalanceLoad service |
 //! | [`sessions`] | table of connected streams |
 //! | [`admin`] | admin HTTP endpoint |
@@ -34,6 +37,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod load;
@@ -41,7 +45,9 @@ pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod registry;
+pub mod rendezvous;
 pub mod sessions;
+pub mod subsets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,6 +95,7 @@ impl LbServer {
             cfg.health_checks,
         ));
         let sessions = Arc::new(Sessions::default());
+        let subsets = Arc::new(subsets::Subsets::new(cfg.subset_size));
         let shutdown = CancellationToken::new();
 
         let lb_listener = TcpListener::bind(cfg.listen)
@@ -104,6 +111,24 @@ impl LbServer {
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = Vec::new();
+        let cluster = match registry::etcd_endpoints(&cfg.registry) {
+            Some(endpoints) if cfg.cluster && cfg.health_checks => {
+                let c = cluster::Cluster::new(
+                    cluster::ClusterSettings {
+                        endpoints,
+                        prefix: cfg.cluster_prefix.clone(),
+                        replica_id: cfg.replica_id(lb_addr),
+                        ttl: cfg.replica_ttl,
+                        lb_addr,
+                        admin_addr,
+                    },
+                    catalog.clone(),
+                );
+                tasks.push(tokio::spawn(c.clone().run(shutdown.clone())));
+                Some(c)
+            }
+            _ => None,
+        };
         let sink = RegistrySink::new(source.registry.kind(), catalog.clone(), metrics.clone());
         tasks.push(tokio::spawn(
             source.registry.clone().run(sink, shutdown.clone()),
@@ -118,6 +143,7 @@ impl LbServer {
             };
             tasks.push(tokio::spawn(health::run(
                 catalog.clone(),
+                cluster.clone(),
                 settings,
                 shutdown.clone(),
             )));
@@ -135,6 +161,7 @@ impl LbServer {
                 cfg.domain_suffixes.clone(),
             )),
             sessions.clone(),
+            subsets.clone(),
             metrics.clone(),
             BalancerSettings {
                 client_stats_interval: cfg.client_stats_interval,
@@ -161,6 +188,8 @@ impl LbServer {
         let admin = admin::router(admin::AdminState {
             catalog: catalog.clone(),
             sessions,
+            subsets,
+            cluster,
             metrics,
             registry: cfg.registry.clone(),
             token: admin_token.map(Arc::from),

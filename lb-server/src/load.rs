@@ -2,7 +2,8 @@
 //!
 //! Subscribes to a backend's ORCA out-of-band stream
 //! (`xds.service.orca.v3.OpenRcaService/StreamCoreMetrics`) on the health
-//! probe's connection and writes every report to the catalog. Backends
+//! probe's connection and hands every report to the [`Reporter`] (the
+//! catalog, and the other replicas when clustered). Backends
 //! without ORCA (UNIMPLEMENTED) simply have no load: they get the mean
 //! weight. The stream ends with the connection; the probe restarts both.
 
@@ -14,11 +15,11 @@ use lb_proto::xds::service::orca::v3::open_rca_service_client::OpenRcaServiceCli
 use lb_proto::xds::service::orca::v3::OrcaLoadReportRequest;
 use tonic::transport::Channel;
 
-use crate::catalog::Catalog;
+use crate::health::Reporter;
 
-/// Streams load reports of `addr` into the catalog until the stream ends.
+/// Streams load reports of `addr` to `reporter` until the stream ends.
 pub async fn collect(
-    catalog: Arc<Catalog>,
+    reporter: Arc<Reporter>,
     channel: Channel,
     service: String,
     addr: SocketAddr,
@@ -47,9 +48,9 @@ pub async fn collect(
     };
     loop {
         match stream.message().await {
-            Ok(Some(report)) => catalog.set_load(&service, addr, &report),
+            Ok(Some(report)) => reporter.load(&service, addr, &report),
             Ok(None) | Err(_) => {
-                catalog.clear_load(&service, addr);
+                reporter.clear_load(&service, addr);
                 return;
             }
         }

@@ -41,7 +41,7 @@ const MIN_RATIO: f64 = 0.01;
 const MAX_RATIO: f64 = 10.0;
 
 /// Health of a backend as the policy sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthState {
     /// Not checked yet.

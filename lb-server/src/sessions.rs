@@ -50,6 +50,10 @@ pub struct Session {
     pub name: String,
     /// The service it was mapped to.
     pub service: String,
+    /// The id that seeds its subset (`lb-client-id` metadata, else the peer).
+    pub client_id: String,
+    /// Its subset of backends, when subsetting is on.
+    pub subset: Mutex<Option<Vec<SocketAddr>>>,
     /// When the stream was accepted.
     pub since: SystemTime,
     /// Server lists written to it.
@@ -75,6 +79,7 @@ impl Sessions {
         peer: Option<SocketAddr>,
         name: String,
         service: String,
+        client_id: Option<String>,
     ) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
@@ -82,6 +87,10 @@ impl Sessions {
             peer,
             name,
             service,
+            client_id: client_id
+                .or_else(|| peer.map(|p| p.to_string()))
+                .unwrap_or_else(|| format!("session-{id}")),
+            subset: Mutex::new(None),
             since: SystemTime::now(),
             lists_sent: AtomicU64::new(0),
             list_version: AtomicU64::new(0),

@@ -130,6 +130,18 @@ pub struct Source {
     pub memory: Option<Arc<memory::MemoryRegistry>>,
 }
 
+/// The endpoints of an `etcd://host:port[,host:port…]` registry URL.
+pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("etcd://")?;
+    Some(
+        rest.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.trim_end_matches('/').to_string())
+            .collect(),
+    )
+}
+
 /// Builds the registry source named by a `--registry` value.
 pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source> {
     if url == "memory" || url == "memory://" {
@@ -139,13 +151,7 @@ pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source
             memory: Some(memory),
         });
     }
-    if let Some(rest) = url.strip_prefix("etcd://") {
-        let endpoints: Vec<String> = rest
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.trim_end_matches('/').to_string())
-            .collect();
+    if let Some(endpoints) = etcd_endpoints(url) {
         anyhow::ensure!(
             !endpoints.is_empty(),
             "--registry {url:?}: no etcd endpoint given (etcd://host:2379,…)"

@@ -1,0 +1,331 @@
+//! The etcd side of cluster membership: one session at a time (lease,
+//! replica key, keep-alive, list + watch of the cluster prefix, writes of
+//! this replica's results), retried with backoff when it breaks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::shared::{self, SharedHealth};
+use super::{BackendKey, Cluster, ReplicaInfo, View};
+use crate::registry::etcd::EtcdRegistry;
+
+/// Limit for one etcd request; a longer wait means the session is broken.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Keeps a session up until `shutdown`.
+pub(super) async fn run(
+    cluster: &Cluster,
+    outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
+    shutdown: &CancellationToken,
+) {
+    let mut delay = RETRY_MIN;
+    let mut stale_lease: Option<i64> = None;
+    loop {
+        let started = Instant::now();
+        let result = Session::open(cluster, &mut stale_lease, shutdown).await;
+        let error = match result {
+            Ok(mut s) => match s.serve(cluster, outbox, shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    stale_lease = Some(s.lease);
+                    e
+                }
+            },
+            Err(e) => e,
+        };
+        set_connected(cluster, false, None);
+        tracing::warn!(error = %error, retry_in = ?delay,
+            "cluster session lost; checking every backend locally until etcd is back");
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = RETRY_MIN;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+fn set_connected(cluster: &Cluster, connected: bool, replicas: Option<Vec<ReplicaInfo>>) {
+    cluster.view.send_if_modified(|v| {
+        let mut next = View {
+            replica_id: v.replica_id.clone(),
+            connected,
+            replicas: replicas.unwrap_or_else(|| v.replicas.clone()),
+        };
+        next.replicas.sort_by(|a, b| a.id.cmp(&b.id));
+        if next.connected == v.connected && next.replicas == v.replicas {
+            return false;
+        }
+        tracing::info!(
+            connected,
+            replicas = ?next.replicas.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            "cluster view changed"
+        );
+        *v = next;
+        true
+    });
+}
+
+async fn timed<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Err(_) => Err(format!("{what}: no answer within {REQUEST_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+struct Session {
+    client: Client,
+    lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    keep_alive: etcd_client::LeaseKeepAliveStream,
+    watch: etcd_client::WatchStream,
+    replicas: BTreeMap<String, ReplicaInfo>,
+}
+
+impl Session {
+    /// Connects, takes a lease, registers this replica, lists and watches.
+    async fn open(
+        cluster: &Cluster,
+        stale_lease: &mut Option<i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<Session, String> {
+        let s = &cluster.settings;
+        let mut client = timed(
+            "connect",
+            Client::connect(&s.endpoints, Some(EtcdRegistry::connect_options())),
+        )
+        .await?;
+        let ttl = s.ttl.as_secs().max(2) as i64;
+        let lease = timed("lease grant", client.lease_grant(ttl, None))
+            .await?
+            .id();
+        if let Some(old) = stale_lease.take() {
+            // Results written under the old lease are rewritten below.
+            let _ = timed("lease revoke", client.lease_revoke(old)).await;
+        }
+        let me = ReplicaInfo {
+            id: s.replica_id.clone(),
+            lb_addr: s.lb_addr.to_string(),
+            admin_addr: s.admin_addr.to_string(),
+        };
+        let value = serde_json::to_vec(&me).expect("replica info serializes");
+        let replica_key = format!("{}replicas/{}", s.prefix, s.replica_id);
+        timed(
+            "register replica",
+            client.put(
+                replica_key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        let (keeper, keep_alive) =
+            timed("lease keep-alive", client.lease_keep_alive(lease)).await?;
+        let listing = timed(
+            "list cluster",
+            client.get(s.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let mut session = Session {
+            client: client.clone(),
+            lease,
+            keeper,
+            keep_alive,
+            watch: timed(
+                "watch cluster",
+                client.watch(
+                    s.prefix.as_str(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                ),
+            )
+            .await?,
+            replicas: BTreeMap::new(),
+        };
+        let mut seen = HashSet::new();
+        for kv in listing.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(k) = shared::parse_key(&s.prefix, &key) {
+                seen.insert(k.clone());
+            }
+            session.on_put(cluster, &key, kv.value());
+        }
+        // Results deleted while this replica was away.
+        let gone: Vec<BackendKey> = cluster
+            .remote
+            .lock()
+            .expect("cluster lock")
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            cluster.on_remote(k, None);
+        }
+        set_connected(
+            cluster,
+            true,
+            Some(session.replicas.values().cloned().collect()),
+        );
+        tracing::info!(replica = %s.replica_id, lease, revision, "joined the cluster");
+        if shutdown.is_cancelled() {
+            return Err("shutting down".into());
+        }
+        for key in cluster.republish() {
+            session.write(cluster, &key).await?;
+        }
+        Ok(session)
+    }
+
+    /// Serves the session until it breaks (`Err`) or `shutdown` (`Ok`).
+    async fn serve(
+        &mut self,
+        cluster: &Cluster,
+        outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let ttl = cluster.settings.ttl.max(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Leaving: survivors take over this replica's backends now.
+                    let _ = timed("lease revoke", self.client.lease_revoke(self.lease)).await;
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    if renewed.elapsed() > ttl {
+                        return Err(format!("lease not renewed for {:?}", renewed.elapsed()));
+                    }
+                    timed("keep-alive", self.keeper.keep_alive()).await?;
+                }
+                answer = self.keep_alive.message() => match answer {
+                    Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
+                    Ok(Some(_)) => return Err(format!("lease {} expired", self.lease)),
+                    Ok(None) => return Err("keep-alive stream ended".into()),
+                    Err(e) => return Err(format!("keep-alive: {e}")),
+                },
+                message = self.watch.message() => {
+                    let response = message
+                        .map_err(|e| format!("watch: {e}"))?
+                        .ok_or("watch stream ended")?;
+                    if response.canceled() {
+                        return Err(format!("watch cancelled: {}", response.cancel_reason()));
+                    }
+                    let mut replicas_changed = false;
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        replicas_changed |= match event.event_type() {
+                            EventType::Put => self.on_put(cluster, &key, kv.value()),
+                            EventType::Delete => self.on_delete(cluster, &key),
+                        };
+                    }
+                    if replicas_changed {
+                        set_connected(cluster, true, Some(self.replicas.values().cloned().collect()));
+                    }
+                }
+                Some(key) = outbox.recv() => {
+                    let mut keys = vec![key];
+                    while let Ok(k) = outbox.try_recv() {
+                        if !keys.contains(&k) {
+                            keys.push(k);
+                        }
+                    }
+                    for k in keys {
+                        self.write(cluster, &k).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes (or deletes) this replica's result for `key`.
+    async fn write(&mut self, cluster: &Cluster, key: &BackendKey) -> Result<(), String> {
+        let etcd_key = shared::key(&cluster.settings.prefix, &key.0, key.1);
+        match cluster.outgoing(key) {
+            Some(value) => {
+                let bytes = serde_json::to_vec(&value).expect("shared health serializes");
+                let options = PutOptions::new().with_lease(self.lease);
+                timed(
+                    "publish health",
+                    self.client.put(etcd_key, bytes, Some(options)),
+                )
+                .await?;
+            }
+            None => {
+                timed("withdraw health", self.client.delete(etcd_key, None)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one key read from etcd; returns whether the replica set changed.
+    fn on_put(&mut self, cluster: &Cluster, key: &str, value: &[u8]) -> bool {
+        let prefix = &cluster.settings.prefix;
+        if let Some(id) = key
+            .strip_prefix(prefix.as_str())
+            .and_then(|k| k.strip_prefix("replicas/"))
+        {
+            let info = serde_json::from_slice::<ReplicaInfo>(value).unwrap_or_else(|e| {
+                tracing::warn!(key, error = %e, "unreadable replica entry; counting the replica anyway");
+                ReplicaInfo {
+                    id: id.to_string(),
+                    lb_addr: String::new(),
+                    admin_addr: String::new(),
+                }
+            });
+            let info = ReplicaInfo {
+                id: id.to_string(),
+                ..info
+            };
+            return self.replicas.insert(id.to_string(), info.clone()) != Some(info);
+        }
+        if let Some(k) = shared::parse_key(prefix, key) {
+            match serde_json::from_slice::<SharedHealth>(value) {
+                Ok(v) => cluster.on_remote(k, Some(v)),
+                Err(e) => tracing::warn!(key, error = %e, "unreadable shared health entry ignored"),
+            }
+        }
+        false
+    }
+
+    /// Applies one deletion read from etcd; returns whether the replica set
+    /// changed.
+    fn on_delete(&mut self, cluster: &Cluster, key: &str) -> bool {
+        let prefix = &cluster.settings.prefix;
+        if let Some(id) = key
+            .strip_prefix(prefix.as_str())
+            .and_then(|k| k.strip_prefix("replicas/"))
+        {
+            if id == cluster.settings.replica_id {
+                tracing::warn!("this replica's key was deleted; it stays until the session ends");
+                return false;
+            }
+            return self.replicas.remove(id).is_some();
+        }
+        if let Some(k) = shared::parse_key(prefix, key) {
+            cluster.on_remote(k, None);
+        }
+        false
+    }
+}
