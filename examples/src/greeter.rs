@@ -75,6 +75,60 @@ impl tonic_health::pb::health_server::Health for CheckOnlyHealth {
     }
 }
 
+/// The standard health service, counting the `Watch` streams open on it
+/// (so tests can see how many health checkers watch this backend).
+struct CountingHealth {
+    inner: tonic_health::server::HealthService,
+    watchers: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// A `Watch` stream that counts itself out when dropped.
+struct CountedWatch {
+    inner: tonic_health::server::WatchStream,
+    watchers: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl futures::Stream for CountedWatch {
+    type Item = Result<tonic_health::pb::HealthCheckResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for CountedWatch {
+    fn drop(&mut self) {
+        self.watchers.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for CountingHealth {
+    type WatchStream = CountedWatch;
+
+    async fn check(
+        &self,
+        request: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic_health::pb::HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    async fn watch(
+        &self,
+        request: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let inner = self.inner.watch(request).await?.into_inner();
+        self.watchers.send_modify(|n| *n += 1);
+        Ok(Response::new(CountedWatch {
+            inner,
+            watchers: self.watchers.clone(),
+        }))
+    }
+}
+
 /// The greeter service.
 pub struct GreeterService {
     addr: SocketAddr,
@@ -120,6 +174,7 @@ pub struct RunningGreeter {
     /// Load reported over ORCA.
     pub load: LoadRecorder,
     health: HealthReporter,
+    health_watchers: Arc<tokio::sync::watch::Sender<usize>>,
     serving: Arc<std::sync::atomic::AtomicBool>,
     registration: Option<Registration>,
     stop: CancellationToken,
@@ -139,7 +194,12 @@ impl RunningGreeter {
         load.set_application_utilization(options.utilization);
         load.set_cpu_utilization(options.utilization);
         load.set_capacity(options.capacity);
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = HealthReporter::new();
+        let health_watchers = Arc::new(tokio::sync::watch::channel(0).0);
+        let health_service = tonic_health::pb::health_server::HealthServer::new(CountingHealth {
+            inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+            watchers: health_watchers.clone(),
+        });
         health.set_serving::<GreeterServer<GreeterService>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let stop = CancellationToken::new();
@@ -178,10 +238,16 @@ impl RunningGreeter {
             load,
             serving,
             health,
+            health_watchers,
             registration,
             stop,
             server,
         })
+    }
+
+    /// Number of health `Watch` streams open on this backend, as it changes.
+    pub fn health_watchers(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.health_watchers.subscribe()
     }
 
     /// Waits until the registration (if any) is confirmed.

@@ -7,7 +7,11 @@
 //!   switches to the fallback backends.
 //! - When a stream breaks, the last list stays in force and the next LB
 //!   address is tried after a short random delay (after a working stream) or
-//!   a jittered exponential backoff (after failed attempts).
+//!   a jittered exponential backoff (after failed attempts). A host name
+//!   stands for every address it resolves to (re-resolved on each attempt),
+//!   so one DNS name can front all LB replicas.
+//! - The stream carries the channel's client id (`lb-client-id` metadata),
+//!   which the LB uses to give this client a stable subset of backends.
 //! - If no list arrives within the fallback timeout, or every LB address
 //!   fails before any list was received, the fallback backends are used
 //!   until a list arrives.
@@ -35,6 +39,8 @@ use crate::state::{ChannelState, ListEntry};
 pub struct LbSettings {
     /// LB addresses (`host:port`), tried in turn.
     pub lb_addrs: Vec<String>,
+    /// Sent to the LB as `lb-client-id`: seeds this client's subset.
+    pub client_id: String,
     /// Time allowed for connecting to one LB and receiving `initial_response`.
     pub connect_timeout: Duration,
     /// Reconnect backoff after failed attempts: first delay.
@@ -44,6 +50,9 @@ pub struct LbSettings {
     /// Use fallback backends if no list arrived within this time.
     pub fallback_timeout: Duration,
 }
+
+/// Metadata key naming the client to the LB.
+pub const CLIENT_ID: &str = "lb-client-id";
 
 /// How one stream ended.
 struct Ended {
@@ -68,16 +77,21 @@ pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: Cancell
             }
         })
     };
-    let n = settings.lb_addrs.len().max(1);
-    let mut index = rand::rng().random_range(0..n);
+    let mut index = rand::rng().random::<u32>() as usize;
     let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
     let mut failures_in_a_row = 0usize;
     loop {
-        let addr = settings.lb_addrs[index % n].clone();
+        let addrs = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = expand(&settings.lb_addrs) => a,
+        };
+        let n = addrs.len().max(1);
+        let addr = addrs[index % n].clone();
         let ended = tokio::select! {
             _ = cancel.cancelled() => break,
             e = session(&state, &addr, &settings, &cancel) => e,
         };
+        *state.current_lb.lock().expect("lb lock") = None;
         if cancel.is_cancelled() {
             break;
         }
@@ -107,6 +121,33 @@ pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: Cancell
         }
     }
     fallback_timer.abort();
+}
+
+/// The LB addresses to try: every configured entry, host names replaced by
+/// all the addresses they resolve to (in a stable order). An entry that does
+/// not resolve is kept as written, so that its error is reported.
+async fn expand(entries: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in entries {
+        if entry.parse::<SocketAddr>().is_ok() {
+            out.push(entry.clone());
+            continue;
+        }
+        let lookup = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(entry));
+        match lookup.await {
+            Ok(Ok(found)) => {
+                let mut found: Vec<SocketAddr> = found.collect();
+                found.sort();
+                found.dedup();
+                if found.is_empty() {
+                    out.push(entry.clone());
+                }
+                out.extend(found.iter().map(SocketAddr::to_string));
+            }
+            _ => out.push(entry.clone()),
+        }
+    }
+    out
 }
 
 /// One BalanceLoad stream, from connect to end.
@@ -154,8 +195,12 @@ async fn stream(
             .connect()
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Ok(id) = settings.client_id.parse() {
+            request.metadata_mut().insert(CLIENT_ID, id);
+        }
         let mut inbound = LoadBalancerClient::new(channel)
-            .balance_load(ReceiverStream::new(rx))
+            .balance_load(request)
             .await
             .map_err(|s| format!("{addr}: {} {}", s.code(), s.message()))?
             .into_inner();
@@ -189,6 +234,7 @@ async fn stream(
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
     let _reporter = AbortOnDrop(reporter);
     tracing::debug!(lb = %addr, service = %state.service, ?interval, "load balancer stream open");
+    *state.current_lb.lock().expect("lb lock") = addr.parse().ok();
 
     loop {
         let message = tokio::select! {

@@ -54,6 +54,13 @@ impl LbChannelBuilder {
         self
     }
 
+    /// Names this client to the LB (`lb-client-id`); with subsets on, the
+    /// same id tends to get the same backends. Default: random per channel.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.lb.client_id = id.into();
+        self
+    }
+
     /// Adds several LB addresses.
     pub fn lbs<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
         self.lb.lb_addrs.extend(addrs.into_iter().map(Into::into));
@@ -169,6 +176,7 @@ impl LbChannel {
             service: service.into(),
             lb: LbSettings {
                 lb_addrs: Vec::new(),
+                client_id: format!("{:016x}", rand::random::<u64>()),
                 connect_timeout: Duration::from_secs(3),
                 backoff_initial: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(10),
@@ -184,6 +192,12 @@ impl LbChannel {
     /// whose connection is ready appear).
     pub fn ready_backends(&self) -> Vec<SocketAddr> {
         self.state.picker.load().backend_addrs()
+    }
+
+    /// The LB whose stream is open now (`None` between streams or in
+    /// fallback without an LB).
+    pub fn current_lb(&self) -> Option<SocketAddr> {
+        *self.state.current_lb.lock().expect("lb lock")
     }
 
     /// Waits until at least one backend is ready, or `timeout` passes.

@@ -46,6 +46,8 @@ pub struct ChannelState {
     pub stats: CallStats,
     /// Calls wait while no backend is ready instead of failing fast.
     pub wait_for_ready: bool,
+    /// Address of the LB whose stream is open now, if any.
+    pub current_lb: Mutex<Option<SocketAddr>>,
     fallback: Vec<SocketAddr>,
     pool: BackendPool,
     source: Mutex<Source>,
@@ -72,6 +74,7 @@ impl ChannelState {
                 picker: Picker::default(),
                 stats: CallStats::default(),
                 wait_for_ready,
+                current_lb: Mutex::new(None),
                 fallback,
                 pool: BackendPool::new(conn, on_change),
                 source: Mutex::new(Source::Waiting),

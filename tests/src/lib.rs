@@ -130,6 +130,9 @@ impl Proc {
 
     /// SIGTERM, then wait up to `limit` for exit (SIGKILL after that).
     pub fn terminate(&mut self, limit: Duration) {
+        if self.child.is_none() {
+            return;
+        }
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -189,28 +192,70 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
 pub struct Etcd {
     proc: Option<Proc>,
     dir: tempfile::TempDir,
+    name: String,
     client_port: u16,
     peer_port: u16,
+    initial_cluster: String,
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts a one-member etcd and waits until it answers.
     pub async fn start() -> Etcd {
-        let mut etcd = Etcd {
-            proc: None,
-            dir: tempfile::tempdir().expect("temp dir"),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
+        let mut etcd = Self::members(1).pop().expect("one member");
         etcd.launch().await;
         etcd
     }
 
+    /// Starts an `n`-member etcd cluster and waits until every member answers.
+    pub async fn start_cluster(n: usize) -> Vec<Etcd> {
+        let mut members = Self::members(n);
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_up().await;
+        }
+        members
+    }
+
+    fn members(n: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..n)
+            .map(|i| Etcd {
+                proc: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                initial_cluster: String::new(),
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+        }
+        members
+    }
+
+    /// The `--registry` value naming every member of a cluster.
+    pub fn cluster_url(members: &[Etcd]) -> String {
+        let endpoints: Vec<String> = members.iter().map(Etcd::endpoint).collect();
+        format!("etcd://{}", endpoints.join(","))
+    }
+
     async fn launch(&mut self) {
+        self.spawn();
+        self.wait_up().await;
+    }
+
+    fn spawn(&mut self) {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(etcd_bin());
-        cmd.args(["--name", "test", "--data-dir"])
+        cmd.args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args([
                 "--listen-client-urls",
@@ -226,11 +271,17 @@ impl Etcd {
             ])
             .args([
                 "--initial-cluster",
-                &format!("test={peer}"),
+                &self.initial_cluster,
+                "--initial-cluster-token",
+                "lb-test",
                 "--log-level",
                 "warn",
             ]);
         self.proc = Some(Proc::spawn("etcd", cmd, false));
+    }
+
+    /// Waits until this member answers a read (which needs a quorum).
+    async fn wait_up(&self) {
         let up = async {
             loop {
                 if let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], None).await {
@@ -360,6 +411,13 @@ impl Lb {
         Self::start(&args).await
     }
 
+    /// Starts it again on the same ports after it was killed.
+    pub async fn relaunch(self) -> Lb {
+        let (addr, admin, args) = (self.addr, self.admin, self.args.clone());
+        drop(self.proc);
+        Self::start_on(addr, admin, args).await
+    }
+
     /// Stops it gracefully and starts it again on the same ports.
     pub async fn restart(self) -> Lb {
         let (addr, admin, args) = (self.addr, self.admin, self.args.clone());
@@ -434,6 +492,7 @@ pub struct Greeter {
     pub addr: SocketAddr,
     registered: Arc<AtomicBool>,
     serving: Arc<AtomicBool>,
+    watchers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Greeter {
@@ -459,12 +518,16 @@ impl Greeter {
         let serving = Arc::new(AtomicBool::new(true));
         let flag = registered.clone();
         let health = serving.clone();
+        let watchers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let watching = watchers.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("LISTENING ") {
                     let _ = tx.send(addr.trim().parse().expect("LISTENING address"));
                 } else if line.trim() == "REGISTERED" {
                     flag.store(true, Ordering::SeqCst);
+                } else if let Some(n) = line.strip_prefix("HEALTH_WATCHERS ") {
+                    watching.store(n.trim().parse().unwrap_or(0), Ordering::SeqCst);
                 } else if let Some(status) = line.strip_prefix("HEALTH ") {
                     health.store(status.trim() == "SERVING", Ordering::SeqCst);
                 }
@@ -480,7 +543,13 @@ impl Greeter {
             addr,
             registered,
             serving,
+            watchers,
         }
+    }
+
+    /// Health `Watch` streams open on this greeter now (as it last printed).
+    pub fn health_watchers(&self) -> usize {
+        self.watchers.load(Ordering::SeqCst)
     }
 
     /// Flips the greeter's reported health (SIGUSR1) and waits until it
@@ -672,6 +741,11 @@ pub struct ListWatcher {
 impl ListWatcher {
     /// Opens a stream for `name` to the LB at `lb` and records lists.
     pub async fn start(lb: SocketAddr, name: &str) -> ListWatcher {
+        Self::start_as(lb, name, None).await
+    }
+
+    /// Like [`ListWatcher::start`], naming the client (`lb-client-id`).
+    pub async fn start_as(lb: SocketAddr, name: &str, client_id: Option<&str>) -> ListWatcher {
         use lb_proto::grpc::lb::v1::{
             load_balance_request::LoadBalanceRequestType,
             load_balance_response::LoadBalanceResponseType,
@@ -689,8 +763,14 @@ impl ListWatcher {
         })
         .await
         .unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(id) = client_id {
+            request
+                .metadata_mut()
+                .insert("lb-client-id", id.parse().expect("ascii client id"));
+        }
         let mut stream = client
-            .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .balance_load(request)
             .await
             .expect("BalanceLoad")
             .into_inner();

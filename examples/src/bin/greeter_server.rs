@@ -2,8 +2,10 @@
 //!
 //! Prints `LISTENING <addr>` once serving and `REGISTERED` once its
 //! registration is confirmed. SIGUSR1 flips its health status (printing
-//! `HEALTH SERVING` or `HEALTH NOT_SERVING`); it reports load over ORCA. On SIGTERM or SIGINT it shuts
-//! down gracefully: NOT_SERVING, deregister, drain, stop.
+//! `HEALTH SERVING` or `HEALTH NOT_SERVING`); it reports load over ORCA and
+//! prints `HEALTH_WATCHERS <n>` whenever the number of health `Watch`
+//! streams open on it changes. On SIGTERM or SIGINT it shuts down
+//! gracefully: NOT_SERVING, deregister, drain, stop.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -133,11 +135,20 @@ async fn main() -> anyhow::Result<()> {
                 });
             }
         };
+        let watchers = async {
+            let mut count = greeter.health_watchers();
+            while count.changed().await.is_ok() {
+                let n = *count.borrow_and_update();
+                say(&format!("HEALTH_WATCHERS {n}"));
+            }
+            std::future::pending::<()>().await
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
             _ = announce => {}
             _ = toggles => {}
+            _ = watchers => {}
         }
     }
     tracing::info!(drain = ?args.drain, "shutting down gracefully");
