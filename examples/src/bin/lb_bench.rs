@@ -12,6 +12,9 @@
 //!   robin LB over the same backends, alternating rounds.
 //! - `kill-removal`: SIGKILL a backend process, time until the LB's
 //!   published list no longer has it, beside the registration lease TTL.
+//! - `failover`: N clients over two LB replicas (processes, over etcd); one
+//!   replica is SIGKILLed (then, in a second round, stopped with SIGTERM):
+//!   time until each of its clients has a stream on the survivor.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 
@@ -81,6 +84,12 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// Kill one of two LB replicas: time until its clients are on the survivor.
+    Failover {
+        /// Connected clients (LbChannels, each with its own stream).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
 }
 
 #[tokio::main]
@@ -99,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
         } => slow_backend(concurrency, round, rounds).await?,
         Bench::KillRemoval { samples } => kill_removal(samples).await?,
+        Bench::Failover { clients } => failover(clients).await?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
@@ -682,4 +692,140 @@ async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
     Ok(
         json!({"bench": "kill_removal", "samples": samples, "p50_ms": p50, "p99_ms": p99, "max_ms": max, "ttl_ms": ttl.as_secs_f64() * 1e3}),
     )
+}
+
+/// An `lb-server` process of this build; killed when dropped.
+struct LbProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for LbProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LbProcess {
+    async fn start(registry: &str) -> anyhow::Result<LbProcess> {
+        let bin = std::env::current_exe()?.with_file_name("lb-server");
+        anyhow::ensure!(
+            bin.exists(),
+            "{} not found: build it (cargo build --release --bins)",
+            bin.display()
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let child = std::process::Command::new(bin)
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin])
+            .args(["--registry", registry, "--log", "warn"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let lb = LbProcess { child, addr };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(lb);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        anyhow::bail!("lb-server did not start")
+    }
+}
+
+async fn failover(clients: usize) -> anyhow::Result<serde_json::Value> {
+    let (_etcd, endpoint) = start_etcd().await?;
+    let registry = format!("etcd://{endpoint}");
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let registry = registry.clone();
+        let g = RunningGreeter::start(listener, GreeterOptions::default(), |addr| {
+            Registration::start(
+                &registry,
+                "greeter",
+                &addr.to_string(),
+                RegistrationOptions::default(),
+            )
+            .ok()
+        })
+        .await?;
+        anyhow::ensure!(g.wait_registered(Duration::from_secs(5)).await);
+        backends.push(g);
+    }
+    let mut rows = Vec::new();
+    println!("| replica stopped by | its clients (of {clients}) | p50 | p99 | max | clients that lost their list |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for signal in [libc::SIGKILL, libc::SIGTERM] {
+        let mut a = LbProcess::start(&registry).await?;
+        let b = LbProcess::start(&registry).await?;
+        let mut channels = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            channels.push(
+                LbChannel::builder("greeter")
+                    .lbs([a.addr.to_string(), b.addr.to_string()])
+                    .build()?,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while channels
+            .iter()
+            .any(|c| c.ready_backends().len() < 3 || c.current_lb().is_none())
+        {
+            anyhow::ensure!(Instant::now() < deadline, "clients did not all connect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let on_a: Vec<&LbChannel> = channels
+            .iter()
+            .filter(|c| c.current_lb() == Some(a.addr))
+            .collect();
+        eprintln!(
+            "failover: {} of {clients} clients on the replica to stop",
+            on_a.len()
+        );
+        let t0 = Instant::now();
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe {
+            libc::kill(a.child.id() as i32, signal);
+        }
+        let mut moved: Vec<Option<f64>> = vec![None; on_a.len()];
+        let mut lost_list = 0usize;
+        let mut lost = vec![false; on_a.len()];
+        while moved.iter().any(Option::is_none) {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "clients did not all move"
+            );
+            for (i, c) in on_a.iter().enumerate() {
+                if !lost[i] && c.ready_backends().is_empty() {
+                    lost[i] = true;
+                    lost_list += 1;
+                }
+                if moved[i].is_none() && c.current_lb() == Some(b.addr) {
+                    moved[i] = Some(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = a.child.wait();
+        let mut took: Vec<f64> = moved.into_iter().flatten().collect();
+        took.sort_by(|x, y| x.total_cmp(y));
+        let how = if signal == libc::SIGKILL {
+            "SIGKILL"
+        } else {
+            "SIGTERM (graceful, 1 s spread)"
+        };
+        let (p50, p99, max) = (pct(&took, 0.5), pct(&took, 0.99), took[took.len() - 1]);
+        println!(
+            "| {how} | {} | {p50:.0} ms | {p99:.0} ms | {max:.0} ms | {lost_list} |",
+            took.len()
+        );
+        rows.push(json!({"stop": how, "clients_moved": took.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max, "lost_list": lost_list}));
+        drop(channels);
+        drop(b);
+    }
+    for g in backends {
+        g.shutdown(Duration::ZERO).await;
+    }
+    Ok(json!({"bench": "failover", "clients": clients, "rows": rows}))
 }
