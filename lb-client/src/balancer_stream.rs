@@ -328,6 +328,20 @@ pub fn to_entries(servers: &[Server]) -> Vec<ListEntry> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn lb_names_expand_to_every_address_and_unresolvable_ones_stay() {
+        let entries = [
+            "127.0.0.2:7000".to_string(),
+            "localhost:7001".to_string(),
+            "no-such-lb.invalid:7002".to_string(),
+        ];
+        let addrs = expand(&entries).await;
+        assert_eq!(addrs[0], "127.0.0.2:7000");
+        assert!(addrs.contains(&"127.0.0.1:7001".to_string()), "{addrs:?}");
+        assert!(!addrs.contains(&"localhost:7001".to_string()));
+        assert_eq!(addrs.last().unwrap(), "no-such-lb.invalid:7002");
+    }
+
     #[test]
     fn servers_convert_and_bad_ones_are_skipped() {
         let servers = vec![
