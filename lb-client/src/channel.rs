@@ -36,6 +36,9 @@ use crate::Error;
 /// Metadata key carrying the load-balance token to backends.
 pub const LB_TOKEN: &str = "lb-token";
 
+/// [`LB_TOKEN`] as a ready-made header name (no parsing per call).
+pub const LB_TOKEN_HEADER: http::HeaderName = http::HeaderName::from_static(LB_TOKEN);
+
 /// Builds an [`LbChannel`].
 #[derive(Debug, Clone)]
 pub struct LbChannelBuilder {
@@ -194,6 +197,12 @@ impl LbChannel {
         self.state.picker.load().backend_addrs()
     }
 
+    /// The picker holding the current pick list (for inspection and
+    /// benchmarks; calls use it through the `tower::Service`).
+    pub fn picker(&self) -> &crate::picker::Picker {
+        &self.state.picker
+    }
+
     /// The LB whose stream is open now (`None` between streams or in
     /// fallback without an LB).
     pub fn current_lb(&self) -> Option<SocketAddr> {
@@ -335,10 +344,10 @@ fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend) {
     }
     match &backend.token {
         Some(token) => {
-            request.headers_mut().insert(LB_TOKEN, token.clone());
+            request.headers_mut().insert(LB_TOKEN_HEADER, token.clone());
         }
         None => {
-            request.headers_mut().remove(LB_TOKEN);
+            request.headers_mut().remove(LB_TOKEN_HEADER);
         }
     }
 }

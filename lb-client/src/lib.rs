@@ -43,7 +43,7 @@ pub mod register;
 pub mod state;
 pub mod stats;
 
-pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN};
+pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};
 pub use register::{Registration, RegistrationOptions};
 
 /// A boxed error, as tower services use.
