@@ -1,0 +1,122 @@
+//! `lb-bench`: benchmarks of the load balancer, each measured side by side
+//! with its baseline in one run.
+//!
+//! - `throughput`: unary echo calls/s through `LbChannel` (over 3 backends
+//!   and over 1) vs a plain tonic `Channel` to one backend, alternating
+//!   rounds so that machine noise hits both alike.
+//! - `propagation`: `put` of a new backend in etcd → first call a connected
+//!   client makes to it, next to the time etcd's own watch delivered the put.
+//!   Starts its own etcd (`etcd` on PATH or `$ETCD_BIN`) and an in-process LB.
+//! - `slow-backend`: four backends, one 20 ms slower and reporting high
+//!   utilization: client latency through a load-aware LB vs a plain round
+//!   robin LB over the same backends, alternating rounds.
+//! - `kill-removal`: SIGKILL a backend process, time until the LB's
+//!   published list no longer has it, beside the registration lease TTL.
+//! - `failover`: N clients over two LB replicas (processes, over etcd); one
+//!   replica is SIGKILLed (then, in a second round, stopped with SIGTERM):
+//!   time until each of its clients has a stream on the survivor.
+//!
+//! Results are printed as a Markdown table and written as JSON (`--json`).
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`measure`] | closed-loop load, percentiles, CPU accounting |
+//! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
+//! | one module per benchmark | `throughput`, `propagation`, `slow_backend`, `kill_removal`, `failover` |
+
+mod failover;
+mod kill_removal;
+mod measure;
+mod procs;
+mod propagation;
+mod slow_backend;
+mod throughput;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "Benchmarks of the lookaside load balancer, each beside its baseline."
+)]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Unary calls/s: LbChannel (3 backends, 1 backend) vs tonic Channel (1 backend).
+    Throughput {
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Length of one measured round.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        round: Duration,
+        /// Rounds per contender (alternated).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// etcd put → first call on the new backend, vs etcd's own watch delivery.
+    Propagation {
+        /// Number of put/delete cycles.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
+    /// One slow, busy backend of four: load-aware lists vs plain round robin.
+    SlowBackend {
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Length of one measured round.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        round: Duration,
+        /// Rounds per contender (alternated).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// SIGKILL a backend, time until the LB's list drops it.
+    KillRemoval {
+        /// Number of kills.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
+    /// Kill one of two LB replicas: time until its clients are on the survivor.
+    Failover {
+        /// Connected clients (LbChannels, each with its own stream).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let result = match args.bench {
+        Bench::Throughput {
+            concurrency,
+            round,
+            rounds,
+        } => throughput::throughput(concurrency, round, rounds).await?,
+        Bench::Propagation { samples } => propagation::propagation(samples).await?,
+        Bench::SlowBackend {
+            concurrency,
+            round,
+            rounds,
+        } => slow_backend::slow_backend(concurrency, round, rounds).await?,
+        Bench::KillRemoval { samples } => kill_removal::kill_removal(samples).await?,
+        Bench::Failover { clients } => failover::failover(clients).await?,
+    };
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

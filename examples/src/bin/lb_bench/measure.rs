@@ -1,0 +1,80 @@
+//! Measuring: closed-loop load with latency percentiles, and summaries.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use tonic::codegen::{Body, Bytes, StdError};
+
+/// Runs `concurrency` callers for `duration`; returns calls/s and p50, p99,
+/// p99.9 latency (µs).
+pub async fn load<T>(
+    client: GreeterClient<T>,
+    concurrency: usize,
+    duration: Duration,
+) -> (f64, u64, u64, u64)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (mut client, stop, failures) = (client.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match client
+                        .say_hello(HelloRequest {
+                            name: "bench".into(),
+                        })
+                        .await
+                    {
+                        Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
+                        Err(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls failed during the benchmark"
+    );
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    (all.len() as f64 / elapsed, pct(0.50), pct(0.99), pct(0.999))
+}
+
+/// The median of samples.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The `p` quantile of sorted samples.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
