@@ -197,6 +197,12 @@ impl LbChannel {
         self.state.picker.load().backend_addrs()
     }
 
+    /// Backend addresses of the list in force, in order, including those
+    /// whose connections are not ready yet.
+    pub fn listed_backends(&self) -> Vec<SocketAddr> {
+        self.state.listed_backends()
+    }
+
     /// The picker holding the current pick list (for inspection and
     /// benchmarks; calls use it through the `tower::Service`).
     pub fn picker(&self) -> &crate::picker::Picker {

@@ -88,6 +88,17 @@ impl ChannelState {
         self.got_lb_list.load(Ordering::Relaxed)
     }
 
+    /// Backend addresses of the list in force (LB or fallback), in order,
+    /// whether or not their connections are ready.
+    pub fn listed_backends(&self) -> Vec<SocketAddr> {
+        match &*self.source.lock().expect("source lock") {
+            Source::Lb(e) | Source::Fallback(e) => {
+                e.iter().filter(|e| !e.drop).map(|e| e.addr).collect()
+            }
+            Source::Waiting | Source::Unavailable(_) => Vec::new(),
+        }
+    }
+
     /// Installs a list received from the LB.
     pub fn set_lb_list(&self, entries: Vec<ListEntry>) {
         self.got_lb_list.store(true, Ordering::Relaxed);

@@ -12,6 +12,8 @@
 //!   robin LB over the same backends, alternating rounds.
 //! - `kill-removal`: SIGKILL a backend process, time until the LB's
 //!   published list no longer has it, beside the registration lease TTL.
+//! - `fanout`: N idle streams on one LB process: its RSS per stream, and
+//!   the time one list change takes to reach all of them.
 //! - `failover`: N clients over two LB replicas (processes, over etcd); one
 //!   replica is SIGKILLed (then, in a second round, stopped with SIGTERM):
 //!   time until each of its clients has a stream on the survivor.
@@ -22,9 +24,10 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `slow_backend`, `kill_removal`, `failover` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover` |
 
 mod failover;
+mod fanout;
 mod kill_removal;
 mod measure;
 mod procs;
@@ -52,7 +55,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Unary calls/s: LbChannel (3 backends, 1 backend) vs tonic Channel (1 backend).
+    /// Unary calls/s over 3 backends: LbChannel vs tonic balance_list vs nginx grpc_pass (and one plain Channel).
     Throughput {
         /// Calls in flight at once.
         #[arg(long, default_value_t = 64)]
@@ -64,10 +67,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// etcd put → first call on the new backend, vs etcd's own watch delivery.
+    /// etcd put/delete → every client's picker, vs etcd's own watch delivery.
     Propagation {
+        /// Connected clients (LbChannels, each with its own stream).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
         /// Number of put/delete cycles.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 10)]
         samples: usize,
     },
     /// One slow, busy backend of four: load-aware lists vs plain round robin.
@@ -88,6 +94,18 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// N idle streams on one LB process: RSS per stream, time to push a change to all.
+    Fanout {
+        /// Idle BalanceLoad streams.
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+        /// Streams per HTTP/2 connection (1 = every stream its own client).
+        #[arg(long, default_value_t = 1)]
+        per_connection: usize,
+        /// List changes pushed.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+    },
     /// Kill one of two LB replicas: time until its clients are on the survivor.
     Failover {
         /// Connected clients (LbChannels, each with its own stream).
@@ -99,13 +117,16 @@ enum Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    procs::raise_fd_limit();
     let result = match args.bench {
         Bench::Throughput {
             concurrency,
             round,
             rounds,
         } => throughput::throughput(concurrency, round, rounds).await?,
-        Bench::Propagation { samples } => propagation::propagation(samples).await?,
+        Bench::Propagation { clients, samples } => {
+            propagation::propagation(clients, samples).await?
+        }
         Bench::SlowBackend {
             concurrency,
             round,
@@ -113,6 +134,11 @@ async fn main() -> anyhow::Result<()> {
         } => slow_backend::slow_backend(concurrency, round, rounds).await?,
         Bench::KillRemoval { samples } => kill_removal::kill_removal(samples).await?,
         Bench::Failover { clients } => failover::failover(clients).await?,
+        Bench::Fanout {
+            streams,
+            per_connection,
+            samples,
+        } => fanout::fanout(streams, per_connection, samples).await?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;

@@ -148,3 +148,108 @@ pub async fn greeter_with(
     );
     Ok(g)
 }
+
+/// An nginx process proxying gRPC (`grpc_pass`, round robin) to backends;
+/// config and logs in a temporary directory; stopped when dropped.
+pub struct Nginx {
+    child: std::process::Child,
+    dir: PathBuf,
+    /// Where it listens (HTTP/2 cleartext).
+    pub addr: SocketAddr,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Nginx {
+    /// Writes a config balancing over `backends` and starts nginx
+    /// (`$NGINX_BIN`, else `nginx` on PATH, else `/usr/sbin/nginx`).
+    pub async fn start(backends: &[SocketAddr]) -> anyhow::Result<Nginx> {
+        let bin = std::env::var("NGINX_BIN").ok().or_else(|| {
+            ["/usr/sbin/nginx", "/usr/bin/nginx"]
+                .iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .map(|p| p.to_string())
+        });
+        let bin = bin.ok_or_else(|| {
+            anyhow::anyhow!(
+                "nginx not found: install it (Debian: apt-get install nginx-light; scripts/setup does) or set NGINX_BIN"
+            )
+        })?;
+        let dir = std::env::temp_dir().join(format!("lb-bench-nginx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("        server {b};\n"))
+            .collect();
+        let d = dir.display();
+        // Running as root, workers would drop to `nobody`; keep them as the
+        // invoking user so they can use the temp dir.
+        // SAFETY: geteuid has no preconditions.
+        let user = if unsafe { libc::geteuid() } == 0 {
+            "user root;\n"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n    access_log off;\n\
+             \x20   client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
+             \x20   fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
+             \x20   upstream greeters {{\n{servers}        keepalive 256;\n        keepalive_requests 100000000;\n    }}\n\
+             \x20   server {{\n        listen {addr} http2;\n        http2_max_concurrent_streams 1024;\n\
+             \x20       keepalive_requests 100000000;\n        keepalive_timeout 600s;\n\
+             \x20       location / {{ grpc_pass grpc://greeters; }}\n    }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = std::process::Command::new(&bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {bin}: {e}"))?;
+        let nginx = Nginx { child, dir, addr };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(nginx);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let log = std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+        anyhow::bail!("nginx did not start: {log}")
+    }
+
+    /// The master's PID (workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit: benchmarks hold
+/// thousands of connections (children started later inherit it).
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

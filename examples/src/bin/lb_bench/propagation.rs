@@ -1,19 +1,61 @@
-//! Registry change → clients, beside etcd's own watch delivery.
+//! Registry change → every connected client's picker, beside the time etcd's
+//! own watch took to deliver the same change.
+//!
+//! K `LbChannel`s (each its own BalanceLoad stream) in this process, an
+//! in-process LB over a real etcd, one steady backend and one that is `put`
+//! and `delete`d. For each change, every client waits on its picker: a put
+//! counts once the new backend is *ready* in the picker (list received and
+//! connection up), a delete once it is gone. A direct etcd watch on the key
+//! times etcd's delivery.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
-use lb_examples::greeter::{backend_of, GreeterOptions};
-use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use lb_examples::greeter::GreeterOptions;
 use lb_server::{Config, LbServer};
 use serde_json::json;
 
 use crate::measure::pct;
 use crate::procs::{greeter_with, start_etcd};
 
-pub async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
+/// Times (ms since the change) at which each client's picker reflected it:
+/// `(listed, ready)`; for a removal both are the time it left the picker.
+async fn picker_times(
+    channels: &[LbChannel],
+    addr: SocketAddr,
+    present: bool,
+    t0: Instant,
+    mut receivers: Vec<tokio::sync::watch::Receiver<u64>>,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let waits = channels
+        .iter()
+        .zip(receivers.iter_mut())
+        .map(|(ch, rx)| async move {
+            let mut listed = None;
+            loop {
+                let now = t0.elapsed().as_secs_f64() * 1e3;
+                if present && listed.is_none() && ch.listed_backends().contains(&addr) {
+                    listed = Some(now);
+                }
+                if ch.ready_backends().contains(&addr) == present {
+                    return Some((listed.unwrap_or(now), now));
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+    let all = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(waits))
+        .await
+        .map_err(|_| anyhow::anyhow!("not every client saw the change within 30 s"))?;
+    all.into_iter()
+        .collect::<Option<Vec<(f64, f64)>>>()
+        .ok_or_else(|| anyhow::anyhow!("a channel closed"))
+}
+
+/// Runs the propagation benchmark.
+pub async fn propagation(clients: usize, samples: usize) -> anyhow::Result<serde_json::Value> {
     let (_etcd, endpoint) = start_etcd().await?;
     let mut cfg = Config::with_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
     cfg.registry = format!("etcd://{endpoint}");
@@ -29,87 +71,104 @@ pub async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
         None,
     )
     .await?;
-    let channel = LbChannel::builder("greeter")
-        .lb(lb.lb_addr.to_string())
-        .build()?;
-    anyhow::ensure!(
-        channel.ready_within(Duration::from_secs(5)).await,
-        "no list"
-    );
+    let channels: Vec<LbChannel> = (0..clients)
+        .map(|_| {
+            LbChannel::builder("greeter")
+                .lb(lb.lb_addr.to_string())
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while channels.iter().any(|c| c.ready_backends().is_empty()) {
+        anyhow::ensure!(Instant::now() < deadline, "clients did not all get a list");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
-    // A client calling continuously (at most one call in flight, ~every 200 µs).
-    let seen: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mover_addr = mover.addr.to_string();
-    let caller = {
-        let (seen, stop, mover_addr, mut client) = (
-            seen.clone(),
-            stop.clone(),
-            mover_addr.clone(),
-            GreeterClient::new(channel.clone()),
-        );
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(r) = client.say_hello(HelloRequest { name: "p".into() }).await {
-                    if backend_of(&r.into_inner().message) == mover_addr {
-                        seen.lock().unwrap().get_or_insert_with(Instant::now);
+    let key = format!("/services/greeter/{}", mover.addr);
+    let (mut put_all, mut del_all, mut watch_put, mut watch_del) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut put_last, mut del_last) = (Vec::new(), Vec::new());
+    let (mut listed_all, mut listed_last) = (Vec::new(), Vec::new());
+    eprintln!("propagation: {clients} clients, {samples} put/delete cycles");
+    for _ in 0..samples {
+        for present in [true, false] {
+            let mut watch = etcd.watch(key.as_str(), None).await?;
+            let _created = watch.message().await?;
+            let receivers = channels.iter().map(|c| c.picker().subscribe()).collect();
+            let t0 = Instant::now();
+            if present {
+                etcd.put(key.as_str(), mover.addr.to_string(), None).await?;
+            } else {
+                etcd.delete(key.as_str(), None).await?;
+            }
+            let clients_done = picker_times(&channels, mover.addr, present, t0, receivers);
+            let watched = async {
+                loop {
+                    let m = watch
+                        .message()
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+                    if !m.events().is_empty() {
+                        return anyhow::Ok(t0.elapsed().as_secs_f64() * 1e3);
                     }
                 }
+            };
+            let (times, watched) = tokio::join!(clients_done, watched);
+            let (times, watched) = (times?, watched?);
+            let last = |f: fn(&(f64, f64)) -> f64| times.iter().map(f).fold(0.0, f64::max);
+            if present {
+                listed_all.extend(times.iter().map(|t| t.0));
+                listed_last.push(last(|t| t.0));
+                put_all.extend(times.iter().map(|t| t.1));
+                put_last.push(last(|t| t.1));
+                watch_put.push(watched);
+            } else {
+                del_all.extend(times.iter().map(|t| t.1));
+                del_last.push(last(|t| t.1));
+                watch_del.push(watched);
             }
-        })
-    };
-
-    let mut watcher = etcd.clone();
-    let mut to_client = Vec::new();
-    let mut to_watch = Vec::new();
-    let key = format!("/services/greeter/{}", mover.addr);
-    eprintln!("propagation: {samples} put/delete cycles");
-    for _ in 0..samples {
-        let mut watch = watcher.watch(key.as_str(), None).await?;
-        let _created = watch.message().await?;
-        *seen.lock().unwrap() = None;
-        let t0 = Instant::now();
-        etcd.put(key.as_str(), mover_addr.as_str(), None).await?;
-        let watched = loop {
-            let m = watch
-                .message()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
-            if !m.events().is_empty() {
-                break t0.elapsed();
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let arrived = loop {
-            if let Some(t) = *seen.lock().unwrap() {
-                break t.duration_since(t0);
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "client never called the new backend"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        };
-        to_watch.push(watched.as_secs_f64() * 1e3);
-        to_client.push(arrived.as_secs_f64() * 1e3);
-        etcd.delete(key.as_str(), None).await?;
-        let gone = Instant::now() + Duration::from_secs(5);
-        while channel.ready_backends().contains(&mover.addr) && Instant::now() < gone {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = caller.await;
-    to_client.sort_by(|a, b| a.total_cmp(b));
-    to_watch.sort_by(|a, b| a.total_cmp(b));
-    println!("| measure (ms, {samples} samples) | p50 | p99 | max |");
+    for v in [
+        &mut put_all,
+        &mut del_all,
+        &mut watch_put,
+        &mut watch_del,
+        &mut put_last,
+        &mut del_last,
+        &mut listed_all,
+        &mut listed_last,
+    ] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let row =
+        |v: &Vec<f64>| json!({"p50": pct(v, 0.5), "p99": pct(v, 0.99), "max": v[v.len() - 1]});
+    println!("| measure (ms; {clients} clients, {samples} changes each way) | p50 | p99 | max |");
     println!("| --- | ---: | ---: | ---: |");
     for (name, v) in [
-        ("etcd put → etcd watch event (baseline)", &to_watch),
+        ("etcd put → etcd watch event (baseline)", &watch_put),
         (
-            "etcd put → client's first call on the new backend",
-            &to_client,
+            "etcd put → a client has the backend in its list",
+            &listed_all,
+        ),
+        (
+            "etcd put → the last of all clients has it in its list",
+            &listed_last,
+        ),
+        (
+            "etcd put → a client's picker has the backend ready (incl. connect)",
+            &put_all,
+        ),
+        ("etcd put → the last of all clients ready", &put_last),
+        ("etcd delete → etcd watch event (baseline)", &watch_del),
+        (
+            "etcd delete → a client's picker dropped the backend",
+            &del_all,
+        ),
+        (
+            "etcd delete → the last of all clients dropped it",
+            &del_last,
         ),
     ] {
         println!(
@@ -119,11 +178,11 @@ pub async fn propagation(samples: usize) -> anyhow::Result<serde_json::Value> {
             v[v.len() - 1]
         );
     }
+    drop(channels);
     lb.shutdown(Duration::from_secs(2)).await;
     Ok(json!({
-        "bench": "propagation",
-        "samples": samples,
-        "etcd_watch_ms": {"p50": pct(&to_watch, 0.5), "p99": pct(&to_watch, 0.99), "max": to_watch[to_watch.len()-1]},
-        "first_call_ms": {"p50": pct(&to_client, 0.5), "p99": pct(&to_client, 0.99), "max": to_client[to_client.len()-1]},
+        "bench": "propagation", "clients": clients, "samples": samples,
+        "etcd_watch_put_ms": row(&watch_put), "put_listed_per_client_ms": row(&listed_all), "put_listed_last_client_ms": row(&listed_last), "put_per_client_ms": row(&put_all), "put_last_client_ms": row(&put_last),
+        "etcd_watch_delete_ms": row(&watch_del), "delete_per_client_ms": row(&del_all), "delete_last_client_ms": row(&del_last),
     }))
 }

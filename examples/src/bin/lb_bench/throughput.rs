@@ -1,16 +1,40 @@
-//! Unary calls/s through each contender, alternating rounds.
+//! Unary calls/s over three backends through each contender, alternating
+//! rounds so that machine noise hits all alike:
+//! (a) `lb-client` `LbChannel` (lists from an in-process LB),
+//! (b) tonic `Channel::balance_list` over the same backends,
+//! (c) nginx `grpc_pass` round robin over the same backends (a proxy hop),
+//! (d) one plain tonic `Channel` to one backend.
+//! CPU per call counts this process (client, LB and backends) plus nginx.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_examples::greeter::GreeterOptions;
 use lb_proto::helloworld::greeter_client::GreeterClient;
 use lb_server::{Config, LbServer};
 use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::measure::{load, median};
-use crate::procs::greeter_with;
+use crate::measure::{children_of, load, median, process_cpu};
+use crate::procs::{greeter_with, Nginx};
 
+/// One contender's client.
+enum Contender {
+    Lb(LbChannel),
+    Tonic(Channel),
+}
+
+/// CPU used so far by this process and by nginx (master and workers).
+fn cpu_now(nginx: &Nginx) -> Duration {
+    let mut total = process_cpu(std::process::id());
+    total += process_cpu(nginx.pid());
+    for child in children_of(nginx.pid()) {
+        total += process_cpu(child);
+    }
+    total
+}
+
+/// Runs the throughput benchmark.
 pub async fn throughput(
     concurrency: usize,
     round: Duration,
@@ -25,73 +49,103 @@ pub async fn throughput(
     for _ in 0..3 {
         backends.push(greeter_with(GreeterOptions::default(), &[lb.lb_addr], "greeter").await?);
     }
-    let solo = greeter_with(GreeterOptions::default(), &[lb.lb_addr], "solo").await?;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let nginx = Nginx::start(&addrs).await?;
 
     let lb3 = LbChannel::builder("greeter")
         .lb(lb.lb_addr.to_string())
         .build()?;
-    let lb1 = LbChannel::builder("solo")
-        .lb(lb.lb_addr.to_string())
-        .build()?;
-    anyhow::ensure!(
-        lb3.ready_within(Duration::from_secs(5)).await
-            && lb1.ready_within(Duration::from_secs(5)).await
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while {
+        let mut r = lb3.ready_backends();
+        r.sort();
+        r.dedup();
+        r.len() < 3
+    } {
+        anyhow::ensure!(Instant::now() < deadline, "LbChannel not ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let endpoint = |addr: std::net::SocketAddr| {
+        Endpoint::from_shared(format!("http://{addr}")).map(|e| e.tcp_nodelay(true))
+    };
+    let balanced = Channel::balance_list(
+        addrs
+            .iter()
+            .map(|a| endpoint(*a))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await; // all three connected
-    let tonic1 = tonic::transport::Endpoint::from_shared(format!("http://{}", solo.addr))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let proxied = endpoint(nginx.addr)?.connect().await?;
+    let single = endpoint(addrs[0])?.connect().await?;
 
-    let names = [
-        "LbChannel, 3 backends",
-        "LbChannel, 1 backend",
-        "tonic Channel, 1 backend",
+    let contenders = [
+        ("(a) lb-client LbChannel, 3 backends", Contender::Lb(lb3)),
+        (
+            "(b) tonic Channel::balance_list, 3 backends",
+            Contender::Tonic(balanced),
+        ),
+        (
+            "(c) nginx grpc_pass round robin, 3 backends",
+            Contender::Tonic(proxied),
+        ),
+        ("(d) tonic Channel, 1 backend", Contender::Tonic(single)),
     ];
-    let mut results: Vec<Vec<(f64, u64, u64, u64)>> = vec![Vec::new(); 3];
+    // Per contender: (calls/s, p50, p99, p99.9, CPU µs per call) per round.
+    let mut results: Vec<Vec<[f64; 5]>> = vec![Vec::new(); contenders.len()];
     eprintln!(
-        "throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} each"
+        "throughput: concurrency {concurrency}, {rounds} alternating rounds of {round:?} per contender"
     );
-    // Warm-up, unmeasured.
-    load(
-        GreeterClient::new(lb3.clone()),
-        concurrency,
-        Duration::from_millis(500),
-    )
-    .await;
+    for (_, c) in &contenders {
+        // Warm-up, unmeasured (connections, nginx upstream keep-alive pool).
+        run(c, concurrency, Duration::from_millis(300)).await;
+    }
     for r in 0..rounds {
-        results[0].push(load(GreeterClient::new(lb3.clone()), concurrency, round).await);
-        results[1].push(load(GreeterClient::new(lb1.clone()), concurrency, round).await);
-        results[2].push(load(GreeterClient::new(tonic1.clone()), concurrency, round).await);
-        eprintln!(
-            "  round {}: {:.0} / {:.0} / {:.0} calls/s",
-            r + 1,
-            results[0][r].0,
-            results[1][r].0,
-            results[2][r].0
-        );
+        let mut line = Vec::new();
+        for (i, (_, c)) in contenders.iter().enumerate() {
+            let cpu0 = cpu_now(&nginx);
+            let t0 = Instant::now();
+            let (cps, p50, p99, p999) = run(c, concurrency, round).await;
+            let calls = cps * t0.elapsed().as_secs_f64();
+            let cpu = (cpu_now(&nginx) - cpu0).as_secs_f64() * 1e6 / calls.max(1.0);
+            results[i].push([cps, p50 as f64, p99 as f64, p999 as f64, cpu]);
+            line.push(format!("{cps:.0}"));
+        }
+        eprintln!("  round {}: {} calls/s", r + 1, line.join(" / "));
     }
-    let baseline = median(results[2].iter().map(|x| x.0).collect());
-    println!("| contender | calls/s (median) | p50 µs | p99 µs | ratio to tonic Channel |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    let med = |i: usize, k: usize| median(results[i].iter().map(|x| x[k]).collect());
+    let (tonic_cps, nginx_cps, nginx_p99) = (med(1, 0), med(2, 0), med(2, 2));
+    println!("| contender | calls/s | p50 µs | p99 µs | p99.9 µs | CPU µs/call | calls/s vs (b) | calls/s vs (c) | p99 vs (c) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut rows = Vec::new();
-    for (name, runs) in names.iter().zip(&results) {
-        let cps = median(runs.iter().map(|x| x.0).collect());
-        let p50 = median(runs.iter().map(|x| x.1 as f64).collect());
-        let p99 = median(runs.iter().map(|x| x.2 as f64).collect());
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        let (cps, p50, p99, p999, cpu) = (med(i, 0), med(i, 1), med(i, 2), med(i, 3), med(i, 4));
         println!(
-            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {:.2}x |",
-            cps / baseline
+            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {p999:.0} | {cpu:.1} | {:.2}x | {:.2}x | {:.2}x |",
+            cps / tonic_cps,
+            cps / nginx_cps,
+            p99 / nginx_p99
         );
-        rows.push(json!({"contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99, "ratio": cps / baseline}));
+        rows.push(json!({
+            "contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99, "p999_us": p999,
+            "cpu_us_per_call": cpu, "vs_balance_list": cps / tonic_cps, "vs_nginx": cps / nginx_cps,
+            "p99_vs_nginx": p99 / nginx_p99,
+        }));
     }
-    drop((lb3, lb1));
+    drop(contenders);
+    drop(nginx);
     for b in backends {
         b.shutdown(Duration::ZERO).await;
     }
-    solo.shutdown(Duration::ZERO).await;
     lb.shutdown(Duration::from_secs(2)).await;
-    Ok(
-        json!({"bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(), "rounds": rounds, "rows": rows}),
-    )
+    Ok(json!({
+        "bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(),
+        "rounds": rounds, "rows": rows,
+    }))
+}
+
+async fn run(c: &Contender, concurrency: usize, d: Duration) -> (f64, u64, u64, u64) {
+    match c {
+        Contender::Lb(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
+        Contender::Tonic(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
+    }
 }

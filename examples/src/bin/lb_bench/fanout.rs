@@ -1,0 +1,183 @@
+//! Fan-out and footprint: N idle BalanceLoad streams on one `lb-server`
+//! process. Reports the LB's resident memory per stream, and the time from
+//! one list change (a backend's health flips) until every stream has
+//! received the new list.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lb_examples::greeter::GreeterOptions;
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
+    load_balancer_client::LoadBalancerClient, InitialLoadBalanceRequest, LoadBalanceRequest,
+};
+use serde_json::json;
+use tonic::transport::Endpoint;
+
+use crate::measure::{pct, rss_kib};
+use crate::procs::{greeter_with, LbProcess};
+
+/// Lists received per stream, and when the latest arrived (ns since `base`).
+struct Arrivals {
+    base: Instant,
+    count: Vec<AtomicU32>,
+    at: Vec<AtomicU64>,
+}
+
+impl Arrivals {
+    fn all_have(&self, n: u32) -> bool {
+        self.count.iter().all(|c| c.load(Ordering::Relaxed) >= n)
+    }
+}
+
+/// Opens stream `i` on `channel` and records its lists until it ends.
+async fn open_stream(
+    channel: tonic::transport::Channel,
+    i: usize,
+    arrivals: Arc<Arrivals>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(LoadBalanceRequest {
+        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+            InitialLoadBalanceRequest {
+                name: "greeter".into(),
+            },
+        )),
+    })
+    .await?;
+    let mut inbound = LoadBalancerClient::new(channel)
+        .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        let _keep_open = tx;
+        while let Ok(Some(m)) = inbound.message().await {
+            if let Some(LoadBalanceResponseType::ServerList(_)) = m.load_balance_response_type {
+                let ns = arrivals.base.elapsed().as_nanos() as u64;
+                arrivals.at[i].store(ns, Ordering::Relaxed);
+                arrivals.count[i].fetch_add(1, Ordering::Release);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Runs the fan-out benchmark.
+pub async fn fanout(
+    streams: usize,
+    per_connection: usize,
+    samples: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let per_connection = per_connection.max(1);
+    let lb = LbProcess::start("memory").await?;
+    let pid = lb.child.id();
+    let greeters = [
+        greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?,
+        greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?,
+    ];
+    // Let the LB see both backends healthy before the baseline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_before = rss_kib(pid);
+
+    let arrivals = Arc::new(Arrivals {
+        base: Instant::now(),
+        count: (0..streams).map(|_| AtomicU32::new(0)).collect(),
+        at: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let connections = streams.div_ceil(per_connection);
+    eprintln!("fan-out: opening {streams} streams over {connections} connections");
+    let opened = Instant::now();
+    let endpoint = Endpoint::from_shared(format!("http://{}", lb.addr))?.tcp_nodelay(true);
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..connections)
+        .map(|c| {
+            let (endpoint, arrivals) = (endpoint.clone(), arrivals.clone());
+            async move {
+                let channel = endpoint.connect().await?;
+                for s in 0..per_connection {
+                    let i = c * per_connection + s;
+                    if i < streams {
+                        open_stream(channel.clone(), i, arrivals.clone()).await?;
+                    }
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !arrivals.all_have(1) {
+        anyhow::ensure!(Instant::now() < deadline, "not every stream got a list");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "  all {streams} streams have a list after {:?}",
+        opened.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(pid);
+    let per_stream = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / streams as f64;
+
+    let mut last_ms = Vec::new();
+    let mut median_ms = Vec::new();
+    for k in 0..samples {
+        let serving = k % 2 == 1;
+        let t0 = arrivals.base.elapsed().as_nanos() as u64;
+        greeters[0].set_serving(serving).await;
+        let want = 2 + k as u32;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !arrivals.all_have(want) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "a list change did not reach every stream"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut ms: Vec<f64> = arrivals
+            .at
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed).saturating_sub(t0) as f64 / 1e6)
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        median_ms.push(pct(&ms, 0.5));
+        last_ms.push(ms[ms.len() - 1]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last_ms.sort_by(|a, b| a.total_cmp(b));
+    median_ms.sort_by(|a, b| a.total_cmp(b));
+    println!("| measure ({streams} streams, {per_connection} per connection, {samples} changes) | value |");
+    println!("| --- | ---: |");
+    println!("| LB RSS before the streams | {} KiB |", rss_before);
+    println!("| LB RSS with the streams open | {} KiB |", rss_after);
+    println!(
+        "| LB RSS per idle stream | {:.2} KiB |",
+        per_stream / 1024.0
+    );
+    println!(
+        "| one change → half of the streams have it (median over changes) | {:.1} ms |",
+        pct(&median_ms, 0.5)
+    );
+    println!(
+        "| one change → every stream has it (median over changes) | {:.1} ms |",
+        pct(&last_ms, 0.5)
+    );
+    println!(
+        "| one change → every stream has it (worst change) | {:.1} ms |",
+        last_ms[last_ms.len() - 1]
+    );
+    drop(lb);
+    for g in greeters {
+        g.shutdown(Duration::ZERO).await;
+    }
+    Ok(json!({
+        "bench": "fanout", "streams": streams, "per_connection": per_connection, "samples": samples,
+        "rss_before_kib": rss_before, "rss_after_kib": rss_after, "rss_per_stream_bytes": per_stream,
+        "push_half_ms": pct(&median_ms, 0.5), "push_all_ms": pct(&last_ms, 0.5),
+        "push_all_worst_ms": last_ms[last_ms.len() - 1],
+    }))
+}
