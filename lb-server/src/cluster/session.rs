@@ -12,12 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{self, SharedHealth};
 use super::{BackendKey, Cluster, ReplicaInfo, View};
-use crate::registry::etcd::EtcdRegistry;
+use crate::registry::etcd::{EtcdRegistry, SessionBackoff};
 
 /// Limit for one etcd request; a longer wait means the session is broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Keeps a session up until `shutdown`.
 pub(super) async fn run(
@@ -25,10 +23,10 @@ pub(super) async fn run(
     outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
     shutdown: &CancellationToken,
 ) {
-    let mut delay = RETRY_MIN;
+    let mut backoff = SessionBackoff::default();
     let mut stale_lease: Option<i64> = None;
     loop {
-        let started = Instant::now();
+        backoff.attempt();
         let result = Session::open(cluster, &mut stale_lease, shutdown).await;
         let error = match result {
             Ok(mut s) => match s.serve(cluster, outbox, shutdown).await {
@@ -41,16 +39,11 @@ pub(super) async fn run(
             Err(e) => e,
         };
         set_connected(cluster, false, None);
-        tracing::warn!(error = %error, retry_in = ?delay,
+        tracing::warn!(error = %error, retry_in = ?backoff.delay(),
             "cluster session lost; checking every backend locally until etcd is back");
-        if started.elapsed() > Duration::from_secs(10) {
-            delay = RETRY_MIN;
+        if !backoff.wait(shutdown).await {
+            return;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(RETRY_MAX);
     }
 }
 

@@ -20,6 +20,50 @@ use super::{Instance, Registry, RegistrySink};
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Backoff between etcd sessions (the registry watch, cluster membership):
+/// doubles after each failure up to [`RETRY_MAX`], and starts over after a
+/// session that lasted more than 10 s.
+pub struct SessionBackoff {
+    delay: Duration,
+    started: tokio::time::Instant,
+}
+
+impl Default for SessionBackoff {
+    fn default() -> Self {
+        SessionBackoff {
+            delay: RETRY_MIN,
+            started: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl SessionBackoff {
+    /// Marks the start of a session attempt.
+    pub fn attempt(&mut self) {
+        self.started = tokio::time::Instant::now();
+    }
+
+    /// The delay before the next attempt.
+    pub fn delay(&self) -> Duration {
+        if self.started.elapsed() > Duration::from_secs(10) {
+            RETRY_MIN
+        } else {
+            self.delay
+        }
+    }
+
+    /// Sleeps before the next attempt; false if `shutdown` came first.
+    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        self.delay = (delay * 2).min(RETRY_MAX);
+        true
+    }
+}
+
 /// Reads services from etcd.
 pub struct EtcdRegistry {
     endpoints: Vec<String>,
@@ -115,24 +159,19 @@ impl Registry for EtcdRegistry {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         async move {
-            let mut delay = RETRY_MIN;
+            let mut backoff = SessionBackoff::default();
             loop {
-                let started = tokio::time::Instant::now();
+                backoff.attempt();
                 match self.session(&sink, &shutdown).await {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?delay,
+                        tracing::warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?backoff.delay(),
                             "etcd unavailable; serving last known state");
                     }
                 }
-                if started.elapsed() > Duration::from_secs(10) {
-                    delay = RETRY_MIN;
+                if !backoff.wait(&shutdown).await {
+                    return;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(RETRY_MAX);
             }
         }
         .boxed()

@@ -2,33 +2,19 @@
 
 use std::time::{Duration, Instant};
 
-use lb_client::{LbChannel, Registration, RegistrationOptions};
-use lb_examples::greeter::{GreeterOptions, RunningGreeter};
+use lb_client::LbChannel;
+use lb_examples::greeter::GreeterOptions;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::measure::pct;
-use crate::procs::{start_etcd, LbProcess};
+use crate::procs::{greeter_in, start_etcd, LbProcess};
 
 pub async fn failover(clients: usize) -> anyhow::Result<serde_json::Value> {
     let (_etcd, endpoint) = start_etcd().await?;
     let registry = format!("etcd://{endpoint}");
     let mut backends = Vec::new();
     for _ in 0..3 {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let registry = registry.clone();
-        let g = RunningGreeter::start(listener, GreeterOptions::default(), |addr| {
-            Registration::start(
-                &registry,
-                "greeter",
-                &addr.to_string(),
-                RegistrationOptions::default(),
-            )
-            .ok()
-        })
-        .await?;
-        anyhow::ensure!(g.wait_registered(Duration::from_secs(5)).await);
-        backends.push(g);
+        backends.push(greeter_in(GreeterOptions::default(), Some(&registry), "greeter").await?);
     }
     let mut rows = Vec::new();
     println!("| replica stopped by | its clients (of {clients}) | p50 | p99 | max | clients that lost their list |");

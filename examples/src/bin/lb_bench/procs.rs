@@ -127,21 +127,36 @@ pub async fn greeter_with(
     lbs: &[SocketAddr],
     service: &str,
 ) -> anyhow::Result<RunningGreeter> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
     let lbs: Vec<String> = lbs.iter().map(|a| a.to_string()).collect();
+    let registry = (!lbs.is_empty()).then(|| format!("lb://{}", lbs.join(",")));
+    greeter_in(options, registry.as_deref(), service).await
+}
+
+/// Starts an in-process greeter behaving as `options`, registered as
+/// `service` in `registry` (`etcd://…` or `lb://…`; `None`: not registered),
+/// and waits until the registration is confirmed.
+pub async fn greeter_in(
+    options: GreeterOptions,
+    registry: Option<&str>,
+    service: &str,
+) -> anyhow::Result<RunningGreeter> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let mut refused = None;
     let g = RunningGreeter::start(listener, options, |addr| {
-        if lbs.is_empty() {
-            return None;
-        }
-        Registration::embedded(
-            lbs,
+        let registry = registry?;
+        Registration::start(
+            registry,
             service,
             &addr.to_string(),
             RegistrationOptions::default(),
         )
+        .map_err(|e| refused = Some(e))
         .ok()
     })
     .await?;
+    if let Some(e) = refused {
+        anyhow::bail!("cannot register in {registry:?}: {e}");
+    }
     anyhow::ensure!(
         g.wait_registered(Duration::from_secs(5)).await,
         "greeter did not register"
