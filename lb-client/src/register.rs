@@ -19,6 +19,7 @@ use lb_proto::registry::v1::{
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
@@ -36,6 +37,9 @@ pub struct RegistrationOptions {
     pub plain_value: bool,
     /// etcd only: key prefix (default `/services/`).
     pub etcd_prefix: String,
+    /// Embedded registry only: the LB's registration token, sent as
+    /// `authorization: Bearer <token>` (needed when the LB sets one).
+    pub token: Option<String>,
 }
 
 impl Default for RegistrationOptions {
@@ -45,6 +49,7 @@ impl Default for RegistrationOptions {
             metadata: None,
             plain_value: false,
             etcd_prefix: "/services/".into(),
+            token: None,
         }
     }
 }
@@ -134,6 +139,12 @@ impl Registration {
             metadata_json: options.metadata.map(|m| m.to_string()).unwrap_or_default(),
             instance: String::new(),
         };
+        let authorization = options
+            .token
+            .as_deref()
+            .map(|t| format!("Bearer {}", t.trim()).parse::<MetadataValue<Ascii>>())
+            .transpose()
+            .map_err(|_| Error::Config("the registration token is not printable ASCII".into()))?;
         let (tx, rx) = watch::channel(false);
         let cancel = CancellationToken::new();
         let tasks = lbs
@@ -142,6 +153,7 @@ impl Registration {
                 tokio::spawn(embedded_loop(
                     lb,
                     request.clone(),
+                    authorization.clone(),
                     tx.clone(),
                     cancel.clone(),
                 ))
@@ -294,12 +306,14 @@ async fn etcd_session(
 async fn embedded_loop(
     lb: String,
     request: RegisterRequest,
+    authorization: Option<MetadataValue<Ascii>>,
     registered: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
     loop {
-        let error = match embedded_session(&lb, &request, &registered, &cancel).await {
+        let session = embedded_session(&lb, &request, authorization.clone(), &registered, &cancel);
+        let error = match session.await {
             Ok(Outcome::Stopped) => return,
             Err(e) => e,
         };
@@ -315,6 +329,7 @@ async fn embedded_loop(
 async fn embedded_session(
     lb: &str,
     request: &RegisterRequest,
+    authorization: Option<MetadataValue<Ascii>>,
     registered: &watch::Sender<bool>,
     cancel: &CancellationToken,
 ) -> Result<Outcome, String> {
@@ -325,7 +340,12 @@ async fn embedded_session(
         .connect()
         .await
         .map_err(|e| format!("connect {lb}: {e}"))?;
-    let mut client = RegistryClient::new(channel);
+    let mut client = RegistryClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        if let Some(value) = &authorization {
+            r.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(r)
+    });
     let status = |s: tonic::Status| format!("{lb}: {} {}", s.code(), s.message());
     let reply = client
         .register(request.clone())

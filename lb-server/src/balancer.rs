@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, PublishedList, ServiceEntry};
-use crate::metrics::Metrics;
+use crate::limits::{Exceeded, Permit, Quota};
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::names::{NameMapper, MAX_NAME_LEN};
 use crate::sessions::{SessionGuard, Sessions, StatsReport};
 use crate::subsets::{self, Subsets};
@@ -42,6 +43,11 @@ pub struct BalancerSettings {
     pub initial_request_timeout: Duration,
     /// Window over which streams are closed on shutdown.
     pub shutdown_spread: Duration,
+    /// Caps on streams open at once, in total and per client address.
+    pub streams: Arc<Quota>,
+    /// Client-stats reports allowed per second and stream (bursts of twice
+    /// that pass).
+    pub client_stats_max_rate: f64,
 }
 
 /// The BalanceLoad service.
@@ -100,7 +106,7 @@ impl Balancer {
                     Status::deadline_exceeded(format!("no initial_request within {timeout:?}")),
                 ))
             }
-            Ok(Err(status)) => return Err(self.refuse("stream_error", status)),
+            Ok(Err(status)) => return Err(self.refuse(stream_error_reason(&status), status)),
             Ok(Ok(None)) => {
                 return Err(self.refuse(
                     "no_initial_request",
@@ -152,6 +158,21 @@ impl LoadBalancer for Balancer {
         request: Request<Streaming<LoadBalanceRequest>>,
     ) -> Result<Response<Self::BalanceLoadStream>, Status> {
         let peer = request.remote_addr();
+        let permit = self
+            .settings
+            .streams
+            .acquire(peer.map(|p| p.ip()))
+            .map_err(|exceeded| {
+                let reason = match exceeded {
+                    Exceeded::Total => "too_many_streams",
+                    Exceeded::PerPeer => "too_many_streams_per_peer",
+                };
+                let detail = self
+                    .settings
+                    .streams
+                    .describe(exceeded, peer.map(|p| p.ip()));
+                self.refuse(reason, Status::resource_exhausted(detail))
+            })?;
         let client_id = request
             .metadata()
             .get(subsets::CLIENT_ID_HEADER)
@@ -196,6 +217,8 @@ impl LoadBalancer for Balancer {
             session,
             shutdown: self.shutdown.clone(),
             shutdown_spread: self.settings.shutdown_spread,
+            stats_budget: StatsBudget::new(self.settings.client_stats_max_rate),
+            _permit: permit,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
             state,
@@ -226,6 +249,52 @@ struct StreamState {
     session: SessionGuard,
     shutdown: CancellationToken,
     shutdown_spread: Duration,
+    stats_budget: StatsBudget,
+    _permit: Permit,
+}
+
+/// The reason label of a stream that failed while reading a request.
+fn stream_error_reason(status: &Status) -> &'static str {
+    match status.code() {
+        // tonic's answer to a message over the decoding limit.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "message_too_large",
+        _ => "stream_error",
+    }
+}
+
+/// Token bucket limiting the client-stats reports of one stream.
+struct StatsBudget {
+    rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl StatsBudget {
+    fn new(rate: f64) -> Self {
+        let rate = rate.max(0.01);
+        StatsBudget {
+            rate,
+            tokens: Self::burst(rate),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn burst(rate: f64) -> f64 {
+        (rate * 2.0).max(2.0)
+    }
+
+    /// Spends one report; false when the stream is over its rate.
+    fn spend(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.at = now;
+        self.tokens = (self.tokens + earned).min(Self::burst(self.rate));
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 impl StreamState {
@@ -284,10 +353,24 @@ impl StreamState {
                     }
                 }
                 message = self.inbound.message(), if !self.inbound_done => match message {
-                    Ok(Some(request)) => self.on_request(request),
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.on_request(request) {
+                            self.finished = true;
+                            return Some((Err(status), self));
+                        }
+                    }
                     Ok(None) => self.inbound_done = true,
-                    // The client went away: end quietly.
-                    Err(_) => return None,
+                    Err(status) => {
+                        let reason = stream_error_reason(&status);
+                        if reason == "stream_error" {
+                            // The client went away: end quietly.
+                            return None;
+                        }
+                        tracing::warn!(session = self.session.session().id, reason, message = status.message(), "BalanceLoad stream closed");
+                        self.metrics.refuse(reason);
+                        self.finished = true;
+                        return Some((Err(status), self));
+                    }
                 },
             }
         }
@@ -327,9 +410,29 @@ impl StreamState {
         Some(servers)
     }
 
-    fn on_request(&mut self, request: LoadBalanceRequest) {
+    /// Applies one request from the client; an error ends the stream.
+    fn on_request(&mut self, request: LoadBalanceRequest) -> Result<(), Status> {
         match request.load_balance_request_type {
             Some(LoadBalanceRequestType::ClientStats(stats)) => {
+                if !self.stats_budget.spend() {
+                    let id = self.session.session().id;
+                    self.metrics
+                        .client_stats_refused
+                        .get_or_create(&ReasonLabels {
+                            reason: "rate".into(),
+                        })
+                        .inc();
+                    self.metrics.refuse("client_stats_rate");
+                    tracing::warn!(
+                        session = id,
+                        rate = self.stats_budget.rate,
+                        "client stats sent too fast; closing the stream"
+                    );
+                    return Err(Status::resource_exhausted(format!(
+                        "client_stats sent faster than {} per second; report at the interval the load balancer asked for",
+                        self.stats_budget.rate
+                    )));
+                }
                 self.catalog.record_client_stats(&self.entry, &stats);
                 *self
                     .session
@@ -346,5 +449,6 @@ impl StreamState {
             }
             None => {}
         }
+        Ok(())
     }
 }

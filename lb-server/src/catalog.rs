@@ -27,8 +27,10 @@ use dashmap::DashMap;
 use lb_proto::grpc::lb::v1::Server;
 use tokio::sync::watch;
 
+use crate::log_limit::LogLimiter;
 use crate::metrics::{CallLabels, Metrics, ServiceLabels};
 use crate::policy::{Candidate, Decision, HealthState, Load, Policy};
+use crate::registry::entry::{RejectReason, Rejected};
 use crate::registry::Instance;
 
 /// A backend as the catalog knows it.
@@ -184,7 +186,31 @@ pub struct Catalog {
     initial_health: HealthState,
     members: watch::Sender<u64>,
     synced_at: Mutex<Option<Instant>>,
+    limits: CatalogLimits,
+    log: LogLimiter,
 }
+
+/// Caps on what registries may put in the catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogLimits {
+    /// Most services tracked.
+    pub max_services: usize,
+    /// Most backends per service.
+    pub max_backends_per_service: usize,
+}
+
+impl Default for CatalogLimits {
+    fn default() -> Self {
+        CatalogLimits {
+            max_services: 10_000,
+            max_backends_per_service: 10_000,
+        }
+    }
+}
+
+/// Membership and list changes of one subject are logged at most this often
+/// (a key flapping a thousand times a second writes one line per interval).
+const CHANGE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Backends that become healthy this soon after the registry was first
 /// listed are the LB's starting state, not newcomers: no slow start for them.
@@ -213,7 +239,20 @@ impl Catalog {
             },
             members: watch::channel(0).0,
             synced_at: Mutex::new(None),
+            limits: CatalogLimits::default(),
+            log: LogLimiter::new(CHANGE_LOG_INTERVAL),
         }
+    }
+
+    /// The same catalog with caps on services and backends.
+    pub fn with_limits(mut self, limits: CatalogLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether a change line about `subject` may be logged now.
+    fn log_change(&self, subject: std::fmt::Arguments<'_>) -> Option<u64> {
+        self.log.allow(&subject.to_string())
     }
 
     /// Every (service, backend address) pair known now.
@@ -418,11 +457,21 @@ impl Catalog {
         }
     }
 
-    fn entry(&self, service: &str) -> Arc<ServiceEntry> {
+    fn entry(&self, service: &str) -> Result<Arc<ServiceEntry>, Rejected> {
         if let Some(e) = self.services.get(service) {
-            return e.value().clone();
+            return Ok(e.value().clone());
         }
-        self.services
+        if self.services.len() >= self.limits.max_services {
+            return Err(Rejected::new(
+                RejectReason::Limit,
+                format!(
+                    "service {service:?} would pass the limit of {} services (--max-services)",
+                    self.limits.max_services
+                ),
+            ));
+        }
+        Ok(self
+            .services
             .entry(service.to_string())
             .or_insert_with(|| {
                 tracing::info!(service, "new service");
@@ -441,18 +490,41 @@ impl Catalog {
                 })
             })
             .value()
-            .clone()
+            .clone())
     }
 
-    /// Adds or updates one instance reported by `source`.
-    pub fn upsert(&self, source: &'static str, instance: Instance) {
-        let entry = self.entry(&instance.service);
+    /// Adds or updates one instance reported by `source`; refused when it
+    /// would pass a limit.
+    pub fn upsert(&self, source: &'static str, instance: Instance) -> Result<(), Rejected> {
+        let entry = self.entry(&instance.service)?;
         let mut backends = entry.backends.lock().expect("catalog lock");
-        if apply_upsert(&mut backends, source, instance, self.initial_health) {
+        self.check_room(&backends, source, &instance)?;
+        if self.apply_upsert(&mut backends, source, instance) {
             self.publish(&entry, &mut backends);
             drop(backends);
             self.members_changed();
         }
+        Ok(())
+    }
+
+    /// Refuses a new backend beyond the per-service cap.
+    fn check_room(
+        &self,
+        backends: &BTreeMap<(&'static str, String), Backend>,
+        source: &'static str,
+        i: &Instance,
+    ) -> Result<(), Rejected> {
+        let max = self.limits.max_backends_per_service;
+        if backends.len() >= max && !backends.contains_key(&(source, i.key.clone())) {
+            return Err(Rejected::new(
+                RejectReason::Limit,
+                format!(
+                    "service {:?} has {max} backends, the limit (--max-backends-per-service)",
+                    i.service
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Removes the instance `key` reported by `source`, wherever it is.
@@ -463,7 +535,10 @@ impl Catalog {
                 if !backends.values().any(|b| b.addr == gone.addr) {
                     self.metrics.forget_backend(&entry.name, gone.addr);
                 }
-                tracing::info!(service = %entry.name, key, addr = %gone.addr, "backend removed");
+                if let Some(repeats) = self.log_change(format_args!("{}|{key}|removed", entry.name))
+                {
+                    tracing::info!(service = %entry.name, key = ?key, addr = %gone.addr, repeats_not_logged = repeats, "backend removed");
+                }
                 self.publish(&entry, &mut backends);
                 drop(backends);
                 self.members_changed();
@@ -471,8 +546,14 @@ impl Catalog {
         }
     }
 
-    /// Replaces everything `source` reported with `instances`.
-    pub fn replace_source(&self, source: &'static str, instances: Vec<Instance>) {
+    /// Replaces everything `source` reported with `instances`; returns the
+    /// instances refused by a limit, with their keys.
+    pub fn replace_source(
+        &self,
+        source: &'static str,
+        instances: Vec<Instance>,
+    ) -> Vec<(String, Rejected)> {
+        let mut refused = Vec::new();
         let mut by_service: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for i in instances {
             by_service.entry(i.service.clone()).or_default().push(i);
@@ -483,21 +564,30 @@ impl Catalog {
             }
         }
         for (service, fresh) in by_service {
-            let entry = self.entry(&service);
+            let entry = match self.entry(&service) {
+                Ok(e) => e,
+                Err(r) => {
+                    refused.extend(fresh.into_iter().map(|i| (i.key, r.clone())));
+                    continue;
+                }
+            };
             let mut backends = entry.backends.lock().expect("catalog lock");
             let keep: HashSet<String> = fresh.iter().map(|i| i.key.clone()).collect();
             let before = backends.len();
             backends.retain(|(src, key), b| {
                 let retained = *src != source || keep.contains(key);
                 if !retained {
-                    tracing::info!(service = %service, key, addr = %b.addr, "backend removed (not in re-list)");
+                    tracing::info!(service = %service, key = ?key, addr = %b.addr, "backend removed (not in re-list)");
                     self.metrics.forget_backend(&service, b.addr);
                 }
                 retained
             });
             let mut changed = backends.len() != before;
             for i in fresh {
-                changed |= apply_upsert(&mut backends, source, i, self.initial_health);
+                match self.check_room(&backends, source, &i) {
+                    Ok(()) => changed |= self.apply_upsert(&mut backends, source, i),
+                    Err(r) => refused.push((i.key, r)),
+                }
             }
             if changed {
                 self.publish(&entry, &mut backends);
@@ -505,6 +595,7 @@ impl Catalog {
                 self.members_changed();
             }
         }
+        refused
     }
 
     /// Adds one client-stats report to the service's totals.
@@ -610,7 +701,9 @@ impl Catalog {
                 return false;
             }
             let version = current.version + 1;
-            tracing::info!(service = %entry.name, version, servers = servers.len(), panic, "list changed");
+            if let Some(repeats) = self.log_change(format_args!("{}|list", entry.name)) {
+                tracing::info!(service = %entry.name, version, servers = servers.len(), panic, changes_not_logged = repeats, "list changed");
+            }
             self.metrics.list_version.get_or_create(&labels).set(version as i64);
             *current = Arc::new(PublishedList { version, servers, changed_at: Instant::now(), panic, shed_fraction });
             true
@@ -618,62 +711,71 @@ impl Catalog {
     }
 }
 
-/// Applies one upsert; returns whether anything changed.
-fn apply_upsert(
-    backends: &mut BTreeMap<(&'static str, String), Backend>,
-    source: &'static str,
-    i: Instance,
-    initial_health: HealthState,
-) -> bool {
-    let slot = (source, i.key.clone());
-    if let Some(b) = backends.get_mut(&slot) {
-        if b.addr == i.addr {
-            if b.weight == i.weight && b.metadata == i.metadata {
-                return false;
+impl Catalog {
+    /// Applies one upsert; returns whether anything changed.
+    fn apply_upsert(
+        &self,
+        backends: &mut BTreeMap<(&'static str, String), Backend>,
+        source: &'static str,
+        i: Instance,
+    ) -> bool {
+        let initial_health = self.initial_health;
+        let slot = (source, i.key.clone());
+        if let Some(b) = backends.get_mut(&slot) {
+            if b.addr == i.addr {
+                if b.weight == i.weight && b.metadata == i.metadata {
+                    return false;
+                }
+                // Same backend, new registry data: keep its health and load.
+                if let Some(repeats) =
+                    self.log_change(format_args!("{}|{}|updated", i.service, i.key))
+                {
+                    tracing::info!(service = %i.service, key = ?i.key, weight = i.weight, repeats_not_logged = repeats, "backend updated");
+                }
+                b.weight = i.weight;
+                b.metadata = i.metadata;
+                return true;
             }
-            // Same backend, new registry data: keep its health and load.
-            tracing::info!(service = %i.service, key = %i.key, weight = i.weight, "backend updated");
-            b.weight = i.weight;
-            b.metadata = i.metadata;
-            return true;
         }
+        // A backend at an address already known in this service (another key)
+        // shares that address's health.
+        let sibling = backends.values().find(|b| b.addr == i.addr).cloned();
+        let registered_at = backends
+            .get(&slot)
+            .map(|b| b.registered_at)
+            .unwrap_or(i.registered_at);
+        if let Some(repeats) = self.log_change(format_args!("{}|{}|registered", i.service, i.key)) {
+            tracing::info!(service = %i.service, key = ?i.key, addr = %i.addr, weight = i.weight, repeats_not_logged = repeats, "backend registered");
+        }
+        backends.insert(
+            slot,
+            Backend {
+                source,
+                token: token_for(&i.service, i.addr),
+                key: i.key,
+                addr: i.addr,
+                weight: i.weight,
+                metadata: i.metadata,
+                registered_at,
+                health: sibling.as_ref().map(|b| b.health).unwrap_or(initial_health),
+                health_since: sibling
+                    .as_ref()
+                    .map(|b| b.health_since)
+                    .unwrap_or_else(SystemTime::now),
+                health_detail: sibling
+                    .as_ref()
+                    .map(|b| b.health_detail.clone())
+                    .unwrap_or_default(),
+                serving_since: sibling.as_ref().and_then(|b| b.serving_since),
+                load: sibling.as_ref().and_then(|b| b.load.clone()),
+                load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
+                drained: false,
+                weight_override: None,
+                decision: Decision::default(),
+            },
+        );
+        true
     }
-    // A backend at an address already known in this service (another key)
-    // shares that address's health.
-    let sibling = backends.values().find(|b| b.addr == i.addr).cloned();
-    let registered_at = backends
-        .get(&slot)
-        .map(|b| b.registered_at)
-        .unwrap_or(i.registered_at);
-    tracing::info!(service = %i.service, key = %i.key, addr = %i.addr, weight = i.weight, "backend registered");
-    backends.insert(
-        slot,
-        Backend {
-            source,
-            token: token_for(&i.service, i.addr),
-            key: i.key,
-            addr: i.addr,
-            weight: i.weight,
-            metadata: i.metadata,
-            registered_at,
-            health: sibling.as_ref().map(|b| b.health).unwrap_or(initial_health),
-            health_since: sibling
-                .as_ref()
-                .map(|b| b.health_since)
-                .unwrap_or_else(SystemTime::now),
-            health_detail: sibling
-                .as_ref()
-                .map(|b| b.health_detail.clone())
-                .unwrap_or_default(),
-            serving_since: sibling.as_ref().and_then(|b| b.serving_since),
-            load: sibling.as_ref().and_then(|b| b.load.clone()),
-            load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
-            drained: false,
-            weight_override: None,
-            decision: Decision::default(),
-        },
-    );
-    true
 }
 
 /// The load-balance token of a backend: a short hash of service and
@@ -726,16 +828,16 @@ mod tests {
     #[test]
     fn changes_publish_new_versions_and_identical_lists_do_not() {
         let c = catalog();
-        c.upsert("etcd", inst("svc", "k1", 1));
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
         let e = c.service("svc").unwrap();
         assert_eq!(e.current_list().version, 1);
-        c.upsert("etcd", inst("svc", "k1", 1));
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
         assert_eq!(
             e.current_list().version,
             1,
             "identical upsert must not publish"
         );
-        c.upsert("etcd", inst("svc", "k2", 2));
+        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
         assert_eq!(e.current_list().version, 2);
         assert_eq!(e.current_list().servers.len(), 2);
         c.remove("etcd", "k1");
@@ -757,8 +859,8 @@ mod tests {
             true,
         );
         let mut members = c.subscribe_members();
-        c.upsert("etcd", inst("svc", "k1", 1));
-        c.upsert("etcd", inst("svc", "k2", 2));
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
+        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
         assert!(members.has_changed().unwrap());
         members.mark_unchanged();
         let e = c.service("svc").unwrap();
@@ -791,10 +893,12 @@ mod tests {
     #[test]
     fn replace_source_removes_missing_and_keeps_other_sources() {
         let c = catalog();
-        c.upsert("etcd", inst("svc", "k1", 1));
-        c.upsert("etcd", inst("svc", "k2", 2));
-        c.upsert("file", inst("svc", "f1", 3));
-        c.replace_source("etcd", vec![inst("svc", "k2", 2), inst("other", "k3", 4)]);
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
+        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
+        c.upsert("file", inst("svc", "f1", 3)).unwrap();
+        assert!(c
+            .replace_source("etcd", vec![inst("svc", "k2", 2), inst("other", "k3", 4)])
+            .is_empty());
         let ports: Vec<i32> = c
             .service("svc")
             .unwrap()

@@ -61,6 +61,79 @@ pub struct Config {
     #[arg(long, env = "LB_INITIAL_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub initial_request_timeout: Duration,
 
+    /// Most BalanceLoad streams open at once, all clients together; more
+    /// are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LB_MAX_STREAMS", default_value_t = 100_000)]
+    pub max_streams: usize,
+
+    /// Most BalanceLoad streams open at once from one client IP address.
+    #[arg(long, env = "LB_MAX_STREAMS_PER_PEER", default_value_t = 10_000)]
+    pub max_streams_per_peer: usize,
+
+    /// Most concurrent HTTP/2 streams on one connection (advertised to
+    /// clients as SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "LB_MAX_STREAMS_PER_CONNECTION", default_value_t = 1_000)]
+    pub max_streams_per_connection: u32,
+
+    /// Most connections open at once on the gRPC port; more are closed at
+    /// accept.
+    #[arg(long, env = "LB_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Most connections open at once on the gRPC port from one IP address.
+    #[arg(long, env = "LB_MAX_CONNECTIONS_PER_PEER", default_value_t = 10_000)]
+    pub max_connections_per_peer: usize,
+
+    /// A connection that has not sent its first bytes (HTTP/2 preface, TLS
+    /// hello, HTTP request) within this time is closed; so is a TLS
+    /// handshake, or an admin request's headers, taking longer.
+    #[arg(long, env = "LB_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Largest gRPC message accepted on the gRPC port, in bytes (an initial
+    /// request is < 300 bytes; client stats grow with drop tokens).
+    #[arg(long, env = "LB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+
+    /// Most client-stats reports one stream may send per second (bursts of
+    /// twice that pass); a faster stream is closed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LB_CLIENT_STATS_MAX_RATE", default_value_t = 10.0)]
+    pub client_stats_max_rate: f64,
+
+    /// Most connections open at once on the admin port.
+    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS", default_value_t = 256)]
+    pub admin_max_connections: usize,
+
+    /// Most connections open at once on the admin port from one IP address.
+    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
+    pub admin_max_connections_per_peer: usize,
+
+    /// Most services the LB tracks; registry entries of further services
+    /// are rejected (reason `limit`).
+    #[arg(long, env = "LB_MAX_SERVICES", default_value_t = 10_000)]
+    pub max_services: usize,
+
+    /// Most backends one service may have; further registry entries are
+    /// rejected (reason `limit`).
+    #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = 10_000)]
+    pub max_backends_per_service: usize,
+
+    /// Embedded registry: most live registrations.
+    #[arg(long, env = "LB_MAX_REGISTRATIONS", default_value_t = 10_000)]
+    pub max_registrations: usize,
+
+    /// Embedded registry: file holding the bearer token that registration
+    /// calls must carry (`authorization: Bearer …` metadata). Without it
+    /// (or LB_REGISTRATION_TOKEN), anyone reaching the gRPC port may
+    /// register.
+    #[arg(long, env = "LB_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<std::path::PathBuf>,
+
+    /// The registration token itself, from the `LB_REGISTRATION_TOKEN`
+    /// environment variable (never a flag).
+    #[arg(skip = std::env::var("LB_REGISTRATION_TOKEN").ok())]
+    pub registration_token: Option<String>,
+
     /// Lease time to live given to embedded registrations that ask for none.
     #[arg(long, env = "LB_DEFAULT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub default_ttl: Duration,
@@ -145,9 +218,10 @@ pub struct Config {
     #[arg(long, env = "LB_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<std::path::PathBuf>,
 
-    /// The admin token itself (prefer the env var or --admin-token-file: a
-    /// command line is visible to every local user).
-    #[arg(long, env = "LB_ADMIN_TOKEN", hide_env_values = true)]
+    /// The admin token itself. Not a flag: a command line is visible to
+    /// every local user, so it is read from the `LB_ADMIN_TOKEN` environment
+    /// variable only (when `--admin-token-file` is not given).
+    #[arg(skip = std::env::var("LB_ADMIN_TOKEN").ok())]
     pub admin_token: Option<String>,
 
     /// With an etcd registry: share health checking with the other replicas
@@ -183,21 +257,26 @@ pub struct Config {
 }
 
 impl Config {
-    /// The admin token, from `--admin-token-file` or `--admin-token`; `None`
-    /// disables admin mutations.
+    /// The admin token, from `--admin-token-file` or `LB_ADMIN_TOKEN`;
+    /// `None` disables admin mutations.
     pub fn load_admin_token(&self) -> anyhow::Result<Option<String>> {
-        let token = match (&self.admin_token_file, &self.admin_token) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--admin-token-file {}: {e}", path.display()))?,
-            (None, Some(t)) => t.clone(),
-            (None, None) => return Ok(None),
-        };
-        let token = token.trim().to_string();
-        anyhow::ensure!(
-            token.len() >= 16,
-            "the admin token must be at least 16 characters"
-        );
-        Ok(Some(token))
+        load_token(
+            "admin",
+            "--admin-token-file",
+            self.admin_token_file.as_deref(),
+            self.admin_token.as_deref(),
+        )
+    }
+
+    /// The registration token, from `--registration-token-file` or
+    /// `LB_REGISTRATION_TOKEN`; `None` leaves the embedded registry open.
+    pub fn load_registration_token(&self) -> anyhow::Result<Option<String>> {
+        load_token(
+            "registration",
+            "--registration-token-file",
+            self.registration_token_file.as_deref(),
+            self.registration_token.as_deref(),
+        )
     }
 
     /// The list-building policy these flags describe.
@@ -241,6 +320,28 @@ impl Config {
         cfg.admin_listen = admin_listen;
         cfg
     }
+}
+
+/// A bearer token from a file or an environment variable's value, trimmed;
+/// at least 16 characters.
+fn load_token(
+    what: &str,
+    flag: &str,
+    file: Option<&std::path::Path>,
+    env_value: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    let token = match (file, env_value) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?,
+        (None, Some(t)) => t.to_string(),
+        (None, None) => return Ok(None),
+    };
+    let token = token.trim().to_string();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the {what} token must be at least 16 characters"
+    );
+    Ok(Some(token))
 }
 
 fn parse_alias(s: &str) -> Result<(String, String), String> {

@@ -31,16 +31,24 @@
 //! | [`sessions`] | table of connected streams |
 //! | [`admin`] | admin HTTP endpoint |
 //! | [`metrics`] | Prometheus metrics |
+//! | [`listener`] | accepting connections under caps and a handshake deadline |
+//! | [`limits`] | quotas of connections and streams, in total and per peer |
+//! | [`auth`] | bearer tokens (admin mutations, registration API) |
+//! | [`log_limit`] | rate limits for log lines outsiders can trigger |
 //!
 //! [`LbServer::start`] assembles and runs them all.
 
 pub mod admin;
+pub mod auth;
 pub mod balancer;
 pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod health;
+pub mod limits;
+pub mod listener;
 pub mod load;
+pub mod log_limit;
 pub mod metrics;
 pub mod names;
 pub mod policy;
@@ -69,6 +77,14 @@ use crate::registry::memory::RegistrationApi;
 use crate::registry::RegistrySink;
 use crate::sessions::Sessions;
 
+/// Largest HTTP/2 header block accepted on the gRPC port (gRPC clients send
+/// a few hundred bytes; hyper's default would be 16 MiB).
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// Largest message written to a stream: a server list of the longest
+/// allowed length is well under this.
+const MAX_ENCODED_MESSAGE: usize = 4 * 1024 * 1024;
+
 /// A running LB: its bound addresses and the handles to stop it.
 pub struct LbServer {
     /// Address of the gRPC port (BalanceLoad, registration API).
@@ -87,13 +103,16 @@ impl LbServer {
     pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
         let metrics = Arc::new(Metrics::new());
         let admin_token = cfg.load_admin_token()?;
+        let registration_token = cfg.load_registration_token()?;
         let source = registry::from_url(&cfg.registry, &cfg)?;
-        let catalog = Arc::new(Catalog::new(
-            cfg.policy(),
-            metrics.clone(),
-            1,
-            cfg.health_checks,
-        ));
+        let catalog = Arc::new(
+            Catalog::new(cfg.policy(), metrics.clone(), 1, cfg.health_checks).with_limits(
+                catalog::CatalogLimits {
+                    max_services: cfg.max_services,
+                    max_backends_per_service: cfg.max_backends_per_service,
+                },
+            ),
+        );
         let sessions = Arc::new(Sessions::default());
         let subsets = Arc::new(subsets::Subsets::new(cfg.subset_size));
         let shutdown = CancellationToken::new();
@@ -167,17 +186,49 @@ impl LbServer {
                 client_stats_interval: cfg.client_stats_interval,
                 initial_request_timeout: cfg.initial_request_timeout,
                 shutdown_spread: cfg.shutdown_spread,
+                streams: limits::Quota::new(
+                    "BalanceLoad streams",
+                    cfg.max_streams,
+                    cfg.max_streams_per_peer,
+                ),
+                client_stats_max_rate: cfg.client_stats_max_rate,
             },
             shutdown.clone(),
         );
-        let registration = RegistrationApi::new(source.memory.clone(), cfg.registry.clone());
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(lb_listener).with_nodelay(Some(true));
+        let registration = RegistrationApi::new(
+            source.memory.clone(),
+            cfg.registry.clone(),
+            registration_token,
+            metrics.clone(),
+        );
+        let refusal_log = Arc::new(log_limit::LogLimiter::default());
+        let incoming = listener::guarded(
+            lb_listener,
+            listener::ListenerSettings {
+                port: "lb",
+                quota: limits::Quota::new(
+                    "connections to the gRPC port",
+                    cfg.max_connections,
+                    cfg.max_connections_per_peer,
+                ),
+                handshake_timeout: cfg.handshake_timeout,
+                first_bytes: listener::FirstBytes::Http2,
+                metrics: metrics.clone(),
+                log: refusal_log.clone(),
+            },
+        );
+        let max_message = cfg.max_message_size;
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(LoadBalancerServer::new(balancer))
-            .add_service(RegistryServer::new(registration))
+            .max_concurrent_streams(Some(cfg.max_streams_per_connection))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
+            .add_service(
+                LoadBalancerServer::new(balancer)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(MAX_ENCODED_MESSAGE),
+            )
+            .add_service(RegistryServer::new(registration).max_decoding_message_size(max_message))
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
@@ -185,26 +236,34 @@ impl LbServer {
             }
         }));
 
+        let admin_metrics = metrics.clone();
         let admin = admin::router(admin::AdminState {
             catalog: catalog.clone(),
             sessions,
             subsets,
             cluster,
-            metrics,
+            metrics: metrics.clone(),
             registry: cfg.registry.clone(),
             token: admin_token.map(Arc::from),
         });
-        let admin_shutdown = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let served = axum::serve(
-                admin_listener,
-                admin.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned());
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "admin server failed");
-            }
-        }));
+        let admin_settings = listener::ListenerSettings {
+            port: "admin",
+            quota: limits::Quota::new(
+                "connections to the admin port",
+                cfg.admin_max_connections,
+                cfg.admin_max_connections_per_peer,
+            ),
+            handshake_timeout: cfg.handshake_timeout,
+            first_bytes: listener::FirstBytes::Any,
+            metrics: admin_metrics,
+            log: refusal_log,
+        };
+        tasks.push(tokio::spawn(admin::serve::serve(
+            admin_listener,
+            admin,
+            admin_settings,
+            shutdown.clone(),
+        )));
 
         tracing::info!(%lb_addr, %admin_addr, registry = %cfg.registry, "lb-server listening");
         Ok(LbServer {

@@ -46,6 +46,22 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+/// Labels naming a port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    /// `lb` (gRPC) or `admin` (HTTP).
+    pub port: String,
+}
+
+/// Labels naming a port and why a connection was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabels {
+    /// `lb` (gRPC) or `admin` (HTTP).
+    pub port: String,
+    /// Short machine-readable reason, e.g. `too_many_connections`.
+    pub reason: String,
+}
+
 /// Labels naming why a stream was refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -86,6 +102,14 @@ pub struct Metrics {
     pub admin_mutations: Family<ReasonLabels, Counter>,
     /// Admin requests refused, by reason.
     pub admin_errors: Family<ReasonLabels, Counter>,
+    /// Connections open now, per port.
+    pub connections_open: Family<PortLabels, Gauge>,
+    /// Connections refused or closed by a guard, per port and reason.
+    pub connections_refused: Family<PortReasonLabels, Counter>,
+    /// Client-stats reports ignored or refused, by reason.
+    pub client_stats_refused: Family<ReasonLabels, Counter>,
+    /// Embedded-registry calls refused, by reason.
+    pub registrations_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +134,10 @@ impl Metrics {
             backend_healthy: Family::default(),
             admin_mutations: Family::default(),
             admin_errors: Family::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            client_stats_refused: Family::default(),
+            registrations_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -187,6 +215,27 @@ impl Metrics {
             "Admin requests refused, by reason",
             m.admin_errors.clone(),
         );
+        registry.register(
+            "connections_open",
+            "Connections open now, per port",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused or closed by a guard (limits, handshake deadline), per port and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "client_stats_refused",
+            "Client-stats reports refused, by reason",
+            m.client_stats_refused.clone(),
+        );
+        registry.register(
+            "registrations_refused",
+            "Embedded-registry calls refused, by reason",
+            m.registrations_refused.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
 
@@ -206,6 +255,30 @@ impl Metrics {
             .get_or_create(&SourceLabels {
                 source: source.into(),
                 kind: kind.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection accepted on `port`.
+    pub fn connection_opened(&self, port: &str) {
+        self.connections_open
+            .get_or_create(&PortLabels { port: port.into() })
+            .inc();
+    }
+
+    /// Counts a connection on `port` closed.
+    pub fn connection_closed(&self, port: &str) {
+        self.connections_open
+            .get_or_create(&PortLabels { port: port.into() })
+            .dec();
+    }
+
+    /// Counts a connection on `port` refused or closed for `reason`.
+    pub fn connection_refused(&self, port: &str, reason: &str) {
+        self.connections_refused
+            .get_or_create(&PortReasonLabels {
+                port: port.into(),
+                reason: reason.into(),
             })
             .inc();
     }
@@ -274,5 +347,69 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Process-level gauges read at scrape time: tokio tasks alive, open file
+/// descriptors and resident memory. A leak shows here first.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let mut gauge = |name: &str, help: &str, value: i64| -> Result<(), std::fmt::Error> {
+            let g: Gauge = Gauge::default();
+            g.set(value);
+            let metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(metric)
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            gauge(
+                "runtime_tasks",
+                "Tokio tasks alive in the LB process",
+                handle.metrics().num_alive_tasks() as i64,
+            )?;
+        }
+        if let Some(fds) = process::open_fds() {
+            gauge(
+                "process_open_fds",
+                "Open file descriptors of the LB process",
+                fds as i64,
+            )?;
+        }
+        if let Some(rss) = process::resident_bytes() {
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory of the LB process",
+                rss as i64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Readings of this process from `/proc` (Linux; `None` elsewhere).
+pub mod process {
+    /// Open file descriptors.
+    pub fn open_fds() -> Option<usize> {
+        std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
+    }
+
+    /// Resident set size in bytes.
+    pub fn resident_bytes() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
     }
 }

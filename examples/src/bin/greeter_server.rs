@@ -63,6 +63,10 @@ struct Args {
     /// Serve health `Check` only (`Watch` answers UNIMPLEMENTED).
     #[arg(long)]
     health_check_only: bool,
+    /// File holding the LB's registration token (embedded registry with
+    /// `lb-server --registration-token-file`); or GREETER_REGISTRATION_TOKEN.
+    #[arg(long, env = "GREETER_REGISTRATION_TOKEN_FILE")]
+    registration_token_file: Option<std::path::PathBuf>,
     /// Log filter.
     #[arg(long, env = "GREETER_LOG", default_value = "info")]
     log: String,
@@ -78,6 +82,12 @@ async fn main() -> anyhow::Result<()> {
         metadata: args.weight.map(serde_json_weight),
         plain_value: args.plain,
         etcd_prefix: args.etcd_prefix.clone(),
+        token: match &args.registration_token_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("--registration-token-file {}: {e}", path.display())
+            })?),
+            None => std::env::var("GREETER_REGISTRATION_TOKEN").ok(),
+        },
     };
     let registry = args.registry.clone();
     let service = args.service.clone();

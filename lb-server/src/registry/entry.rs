@@ -14,6 +14,12 @@ use serde::Deserialize;
 /// little metadata; anything bigger is a mistake or an attack.
 pub const MAX_VALUE_LEN: usize = 16 * 1024;
 
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Longest service name accepted, in bytes.
+pub const MAX_SERVICE_LEN: usize = 255;
+
 /// Why an entry was rejected (also the `reason` label of the rejects metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -27,6 +33,9 @@ pub enum RejectReason {
     Unresolvable,
     /// The value is larger than [`MAX_VALUE_LEN`].
     TooLarge,
+    /// Accepting it would pass a configured limit (services, backends per
+    /// service, registrations).
+    Limit,
 }
 
 impl RejectReason {
@@ -38,6 +47,7 @@ impl RejectReason {
             RejectReason::BadAddress => "bad_address",
             RejectReason::Unresolvable => "unresolvable",
             RejectReason::TooLarge => "too_large",
+            RejectReason::Limit => "limit",
         }
     }
 }
@@ -52,7 +62,8 @@ pub struct Rejected {
 }
 
 impl Rejected {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    /// A rejection for `reason` with a human-readable `detail`.
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Rejected {
             reason,
             detail: detail.into(),
@@ -87,6 +98,12 @@ pub enum ValueOp {
 
 /// Splits `key` into `(service, instance)` after stripping `prefix`.
 pub fn parse_key(prefix: &str, key: &str) -> Result<(String, String), Rejected> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(Rejected::new(
+            RejectReason::BadKey,
+            format!("key is {} bytes, limit {MAX_KEY_LEN}", key.len()),
+        ));
+    }
     let rest = key.strip_prefix(prefix).ok_or_else(|| {
         Rejected::new(
             RejectReason::BadKey,
@@ -110,6 +127,12 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<(String, String), Rejected> 
         return Err(Rejected::new(
             RejectReason::BadKey,
             "service name has non-printable or non-ASCII characters",
+        ));
+    }
+    if service.len() > MAX_SERVICE_LEN {
+        return Err(Rejected::new(
+            RejectReason::BadKey,
+            format!("service name is longer than {MAX_SERVICE_LEN} bytes"),
         ));
     }
     Ok((service.to_string(), instance.to_string()))

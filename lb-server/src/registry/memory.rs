@@ -6,7 +6,6 @@
 //! instance disappears when its lease is not renewed within its TTL.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,22 +33,32 @@ struct Lease {
 /// In-memory registry with leases.
 pub struct MemoryRegistry {
     default_ttl: Duration,
+    max_leases: usize,
     sink: OnceLock<RegistrySink>,
     leases: Mutex<HashMap<u64, Lease>>,
-    next_id: AtomicU64,
 }
 
 impl MemoryRegistry {
-    /// An empty registry giving `default_ttl` to registrations that ask for none.
-    pub fn new(default_ttl: Duration) -> Self {
-        // Lease ids start at a random point so that a client holding an id
-        // from a previous LB process gets NOT_FOUND, not someone else's lease.
-        let first = rand::random::<u32>() as u64 + 1;
+    /// An empty registry giving `default_ttl` to registrations that ask for
+    /// none, holding at most `max_leases` registrations.
+    pub fn new(default_ttl: Duration, max_leases: usize) -> Self {
         MemoryRegistry {
             default_ttl,
+            max_leases,
             sink: OnceLock::new(),
             leases: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(first),
+        }
+    }
+
+    /// A fresh lease id: random, so that ids cannot be guessed from one's
+    /// own, and a client holding an id from a previous LB process gets
+    /// NOT_FOUND rather than someone else's lease.
+    fn new_id(leases: &HashMap<u64, Lease>) -> u64 {
+        loop {
+            let id = rand::random::<u64>() >> 1;
+            if id != 0 && !leases.contains_key(&id) {
+                return id;
+            }
         }
     }
 
@@ -98,10 +107,21 @@ impl MemoryRegistry {
                 )));
             }
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        {
+        let id = {
             let mut leases = self.leases.lock().expect("lease lock");
             leases.retain(|_, l| l.key != key);
+            if leases.len() >= self.max_leases {
+                sink.reject(
+                    &key,
+                    entry::RejectReason::Limit,
+                    &format!("{} registrations held (--max-registrations)", leases.len()),
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "the embedded registry holds its limit of {} registrations",
+                    self.max_leases
+                )));
+            }
+            let id = Self::new_id(&leases);
             leases.insert(
                 id,
                 Lease {
@@ -110,7 +130,8 @@ impl MemoryRegistry {
                     expires: Instant::now() + ttl,
                 },
             );
-        }
+            id
+        };
         sink.upsert(instance);
         Ok((id, ttl))
     }
@@ -185,20 +206,54 @@ impl Registry for MemoryRegistry {
 }
 
 /// The `lb.registry.v1.Registry` gRPC service. Answers FAILED_PRECONDITION
-/// when the LB reads another registry (register there instead).
+/// when the LB reads another registry (register there instead), and
+/// UNAUTHENTICATED to calls without the registration token, when one is set.
 pub struct RegistrationApi {
     registry: Option<Arc<MemoryRegistry>>,
     source: String,
+    token: Option<String>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl RegistrationApi {
     /// Serves `registry`, or refuses registrations when it is `None`
     /// (`source` names the registry the LB reads, for the error message).
-    pub fn new(registry: Option<Arc<MemoryRegistry>>, source: String) -> Self {
-        RegistrationApi { registry, source }
+    /// With a `token`, every call must carry `authorization: Bearer <token>`.
+    pub fn new(
+        registry: Option<Arc<MemoryRegistry>>,
+        source: String,
+        token: Option<String>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        RegistrationApi {
+            registry,
+            source,
+            token,
+            metrics,
+        }
     }
 
-    fn registry(&self) -> Result<&MemoryRegistry, Status> {
+    /// The registry, once the caller is authorized.
+    fn registry<T>(&self, request: &Request<T>) -> Result<&MemoryRegistry, Status> {
+        if let Some(expected) = &self.token {
+            let given = request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes());
+            if let Err(e) = crate::auth::check_bearer(given, expected) {
+                self.metrics
+                    .registrations_refused
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        reason: "unauthenticated".into(),
+                    })
+                    .inc();
+                tracing::warn!(peer = ?request.remote_addr(), why = e.message(), "registration call refused");
+                return Err(Status::unauthenticated(format!(
+                    "{}: the embedded registry needs its registration token",
+                    e.message()
+                )));
+            }
+        }
         self.registry.as_deref().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "this LB reads registry {}; register instances there, not through the embedded API",
@@ -214,7 +269,10 @@ impl api::registry_server::Registry for RegistrationApi {
         &self,
         request: Request<api::RegisterRequest>,
     ) -> Result<Response<api::RegisterResponse>, Status> {
-        let (lease_id, ttl) = self.registry()?.register(request.into_inner()).await?;
+        let (lease_id, ttl) = self
+            .registry(&request)?
+            .register(request.into_inner())
+            .await?;
         Ok(Response::new(api::RegisterResponse {
             lease_id,
             ttl_seconds: ttl.as_secs() as u32,
@@ -225,7 +283,9 @@ impl api::registry_server::Registry for RegistrationApi {
         &self,
         request: Request<api::KeepAliveRequest>,
     ) -> Result<Response<api::KeepAliveResponse>, Status> {
-        let ttl = self.registry()?.keep_alive(request.into_inner().lease_id)?;
+        let ttl = self
+            .registry(&request)?
+            .keep_alive(request.get_ref().lease_id)?;
         Ok(Response::new(api::KeepAliveResponse {
             ttl_seconds: ttl.as_secs() as u32,
         }))
@@ -235,7 +295,8 @@ impl api::registry_server::Registry for RegistrationApi {
         &self,
         request: Request<api::DeregisterRequest>,
     ) -> Result<Response<api::DeregisterResponse>, Status> {
-        self.registry()?.deregister(request.into_inner().lease_id)?;
+        self.registry(&request)?
+            .deregister(request.get_ref().lease_id)?;
         Ok(Response::new(api::DeregisterResponse {}))
     }
 }

@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 
 /// One registered instance of a service, as a registry source sees it.
@@ -66,6 +67,7 @@ pub struct RegistrySink {
     source: &'static str,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    log: Arc<LogLimiter>,
 }
 
 impl RegistrySink {
@@ -75,6 +77,7 @@ impl RegistrySink {
             source,
             catalog,
             metrics,
+            log: Arc::new(LogLimiter::default()),
         }
     }
 
@@ -87,13 +90,18 @@ impl RegistrySink {
     /// listing, or a re-list after a disconnect or compaction).
     pub fn snapshot(&self, instances: Vec<Instance>) {
         self.metrics.event(self.source, "snapshot");
-        self.catalog.replace_source(self.source, instances);
+        for (key, r) in self.catalog.replace_source(self.source, instances) {
+            self.reject(&key, r.reason, &r.detail);
+        }
     }
 
     /// Adds or updates one instance.
     pub fn upsert(&self, instance: Instance) {
         self.metrics.event(self.source, "put");
-        self.catalog.upsert(self.source, instance);
+        let key = instance.key.clone();
+        if let Err(r) = self.catalog.upsert(self.source, instance) {
+            self.reject(&key, r.reason, &r.detail);
+        }
     }
 
     /// Removes the instance registered under `key`, if any.
@@ -103,16 +111,24 @@ impl RegistrySink {
     }
 
     /// Reports an entry that could not be used. The last good state of that
-    /// key (if any) is kept; nothing else changes.
+    /// key (if any) is kept; nothing else changes. Counted every time;
+    /// logged once per key and reason per minute (with the number of
+    /// repeats held back), so a key rewritten in a loop cannot flood the log.
     pub fn reject(&self, key: &str, reason: entry::RejectReason, detail: &str) {
-        tracing::warn!(
-            source = self.source,
-            key,
-            reason = reason.as_str(),
-            detail,
-            "registry entry rejected"
-        );
         self.metrics.reject(self.source, reason.as_str());
+        let subject = format!("{}|{}|{key}", self.source, reason.as_str());
+        if let Some(repeats) = self.log.allow(&subject) {
+            // `?key`: keys are outsiders' bytes; Debug escapes control
+            // characters, so a key cannot forge log lines.
+            tracing::warn!(
+                source = self.source,
+                key = ?key,
+                reason = reason.as_str(),
+                detail = ?detail,
+                repeats_not_logged = repeats,
+                "registry entry rejected"
+            );
+        }
     }
 
     /// Marks this source as having listed its contents at least once.
@@ -145,7 +161,10 @@ pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
 /// Builds the registry source named by a `--registry` value.
 pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source> {
     if url == "memory" || url == "memory://" {
-        let memory = Arc::new(memory::MemoryRegistry::new(cfg.default_ttl));
+        let memory = Arc::new(memory::MemoryRegistry::new(
+            cfg.default_ttl,
+            cfg.max_registrations,
+        ));
         return Ok(Source {
             registry: memory.clone(),
             memory: Some(memory),

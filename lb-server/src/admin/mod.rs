@@ -21,6 +21,8 @@
 //! Handlers read snapshots of the catalog and session table; no lock is held
 //! across an await, so the admin port can never slow down BalanceLoad.
 
+pub mod serve;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,7 +35,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::{Metrics, ReasonLabels};
@@ -41,7 +42,7 @@ use crate::policy::HealthState;
 use crate::sessions::Sessions;
 
 /// The dashboard page, served as is (no build step).
-const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+const DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
 /// Longest weight override accepted.
 const MAX_OVERRIDE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -284,24 +285,9 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Refusal> {
             "admin mutations are disabled: start the LB with --admin-token-file (or LB_ADMIN_TOKEN)",
         ));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        None => Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing Authorization: Bearer <token>",
-        )),
-        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-        Some(_) => Err(Refusal::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "wrong token",
-        )),
-    }
+    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    crate::auth::check_bearer(given, expected)
+        .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message()))
 }
 
 /// Parses the backend address of a mutation path and checks it exists.

@@ -1,0 +1,407 @@
+//! Hostile and greedy peers: every limit of the LB port is enforced with a
+//! clear status and counted, and junk, half-open connections and slowloris
+//! senders on both ports leave the LB serving its clients without a failed
+//! call.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balancer_client::LoadBalancerClient,
+    ClientStats, ClientStatsPerToken, InitialLoadBalanceRequest, LoadBalanceRequest,
+    LoadBalanceResponse,
+};
+use lb_tests::{channel, wait_backends, wait_until, Caller, Lb};
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn initial(name: &str) -> LoadBalanceRequest {
+    LoadBalanceRequest {
+        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+            InitialLoadBalanceRequest { name: name.into() },
+        )),
+    }
+}
+
+fn stats(tokens: usize) -> LoadBalanceRequest {
+    LoadBalanceRequest {
+        load_balance_request_type: Some(LoadBalanceRequestType::ClientStats(ClientStats {
+            num_calls_started: 1,
+            calls_finished_with_drop: (0..tokens)
+                .map(|i| ClientStatsPerToken {
+                    load_balance_token: format!("token-{i:040}"),
+                    num_calls: 1,
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A raw BalanceLoad stream from local address `from`.
+struct RawStream {
+    tx: mpsc::Sender<LoadBalanceRequest>,
+    rx: tonic::Streaming<LoadBalanceResponse>,
+}
+
+impl RawStream {
+    /// Opens a stream for `name`; `Err` with the status if the LB refused
+    /// it before answering.
+    async fn open(
+        lb: SocketAddr,
+        from: IpAddr,
+        name: Option<&str>,
+    ) -> Result<RawStream, tonic::Status> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{lb}"))
+            .unwrap()
+            .local_address(Some(from))
+            .connect()
+            .await
+            .expect("connect LB");
+        let (tx, rx) = mpsc::channel(64);
+        if let Some(name) = name {
+            tx.send(initial(name)).await.unwrap();
+        }
+        let mut stream = LoadBalancerClient::new(channel)
+            .balance_load(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        if name.is_some() {
+            // initial_response, then a list: the stream is fully accepted.
+            for _ in 0..2 {
+                stream.message().await?.expect("stream ended early");
+            }
+        }
+        Ok(RawStream { tx, rx: stream })
+    }
+
+    /// Waits for the stream to end with an error status.
+    async fn ended(&mut self) -> tonic::Status {
+        let wait = async {
+            loop {
+                match self.rx.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("stream ended without a status"),
+                    Err(s) => return s,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("stream did not end within 5 s")
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Refusal of the next stream: its status.
+async fn refused(lb: SocketAddr, from: IpAddr) -> tonic::Status {
+    match RawStream::open(lb, from, Some("greeter")).await {
+        Err(s) => s,
+        Ok(mut s) => s.ended().await,
+    }
+}
+
+/// Every limit of the gRPC port: streams in total and per peer, the
+/// initial-request deadline, message size, client-stats rate, connections
+/// per peer and the handshake deadline, each answered with a clear status
+/// and counted, while a well-behaved client calls on without a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_port_limits_are_enforced_with_clear_statuses_and_counted() {
+    let lb = Lb::embedded(&[
+        "--max-streams",
+        "8",
+        "--max-streams-per-peer",
+        "4",
+        "--max-connections-per-peer",
+        "5",
+        "--handshake-timeout",
+        "1s",
+        "--initial-request-timeout",
+        "1s",
+        "--max-message-size",
+        "2048",
+        // Above the 5 reports/s the test LB asks of clients (200 ms).
+        "--client-stats-max-rate",
+        "6",
+    ])
+    .await;
+    let _greeters = lb_tests::greeters(2, &format!("lb://{}", lb.addr), &[]).await;
+    // The well-behaved client: one stream from 127.0.0.1.
+    let ch = channel("greeter", &[lb.addr]);
+    assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
+    let caller = Caller::start(&ch, 2, Duration::from_millis(10));
+    let metric =
+        |reason: &str| lb.metric(&format!("lb_streams_refused_total{{reason=\"{reason}\"}}"));
+
+    // Per peer: 127.0.0.2 may hold 4 streams, the 5th is refused.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            RawStream::open(lb.addr, ip("127.0.0.2"), Some("greeter"))
+                .await
+                .expect("within the per-peer limit"),
+        );
+    }
+    let status = refused(lb.addr, ip("127.0.0.2")).await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("per peer"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(metric("too_many_streams_per_peer"), 1.0);
+
+    // In total: 1 (the client) + 4 + 3 from 127.0.0.3 = 8; the next is refused.
+    for _ in 0..3 {
+        held.push(
+            RawStream::open(lb.addr, ip("127.0.0.3"), Some("greeter"))
+                .await
+                .expect("within the total limit"),
+        );
+    }
+    let status = refused(lb.addr, ip("127.0.0.4")).await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("in all"), "{}", status.message());
+    assert_eq!(metric("too_many_streams"), 1.0);
+
+    // Slots come back when streams end.
+    held.truncate(2);
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(s) = RawStream::open(lb.addr, ip("127.0.0.4"), Some("greeter")).await {
+            again = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        again.is_some(),
+        "slots of ended streams were not given back"
+    );
+    drop(again);
+    drop(held);
+
+    // A stream that never sends its initial request is closed at the deadline.
+    let t = Instant::now();
+    // (The LB answers only after the initial request, so the refusal comes
+    // as the call's status.)
+    let status = match RawStream::open(lb.addr, ip("127.0.0.5"), None).await {
+        Err(s) => s,
+        Ok(mut s) => s.ended().await,
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(metric("initial_request_timeout"), 1.0);
+
+    // A message over --max-message-size ends the stream.
+    let mut big = RawStream::open(lb.addr, ip("127.0.0.5"), Some("greeter"))
+        .await
+        .unwrap();
+    big.tx.send(stats(100)).await.unwrap();
+    let status = big.ended().await;
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(metric("message_too_large"), 1.0);
+
+    // Client stats faster than --client-stats-max-rate (6/s, burst 12) end the stream.
+    let mut chatty = RawStream::open(lb.addr, ip("127.0.0.5"), Some("greeter"))
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        if chatty.tx.send(stats(1)).await.is_err() {
+            break;
+        }
+    }
+    let status = chatty.ended().await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("client_stats"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(metric("client_stats_rate"), 1.0);
+    // Reports at the allowed rate are fine.
+    let polite = RawStream::open(lb.addr, ip("127.0.0.5"), Some("greeter"))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        polite.tx.send(stats(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        metric("client_stats_rate"),
+        1.0,
+        "a polite reporter was refused"
+    );
+    drop(polite);
+
+    // Connections per peer: 127.0.0.6 may hold 5; the 6th is closed at once.
+    let mut conns: Vec<TcpStream> = (0..5).map(|_| connect_from(lb.addr, "127.0.0.6")).collect();
+    let mut sixth = connect_from(lb.addr, "127.0.0.6");
+    assert!(
+        closed_within(&mut sixth, Duration::from_secs(2)),
+        "6th connection stayed open"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || lb.metric(
+            "lb_connections_refused_total{port=\"lb\",reason=\"too_many_connections_per_peer\"}"
+        ) >= 1.0)
+        .await
+    );
+    // The 5 silent ones are closed by the 1 s handshake deadline.
+    for c in &mut conns {
+        assert!(
+            closed_within(c, Duration::from_secs(3)),
+            "a silent connection outlived the handshake deadline"
+        );
+    }
+    assert!(
+        lb.metric("lb_connections_refused_total{port=\"lb\",reason=\"handshake_timeout\"}") >= 5.0
+    );
+
+    let calls = caller.stop().await;
+    assert!(calls.failures.is_empty(), "{:?}", calls.failures);
+    assert!(
+        calls.ok() > 100,
+        "the client made only {} calls",
+        calls.ok()
+    );
+}
+
+fn connect_from(to: SocketAddr, from: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
+/// Whether the peer closes `s` within `limit` (EOF or reset on read).
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {
+                if Instant::now() > deadline {
+                    return false;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Random bytes, HTTP/1.1 on the gRPC port, a broken HTTP/2 preface,
+/// half-open connections and slowloris senders on both ports, while a
+/// client calls: not one call fails, the admin port keeps answering, and the
+/// slow senders are cut off at the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_half_open_and_slowloris_on_both_ports_fail_no_call() {
+    let lb = Lb::embedded(&["--handshake-timeout", "1s"]).await;
+    let _greeters = lb_tests::greeters(2, &format!("lb://{}", lb.addr), &[]).await;
+    let ch = channel("greeter", &[lb.addr]);
+    assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
+    let caller = Caller::start(&ch, 2, Duration::from_millis(5));
+
+    let (lb_addr, admin_addr) = (lb.addr, lb.admin);
+    let attack = tokio::task::spawn_blocking(move || {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut held = Vec::new();
+        for port in [lb_addr, admin_addr] {
+            // Random bytes, 20 connections of up to 64 KiB each.
+            for _ in 0..20 {
+                let mut s = TcpStream::connect(port).unwrap();
+                let len = rng.random_range(1..65536);
+                let junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                let _ = s.write_all(&junk);
+                held.push(s);
+            }
+            for payload in [
+                &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+                b"POST /api/v1/services/greeter/backends/1.2.3.4:5/drain HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nxx",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            ] {
+                let mut s = TcpStream::connect(port).unwrap();
+                let _ = s.write_all(payload);
+                held.push(s);
+            }
+            // Half-open: connect, send nothing, hold.
+            for _ in 0..20 {
+                held.push(TcpStream::connect(port).unwrap());
+            }
+        }
+        // Slowloris: one byte every 200 ms, on both ports.
+        let mut slow: Vec<(TcpStream, &[u8])> = vec![
+            (TcpStream::connect(lb_addr).unwrap(), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            (
+                TcpStream::connect(admin_addr).unwrap(),
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+            ),
+        ];
+        let started = Instant::now();
+        let mut cut_off = [None, None];
+        for step in 0..40 {
+            for (i, (s, text)) in slow.iter_mut().enumerate() {
+                if cut_off[i].is_none()
+                    && s.write_all(&text[step.min(text.len() - 1)..][..1]).is_err()
+                {
+                    cut_off[i] = Some(started.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (i, (s, _)) in slow.iter_mut().enumerate() {
+            if cut_off[i].is_none() && closed_within(s, Duration::from_millis(100)) {
+                cut_off[i] = Some(started.elapsed());
+            }
+        }
+        drop(held);
+        cut_off
+    });
+    // The admin port answers while under attack.
+    for _ in 0..10 {
+        assert_eq!(lb.get("/healthz").0, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let cut_off = attack.await.unwrap();
+    assert!(
+        cut_off
+            .iter()
+            .all(|c| c.is_some_and(|t| t < Duration::from_secs(4))),
+        "slowloris senders were not cut off within 4 s: {cut_off:?}"
+    );
+    let fresh = channel("greeter", &[lb.addr]);
+    assert!(
+        wait_backends(&fresh, 2, Duration::from_secs(5)).await,
+        "a new client got no list after the attack"
+    );
+    let calls = caller.stop().await;
+    assert!(calls.failures.is_empty(), "{:?}", calls.failures);
+    assert!(
+        lb.metric("lb_connections_refused_total{port=\"lb\",reason=\"handshake_timeout\"}") >= 1.0
+    );
+    assert!(
+        lb.metric("lb_connections_refused_total{port=\"admin\",reason=\"handshake_timeout\"}")
+            >= 1.0
+            || cut_off[1].is_some(),
+    );
+    eprintln!("slowloris cut off after {cut_off:?}");
+}
