@@ -792,6 +792,11 @@ impl ListWatcher {
         ListWatcher { lists, task }
     }
 
+    /// Every list received so far, with its arrival time.
+    pub fn all(&self) -> Vec<(Instant, Vec<SocketAddr>)> {
+        self.lists.lock().unwrap().clone()
+    }
+
     /// The latest list, if any.
     pub fn latest(&self) -> Option<Vec<SocketAddr>> {
         self.lists.lock().unwrap().last().map(|(_, l)| l.clone())

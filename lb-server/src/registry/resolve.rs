@@ -3,20 +3,76 @@
 //! The grpclb protocol carries IP addresses only, so the LB resolves host
 //! names when it reads them. IP literals are used as they are; names are
 //! looked up through the system resolver with a time limit, IPv4 preferred.
+//!
+//! A name that failed is remembered for [`NEGATIVE_TTL`]: a registry key
+//! rewritten in a loop with an unresolvable host costs one lookup, not one
+//! per write, and cannot stall the source's watch.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::entry::{HostPort, RejectReason, Rejected};
 
 /// Longest time one lookup may take before the entry is rejected.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a failed lookup is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// Most failed names remembered.
+const NEGATIVE_MAX: usize = 4096;
+
+/// Names whose lookup failed lately, with when and why.
+static FAILED: Mutex<Option<HashMap<String, (Instant, String)>>> = Mutex::new(None);
+
 /// Resolves `hp` to one socket address.
 pub async fn resolve(hp: &HostPort) -> Result<SocketAddr, Rejected> {
     if let Ok(ip) = hp.host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, hp.port));
     }
+    let unresolvable = |detail: String| Rejected {
+        reason: RejectReason::Unresolvable,
+        detail,
+    };
+    if let Some(detail) = recently_failed(&hp.host) {
+        return Err(unresolvable(format!("{detail} (failed lookup remembered)")));
+    }
+    let result = lookup(hp).await;
+    if let Err(r) = &result {
+        remember_failure(&hp.host, &r.detail);
+    }
+    result
+}
+
+fn recently_failed(host: &str) -> Option<String> {
+    let mut failed = FAILED.lock().expect("negative cache lock");
+    let map = failed.get_or_insert_with(HashMap::new);
+    match map.get(host) {
+        Some((at, detail)) if at.elapsed() < NEGATIVE_TTL => Some(detail.clone()),
+        Some(_) => {
+            map.remove(host);
+            None
+        }
+        None => None,
+    }
+}
+
+fn remember_failure(host: &str, detail: &str) {
+    let mut failed = FAILED.lock().expect("negative cache lock");
+    let map = failed.get_or_insert_with(HashMap::new);
+    if map.len() >= NEGATIVE_MAX {
+        map.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+        if map.len() >= NEGATIVE_MAX {
+            map.clear();
+        }
+    }
+    map.insert(host.to_string(), (Instant::now(), detail.to_string()));
+}
+
+/// One lookup through the system resolver.
+async fn lookup(hp: &HostPort) -> Result<SocketAddr, Rejected> {
     let unresolvable = |detail: String| Rejected {
         reason: RejectReason::Unresolvable,
         detail,
