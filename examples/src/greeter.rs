@@ -39,6 +39,8 @@ pub struct GreeterOptions {
     /// Serve a health service that answers `Check` but not `Watch`
     /// (UNIMPLEMENTED), like some older servers.
     pub health_check_only: bool,
+    /// Serve over TLS with these settings.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// A `grpc.health.v1.Health` that answers `Check` only.
@@ -212,7 +214,11 @@ impl RunningGreeter {
             })
         });
         let watching = (!options.health_check_only).then_some(health_service);
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = options.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
             .add_optional_service(watching)
             .add_optional_service(check_only)
             .add_service(load.service())

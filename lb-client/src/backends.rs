@@ -32,6 +32,24 @@ pub struct ConnSettings {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered.
     pub keepalive_timeout: Duration,
+    /// TLS towards backends, when they serve it.
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS towards backends: the settings and the rustls configuration built
+/// from them once.
+#[derive(Clone)]
+pub struct BackendTls {
+    /// The settings (for the server name to verify).
+    pub settings: crate::TlsConfig,
+    /// The connector configuration.
+    pub config: Arc<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.settings.fmt(f)
+    }
 }
 
 impl Default for ConnSettings {
@@ -42,6 +60,7 @@ impl Default for ConnSettings {
             backoff_max: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -182,28 +201,58 @@ async fn connect(
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .keep_alive_while_idle(true);
-        builder
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))
+        match &settings.tls {
+            None => http2_over(addr, tcp, settings).await,
+            Some(tls) => {
+                let name = tls
+                    .settings
+                    .name_for(&addr.ip().to_string())
+                    .map_err(|e| e.to_string())?;
+                let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+                http2_over(addr, stream, settings).await
+            }
+        }
     };
-    let (sender, connection) = tokio::time::timeout(settings.connect_timeout, attempt)
+    tokio::time::timeout(settings.connect_timeout, attempt)
         .await
         .map_err(|_| {
             format!(
                 "connect {addr}: timed out after {:?}",
                 settings.connect_timeout
             )
-        })??;
+        })?
+}
+
+/// The HTTP/2 handshake over `io`; the connection then runs on its own task
+/// so that in-flight calls finish even after the backend leaves the list.
+async fn http2_over<T>(
+    addr: SocketAddr,
+    io: T,
+    settings: &ConnSettings,
+) -> Result<
+    (
+        SendRequest<tonic::body::Body>,
+        tokio::sync::oneshot::Receiver<()>,
+    ),
+    String,
+>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let (sender, connection) = builder
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-    // The connection runs on its own task so that in-flight calls finish
-    // even after the backend leaves the list.
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(%addr, error = %e, "backend connection ended");

@@ -49,6 +49,8 @@ pub struct LbSettings {
     pub backoff_max: Duration,
     /// Use fallback backends if no list arrived within this time.
     pub fallback_timeout: Duration,
+    /// TLS towards the LBs, if they serve it.
+    pub tls: Option<crate::TlsConfig>,
 }
 
 /// Metadata key naming the client to the LB.
@@ -86,10 +88,11 @@ pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: Cancell
             a = expand(&settings.lb_addrs) => a,
         };
         let n = addrs.len().max(1);
-        let addr = addrs[index % n].clone();
+        let target = addrs[index % n].clone();
+        let addr = target.addr.clone();
         let ended = tokio::select! {
             _ = cancel.cancelled() => break,
-            e = session(&state, &addr, &settings, &cancel) => e,
+            e = session(&state, &target, &settings, &cancel) => e,
         };
         *state.current_lb.lock().expect("lb lock") = None;
         if cancel.is_cancelled() {
@@ -123,29 +126,48 @@ pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: Cancell
     fallback_timer.abort();
 }
 
+/// One LB address to try, and the host name it was found under (the name
+/// TLS verifies the LB's certificate against).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    addr: String,
+    host: Option<String>,
+}
+
 /// The LB addresses to try: every configured entry, host names replaced by
 /// all the addresses they resolve to (in a stable order). An entry that does
 /// not resolve is kept as written, so that its error is reported.
-async fn expand(entries: &[String]) -> Vec<String> {
+async fn expand(entries: &[String]) -> Vec<Target> {
     let mut out = Vec::new();
     for entry in entries {
         if entry.parse::<SocketAddr>().is_ok() {
-            out.push(entry.clone());
+            out.push(Target {
+                addr: entry.clone(),
+                host: None,
+            });
             continue;
         }
+        let host = entry
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .filter(|h| !h.is_empty());
         let lookup = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(entry));
-        match lookup.await {
-            Ok(Ok(found)) => {
-                let mut found: Vec<SocketAddr> = found.collect();
-                found.sort();
-                found.dedup();
-                if found.is_empty() {
-                    out.push(entry.clone());
-                }
-                out.extend(found.iter().map(SocketAddr::to_string));
-            }
-            _ => out.push(entry.clone()),
+        let mut found: Vec<SocketAddr> = match lookup.await {
+            Ok(Ok(found)) => found.collect(),
+            _ => Vec::new(),
+        };
+        found.sort();
+        found.dedup();
+        if found.is_empty() {
+            out.push(Target {
+                addr: entry.clone(),
+                host: host.clone(),
+            });
         }
+        out.extend(found.iter().map(|a| Target {
+            addr: a.to_string(),
+            host: host.clone(),
+        }));
     }
     out
 }
@@ -153,12 +175,12 @@ async fn expand(entries: &[String]) -> Vec<String> {
 /// One BalanceLoad stream, from connect to end.
 async fn session(
     state: &Arc<ChannelState>,
-    addr: &str,
+    target: &Target,
     settings: &LbSettings,
     cancel: &CancellationToken,
 ) -> Ended {
     let mut got_list = false;
-    let why = match stream(state, addr, settings, cancel, &mut got_list).await {
+    let why = match stream(state, target, settings, cancel, &mut got_list).await {
         Ok(()) => "stream closed by the load balancer".to_string(),
         Err(e) => e,
     };
@@ -167,13 +189,29 @@ async fn session(
 
 async fn stream(
     state: &Arc<ChannelState>,
-    addr: &str,
+    target: &Target,
     settings: &LbSettings,
     cancel: &CancellationToken,
     got_list: &mut bool,
 ) -> Result<(), String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad LB address {addr:?}: {e}"))?
+    let addr = target.addr.as_str();
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| format!("bad LB address {addr:?}: {e}"))?;
+    if let Some(tls) = &settings.tls {
+        let mut config = tls.tonic();
+        if let (None, Some(host)) = (tls.server_name_override(), &target.host) {
+            config = config.domain_name(host.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("TLS settings for {addr}: {e}"))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -335,11 +373,16 @@ mod tests {
             "localhost:7001".to_string(),
             "no-such-lb.invalid:7002".to_string(),
         ];
-        let addrs = expand(&entries).await;
+        let targets = expand(&entries).await;
+        let addrs: Vec<&str> = targets.iter().map(|t| t.addr.as_str()).collect();
         assert_eq!(addrs[0], "127.0.0.2:7000");
-        assert!(addrs.contains(&"127.0.0.1:7001".to_string()), "{addrs:?}");
-        assert!(!addrs.contains(&"localhost:7001".to_string()));
-        assert_eq!(addrs.last().unwrap(), "no-such-lb.invalid:7002");
+        assert_eq!(targets[0].host, None);
+        assert!(addrs.contains(&"127.0.0.1:7001"), "{addrs:?}");
+        assert!(!addrs.contains(&"localhost:7001"));
+        assert_eq!(*addrs.last().unwrap(), "no-such-lb.invalid:7002");
+        // TLS verifies an LB found by name against that name.
+        let local = targets.iter().find(|t| t.addr == "127.0.0.1:7001").unwrap();
+        assert_eq!(local.host.as_deref(), Some("localhost"));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct LbChannelBuilder {
     conn: ConnSettings,
     fallback: Vec<SocketAddr>,
     wait_for_ready: bool,
+    backend_tls: Option<crate::TlsConfig>,
 }
 
 impl LbChannelBuilder {
@@ -109,6 +110,21 @@ impl LbChannelBuilder {
         self
     }
 
+    /// Talk to the LBs over TLS with these settings (their certificates are
+    /// verified against the host name given in [`LbChannelBuilder::lb`], or
+    /// the IP address, unless the settings name a server).
+    pub fn lb_tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.lb.tls = Some(tls);
+        self
+    }
+
+    /// Call backends over TLS with these settings (their certificates are
+    /// verified against their IP address, unless the settings name a server).
+    pub fn backend_tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.backend_tls = Some(tls);
+        self
+    }
+
     /// Calls wait (up to their deadline) while no backend is usable, instead
     /// of failing fast with UNAVAILABLE (default false).
     pub fn wait_for_ready(mut self, wait: bool) -> Self {
@@ -117,7 +133,14 @@ impl LbChannelBuilder {
     }
 
     /// Starts the channel. Must be called within a Tokio runtime.
-    pub fn build(self) -> Result<LbChannel, Error> {
+    pub fn build(mut self) -> Result<LbChannel, Error> {
+        if let Some(tls) = &self.lb.tls {
+            tls.check()?;
+        }
+        if let Some(settings) = self.backend_tls.take() {
+            let config = settings.rustls()?;
+            self.conn.tls = Some(crate::backends::BackendTls { settings, config });
+        }
         if self.service.is_empty() || self.service.len() > 255 {
             return Err(Error::Config("service name must be 1 to 255 bytes".into()));
         }
@@ -184,10 +207,12 @@ impl LbChannel {
                 backoff_initial: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(10),
                 fallback_timeout: Duration::from_secs(10),
+                tls: None,
             },
             conn: ConnSettings::default(),
             fallback: Vec::new(),
             wait_for_ready: false,
+            backend_tls: None,
         }
     }
 
@@ -302,7 +327,7 @@ async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> htt
                 }
             }
         };
-        prepare(&mut request, &backend);
+        prepare(&mut request, &backend, &state.scheme);
         state.stats.started();
         match backend.sender.try_send_request(request).await {
             Ok(response) => {
@@ -339,10 +364,10 @@ async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> htt
 }
 
 /// Points the request at the backend and attaches its token.
-fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend) {
+fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend, scheme: &Scheme) {
     let path = request.uri().path_and_query().cloned();
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme.clone());
     parts.authority = Some(backend.authority.clone());
     parts.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
     if let Ok(uri) = Uri::from_parts(parts) {

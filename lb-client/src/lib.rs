@@ -32,6 +32,7 @@
 //! | [`register`] | backend registration helpers |
 //! | [`orca`] | backend-side ORCA load reporting |
 //! | [`backoff`] | jittered exponential backoff |
+//! | [`tls`] | TLS settings of outgoing connections |
 
 pub mod backends;
 pub mod backoff;
@@ -42,9 +43,11 @@ pub mod picker;
 pub mod register;
 pub mod state;
 pub mod stats;
+pub mod tls;
 
 pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};
 pub use register::{Registration, RegistrationOptions};
+pub use tls::TlsConfig;
 
 /// A boxed error, as tower services use.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

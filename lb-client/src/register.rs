@@ -40,6 +40,12 @@ pub struct RegistrationOptions {
     /// Embedded registry only: the LB's registration token, sent as
     /// `authorization: Bearer <token>` (needed when the LB sets one).
     pub token: Option<String>,
+    /// Embedded registry only: TLS towards the LBs.
+    pub lb_tls: Option<crate::TlsConfig>,
+    /// etcd only: TLS towards etcd.
+    pub etcd_tls: Option<crate::TlsConfig>,
+    /// etcd only: user name and password (etcd authentication).
+    pub etcd_user: Option<(String, String)>,
 }
 
 impl Default for RegistrationOptions {
@@ -50,6 +56,9 @@ impl Default for RegistrationOptions {
             plain_value: false,
             etcd_prefix: "/services/".into(),
             token: None,
+            lb_tls: None,
+            etcd_tls: None,
+            etcd_user: None,
         }
     }
 }
@@ -104,10 +113,18 @@ impl Registration {
         } else {
             serde_json::json!({"Op": 0, "Addr": addr, "Metadata": options.metadata}).to_string()
         };
+        if let Some(tls) = &options.etcd_tls {
+            tls.check()?;
+        }
+        let access = EtcdAccess {
+            endpoints,
+            tls: options.etcd_tls.map(|t| t.tonic()),
+            user: options.etcd_user,
+        };
         let (tx, rx) = watch::channel(false);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(etcd_loop(
-            endpoints,
+            access,
             key,
             value,
             options.ttl,
@@ -139,6 +156,10 @@ impl Registration {
             metadata_json: options.metadata.map(|m| m.to_string()).unwrap_or_default(),
             instance: String::new(),
         };
+        if let Some(tls) = &options.lb_tls {
+            tls.check()?;
+        }
+        let tls = options.lb_tls.map(|t| t.tonic());
         let authorization = options
             .token
             .as_deref()
@@ -152,6 +173,7 @@ impl Registration {
             .map(|lb| {
                 tokio::spawn(embedded_loop(
                     lb,
+                    tls.clone(),
                     request.clone(),
                     authorization.clone(),
                     tx.clone(),
@@ -195,12 +217,28 @@ impl Drop for Registration {
     }
 }
 
-fn etcd_connect_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
+/// Where etcd is and how to get in.
+struct EtcdAccess {
+    endpoints: Vec<String>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    user: Option<(String, String)>,
+}
+
+impl EtcdAccess {
+    fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        options
+    }
 }
 
 /// How one registration session ended.
@@ -210,7 +248,7 @@ enum Outcome {
 }
 
 async fn etcd_loop(
-    endpoints: Vec<String>,
+    access: EtcdAccess,
     key: String,
     value: String,
     ttl: Duration,
@@ -221,7 +259,7 @@ async fn etcd_loop(
     let mut previous_lease: Option<i64> = None;
     loop {
         let session = etcd_session(
-            &endpoints,
+            &access,
             &key,
             &value,
             ttl,
@@ -243,7 +281,7 @@ async fn etcd_loop(
 }
 
 async fn etcd_session(
-    endpoints: &[String],
+    access: &EtcdAccess,
     key: &str,
     value: &str,
     ttl: Duration,
@@ -255,7 +293,7 @@ async fn etcd_session(
         let what = what.to_string();
         move |err: etcd_client::Error| format!("{what}: {err}")
     };
-    let mut client = Client::connect(endpoints, Some(etcd_connect_options()))
+    let mut client = Client::connect(&access.endpoints, Some(access.connect_options()))
         .await
         .map_err(e("connect"))?;
     let lease = client
@@ -305,6 +343,7 @@ async fn etcd_session(
 
 async fn embedded_loop(
     lb: String,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     request: RegisterRequest,
     authorization: Option<MetadataValue<Ascii>>,
     registered: watch::Sender<bool>,
@@ -312,7 +351,14 @@ async fn embedded_loop(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
     loop {
-        let session = embedded_session(&lb, &request, authorization.clone(), &registered, &cancel);
+        let session = embedded_session(
+            &lb,
+            tls.clone(),
+            &request,
+            authorization.clone(),
+            &registered,
+            &cancel,
+        );
         let error = match session.await {
             Ok(Outcome::Stopped) => return,
             Err(e) => e,
@@ -328,13 +374,21 @@ async fn embedded_loop(
 
 async fn embedded_session(
     lb: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     request: &RegisterRequest,
     authorization: Option<MetadataValue<Ascii>>,
     registered: &watch::Sender<bool>,
     cancel: &CancellationToken,
 ) -> Result<Outcome, String> {
-    let channel = Endpoint::from_shared(format!("http://{lb}"))
-        .map_err(|e| format!("bad LB address {lb:?}: {e}"))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{lb}"))
+        .map_err(|e| format!("bad LB address {lb:?}: {e}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS settings for {lb}: {e}"))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()

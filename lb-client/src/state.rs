@@ -48,6 +48,8 @@ pub struct ChannelState {
     pub wait_for_ready: bool,
     /// Address of the LB whose stream is open now, if any.
     pub current_lb: Mutex<Option<SocketAddr>>,
+    /// URI scheme of calls to backends (`https` when they are called over TLS).
+    pub scheme: http::uri::Scheme,
     fallback: Vec<SocketAddr>,
     pool: BackendPool,
     source: Mutex<Source>,
@@ -69,7 +71,13 @@ impl ChannelState {
                     state.rebuild();
                 }
             });
+            let scheme = if conn.tls.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            };
             ChannelState {
+                scheme,
                 service,
                 picker: Picker::default(),
                 stats: CallStats::default(),

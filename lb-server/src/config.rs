@@ -251,6 +251,65 @@ pub struct Config {
     #[arg(long, env = "LB_SUBSET_SIZE", default_value_t = 0)]
     pub subset_size: usize,
 
+    /// Serve the gRPC port (BalanceLoad, registration API) over TLS with
+    /// this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "LB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "LB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Require clients of the gRPC port to present a certificate signed by
+    /// this CA (PEM): mutual TLS.
+    #[arg(long, env = "LB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Health-check and load-report backends over TLS, trusting this CA
+    /// (PEM). Backends' certificates must name their registered IP address,
+    /// or --backend-tls-server-name.
+    #[arg(long, env = "LB_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to backends that require mutual TLS.
+    #[arg(long, env = "LB_BACKEND_TLS_CERT", requires_all = ["backend_tls_key", "backend_tls_ca"])]
+    pub backend_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --backend-tls-cert.
+    #[arg(long, env = "LB_BACKEND_TLS_KEY", requires = "backend_tls_cert")]
+    pub backend_tls_key: Option<std::path::PathBuf>,
+
+    /// Verify every backend's certificate against this name instead of its
+    /// IP address.
+    #[arg(long, env = "LB_BACKEND_TLS_SERVER_NAME", requires = "backend_tls_ca")]
+    pub backend_tls_server_name: Option<String>,
+
+    /// Talk to etcd over TLS, trusting this CA (PEM).
+    #[arg(long, env = "LB_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-cert authentication.
+    #[arg(long, env = "LB_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "LB_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+
+    /// etcd user name (etcd authentication); the password comes from
+    /// --etcd-password-file or LB_ETCD_PASSWORD.
+    #[arg(long, env = "LB_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password.
+    #[arg(long, env = "LB_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
+
+    /// The etcd password itself, from the `LB_ETCD_PASSWORD` environment
+    /// variable only (never a flag).
+    #[arg(skip = std::env::var("LB_ETCD_PASSWORD").ok())]
+    pub etcd_password: Option<String>,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log: String,
@@ -277,6 +336,43 @@ impl Config {
             self.registration_token_file.as_deref(),
             self.registration_token.as_deref(),
         )
+    }
+
+    /// How to reach the etcd cluster at `endpoints`: TLS and credentials
+    /// from the `--etcd-…` flags.
+    pub fn etcd_access(
+        &self,
+        endpoints: Vec<String>,
+    ) -> anyhow::Result<crate::registry::etcd::EtcdAccess> {
+        let tls = crate::tls::client_config(
+            "--etcd-ca",
+            self.etcd_ca.as_deref(),
+            self.etcd_cert.as_deref().zip(self.etcd_key.as_deref()),
+            None,
+        )?;
+        let user = match &self.etcd_user {
+            None => None,
+            Some(user) => {
+                let password = match (&self.etcd_password_file, &self.etcd_password) {
+                    (Some(path), _) => std::fs::read_to_string(path)
+                        .map_err(|e| {
+                            anyhow::anyhow!("--etcd-password-file {}: {e}", path.display())
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                    (None, Some(p)) => p.clone(),
+                    (None, None) => anyhow::bail!(
+                        "--etcd-user {user:?} needs a password: --etcd-password-file or LB_ETCD_PASSWORD"
+                    ),
+                };
+                Some((user.clone(), password))
+            }
+        };
+        Ok(crate::registry::etcd::EtcdAccess {
+            endpoints,
+            tls,
+            user,
+        })
     }
 
     /// The list-building policy these flags describe.

@@ -46,6 +46,8 @@ pub struct HealthSettings {
     pub orca: bool,
     /// ORCA report interval asked of backends.
     pub orca_interval: Duration,
+    /// TLS towards backends, when they serve it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Where probe results go: the catalog, or the cluster (which applies them
@@ -212,8 +214,15 @@ async fn session(
     addr: SocketAddr,
     name: &str,
 ) -> Result<(), String> {
-    let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+    let scheme = if s.tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+    if let Some(tls) = &s.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS settings: {e}"))?;
+    }
+    let channel: Channel = endpoint
         .connect_timeout(s.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(s.timeout)
@@ -221,7 +230,7 @@ async fn session(
         .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
     let _load = s.orca.then(|| {
         let task = tokio::spawn(crate::load::collect(
             reporter.clone(),
@@ -297,6 +306,22 @@ fn apply(reporter: &Reporter, service: &str, addr: SocketAddr, status: i32) {
         _ => (HealthState::NotServing, "UNKNOWN"),
     };
     reporter.health(service, addr, state, detail);
+}
+
+/// An error and its sources, `outer: inner: innermost` (tonic's transport
+/// errors say little at the top: the TLS or socket cause is below).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Aborts a task when dropped.

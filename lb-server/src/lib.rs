@@ -35,6 +35,7 @@
 //! | [`limits`] | quotas of connections and streams, in total and per peer |
 //! | [`auth`] | bearer tokens (admin mutations, registration API) |
 //! | [`log_limit`] | rate limits for log lines outsiders can trigger |
+//! | [`tls`] | TLS material: the gRPC port's, towards backends and etcd |
 //!
 //! [`LbServer::start`] assembles and runs them all.
 
@@ -56,6 +57,7 @@ pub mod registry;
 pub mod rendezvous;
 pub mod sessions;
 pub mod subsets;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -134,7 +136,7 @@ impl LbServer {
             Some(endpoints) if cfg.cluster && cfg.health_checks => {
                 let c = cluster::Cluster::new(
                     cluster::ClusterSettings {
-                        endpoints,
+                        etcd: cfg.etcd_access(endpoints)?,
                         prefix: cfg.cluster_prefix.clone(),
                         replica_id: cfg.replica_id(lb_addr),
                         ttl: cfg.replica_ttl,
@@ -159,6 +161,14 @@ impl LbServer {
                 timeout: cfg.health_timeout,
                 orca: cfg.orca,
                 orca_interval: cfg.orca_interval,
+                tls: tls::client_config(
+                    "--backend-tls-ca",
+                    cfg.backend_tls_ca.as_deref(),
+                    cfg.backend_tls_cert
+                        .as_deref()
+                        .zip(cfg.backend_tls_key.as_deref()),
+                    cfg.backend_tls_server_name.as_deref(),
+                )?,
             };
             tasks.push(tokio::spawn(health::run(
                 catalog.clone(),
@@ -218,7 +228,17 @@ impl LbServer {
             },
         );
         let max_message = cfg.max_message_size;
-        let grpc = tonic::transport::Server::builder()
+        let mut grpc = tonic::transport::Server::builder();
+        if let Some(tls) = tls::server_config(
+            cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref()),
+            cfg.tls_client_ca.as_deref(),
+            cfg.handshake_timeout,
+        )? {
+            grpc = grpc
+                .tls_config(tls)
+                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
+        }
+        let grpc = grpc
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(Some(cfg.max_streams_per_connection))

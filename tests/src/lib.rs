@@ -14,6 +14,9 @@
 //! | [`Greeter`] | one `greeter-server` process |
 //! | [`Caller`] | calls in the background, counting where each went |
 //! | [`http_get`] | a minimal HTTP GET for the admin port |
+//! | [`certs`] | a CA and certificates made at test time |
+
+pub mod certs;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -190,6 +193,8 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
 
 /// One etcd member on loopback with a temporary data dir.
 pub struct Etcd {
+    /// TLS and credentials, when this member serves clients over TLS.
+    pub secure: Option<SecureEtcd>,
     proc: Option<Proc>,
     dir: tempfile::TempDir,
     name: String,
@@ -204,6 +209,54 @@ impl Etcd {
         let mut etcd = Self::members(1).pop().expect("one member");
         etcd.launch().await;
         etcd
+    }
+
+    /// Starts a one-member etcd serving clients over TLS only, demanding a
+    /// client certificate signed by `pki`'s CA.
+    pub async fn start_secure(pki: &certs::Pki) -> Etcd {
+        let mut etcd = Self::members(1).pop().expect("one member");
+        etcd.secure = Some(SecureEtcd {
+            ca: pki.ca.clone(),
+            server_cert: pki.server_cert.clone(),
+            server_key: pki.server_key.clone(),
+            client_cert: pki.client_cert.clone(),
+            client_key: pki.client_key.clone(),
+            user: None,
+        });
+        etcd.launch().await;
+        etcd
+    }
+
+    /// Turns on etcd authentication with a `root` user of this password;
+    /// the harness's own client logs in from then on.
+    pub async fn enable_auth(&mut self, password: &str) {
+        let mut c = self.client().await;
+        c.user_add("root", password, None)
+            .await
+            .expect("add root user");
+        c.user_grant_role("root", "root")
+            .await
+            .expect("grant root role");
+        c.auth_enable().await.expect("enable auth");
+        if let Some(s) = &mut self.secure {
+            s.user = Some(("root".into(), password.into()));
+        }
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let s = self.secure.as_ref()?;
+        let read = |p: &PathBuf| std::fs::read(p).expect("read PEM");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&s.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&s.client_cert),
+                read(&s.client_key),
+            ));
+        let mut options = etcd_client::ConnectOptions::new().with_tls(tls);
+        if let Some((user, password)) = &s.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Some(options)
     }
 
     /// Starts an `n`-member etcd cluster and waits until every member answers.
@@ -224,6 +277,7 @@ impl Etcd {
                 proc: None,
                 dir: tempfile::tempdir().expect("temp dir"),
                 name: format!("m{i}"),
+                secure: None,
                 client_port: free_port(),
                 peer_port: free_port(),
                 initial_cluster: String::new(),
@@ -252,7 +306,12 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(etcd_bin());
         cmd.args(["--name", &self.name, "--data-dir"])
@@ -277,6 +336,15 @@ impl Etcd {
                 "--log-level",
                 "warn",
             ]);
+        if let Some(s) = &self.secure {
+            cmd.arg("--cert-file")
+                .arg(&s.server_cert)
+                .arg("--key-file")
+                .arg(&s.server_key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&s.ca);
+        }
         self.proc = Some(Proc::spawn("etcd", cmd, false));
     }
 
@@ -284,7 +352,9 @@ impl Etcd {
     async fn wait_up(&self) {
         let up = async {
             loop {
-                if let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], None).await {
+                if let Ok(mut c) =
+                    etcd_client::Client::connect([self.endpoint()], self.connect_options()).await
+                {
                     if c.get("probe", None).await.is_ok() {
                         return;
                     }
@@ -327,7 +397,7 @@ impl Etcd {
 
     /// A client.
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint()], None)
+        etcd_client::Client::connect([self.endpoint()], self.connect_options())
             .await
             .expect("connect etcd")
     }
@@ -349,6 +419,23 @@ impl Etcd {
             .await
             .expect("etcd delete");
     }
+}
+
+/// TLS material and credentials of a secure etcd member.
+#[derive(Debug, Clone)]
+pub struct SecureEtcd {
+    /// CA of servers and clients.
+    pub ca: PathBuf,
+    /// etcd's certificate.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// The certificate clients present.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// User and password once authentication is on.
+    pub user: Option<(String, String)>,
 }
 
 /// One `lb-server` process.
@@ -504,9 +591,20 @@ impl Greeter {
 
     /// Like [`Greeter::start`], on a given address.
     pub async fn start_on(listen: &str, registry: &str, args: &[&str]) -> Greeter {
+        Self::start_with_env(listen, registry, args, &[]).await
+    }
+
+    /// Like [`Greeter::start_on`], with extra environment variables.
+    pub async fn start_with_env(
+        listen: &str,
+        registry: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Greeter {
         let mut cmd = Command::new(bin("greeter-server"));
         cmd.args(["--listen", listen, "--registry", registry, "--log", "info"])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn("greeter", cmd, true);
         let stdout = proc
             .child

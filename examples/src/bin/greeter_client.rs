@@ -37,6 +37,18 @@ struct Args {
     /// Backends to use when no LB answers (comma-separated).
     #[arg(long, value_delimiter = ',')]
     fallback: Vec<SocketAddr>,
+    /// Talk to the LB over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    lb_ca: Option<std::path::PathBuf>,
+    /// Call backends over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    backend_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for servers demanding mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
     /// Log filter.
     #[arg(long, default_value = "warn")]
     log: String,
@@ -46,10 +58,26 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     lb_examples::init_logging(&args.log)?;
-    let channel = LbChannel::builder(&args.service)
+    let tls = |ca: &Option<std::path::PathBuf>| -> anyhow::Result<Option<lb_client::TlsConfig>> {
+        match ca {
+            None => Ok(None),
+            Some(ca) => Ok(Some(lb_client::TlsConfig::from_files(
+                Some(ca),
+                args.client_cert.as_deref(),
+                args.client_key.as_deref(),
+            )?)),
+        }
+    };
+    let mut builder = LbChannel::builder(&args.service)
         .lbs(args.lb.clone())
-        .fallback_backends(args.fallback.clone())
-        .build()?;
+        .fallback_backends(args.fallback.clone());
+    if let Some(t) = tls(&args.lb_ca)? {
+        builder = builder.lb_tls(t);
+    }
+    if let Some(t) = tls(&args.backend_ca)? {
+        builder = builder.backend_tls(t);
+    }
+    let channel = builder.build()?;
     let tally = drive(&channel, args.calls, args.concurrency, args.timeout).await;
     println!(
         "{} calls to {:?}: {} ok, {} failed",

@@ -63,6 +63,30 @@ struct Args {
     /// Serve health `Check` only (`Watch` answers UNIMPLEMENTED).
     #[arg(long)]
     health_check_only: bool,
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require callers to present a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Register with the LB's embedded registry over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    lb_ca: Option<std::path::PathBuf>,
+    /// Talk to etcd over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for etcd, and for the LB when it demands one.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
+    /// etcd user name; the password comes from GREETER_ETCD_PASSWORD.
+    #[arg(long)]
+    etcd_user: Option<String>,
     /// File holding the LB's registration token (embedded registry with
     /// `lb-server --registration-token-file`); or GREETER_REGISTRATION_TOKEN.
     #[arg(long, env = "GREETER_REGISTRATION_TOKEN_FILE")]
@@ -82,6 +106,16 @@ async fn main() -> anyhow::Result<()> {
         metadata: args.weight.map(serde_json_weight),
         plain_value: args.plain,
         etcd_prefix: args.etcd_prefix.clone(),
+        lb_tls: client_tls(args.lb_ca.as_deref(), &args)?,
+        etcd_tls: client_tls(args.etcd_ca.as_deref(), &args)?,
+        etcd_user: match &args.etcd_user {
+            Some(user) => Some((
+                user.clone(),
+                std::env::var("GREETER_ETCD_PASSWORD")
+                    .map_err(|_| anyhow::anyhow!("--etcd-user needs GREETER_ETCD_PASSWORD"))?,
+            )),
+            None => None,
+        },
         token: match &args.registration_token_file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
                 anyhow::anyhow!("--registration-token-file {}: {e}", path.display())
@@ -98,6 +132,20 @@ async fn main() -> anyhow::Result<()> {
         capacity: args.capacity,
         delay: args.delay,
         health_check_only: args.health_check_only,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let identity =
+                    tonic::transport::Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+                let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &args.tls_client_ca {
+                    tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(
+                        std::fs::read(ca)?,
+                    ));
+                }
+                Some(tls)
+            }
+            _ => None,
+        },
     };
     let greeter = RunningGreeter::start(listener, behaviour, |addr| {
         if registry == "none" {
@@ -185,6 +233,20 @@ fn advertised_addr(addr: SocketAddr) -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", addr.port())
+}
+
+/// Client TLS towards a server trusting `ca`, with the client certificate
+/// if one is given.
+fn client_tls(
+    ca: Option<&std::path::Path>,
+    args: &Args,
+) -> anyhow::Result<Option<lb_client::TlsConfig>> {
+    let Some(ca) = ca else { return Ok(None) };
+    Ok(Some(lb_client::TlsConfig::from_files(
+        Some(ca),
+        args.client_cert.as_deref(),
+        args.client_key.as_deref(),
+    )?))
 }
 
 fn serde_json_weight(w: u32) -> serde_json::Value {

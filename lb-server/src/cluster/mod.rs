@@ -40,8 +40,8 @@ pub type BackendKey = (String, SocketAddr);
 /// Settings of cluster membership.
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    /// etcd endpoints.
-    pub endpoints: Vec<String>,
+    /// The etcd cluster and how to get in.
+    pub etcd: crate::registry::etcd::EtcdAccess,
     /// Key prefix of the cluster's own keys (ends with `/`).
     pub prefix: String,
     /// This replica's id (unique among live replicas).

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{self, SharedHealth};
 use super::{BackendKey, Cluster, ReplicaInfo, View};
-use crate::registry::etcd::{EtcdRegistry, SessionBackoff};
+use crate::registry::etcd::SessionBackoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -96,11 +96,7 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> Result<Session, String> {
         let s = &cluster.settings;
-        let mut client = timed(
-            "connect",
-            Client::connect(&s.endpoints, Some(EtcdRegistry::connect_options())),
-        )
-        .await?;
+        let mut client = timed("connect", s.etcd.connect()).await?;
         let ttl = s.ttl.as_secs().max(2) as i64;
         let lease = timed("lease grant", client.lease_grant(ttl, None))
             .await?

@@ -64,25 +64,70 @@ impl SessionBackoff {
     }
 }
 
+/// Where an etcd cluster is and how to get in: endpoints, TLS, user.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// TLS towards etcd (https), when set.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// User name and password, when etcd authentication is on.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("EtcdAccess")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Access without TLS or credentials.
+    pub fn plain(endpoints: Vec<String>) -> Self {
+        EtcdAccess {
+            endpoints,
+            ..Default::default()
+        }
+    }
+
+    /// Connect options: short timeouts and HTTP/2 keep-alive (a dead etcd
+    /// is noticed in seconds), TLS and credentials.
+    pub fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        options
+    }
+
+    /// A connected client.
+    pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
+        Client::connect(&self.endpoints, Some(self.connect_options())).await
+    }
+}
+
 /// Reads services from etcd.
 pub struct EtcdRegistry {
-    endpoints: Vec<String>,
+    access: EtcdAccess,
     prefix: String,
 }
 
 impl EtcdRegistry {
-    /// A source reading keys under `prefix` from the etcd cluster at `endpoints`.
-    pub fn new(endpoints: Vec<String>, prefix: String) -> Self {
-        EtcdRegistry { endpoints, prefix }
-    }
-
-    /// Connect options shared by the LB and the registration helper: short
-    /// timeouts and HTTP/2 keep-alive, so a dead etcd is noticed in seconds.
-    pub fn connect_options() -> ConnectOptions {
-        ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
+    /// A source reading keys under `prefix` from the etcd cluster `access`
+    /// names.
+    pub fn new(access: EtcdAccess, prefix: String) -> Self {
+        EtcdRegistry { access, prefix }
     }
 
     /// One list + watch session; returns when the watch ends (error,
@@ -92,7 +137,7 @@ impl EtcdRegistry {
         sink: &RegistrySink,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut client = Client::connect(&self.endpoints, Some(Self::connect_options())).await?;
+        let mut client = self.access.connect().await?;
         let listing = tokio::time::timeout(
             Duration::from_secs(5),
             client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
@@ -165,7 +210,7 @@ impl Registry for EtcdRegistry {
                 match self.session(&sink, &shutdown).await {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?backoff.delay(),
+                        tracing::warn!(endpoints = ?self.access.endpoints, error = %e, retry_in = ?backoff.delay(),
                             "etcd unavailable; serving last known state");
                     }
                 }

@@ -175,7 +175,10 @@ pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source
             !endpoints.is_empty(),
             "--registry {url:?}: no etcd endpoint given (etcd://host:2379,…)"
         );
-        let registry = Arc::new(etcd::EtcdRegistry::new(endpoints, cfg.etcd_prefix.clone()));
+        let registry = Arc::new(etcd::EtcdRegistry::new(
+            cfg.etcd_access(endpoints)?,
+            cfg.etcd_prefix.clone(),
+        ));
         return Ok(Source {
             registry,
             memory: None,
