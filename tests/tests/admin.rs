@@ -125,6 +125,28 @@ async fn read_endpoints_answer_and_errors_are_json() {
     );
     assert!(e["detail"].is_string());
     assert!(lb.metric("lb_admin_errors_total{reason=\"unknown_service\"}") >= 1.0);
+    // Refusals axum writes itself (a path that is not UTF-8 once decoded, a
+    // body over the limit) are JSON too, and counted.
+    let (status, e) = call(&lb, "GET", "/api/v1/services/gree%ecr", None, "");
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("bad_request")),
+        "{e}"
+    );
+    let big = format!("{{\"weight\": 1, \"pad\": \"{}\"}}", "x".repeat(100_000));
+    let (status, e) = call(
+        &lb,
+        "PUT",
+        "/api/v1/services/greeter/backends/127.0.0.1:1/weight",
+        Some(TOKEN),
+        &big,
+    );
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{e}"
+    );
+    assert!(lb.metric("lb_admin_errors_total{reason=\"bad_request\"}") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

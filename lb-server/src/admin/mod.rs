@@ -95,7 +95,47 @@ pub fn router(state: AdminState) -> Router {
                 "this endpoint does not take that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            json_errors,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Largest request body accepted (weight overrides are a few bytes).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Turns the refusals axum writes itself in plain text (a path that is not
+/// valid percent-encoded UTF-8, a body over the limit, …) into the JSON
+/// errors every other refusal uses, and counts them.
+async fn json_errors(
+    State(s): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let reason = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    refuse(&s, status, reason, &String::from_utf8_lossy(&text))
 }
 
 /// A JSON error answer.

@@ -3,8 +3,7 @@
 //! Connections come through [`crate::listener::guarded`] (connection caps,
 //! first-bytes deadline); each then gets hyper's header read timeout, the
 //! same handshake deadline (a slowloris sending one header byte at a time is
-//! cut off), a request body
-//! limit, and the caller's address for the handlers' logs. On shutdown the
+//! cut off), and the caller's address for the handlers' logs. On shutdown the
 //! listener closes and open connections finish their requests.
 
 use std::net::SocketAddr;
@@ -23,9 +22,6 @@ use tower::ServiceExt;
 
 use crate::listener::{guarded, ListenerSettings};
 
-/// Largest request body accepted (weight overrides are a few bytes).
-pub const MAX_BODY: usize = 64 * 1024;
-
 /// Serves `router` on `listener` until `shutdown`, then lets open
 /// connections finish (at most 5 s).
 pub async fn serve(
@@ -34,7 +30,6 @@ pub async fn serve(
     settings: ListenerSettings,
     shutdown: CancellationToken,
 ) {
-    let router = router.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
