@@ -58,19 +58,25 @@ fuzz_target!(|data: &[u8]| {
     let (runtime, router) = setup();
     // Byte 0: method; then the path up to '\n'; then an Authorization value
     // up to '\n' ("=" stands for the right token); the rest is the body.
-    let Some((&m, rest)) = data.split_first() else { return };
+    let Some((&m, rest)) = data.split_first() else {
+        return;
+    };
     let method = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"][m as usize % 7];
     let mut parts = rest.splitn(3, |b| *b == b'\n');
     let path = String::from_utf8_lossy(parts.next().unwrap_or_default());
     let auth = parts.next().unwrap_or_default();
     let body = parts.next().unwrap_or_default().to_vec();
-    let mut request = axum::http::Request::builder().method(method).uri(format!("/{path}"));
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(format!("/{path}"));
     if auth == b"=" {
         request = request.header("authorization", format!("Bearer {TOKEN}"));
     } else if !auth.is_empty() {
         request = request.header("authorization", auth);
     }
-    let Ok(mut request) = request.body(Body::from(body)) else { return };
+    let Ok(mut request) = request.body(Body::from(body)) else {
+        return;
+    };
     let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
     request.extensions_mut().insert(ConnectInfo(peer));
     runtime.block_on(async {
@@ -78,7 +84,12 @@ fuzz_target!(|data: &[u8]| {
         let status = response.status();
         assert!(!status.is_server_error(), "{method} /{path}: {status}");
         if status.is_client_error() && method != "HEAD" {
-            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .unwrap_or_else(|e| panic!("{status} body is not JSON ({e}): {bytes:?}"));
             assert!(v["error"].is_string(), "{v}");

@@ -13,12 +13,19 @@ fuzz_target!(|name: &str| {
             ("hello".to_string(), "greeter".to_string()),
             ("[::1]".to_string(), "v6".to_string()),
         ],
-        [".svc.test".to_string(), "example".to_string(), ".".to_string()],
+        [
+            ".svc.test".to_string(),
+            "example".to_string(),
+            ".".to_string(),
+        ],
     );
     let candidates = mapper.candidates(name);
     assert_eq!(candidates[0], strip_port(name.trim()));
     for c in &candidates {
-        assert!(name.contains(c.as_str()) || c == "greeter" || c == "v6", "{c:?} from {name:?}");
+        assert!(
+            name.contains(c.as_str()) || c == "greeter" || c == "v6",
+            "{c:?} from {name:?}"
+        );
     }
     let _ = mapper.resolve(name, |s| s == "greeter");
 });

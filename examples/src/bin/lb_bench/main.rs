@@ -17,6 +17,9 @@
 //! - `failover`: N clients over two LB replicas (processes, over etcd); one
 //!   replica is SIGKILLed (then, in a second round, stopped with SIGTERM):
 //!   time until each of its clients has a stream on the survivor.
+//! - `soak`: one LB under steady churn for a bounded time (streams, calling
+//!   clients, a backend replaced every second): no failed call, RSS flat
+//!   after warm-up, no task or descriptor leak. Fails when a check fails.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 //!
@@ -24,7 +27,7 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak` |
 
 mod failover;
 mod fanout;
@@ -33,6 +36,7 @@ mod measure;
 mod procs;
 mod propagation;
 mod slow_backend;
+mod soak;
 mod throughput;
 
 use std::path::PathBuf;
@@ -112,6 +116,34 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         clients: usize,
     },
+    /// One LB under steady churn: no failed call, flat RSS, no task or fd leak.
+    Soak {
+        /// How long the measured load runs, after the warm-up (bounded; the
+        /// run stops by itself).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Load before the measured window (RSS not fitted).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Idle BalanceLoad streams held open (100 per connection).
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Clients calling continuously.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// A new backend registers and the oldest leaves this often.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        churn_every: Duration,
+        /// Backends serving at any time.
+        #[arg(long, default_value_t = 4)]
+        backends: usize,
+        /// Largest RSS growth after warm-up, KiB per minute.
+        #[arg(long, default_value_t = 512.0)]
+        max_rss_slope: f64,
+        /// Tasks and descriptors allowed above the baseline at the end.
+        #[arg(long, default_value_t = 2.0)]
+        leak_tolerance: f64,
+    },
 }
 
 #[tokio::main]
@@ -134,6 +166,23 @@ async fn main() -> anyhow::Result<()> {
         } => slow_backend::slow_backend(concurrency, round, rounds).await?,
         Bench::KillRemoval { samples } => kill_removal::kill_removal(samples).await?,
         Bench::Failover { clients } => failover::failover(clients).await?,
+        Bench::Soak {
+            duration,
+            warmup,
+            streams,
+            clients,
+            churn_every,
+            backends,
+            max_rss_slope,
+            leak_tolerance,
+        } => {
+            let limits = soak::SoakLimits {
+                warmup,
+                max_rss_slope_kib_per_min: max_rss_slope,
+                leak_tolerance,
+            };
+            soak::soak(duration, streams, clients, churn_every, backends, limits).await?
+        }
         Bench::Fanout {
             streams,
             per_connection,

@@ -83,6 +83,8 @@ pub struct LbProcess {
     pub child: std::process::Child,
     /// Its gRPC address.
     pub addr: SocketAddr,
+    /// Its admin HTTP address.
+    pub admin: SocketAddr,
 }
 
 impl Drop for LbProcess {
@@ -93,7 +95,9 @@ impl Drop for LbProcess {
 }
 
 impl LbProcess {
-    /// Starts `lb-server` over `registry` on free loopback ports.
+    /// Starts `lb-server` over `registry` on free loopback ports. Every
+    /// client of a benchmark comes from 127.0.0.1, so the per-peer caps are
+    /// lifted: benchmarks measure capacity, not protection.
     pub async fn start(registry: &str) -> anyhow::Result<LbProcess> {
         let bin = std::env::current_exe()?.with_file_name("lb-server");
         anyhow::ensure!(
@@ -102,13 +106,16 @@ impl LbProcess {
             bin.display()
         );
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin = format!("127.0.0.1:{}", free_port()?);
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let child = std::process::Command::new(bin)
-            .args(["--listen", &addr.to_string(), "--admin-listen", &admin])
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
             .args(["--registry", registry, "--log", "warn"])
+            .args(["--max-connections-per-peer", "1000000"])
+            .args(["--max-streams-per-peer", "1000000"])
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        let lb = LbProcess { child, addr };
+        let lb = LbProcess { child, addr, admin };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return Ok(lb);
@@ -116,6 +123,20 @@ impl LbProcess {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         anyhow::bail!("lb-server did not start")
+    }
+
+    /// The value of one sample of the LB's `/metrics` (e.g.
+    /// `lb_runtime_tasks`), if present.
+    pub async fn metric(&self, sample: &str) -> anyhow::Result<Option<f64>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok(text.lines().find_map(|l| {
+            let rest = l.strip_prefix(sample)?;
+            rest.starts_with(' ').then(|| rest.trim().parse().ok())?
+        }))
     }
 }
 

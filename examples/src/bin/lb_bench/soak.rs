@@ -1,0 +1,313 @@
+//! Soak: one `lb-server` process under steady churn for a bounded time.
+//!
+//! N idle BalanceLoad streams stay open (100 per connection) and receive
+//! every list change; a few `LbChannel` clients call continuously; every
+//! churn interval a new backend registers and the oldest shuts down
+//! gracefully (NOT_SERVING, deregister, drain), so lists change all the
+//! time. The run checks what a long-lived LB must not do:
+//! - fail a call (every failure is printed);
+//! - grow: the LB's resident memory is sampled every second and a straight
+//!   line fitted after the warm-up; its slope is reported (KiB/min);
+//! - leak tasks or file descriptors: both are read from the LB's `/metrics`
+//!   before the streams and clients start and after they have gone.
+//!
+//! Exits with an error when a check fails, so that CI can run it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_client::LbChannel;
+use lb_examples::greeter::{GreeterOptions, RunningGreeter};
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balancer_client::LoadBalancerClient,
+    InitialLoadBalanceRequest, LoadBalanceRequest,
+};
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use serde_json::json;
+
+use crate::measure::rss_kib;
+use crate::procs::{greeter_with, LbProcess};
+
+/// Limits a soak run must stay within.
+pub struct SoakLimits {
+    /// Load before the measured window (buffers and allocator arenas grow
+    /// to their working size); RSS is sampled but not fitted.
+    pub warmup: Duration,
+    /// Largest RSS slope after warm-up, KiB per minute.
+    pub max_rss_slope_kib_per_min: f64,
+    /// Tasks and descriptors allowed above the baseline at the end.
+    pub leak_tolerance: f64,
+}
+
+/// Calls made by the soak clients.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    first_failures: Mutex<Vec<String>>,
+}
+
+/// Least-squares slope of `(seconds, KiB)` samples, in KiB per minute.
+fn slope_per_minute(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (sx, sy) = samples
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in samples {
+        num += (x - mx) * (y - my);
+        den += (x - mx) * (x - mx);
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den * 60.0
+    }
+}
+
+/// Opens `streams` idle BalanceLoad streams, 100 per connection; returns
+/// the tasks holding them (abort to close) and a counter of lists received.
+async fn open_streams(
+    lb: &LbProcess,
+    streams: usize,
+) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, Arc<AtomicU64>)> {
+    let lists = Arc::new(AtomicU64::new(0));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", lb.addr))?;
+    let mut holders = Vec::with_capacity(streams);
+    let mut channel = None;
+    for i in 0..streams {
+        if i % 100 == 0 {
+            channel = Some(endpoint.connect().await?);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(LoadBalanceRequest {
+            load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+                InitialLoadBalanceRequest {
+                    name: "greeter".into(),
+                },
+            )),
+        })
+        .await?;
+        let mut inbound = LoadBalancerClient::new(channel.clone().expect("connected"))
+            .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let lists = lists.clone();
+        holders.push(tokio::spawn(async move {
+            let _keep_open = tx;
+            while let Ok(Some(_)) = inbound.message().await {
+                lists.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    Ok((holders, lists))
+}
+
+/// Starts `clients` channels calling continuously until `stop`.
+fn start_callers(
+    lb: &LbProcess,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    limit: Instant,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let channel = LbChannel::builder("greeter")
+            .lb(lb.addr.to_string())
+            .lb_backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .build()?;
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = GreeterClient::new(channel);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < limit {
+                let mut req = tonic::Request::new(HelloRequest {
+                    name: "soak".into(),
+                });
+                req.set_timeout(Duration::from_secs(5));
+                match client.say_hello(req).await {
+                    Ok(_) => {
+                        tally.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => {
+                        tally.failed.fetch_add(1, Ordering::Relaxed);
+                        let mut first = tally.first_failures.lock().expect("tally lock");
+                        if first.len() < 10 {
+                            first.push(format!("{:?}: {}", status.code(), status.message()));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Reads the LB's task and descriptor counts.
+async fn tasks_and_fds(lb: &LbProcess) -> anyhow::Result<(f64, f64)> {
+    let tasks = lb.metric("lb_runtime_tasks").await?.unwrap_or(f64::NAN);
+    let fds = lb.metric("lb_process_open_fds").await?.unwrap_or(f64::NAN);
+    Ok((tasks, fds))
+}
+
+/// Runs the soak.
+pub async fn soak(
+    duration: Duration,
+    streams: usize,
+    clients: usize,
+    churn_every: Duration,
+    backends: usize,
+    limits: SoakLimits,
+) -> anyhow::Result<serde_json::Value> {
+    let lb = LbProcess::start("memory").await?;
+    let pid = lb.child.id();
+    let mut live: VecDeque<RunningGreeter> = VecDeque::new();
+    for _ in 0..backends.max(2) {
+        live.push_back(greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (tasks_before, fds_before) = tasks_and_fds(&lb).await?;
+    let rss_start = rss_kib(pid);
+
+    let warmup = limits.warmup;
+    eprintln!("soak: {streams} idle streams, {clients} calling clients, a backend replaced every {churn_every:?}, for {warmup:?} warm-up + {duration:?}");
+    let duration_total = warmup + duration;
+    let (holders, lists) = open_streams(&lb, streams).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let limit = started + duration_total + Duration::from_secs(60);
+    let callers = start_callers(&lb, clients, stop.clone(), tally.clone(), limit)?;
+
+    let mut rss: Vec<(f64, f64)> = Vec::new();
+    let mut churns = 0u64;
+    let mut retiring = Vec::new();
+    let mut next_churn = Instant::now() + churn_every;
+    let mut next_sample = Instant::now();
+    while started.elapsed() < duration_total {
+        let now = Instant::now();
+        if now >= next_sample {
+            rss.push((started.elapsed().as_secs_f64(), rss_kib(pid) as f64));
+            next_sample += Duration::from_secs(1);
+        }
+        if now >= next_churn {
+            live.push_back(greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?);
+            if let Some(old) = live.pop_front() {
+                retiring.push(tokio::spawn(old.shutdown(Duration::from_millis(1000))));
+            }
+            retiring.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+            churns += 1;
+            next_churn += churn_every;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await?;
+    }
+    for r in retiring {
+        r.await?;
+    }
+    let rss_end = rss_kib(pid);
+    for h in &holders {
+        h.abort();
+    }
+    drop(holders);
+    // Wait for the LB to see every stream and connection go.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lb.metric("lb_streams_open").await?.unwrap_or(0.0) > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (tasks_after, fds_after) = tasks_and_fds(&lb).await?;
+
+    let warm: Vec<(f64, f64)> = rss
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t >= warmup.as_secs_f64())
+        .collect();
+    let slope = slope_per_minute(&warm);
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    let first_failures = tally.first_failures.lock().expect("tally lock").clone();
+    let lists_received = lists.load(Ordering::Relaxed);
+
+    println!("| soak ({streams} streams, {clients} clients, {churns} backend replacements, {warmup:?} warm-up + {duration:?}) | value |");
+    println!("| --- | ---: |");
+    println!("| calls ok / failed | {ok} / {failed} |");
+    println!("| lists received by the idle streams | {lists_received} |");
+    let rss_warm = warm.first().map(|(_, v)| *v as u64).unwrap_or(rss_end);
+    println!("| LB RSS before load / after warm-up / at the end | {rss_start} / {rss_warm} / {rss_end} KiB |");
+    println!("| LB RSS slope after warm-up | {slope:.1} KiB/min |");
+    println!("| LB tasks before / after | {tasks_before} / {tasks_after} |");
+    println!("| LB open fds before / after | {fds_before} / {fds_after} |");
+
+    let mut problems = Vec::new();
+    if failed > 0 {
+        problems.push(format!("{failed} calls failed, first: {first_failures:?}"));
+    }
+    if ok == 0 {
+        problems.push("no call succeeded".to_string());
+    }
+    if lists_received < streams as u64 * (churns / 2).max(1) {
+        problems.push(format!(
+            "idle streams received only {lists_received} lists for {churns} changes"
+        ));
+    }
+    if slope > limits.max_rss_slope_kib_per_min {
+        problems.push(format!(
+            "RSS grows {slope:.1} KiB/min after warm-up (limit {})",
+            limits.max_rss_slope_kib_per_min
+        ));
+    }
+    // A count that could not be read (NaN) counts as a leak.
+    let leaked = |before: f64, after: f64| {
+        before.is_nan() || after.is_nan() || after > before + limits.leak_tolerance
+    };
+    if leaked(tasks_before, tasks_after) {
+        problems.push(format!(
+            "tasks leaked: {tasks_before} before, {tasks_after} after"
+        ));
+    }
+    if leaked(fds_before, fds_after) {
+        problems.push(format!(
+            "descriptors leaked: {fds_before} before, {fds_after} after"
+        ));
+    }
+    for g in live {
+        g.shutdown(Duration::ZERO).await;
+    }
+    let result = json!({
+        "bench": "soak", "warmup_s": warmup.as_secs_f64(), "duration_s": duration.as_secs_f64(), "rss_after_warmup_kib": rss_warm, "streams": streams, "clients": clients,
+        "churns": churns, "calls_ok": ok, "calls_failed": failed, "first_failures": first_failures,
+        "lists_received": lists_received, "rss_start_kib": rss_start, "rss_end_kib": rss_end,
+        "rss_slope_kib_per_min": slope, "rss_samples": rss,
+        "tasks_before": tasks_before, "tasks_after": tasks_after,
+        "fds_before": fds_before, "fds_after": fds_after, "problems": problems,
+    });
+    if !problems.is_empty() {
+        eprintln!("{}", serde_json::to_string_pretty(&result)?);
+        anyhow::bail!("soak failed: {}", problems.join("; "));
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slope_per_minute;
+
+    #[test]
+    fn slope_is_per_minute() {
+        let flat: Vec<(f64, f64)> = (0..10).map(|t| (t as f64, 100.0)).collect();
+        assert_eq!(slope_per_minute(&flat), 0.0);
+        let rising: Vec<(f64, f64)> = (0..10).map(|t| (t as f64, 100.0 + t as f64)).collect();
+        assert!((slope_per_minute(&rising) - 60.0).abs() < 1e-9);
+    }
+}
