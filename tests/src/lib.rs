@@ -447,30 +447,54 @@ pub struct Lb {
     /// Admin HTTP address.
     pub admin: SocketAddr,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Lb {
     /// Starts `lb-server` with `args` (listen addresses are added) and waits
     /// until its admin port answers `/healthz`.
     pub async fn start(args: &[&str]) -> Lb {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Self::start_on(addr, admin, args.iter().map(|s| s.to_string()).collect()).await
+        Self::start_with_env(args, &[]).await
     }
 
-    async fn start_on(addr: SocketAddr, admin: SocketAddr, args: Vec<String>) -> Lb {
+    /// Like [`Lb::start`], with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Lb {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_on(
+            addr,
+            admin,
+            args.iter().map(|s| s.to_string()).collect(),
+            env,
+        )
+        .await
+    }
+
+    async fn start_on(
+        addr: SocketAddr,
+        admin: SocketAddr,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Lb {
         let mut cmd = Command::new(bin("lb-server"));
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--admin-listen")
             .arg(admin.to_string());
-        cmd.args(&args).env("LB_LOG", "info,lb_server=debug");
+        cmd.args(&args)
+            .env("LB_LOG", "info,lb_server=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("lb-server", cmd, false);
         let lb = Lb {
             proc,
             addr,
             admin,
             args,
+            env,
         };
         let log = lb.proc.log.display().to_string();
         assert!(
@@ -500,17 +524,17 @@ impl Lb {
 
     /// Starts it again on the same ports after it was killed.
     pub async fn relaunch(self) -> Lb {
-        let (addr, admin, args) = (self.addr, self.admin, self.args.clone());
+        let (addr, admin, args, env) = (self.addr, self.admin, self.args.clone(), self.env);
         drop(self.proc);
-        Self::start_on(addr, admin, args).await
+        Self::start_on(addr, admin, args, env).await
     }
 
     /// Stops it gracefully and starts it again on the same ports.
     pub async fn restart(self) -> Lb {
-        let (addr, admin, args) = (self.addr, self.admin, self.args.clone());
+        let (addr, admin, args, env) = (self.addr, self.admin, self.args.clone(), self.env);
         let mut proc = self.proc;
         proc.terminate(Duration::from_secs(10));
-        Self::start_on(addr, admin, args).await
+        Self::start_on(addr, admin, args, env).await
     }
 
     /// GET on the admin port: (status, body).

@@ -375,6 +375,46 @@ async fn mutations_are_disabled_without_a_token() {
     assert!(e["detail"].as_str().unwrap().contains("--admin-token-file"));
 }
 
+/// The admin token is read from a file or the environment, never from the
+/// command line (where every local user could read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_comes_from_a_file_or_the_environment_never_a_flag() {
+    let flag = std::process::Command::new(lb_tests::bin("lb-server"))
+        .args(["--admin-token", TOKEN])
+        .output()
+        .unwrap();
+    assert!(!flag.status.success(), "--admin-token must not be a flag");
+    let help = std::process::Command::new(lb_tests::bin("lb-server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--admin-token-file") && !help.contains("--admin-token <"),
+        "{help}"
+    );
+
+    let lb = Lb::start_with_env(&["--registry", "memory"], &[("LB_ADMIN_TOKEN", TOKEN)]).await;
+    let g = Greeter::start(&format!("lb://{}", lb.addr), &[]).await;
+    assert!(g.wait_registered(Duration::from_secs(10)).await);
+    let path = backend_path(g.addr, "drain");
+    assert_eq!(call(&lb, "POST", &path, None, "").0, 401);
+    assert_eq!(
+        call(&lb, "POST", &path, Some("wrong-token-0123456789"), "").0,
+        401
+    );
+    let (status, body) = call(&lb, "POST", &path, Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    // Too short a token is refused at start.
+    let short = std::process::Command::new(lb_tests::bin("lb-server"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("LB_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 16 characters"));
+}
+
 fn chromium() -> PathBuf {
     if let Some(p) = std::env::var_os("CHROMIUM_BIN") {
         return PathBuf::from(p);

@@ -405,3 +405,64 @@ async fn junk_half_open_and_slowloris_on_both_ports_fail_no_call() {
     );
     eprintln!("slowloris cut off after {cut_off:?}");
 }
+
+/// The embedded registry on the gRPC port: with a registration token, calls
+/// without it are refused (UNAUTHENTICATED, counted) and cannot touch other
+/// registrations; the number of registrations is capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_registry_needs_its_token_and_is_capped() {
+    use lb_proto::registry::v1::{
+        registry_client::RegistryClient, DeregisterRequest, RegisterRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("registration-token");
+    std::fs::write(&token_file, "registration-token-0123456789\n").unwrap();
+    let lb = Lb::embedded(&[
+        "--registration-token-file",
+        token_file.to_str().unwrap(),
+        "--max-registrations",
+        "2",
+    ])
+    .await;
+    let with_token = ["--registration-token-file", token_file.to_str().unwrap()];
+    let registry = format!("lb://{}", lb.addr);
+    let g1 = lb_tests::Greeter::start(&registry, &with_token).await;
+    let g2 = lb_tests::Greeter::start(&registry, &with_token).await;
+    assert!(g1.wait_registered(Duration::from_secs(10)).await);
+    assert!(g2.wait_registered(Duration::from_secs(10)).await);
+
+    // Without the token: refused, counted, nothing registered.
+    let anonymous = lb_tests::Greeter::start(&registry, &[]).await;
+    assert!(!anonymous.wait_registered(Duration::from_secs(2)).await);
+    assert!(lb.metric("lb_registrations_refused_total{reason=\"unauthenticated\"}") >= 1.0);
+    let mut raw = RegistryClient::connect(format!("http://{}", lb.addr))
+        .await
+        .unwrap();
+    let err = raw
+        .deregister(DeregisterRequest { lease_id: 1 })
+        .await
+        .expect_err("deregistered without the token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // With the token, beyond --max-registrations 2: RESOURCE_EXHAUSTED.
+    let mut request = tonic::Request::new(RegisterRequest {
+        service: "greeter".into(),
+        address: "127.0.0.1:9".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer registration-token-0123456789".parse().unwrap(),
+    );
+    let err = raw
+        .register(request)
+        .await
+        .expect_err("registered beyond the cap");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(lb.metric("lb_registry_rejects_total{source=\"memory\",kind=\"limit\"}") >= 1.0);
+
+    // The two registered backends serve; the anonymous one was never listed.
+    let ch = channel("greeter", &[lb.addr]);
+    assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
+    assert!(!ch.listed_backends().contains(&anonymous.addr));
+}
