@@ -145,12 +145,19 @@ pub struct ServiceEntry {
     list: watch::Sender<Arc<PublishedList>>,
     /// Sums of the client stats reported for this service.
     pub calls: CallTotals,
+    /// Why some of its backends are ignored: two registry sources define it.
+    conflict: Mutex<Option<String>>,
 }
 
 impl ServiceEntry {
     /// The service name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The registry conflict over this service, if two sources define it.
+    pub fn conflict(&self) -> Option<String> {
+        self.conflict.lock().expect("conflict lock").clone()
     }
 
     /// The list published now.
@@ -188,6 +195,7 @@ pub struct Catalog {
     synced_at: Mutex<Option<Instant>>,
     limits: CatalogLimits,
     log: LogLimiter,
+    source_order: Vec<&'static str>,
 }
 
 /// Caps on what registries may put in the catalog.
@@ -241,6 +249,7 @@ impl Catalog {
             synced_at: Mutex::new(None),
             limits: CatalogLimits::default(),
             log: LogLimiter::new(CHANGE_LOG_INTERVAL),
+            source_order: Vec::new(),
         }
     }
 
@@ -248,6 +257,70 @@ impl Catalog {
     pub fn with_limits(mut self, limits: CatalogLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Registry sources in priority order (`--registry` order): a service
+    /// two sources define is served from the earlier one.
+    pub fn with_source_order(mut self, names: Vec<&'static str>) -> Self {
+        self.sources = names.len();
+        self.source_order = names;
+        self
+    }
+
+    /// Rank of a source: its place in the configured order (unknown
+    /// sources after the known ones, by name).
+    fn priority(&self, source: &str) -> (usize, String) {
+        match self.source_order.iter().position(|s| *s == source) {
+            Some(i) => (i, String::new()),
+            None => (usize::MAX, source.to_string()),
+        }
+    }
+
+    /// Records whether sources other than `owner` also define the service;
+    /// returns the reason given to their ignored backends.
+    fn note_conflict(
+        &self,
+        entry: &ServiceEntry,
+        backends: &BTreeMap<(&'static str, String), Backend>,
+        owner: Option<&'static str>,
+    ) -> Option<String> {
+        let mut others: Vec<&'static str> = backends
+            .keys()
+            .map(|(src, _)| *src)
+            .filter(|src| Some(*src) != owner)
+            .collect();
+        others.sort();
+        others.dedup();
+        let labels = ServiceLabels {
+            service: entry.name.clone(),
+        };
+        let text = (!others.is_empty()).then(|| {
+            format!(
+                "conflict: service {:?} is defined by registry source {} (first in --registry) and also by {}; only {}'s backends are used",
+                entry.name,
+                owner.unwrap_or("?"),
+                others.join(", "),
+                owner.unwrap_or("?"),
+            )
+        });
+        let mut current = entry.conflict.lock().expect("conflict lock");
+        if *current != text {
+            match &text {
+                Some(t) => {
+                    tracing::warn!(service = %entry.name, "{t}");
+                    self.metrics
+                        .registry_conflicts
+                        .get_or_create(&labels)
+                        .set(others.len() as i64);
+                }
+                None => {
+                    tracing::info!(service = %entry.name, "registry conflict resolved");
+                    self.metrics.registry_conflicts.remove(&labels);
+                }
+            }
+            current.clone_from(&text);
+        }
+        text
     }
 
     /// Whether a change line about `subject` may be logged now.
@@ -444,6 +517,16 @@ impl Catalog {
         self.synced.lock().expect("synced lock").len() >= self.sources
     }
 
+    /// The configured sources that have not listed their contents yet.
+    pub fn unsynced(&self) -> Vec<&'static str> {
+        let synced = self.synced.lock().expect("synced lock");
+        self.source_order
+            .iter()
+            .copied()
+            .filter(|s| !synced.contains(s))
+            .collect()
+    }
+
     /// Records that `source` has listed its contents.
     pub fn mark_synced(&self, source: &'static str) {
         if self.synced.lock().expect("synced lock").insert(source) {
@@ -487,6 +570,7 @@ impl Catalog {
                     backends: Mutex::new(BTreeMap::new()),
                     list,
                     calls: CallTotals::default(),
+                    conflict: Mutex::new(None),
                 })
             })
             .value()
@@ -553,17 +637,51 @@ impl Catalog {
         source: &'static str,
         instances: Vec<Instance>,
     ) -> Vec<(String, Rejected)> {
+        self.replace(source, None, instances)
+    }
+
+    /// Replaces what `source` reported for `service` only with `instances`
+    /// (instances of other services in the list are ignored).
+    pub fn replace_source_service(
+        &self,
+        source: &'static str,
+        service: &str,
+        instances: Vec<Instance>,
+    ) -> Vec<(String, Rejected)> {
+        let only: Vec<Instance> = instances
+            .into_iter()
+            .filter(|i| i.service == service)
+            .collect();
+        self.replace(source, Some(service), only)
+    }
+
+    fn replace(
+        &self,
+        source: &'static str,
+        only: Option<&str>,
+        instances: Vec<Instance>,
+    ) -> Vec<(String, Rejected)> {
         let mut refused = Vec::new();
         let mut by_service: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for i in instances {
             by_service.entry(i.service.clone()).or_default().push(i);
         }
-        for entry in self.services() {
-            if !by_service.contains_key(&entry.name) {
-                by_service.insert(entry.name.clone(), Vec::new());
+        match only {
+            Some(service) => {
+                by_service.entry(service.to_string()).or_default();
+            }
+            None => {
+                for entry in self.services() {
+                    if !by_service.contains_key(&entry.name) {
+                        by_service.insert(entry.name.clone(), Vec::new());
+                    }
+                }
             }
         }
         for (service, fresh) in by_service {
+            if fresh.is_empty() && !self.contains(&service) {
+                continue;
+            }
             let entry = match self.entry(&service) {
                 Ok(e) => e,
                 Err(r) => {
@@ -663,9 +781,18 @@ impl Catalog {
                 b.weight_override = None;
             }
         }
+        // A service belongs to one source: the first (in --registry order)
+        // that defines it. Another source defining it too is a conflict,
+        // reported, and its backends are left out.
+        let owner = backends
+            .keys()
+            .map(|(src, _)| *src)
+            .min_by_key(|src| self.priority(src));
+        let conflict = self.note_conflict(entry, backends, owner);
         let outcome = {
             let candidates: Vec<Candidate<'_>> = backends
                 .values()
+                .filter(|b| Some(b.source) == owner)
                 .map(|b| Candidate {
                     addr: b.addr,
                     token: &b.token,
@@ -682,7 +809,18 @@ impl Catalog {
                 .collect();
             self.policy.build(&candidates, now)
         };
-        for (b, d) in backends.values_mut().zip(outcome.decisions) {
+        let mut decisions = outcome.decisions.into_iter();
+        for b in backends.values_mut() {
+            let d = if Some(b.source) == owner {
+                decisions.next().unwrap_or_default()
+            } else {
+                Decision {
+                    listed: false,
+                    weight: 0.0,
+                    entries: 0,
+                    reason: conflict.clone().unwrap_or_default(),
+                }
+            };
             self.metrics
                 .set_backend(&entry.name, b.addr, d.weight, b.health);
             b.decision = d;
@@ -890,26 +1028,73 @@ mod tests {
         assert!(e.current_list().servers.is_empty());
     }
 
-    #[test]
-    fn replace_source_removes_missing_and_keeps_other_sources() {
-        let c = catalog();
-        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
-        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
-        c.upsert("file", inst("svc", "f1", 3)).unwrap();
-        assert!(c
-            .replace_source("etcd", vec![inst("svc", "k2", 2), inst("other", "k3", 4)])
-            .is_empty());
-        let ports: Vec<i32> = c
-            .service("svc")
+    fn ports(c: &Catalog, service: &str) -> Vec<i32> {
+        let mut p: Vec<i32> = c
+            .service(service)
             .unwrap()
             .current_list()
             .servers
             .iter()
             .map(|s| s.port)
             .collect();
-        assert_eq!(ports.len(), 2);
-        assert!(ports.contains(&2) && ports.contains(&3));
-        assert_eq!(c.service("other").unwrap().current_list().servers.len(), 1);
+        p.sort();
+        p
+    }
+
+    #[test]
+    fn replace_source_removes_missing_and_keeps_other_sources() {
+        let c = catalog().with_source_order(vec!["etcd", "file"]);
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
+        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
+        c.upsert("file", inst("other", "f1", 3)).unwrap();
+        assert!(c
+            .replace_source("etcd", vec![inst("svc", "k2", 2), inst("more", "k3", 4)])
+            .is_empty());
+        assert_eq!(ports(&c, "svc"), vec![2]);
+        assert_eq!(ports(&c, "more"), vec![4]);
+        assert_eq!(
+            ports(&c, "other"),
+            vec![3],
+            "another source's service is untouched"
+        );
+        assert!(c
+            .replace_source_service("file", "other", vec![inst("other", "f2", 5)])
+            .is_empty());
+        assert_eq!(ports(&c, "other"), vec![5]);
+        assert_eq!(
+            ports(&c, "svc"),
+            vec![2],
+            "replacing one service leaves the rest"
+        );
+    }
+
+    #[test]
+    fn a_service_two_sources_define_is_served_from_the_first_and_reported() {
+        let c = catalog().with_source_order(vec!["file", "etcd"]);
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
+        assert_eq!(ports(&c, "svc"), vec![1]);
+        assert!(c.service("svc").unwrap().conflict().is_none());
+        c.upsert("file", inst("svc", "f1", 2)).unwrap();
+        assert_eq!(
+            ports(&c, "svc"),
+            vec![2],
+            "the first source in --registry order wins"
+        );
+        let e = c.service("svc").unwrap();
+        let conflict = e.conflict().expect("conflict reported");
+        assert!(
+            conflict.contains("file") && conflict.contains("etcd"),
+            "{conflict}"
+        );
+        let ignored = e
+            .backends()
+            .into_iter()
+            .find(|b| b.source == "etcd")
+            .unwrap();
+        assert!(!ignored.decision.listed && ignored.decision.reason.starts_with("conflict"));
+        c.remove("file", "f1");
+        assert_eq!(ports(&c, "svc"), vec![1], "the other source takes over");
+        assert!(c.service("svc").unwrap().conflict().is_none());
     }
 
     #[test]

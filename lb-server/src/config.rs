@@ -28,10 +28,54 @@ pub struct Config {
     pub admin_listen: SocketAddr,
 
     /// Where backends are registered: `memory` (embedded, fed by the
-    /// registration API), `etcd://host1:2379,host2:2379`, or
-    /// `file:///path/to/services.json`.
-    #[arg(long, env = "LB_REGISTRY", default_value = "memory")]
-    pub registry: String,
+    /// registration API), `etcd://host1:2379,host2:2379`,
+    /// `file:///path/to/services.json`, `dns://[server:port]` (services named
+    /// by --dns-service), `zk://host1:2181,host2:2181/prefix`, or
+    /// `consul://host:8500[?dc=…&tag=…]`. Repeat (or space-separate in the
+    /// env var) to combine sources; each service must come from one source
+    /// (a service two sources define is served from the first one given,
+    /// and the conflict is reported).
+    #[arg(
+        long,
+        env = "LB_REGISTRY",
+        default_value = "memory",
+        value_delimiter = ' '
+    )]
+    pub registry: Vec<String>,
+
+    /// DNS registry: a service and the DNS name it is found under,
+    /// `service=name[:port]` (repeatable / comma-separated). SRV records
+    /// `_grpc._tcp.<name>` are used where present; otherwise the A/AAAA
+    /// records of `<name>` with `:port`.
+    #[arg(long = "dns-service", env = "LB_DNS_SERVICES", value_delimiter = ',', value_parser = parse_alias)]
+    pub dns_services: Vec<(String, String)>,
+
+    /// DNS registry: names are re-resolved when their records' TTL runs
+    /// out, but never sooner than this…
+    #[arg(long, env = "LB_DNS_MIN_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub dns_min_ttl: Duration,
+
+    /// …and never later than this.
+    #[arg(long, env = "LB_DNS_MAX_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub dns_max_ttl: Duration,
+
+    /// ZooKeeper registry: session timeout asked of the ensemble.
+    #[arg(long, env = "LB_ZK_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub zk_session_timeout: Duration,
+
+    /// Consul registry: file holding the ACL token (or the token itself in
+    /// LB_CONSUL_TOKEN).
+    #[arg(long, env = "LB_CONSUL_TOKEN_FILE")]
+    pub consul_token_file: Option<std::path::PathBuf>,
+
+    /// The Consul ACL token itself, from the `LB_CONSUL_TOKEN` environment
+    /// variable only (never a flag).
+    #[arg(skip = std::env::var("LB_CONSUL_TOKEN").ok())]
+    pub consul_token: Option<String>,
+
+    /// Consul registry: how long one blocking query may wait for a change.
+    #[arg(long, env = "LB_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub consul_wait: Duration,
 
     /// Key prefix of service instances in etcd: keys are
     /// `<prefix><service>/<instance>`.
@@ -336,6 +380,25 @@ impl Config {
             self.registration_token_file.as_deref(),
             self.registration_token.as_deref(),
         )
+    }
+
+    /// The Consul ACL token, from `--consul-token-file` or `LB_CONSUL_TOKEN`.
+    pub fn load_consul_token(&self) -> anyhow::Result<Option<String>> {
+        match (&self.consul_token_file, &self.consul_token) {
+            (Some(path), _) => Ok(Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--consul-token-file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )),
+            (None, Some(t)) => Ok(Some(t.trim().to_string())),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The `--registry` values as one line, for logs and messages.
+    pub fn registry_line(&self) -> String {
+        self.registry.join(" ")
     }
 
     /// How to reach the etcd cluster at `endpoints`: TLS and credentials

@@ -106,14 +106,14 @@ impl LbServer {
         let metrics = Arc::new(Metrics::new());
         let admin_token = cfg.load_admin_token()?;
         let registration_token = cfg.load_registration_token()?;
-        let source = registry::from_url(&cfg.registry, &cfg)?;
+        let sources = registry::from_urls(&cfg.registry, &cfg)?;
         let catalog = Arc::new(
-            Catalog::new(cfg.policy(), metrics.clone(), 1, cfg.health_checks).with_limits(
-                catalog::CatalogLimits {
+            Catalog::new(cfg.policy(), metrics.clone(), 1, cfg.health_checks)
+                .with_limits(catalog::CatalogLimits {
                     max_services: cfg.max_services,
                     max_backends_per_service: cfg.max_backends_per_service,
-                },
-            ),
+                })
+                .with_source_order(sources.names()),
         );
         let sessions = Arc::new(Sessions::default());
         let subsets = Arc::new(subsets::Subsets::new(cfg.subset_size));
@@ -132,7 +132,11 @@ impl LbServer {
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = Vec::new();
-        let cluster = match registry::etcd_endpoints(&cfg.registry) {
+        let first_etcd = cfg
+            .registry
+            .iter()
+            .find_map(|url| registry::etcd_endpoints(url));
+        let cluster = match first_etcd {
             Some(endpoints) if cfg.cluster && cfg.health_checks => {
                 let c = cluster::Cluster::new(
                     cluster::ClusterSettings {
@@ -150,10 +154,10 @@ impl LbServer {
             }
             _ => None,
         };
-        let sink = RegistrySink::new(source.registry.kind(), catalog.clone(), metrics.clone());
-        tasks.push(tokio::spawn(
-            source.registry.clone().run(sink, shutdown.clone()),
-        ));
+        for (name, source) in &sources.list {
+            let sink = RegistrySink::new(name, catalog.clone(), metrics.clone());
+            tasks.push(tokio::spawn(source.clone().run(sink, shutdown.clone())));
+        }
         if cfg.health_checks {
             let settings = health::HealthSettings {
                 service_names: cfg.health_services.iter().cloned().collect(),
@@ -206,8 +210,8 @@ impl LbServer {
             shutdown.clone(),
         );
         let registration = RegistrationApi::new(
-            source.memory.clone(),
-            cfg.registry.clone(),
+            sources.memory.clone(),
+            cfg.registry_line(),
             registration_token,
             metrics.clone(),
         );
@@ -263,7 +267,7 @@ impl LbServer {
             subsets,
             cluster,
             metrics: metrics.clone(),
-            registry: cfg.registry.clone(),
+            registry: cfg.registry_line(),
             token: admin_token.map(Arc::from),
         });
         let admin_settings = listener::ListenerSettings {
@@ -285,7 +289,7 @@ impl LbServer {
             shutdown.clone(),
         )));
 
-        tracing::info!(%lb_addr, %admin_addr, registry = %cfg.registry, "lb-server listening");
+        tracing::info!(%lb_addr, %admin_addr, registry = %cfg.registry_line(), "lb-server listening");
         Ok(LbServer {
             lb_addr,
             admin_addr,

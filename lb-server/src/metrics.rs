@@ -110,6 +110,9 @@ pub struct Metrics {
     pub client_stats_refused: Family<ReasonLabels, Counter>,
     /// Embedded-registry calls refused, by reason.
     pub registrations_refused: Family<ReasonLabels, Counter>,
+    /// Registry sources besides the first defining a service (present
+    /// only while there is a conflict).
+    pub registry_conflicts: Family<ServiceLabels, Gauge>,
 }
 
 impl Metrics {
@@ -138,6 +141,7 @@ impl Metrics {
             connections_refused: Family::default(),
             client_stats_refused: Family::default(),
             registrations_refused: Family::default(),
+            registry_conflicts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -234,6 +238,11 @@ impl Metrics {
             "registrations_refused",
             "Embedded-registry calls refused, by reason",
             m.registrations_refused.clone(),
+        );
+        registry.register(
+            "registry_conflicts",
+            "Registry sources that define a service another source (earlier in --registry) defines",
+            m.registry_conflicts.clone(),
         );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }

@@ -15,8 +15,14 @@
 //! | [`Caller`] | calls in the background, counting where each went |
 //! | [`http_get`] | a minimal HTTP GET for the admin port |
 //! | [`certs`] | a CA and certificates made at test time |
+//! | [`dns`] | a DNS server serving a zone the test rewrites |
+//! | [`zookeeper`] | a ZooKeeper server from Debian's package |
+//! | [`consul`] | a stand-in for a Consul agent's HTTP API |
 
 pub mod certs;
+pub mod consul;
+pub mod dns;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -99,7 +105,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, stdout_piped: bool) -> Proc {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, stdout_piped: bool) -> Proc {
         let (log, path) = log_file(name);
         cmd.stderr(log.try_clone().expect("clone log"));
         cmd.stdout(if stdout_piped {
@@ -114,6 +120,11 @@ impl Proc {
             log: path,
             name: name.to_string(),
         }
+    }
+
+    /// Takes the piped standard output of a process started with it piped.
+    pub(crate) fn child_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
     }
 
     /// The process id.

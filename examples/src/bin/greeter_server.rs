@@ -33,7 +33,10 @@ struct Args {
     #[arg(long, env = "GREETER_SERVICE", default_value = "greeter")]
     service: String,
     /// Registry: `etcd://host:2379[,…]`, `lb://host:7000` (the LB's embedded
-    /// registry), or `none`.
+    /// registry), `zk://host:2181[,…]/prefix` (an ephemeral provider znode;
+    /// --ttl is the session timeout), `consul://host:8500` (the agent API,
+    /// with a gRPC health check; ACL token from GREETER_REGISTRATION_TOKEN),
+    /// or `none`.
     #[arg(long, env = "GREETER_REGISTRY", default_value = "lb://127.0.0.1:7000")]
     registry: String,
     /// etcd key prefix.
@@ -88,7 +91,8 @@ struct Args {
     #[arg(long)]
     etcd_user: Option<String>,
     /// File holding the LB's registration token (embedded registry with
-    /// `lb-server --registration-token-file`); or GREETER_REGISTRATION_TOKEN.
+    /// `lb-server --registration-token-file`), or Consul's ACL token; or
+    /// GREETER_REGISTRATION_TOKEN.
     #[arg(long, env = "GREETER_REGISTRATION_TOKEN_FILE")]
     registration_token_file: Option<std::path::PathBuf>,
     /// Log filter.

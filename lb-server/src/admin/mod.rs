@@ -165,7 +165,12 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if s.catalog.is_synced() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
-        let detail = format!("registry {} has not been listed yet", s.registry);
+        let waiting = s.catalog.unsynced();
+        let detail = format!(
+            "registry {} has not been listed yet (waiting for: {})",
+            s.registry,
+            waiting.join(", ")
+        );
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "detail": detail})),
@@ -199,6 +204,7 @@ fn service_json(entry: &ServiceEntry, s: &AdminState, detail: bool) -> Value {
         "listed": backends.iter().filter(|b| b.decision.listed).count(),
         "list_version": list.version,
         "panic": list.panic,
+        "conflict": entry.conflict(),
         "clients": sessions.count_for(entry.name()),
     });
     if detail {

@@ -1,7 +1,8 @@
 //! Registry sources: who exists.
 //!
 //! A registry source watches one discovery system (etcd, the embedded
-//! in-memory registry, a static file) and reports what it sees through a
+//! in-memory registry, a static file, DNS, ZooKeeper, Consul) and reports
+//! what it sees through a
 //! [`RegistrySink`]: full snapshots, single upserts and removals, and rejected
 //! entries. The sink writes into the [`Catalog`]; sources never read it.
 //!
@@ -12,12 +13,22 @@
 //! | [`memory`] | embedded registry with TTL leases and its registration API |
 //! | [`etcd`] | initial get + watch, re-list on compaction or disconnect |
 //! | [`file`] | a static JSON file, reloaded when it changes |
+//! | [`dns`] | A/AAAA and SRV records, re-resolved as their TTLs run out |
+//! | [`zookeeper`] | Dubbo-style provider znodes, watched recursively |
+//! | [`consul`] | Consul's health API with blocking queries |
+//!
+//! Several sources can feed one LB (`--registry` repeated); each service
+//! belongs to one of them, the first listed that defines it (see
+//! [`crate::catalog`]).
 
+pub mod consul;
+pub mod dns;
 pub mod entry;
 pub mod etcd;
 pub mod file;
 pub mod memory;
 pub mod resolve;
+pub mod zookeeper;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +106,29 @@ impl RegistrySink {
         }
     }
 
+    /// Replaces what this source had reported for `service` with
+    /// `instances` (all of that service), leaving its other services alone.
+    pub fn replace_service(&self, service: &str, instances: Vec<Instance>) {
+        self.metrics.event(self.source, "snapshot");
+        for (key, r) in self
+            .catalog
+            .replace_source_service(self.source, service, instances)
+        {
+            self.reject(&key, r.reason, &r.detail);
+        }
+    }
+
+    /// Reports that the source itself failed (unreachable, timed out,
+    /// answered an error): counted as an `error` event and logged (at most
+    /// once a minute per distinct detail); the last known state stays.
+    pub fn source_error(&self, detail: &str) {
+        self.metrics.event(self.source, "error");
+        if let Some(repeats) = self.log.allow(&format!("{}|error|{detail}", self.source)) {
+            tracing::warn!(source = self.source, detail = ?detail, repeats_not_logged = repeats,
+                "registry source failing; serving the last known state");
+        }
+    }
+
     /// Adds or updates one instance.
     pub fn upsert(&self, instance: Instance) {
         self.metrics.event(self.source, "put");
@@ -137,13 +171,22 @@ impl RegistrySink {
     }
 }
 
-/// A registry source built from a `--registry` value.
-pub struct Source {
-    /// The source, to run.
-    pub registry: Arc<dyn Registry>,
-    /// The embedded registry, when that is the source (its registration API
+/// The registry sources built from the `--registry` values, in priority
+/// order (a service two sources define is served from the earlier one).
+pub struct Sources {
+    /// Each source with its unique name (its kind, `#2` etc. appended when a
+    /// kind repeats).
+    pub list: Vec<(&'static str, Arc<dyn Registry>)>,
+    /// The embedded registry, when one of the sources (its registration API
     /// is served on the LB port).
     pub memory: Option<Arc<memory::MemoryRegistry>>,
+}
+
+impl Sources {
+    /// The source names, in priority order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.list.iter().map(|(n, _)| *n).collect()
+    }
 }
 
 /// The endpoints of an `etcd://host:port[,host:port…]` registry URL.
@@ -158,43 +201,84 @@ pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
     )
 }
 
-/// Builds the registry source named by a `--registry` value.
-pub fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Source> {
+/// What `--registry` accepts, for error messages.
+const FORMS: &str = "memory, etcd://host:port[,host:port…], file:///path, dns://[server:port], \
+                     zk://host:port[,host:port…]/prefix, consul://host:port[?dc=…&tag=…]";
+
+/// Builds every registry source named by the `--registry` values.
+pub fn from_urls(urls: &[String], cfg: &crate::config::Config) -> anyhow::Result<Sources> {
+    anyhow::ensure!(!urls.is_empty(), "--registry: give at least one of {FORMS}");
+    let mut list: Vec<(&'static str, Arc<dyn Registry>)> = Vec::new();
+    let mut memory = None;
+    for url in urls {
+        let registry: Arc<dyn Registry> = match from_url(url, cfg)? {
+            Built::Memory(m) => {
+                anyhow::ensure!(memory.is_none(), "--registry memory is given twice");
+                memory = Some(m.clone());
+                m
+            }
+            Built::Other(r) => r,
+        };
+        let kind = registry.kind();
+        let taken = list
+            .iter()
+            .filter(|(n, _)| n.split('#').next() == Some(kind))
+            .count();
+        let name: &'static str = if taken == 0 {
+            kind
+        } else {
+            // A handful of names per process, made once at start-up.
+            Box::leak(format!("{kind}#{}", taken + 1).into_boxed_str())
+        };
+        list.push((name, registry));
+    }
+    Ok(Sources { list, memory })
+}
+
+enum Built {
+    Memory(Arc<memory::MemoryRegistry>),
+    Other(Arc<dyn Registry>),
+}
+
+/// Builds the registry source named by one `--registry` value.
+fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Built> {
     if url == "memory" || url == "memory://" {
-        let memory = Arc::new(memory::MemoryRegistry::new(
+        return Ok(Built::Memory(Arc::new(memory::MemoryRegistry::new(
             cfg.default_ttl,
             cfg.max_registrations,
-        ));
-        return Ok(Source {
-            registry: memory.clone(),
-            memory: Some(memory),
-        });
+        ))));
     }
     if let Some(endpoints) = etcd_endpoints(url) {
         anyhow::ensure!(
             !endpoints.is_empty(),
             "--registry {url:?}: no etcd endpoint given (etcd://host:2379,…)"
         );
-        let registry = Arc::new(etcd::EtcdRegistry::new(
+        return Ok(Built::Other(Arc::new(etcd::EtcdRegistry::new(
             cfg.etcd_access(endpoints)?,
             cfg.etcd_prefix.clone(),
-        ));
-        return Ok(Source {
-            registry,
-            memory: None,
-        });
+        ))));
     }
     if let Some(path) = url.strip_prefix("file://") {
         anyhow::ensure!(
             !path.is_empty(),
             "--registry {url:?}: no file path given (file:///path/services.json)"
         );
-        return Ok(Source {
-            registry: Arc::new(file::FileRegistry::new(path.into())),
-            memory: None,
-        });
+        return Ok(Built::Other(Arc::new(file::FileRegistry::new(path.into()))));
     }
-    anyhow::bail!(
-        "--registry {url:?} is not one of: memory, etcd://host:port[,host:port…], file:///path"
-    )
+    if let Some(rest) = url.strip_prefix("dns://") {
+        return Ok(Built::Other(Arc::new(dns::DnsRegistry::new(
+            dns::DnsSettings::parse(rest, cfg)?,
+        ))));
+    }
+    if let Some(rest) = url.strip_prefix("zk://") {
+        return Ok(Built::Other(Arc::new(zookeeper::ZkRegistry::new(
+            zookeeper::ZkSettings::parse(rest, cfg.zk_session_timeout)?,
+        ))));
+    }
+    if url.starts_with("consul://") {
+        return Ok(Built::Other(Arc::new(consul::ConsulRegistry::new(
+            consul::ConsulSettings::parse(url, cfg.load_consul_token()?, cfg.consul_wait)?,
+        ))));
+    }
+    anyhow::bail!("--registry {url:?} is not one of: {FORMS}")
 }
