@@ -18,7 +18,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | flags and env vars |
-//! | [`registry`] | sources: embedded memory, etcd, file |
+//! | [`registry`] | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul |
 //! | [`catalog`] | services, backends, published lists |
 //! | [`health`] | active health checks per backend |
 //! | [`cluster`] | replicas sharing health checks through etcd |

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 /// Subjects remembered at most; beyond that, stale ones are forgotten first.
 const MAX_SUBJECTS: usize = 10_000;
 
+/// Above this many subjects, those quiet for a whole interval are swept
+/// (at most once per interval), so that a stream of one-off subjects (keys
+/// of churning backends) does not hold memory until the cap.
+const SWEEP_ABOVE: usize = 256;
+
 struct Seen {
     last: Instant,
     suppressed: u64,
@@ -22,6 +27,7 @@ struct Seen {
 pub struct LogLimiter {
     every: Duration,
     seen: Mutex<HashMap<String, Seen>>,
+    swept: Mutex<Instant>,
 }
 
 impl LogLimiter {
@@ -30,6 +36,7 @@ impl LogLimiter {
         LogLimiter {
             every,
             seen: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
         }
     }
 
@@ -49,12 +56,18 @@ impl LogLimiter {
             s.suppressed = 0;
             return Some(held);
         }
-        if seen.len() >= MAX_SUBJECTS {
-            let every = self.every;
-            seen.retain(|_, s| now.duration_since(s.last) < every);
-            if seen.len() >= MAX_SUBJECTS {
-                seen.clear();
+        let every = self.every;
+        if seen.len() >= SWEEP_ABOVE {
+            let mut swept = self.swept.lock().expect("log limiter lock");
+            if now.duration_since(*swept) >= every || seen.len() >= MAX_SUBJECTS {
+                // A subject quiet for an interval would be let through
+                // anyway; forgetting it loses only its held-back count.
+                seen.retain(|_, s| now.duration_since(s.last) < every || s.suppressed > 0);
+                *swept = now;
             }
+        }
+        if seen.len() >= MAX_SUBJECTS {
+            seen.clear();
         }
         seen.insert(
             subject.to_string(),
@@ -87,6 +100,17 @@ mod tests {
         assert_eq!(l.allow("other"), Some(0), "subjects are independent");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(l.allow("k"), Some(2));
+    }
+
+    #[test]
+    fn quiet_subjects_are_swept() {
+        let l = LogLimiter::new(Duration::from_millis(20));
+        for i in 0..SWEEP_ABOVE {
+            l.allow(&i.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        l.allow("new");
+        assert!(l.seen.lock().unwrap().len() < 10, "quiet subjects kept");
     }
 
     #[test]
