@@ -98,7 +98,7 @@ pub fn next_index(sent: u64, answered: u64) -> u64 {
     }
 }
 
-/// One entry of `/v1/health/service/<name>`.
+/// One element of a `/v1/health/service/<name>` answer.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct HealthEntry {
@@ -137,40 +137,58 @@ struct Weights {
     passing: i64,
 }
 
-/// Turns one health entry into an instance of `service`.
-async fn decode(service: &str, e: &HealthEntry) -> Result<Instance, (String, Rejected)> {
+/// One instance of a health answer: its key and, unless rejected, its
+/// address (not resolved yet) and weight.
+pub type Entry = (String, Result<(entry::HostPort, u32), Rejected>);
+
+/// Parses a `/v1/health/service/<name>` answer: one [`Entry`] per element,
+/// or why the whole answer cannot be read.
+pub fn parse_health(service: &str, body: &[u8]) -> Result<Vec<Entry>, String> {
+    let entries: Vec<HealthEntry> =
+        serde_json::from_slice(body).map_err(|e| format!("the answer does not parse: {e}"))?;
+    Ok(entries.iter().map(|e| address_of(service, e)).collect())
+}
+
+/// The key, address and weight of one health entry.
+fn address_of(service: &str, e: &HealthEntry) -> Entry {
     let key = format!("{service}/{}/{}", e.node.node, e.service.id);
-    let bad = |reason, detail: String| (key.clone(), Rejected::new(reason, detail));
     let host = if e.service.address.is_empty() {
         &e.node.address
     } else {
         &e.service.address
     };
-    if !(1..=65535).contains(&e.service.port) {
-        return Err(bad(
+    let address = if !(1..=65535).contains(&e.service.port) {
+        Err(Rejected::new(
             RejectReason::BadAddress,
             format!("Service.Port {} is not 1-65535", e.service.port),
-        ));
-    }
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
+        ))
     } else {
-        host.clone()
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        entry::parse_host_port(&format!("{host}:{}", e.service.port))
     };
-    let hp = entry::parse_host_port(&format!("{host}:{}", e.service.port))
-        .map_err(|r| (key.clone(), r))?;
-    let addr = super::resolve::resolve(&hp)
-        .await
-        .map_err(|r| (key.clone(), r))?;
     let weight = e
         .service
         .weights
         .as_ref()
         .map(|w| w.passing.clamp(1, 10_000) as u32)
         .unwrap_or(1);
+    (key, address.map(|a| (a, weight)))
+}
+
+/// Turns one health entry into an instance of `service`.
+async fn decode(service: &str, e: &HealthEntry) -> Result<Instance, (String, Rejected)> {
+    let (key, address) = address_of(service, e);
+    let (hp, weight) = address.map_err(|r| (key.clone(), r))?;
+    let addr = super::resolve::resolve(&hp)
+        .await
+        .map_err(|r| (key.clone(), r))?;
     Ok(Instance {
         service: service.to_string(),
-        key: key.clone(),
+        key,
         addr,
         weight,
         metadata: e.service.meta.as_ref().map(|m| serde_json::json!(m)),

@@ -101,7 +101,8 @@ fn parse_server(s: &str) -> anyhow::Result<SocketAddr> {
     anyhow::bail!("dns://{s}: the name server must be an IP address, with an optional :port")
 }
 
-fn parse_service(service: &str, name: &str) -> anyhow::Result<DnsService> {
+/// Parses one `--dns-service service=name[:port]` value.
+pub fn parse_service(service: &str, name: &str) -> anyhow::Result<DnsService> {
     let (host, port) = match name.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
             let port: u16 = p

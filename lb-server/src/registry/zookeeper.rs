@@ -192,30 +192,36 @@ impl ZkRegistry {
     }
 }
 
-/// The address of an instance znode: from its name when that is a provider
-/// URL or `host:port`, else from its data.
+/// What an instance znode says about where it serves: its name when that
+/// is a provider URL or `host:port`, else its data. Host not resolved yet.
+pub fn address_of(
+    node: &str,
+    data: &[u8],
+) -> Result<(entry::HostPort, u32, Option<serde_json::Value>), Rejected> {
+    match address_in_name(node)? {
+        Some(found) => Ok(found),
+        None => match entry::parse_value(data)? {
+            ValueOp::Add {
+                addr,
+                weight,
+                metadata,
+            } => Ok((addr, weight, metadata)),
+            ValueOp::Delete => Err(Rejected::new(
+                RejectReason::BadValue,
+                "a provider znode's data cannot be a delete",
+            )),
+        },
+    }
+}
+
+/// The instance an instance znode stands for.
 pub async fn decode(
     service: &str,
     node: &str,
     path: &str,
     data: &[u8],
 ) -> Result<Instance, Rejected> {
-    let (addr, weight, metadata) = match address_in_name(node)? {
-        Some(found) => found,
-        None => match entry::parse_value(data)? {
-            ValueOp::Add {
-                addr,
-                weight,
-                metadata,
-            } => (addr, weight, metadata),
-            ValueOp::Delete => {
-                return Err(Rejected::new(
-                    RejectReason::BadValue,
-                    "a provider znode's data cannot be a delete",
-                ))
-            }
-        },
-    };
+    let (addr, weight, metadata) = address_of(node, data)?;
     let addr = super::resolve::resolve(&addr).await?;
     Ok(Instance {
         service: service.to_string(),

@@ -195,9 +195,33 @@ pub struct Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM to the master (nginx's fast shutdown stops its workers),
+    /// then SIGKILL to whatever of the master and its workers is left: a
+    /// SIGKILLed master would leave its workers running.
     fn drop(&mut self) {
+        let pid = self.child.id();
+        let workers = crate::measure::children_of(pid);
+        // SAFETY: kill(2) on the PID of the child we started and have not reaped.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for w in workers {
+            // Only the workers this master forked; gone already if it shut
+            // down cleanly (the signal then finds no such process).
+            // SAFETY: kill(2) with a PID read from /proc as a child of ours.
+            unsafe {
+                libc::kill(w as i32, libc::SIGKILL);
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
