@@ -22,3 +22,15 @@ pub fn init_logging(filter: &str) -> anyhow::Result<()> {
         .init();
     Ok(())
 }
+
+/// Client TLS settings trusting the CA at `ca` and presenting the
+/// certificate and key at `cert`/`key` when given; `None` without a CA
+/// (plaintext).
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Option<lb_client::TlsConfig>> {
+    let Some(ca) = ca else { return Ok(None) };
+    Ok(Some(lb_client::TlsConfig::from_files(Some(ca), cert, key)?))
+}

@@ -106,6 +106,14 @@ impl Pki {
     }
 }
 
+/// Flags naming PEM files: `[(flag, path)]` → `[flag, path, …]`.
+pub fn flags(pairs: &[(&str, &std::path::Path)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(flag, path)| [flag.to_string(), arg(path).to_string()])
+        .collect()
+}
+
 /// A path as a command-line argument.
 pub fn arg(p: &std::path::Path) -> &str {
     p.to_str().expect("UTF-8 path")

@@ -61,6 +61,18 @@ struct Shared {
     token: Option<String>,
 }
 
+impl Shared {
+    /// Applies a change to the data and moves the index on, waking the
+    /// blocking queries.
+    fn change<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut inner = self.inner.lock().unwrap();
+        let r = f(&mut inner);
+        inner.index += 1;
+        self.changes.send_replace(inner.index);
+        r
+    }
+}
+
 /// The fake agent.
 pub struct FakeConsul {
     /// Where it listens.
@@ -151,13 +163,7 @@ impl FakeConsul {
     }
 
     fn change(&self, f: impl FnOnce(&mut Inner)) {
-        let index = {
-            let mut inner = self.shared.inner.lock().unwrap();
-            f(&mut inner);
-            inner.index += 1;
-            inner.index
-        };
-        self.shared.changes.send_replace(index);
+        self.shared.change(f);
     }
 
     /// Adds (or replaces) an instance, passing.
@@ -296,6 +302,14 @@ async fn block(s: &Shared, q: &Blocking) -> Result<u64, Response> {
     Ok(inner.index)
 }
 
+/// The start of every blocking endpoint: the token check, then the wait.
+async fn admit_and_block(s: &Shared, headers: &HeaderMap, q: &Blocking) -> Result<u64, Response> {
+    if let Some(r) = refused(s, headers) {
+        return Err(r);
+    }
+    block(s, q).await
+}
+
 fn with_index(index: u64, body: Value) -> Response {
     ([("X-Consul-Index", index.to_string())], Json(body)).into_response()
 }
@@ -305,10 +319,7 @@ async fn catalog(
     headers: HeaderMap,
     Query(q): Query<Blocking>,
 ) -> Response {
-    if let Some(r) = refused(&s, &headers) {
-        return r;
-    }
-    let index = match block(&s, &q).await {
+    let index = match admit_and_block(&s, &headers, &q).await {
         Ok(i) => i,
         Err(r) => return r,
     };
@@ -332,10 +343,7 @@ async fn health(
     Path(name): Path<String>,
     Query(q): Query<Blocking>,
 ) -> Response {
-    if let Some(r) = refused(&s, &headers) {
-        return r;
-    }
-    let index = match block(&s, &q).await {
+    let index = match admit_and_block(&s, &headers, &q).await {
         Ok(i) => i,
         Err(r) => return r,
     };
@@ -391,12 +399,7 @@ async fn register(
         weight: body["Weights"]["Passing"].as_i64().unwrap_or(1),
         passing: true,
     };
-    {
-        let mut inner = s.inner.lock().unwrap();
-        inner.instances.insert(id, instance);
-        inner.index += 1;
-        s.changes.send_replace(inner.index);
-    }
+    s.change(|inner| inner.instances.insert(id, instance));
     StatusCode::OK.into_response()
 }
 
@@ -408,12 +411,11 @@ async fn deregister(
     if let Some(r) = refused(&s, &headers) {
         return r;
     }
-    let mut inner = s.inner.lock().unwrap();
-    if inner.instances.remove(&id).is_none() {
+    let known = s.inner.lock().unwrap().instances.contains_key(&id);
+    if !known {
         return (StatusCode::NOT_FOUND, "Unknown service ID").into_response();
     }
-    inner.index += 1;
-    s.changes.send_replace(inner.index);
+    s.change(|inner| inner.instances.remove(&id));
     StatusCode::OK.into_response()
 }
 

@@ -553,6 +553,25 @@ impl Lb {
         http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// Waits until `/readyz` answers 200 (every registry source listed);
+    /// panics with the LB's explanation after `limit`.
+    pub async fn wait_ready(&self, limit: Duration) {
+        let ready = wait_until(limit, || self.get("/readyz").0 == 200).await;
+        assert!(
+            ready,
+            "LB not ready after {limit:?}: {}",
+            self.get("/readyz").1
+        );
+    }
+
+    /// Whether the LB's catalog holds a backend at `addr` for `service`
+    /// (listed or not: what its registry says).
+    pub fn knows_backend(&self, service: &str, addr: SocketAddr) -> bool {
+        self.get(&format!("/api/v1/services/{service}"))
+            .1
+            .contains(&format!("\"address\":\"{addr}\""))
+    }
+
     /// The value of one Prometheus sample, e.g.
     /// `lb_registry_rejects_total{source="etcd",kind="bad_value"}`; 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
@@ -855,6 +874,22 @@ pub async fn wait_backends(channel: &LbChannel, n: usize, limit: Duration) -> bo
         b.len() == n
     })
     .await
+}
+
+/// The distinct backends of the list `channel` has in force, sorted
+/// (connected or not).
+pub fn listed(channel: &LbChannel) -> Vec<SocketAddr> {
+    let mut l = channel.listed_backends();
+    l.sort();
+    l.dedup();
+    l
+}
+
+/// Waits until the list in force holds exactly the backends `want`.
+pub async fn wait_listed(channel: &LbChannel, want: &[SocketAddr], limit: Duration) -> bool {
+    let mut want = want.to_vec();
+    want.sort();
+    wait_until(limit, || listed(channel) == want).await
 }
 
 /// Makes `n` calls one after another; returns per-backend counts and failures.

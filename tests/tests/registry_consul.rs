@@ -12,26 +12,9 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::consul::{ConsulInstance, FakeConsul};
-use lb_tests::{channel, wait_until, Caller, Greeter, Lb};
+use lb_tests::{channel, listed, wait_listed, wait_until, Caller, Greeter, Lb};
 
 const TOKEN: &str = "consul-acl-token-0123456789";
-
-fn listed(ch: &lb_client::LbChannel) -> Vec<std::net::SocketAddr> {
-    let mut l = ch.listed_backends();
-    l.sort();
-    l.dedup();
-    l
-}
-
-async fn wait_listed(
-    ch: &lb_client::LbChannel,
-    want: &[std::net::SocketAddr],
-    limit: Duration,
-) -> bool {
-    let mut want = want.to_vec();
-    want.sort();
-    wait_until(limit, || listed(ch) == want).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_blocking_queries_follow_changes_and_survive_failures() {
@@ -42,11 +25,7 @@ async fn consul_blocking_queries_follow_changes_and_survive_failures() {
     consul.add("greeter", "g1", g[1].addr);
     let flags = ["--registry", &consul.url(), "--consul-wait", "2s"];
     let lb = Lb::start_with_env(&flags, &[("LB_CONSUL_TOKEN", TOKEN)]).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || lb.get("/readyz").0 == 200).await,
-        "{}",
-        lb.get("/readyz").1
-    );
+    lb.wait_ready(Duration::from_secs(10)).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(
         wait_listed(&ch, &[g[0].addr, g[1].addr], Duration::from_secs(10)).await,

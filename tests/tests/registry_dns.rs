@@ -7,27 +7,8 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::dns::{a, srv, ZoneServer};
-use lb_tests::{channel, free_port, wait_until, Caller, Greeter, Lb};
+use lb_tests::{channel, free_port, listed, wait_listed, wait_until, Caller, Greeter, Lb};
 
-fn listed(ch: &lb_client::LbChannel) -> Vec<std::net::SocketAddr> {
-    let mut l = ch.listed_backends();
-    l.sort();
-    l.dedup();
-    l
-}
-
-async fn wait_listed(
-    ch: &lb_client::LbChannel,
-    want: &[std::net::SocketAddr],
-    limit: Duration,
-) -> bool {
-    let mut want = want.to_vec();
-    want.sort();
-    wait_until(limit, || listed(ch) == want).await
-}
-
-/// A records: three greeters on 127.0.0.2-4 at one port (A records carry
-/// no port); the zone changes, fails and disappears while a client calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_records_list_add_remove_and_survive_an_outage_and_servfail() {
     let port = free_port();
@@ -48,11 +29,7 @@ async fn a_records_list_add_remove_and_survive_an_outage_and_servfail() {
         "2s",
     ])
     .await;
-    assert!(
-        wait_until(Duration::from_secs(10), || lb.get("/readyz").0 == 200).await,
-        "not ready: {}",
-        lb.get("/readyz").1
-    );
+    lb.wait_ready(Duration::from_secs(10)).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(
         wait_listed(&ch, &[g[0].addr, g[1].addr], Duration::from_secs(10)).await,

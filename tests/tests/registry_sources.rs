@@ -27,11 +27,7 @@ async fn sources_combine_and_a_shared_service_is_a_reported_conflict() {
     let lb = Lb::start_with_env(&[], &[("LB_REGISTRY", &registry)]).await;
     let mut from_memory = Greeter::start(&format!("lb://{}", lb.addr), &[]).await;
     assert!(from_memory.wait_registered(Duration::from_secs(10)).await);
-    assert!(
-        wait_until(Duration::from_secs(10), || lb.get("/readyz").0 == 200).await,
-        "{}",
-        lb.get("/readyz").1
-    );
+    lb.wait_ready(Duration::from_secs(10)).await;
 
     // greeter: the embedded registry's backend only, and the conflict shown.
     let ch = channel("greeter", &[lb.addr]);

@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 use lb_tests::zookeeper::{create_all, ZooKeeper};
 use lb_tests::{channel, wait_until, Caller, Greeter, Lb};
 
-fn listed_in_lb(lb: &Lb, addr: std::net::SocketAddr) -> bool {
-    lb.get("/api/v1/services/greeter")
-        .1
-        .contains(&format!("\"address\":\"{addr}\""))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_lists_adds_removes_and_survives_an_outage() {
     let mut zk = ZooKeeper::start().await;
@@ -23,11 +17,7 @@ async fn zookeeper_lists_adds_removes_and_survives_an_outage() {
     let lb = Lb::start(&["--registry", &registry, "--zk-session-timeout", "4s"]).await;
     // Sessions of 10 s outlive the outage below.
     let mut g = lb_tests::greeters(2, &registry, &["--ttl", "10s"]).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || lb.get("/readyz").0 == 200).await,
-        "{}",
-        lb.get("/readyz").1
-    );
+    lb.wait_ready(Duration::from_secs(10)).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(
         lb_tests::wait_backends(&ch, 2, Duration::from_secs(10)).await,
@@ -79,7 +69,9 @@ async fn zookeeper_lists_adds_removes_and_survives_an_outage() {
     let gone = leaving.addr;
     tokio::task::block_in_place(|| leaving.proc.terminate(Duration::from_secs(10)));
     assert!(
-        wait_until(Duration::from_secs(5), || !listed_in_lb(&lb, gone)).await,
+        wait_until(Duration::from_secs(5), || !lb
+            .knows_backend("greeter", gone))
+        .await,
         "graceful stop not seen"
     );
 
@@ -104,13 +96,17 @@ async fn zookeeper_lists_adds_removes_and_survives_an_outage() {
         "newcomer could not register"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || listed_in_lb(&lb, newcomer.addr)).await,
+        wait_until(Duration::from_secs(10), || lb
+            .knows_backend("greeter", newcomer.addr))
+        .await,
         "recovery not seen"
     );
     let client = zk.client().await;
     client.delete(&node, None).await.expect("delete provider");
     assert!(
-        wait_until(Duration::from_secs(5), || !listed_in_lb(&lb, other.addr)).await,
+        wait_until(Duration::from_secs(5), || !lb
+            .knows_backend("greeter", other.addr))
+        .await,
         "deletion after recovery not seen"
     );
 
@@ -127,11 +123,17 @@ async fn a_dead_instance_leaves_with_its_session() {
     let lb = Lb::start(&["--registry", &registry]).await;
     let mut g = Greeter::start(&registry, &["--ttl", "1s"]).await;
     assert!(g.wait_registered(Duration::from_secs(10)).await);
-    assert!(wait_until(Duration::from_secs(5), || listed_in_lb(&lb, g.addr)).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || lb
+            .knows_backend("greeter", g.addr))
+        .await
+    );
     let t = Instant::now();
     g.proc.kill();
     assert!(
-        wait_until(Duration::from_secs(8), || !listed_in_lb(&lb, g.addr)).await,
+        wait_until(Duration::from_secs(8), || !lb
+            .knows_backend("greeter", g.addr))
+        .await,
         "the dead instance's znode never went"
     );
     eprintln!(

@@ -8,25 +8,18 @@ use std::time::Duration;
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::certs::{arg, Pki};
+use lb_tests::certs::{arg, flags, Pki};
 use lb_tests::{call_n, wait_backends, wait_until, Etcd, Greeter, Lb};
 
 /// Flags making a greeter serve mutual TLS with the test PKI.
 fn tls_greeter_args(pki: &Pki) -> Vec<String> {
-    [
-        "--tls-cert",
-        arg(&pki.server_cert),
-        "--tls-key",
-        arg(&pki.server_key),
-        "--tls-client-ca",
-        arg(&pki.ca),
-        "--client-cert",
-        arg(&pki.client_cert),
-        "--client-key",
-        arg(&pki.client_key),
-    ]
-    .map(String::from)
-    .to_vec()
+    flags(&[
+        ("--tls-cert", &pki.server_cert),
+        ("--tls-key", &pki.server_key),
+        ("--tls-client-ca", &pki.ca),
+        ("--client-cert", &pki.client_cert),
+        ("--client-key", &pki.client_key),
+    ])
 }
 
 fn builder(lb: &Lb) -> lb_client::LbChannelBuilder {
@@ -48,21 +41,15 @@ async fn call_ok(ch: &LbChannel) -> Result<(), tonic::Status> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_over_mutual_tls_and_the_wrong_ca_is_refused() {
     let pki = Pki::generate();
-    let lb = Lb::embedded(&[
-        "--tls-cert",
-        arg(&pki.server_cert),
-        "--tls-key",
-        arg(&pki.server_key),
-        "--tls-client-ca",
-        arg(&pki.ca),
-        "--backend-tls-ca",
-        arg(&pki.ca),
-        "--backend-tls-cert",
-        arg(&pki.client_cert),
-        "--backend-tls-key",
-        arg(&pki.client_key),
-    ])
-    .await;
+    let lb_flags = flags(&[
+        ("--tls-cert", &pki.server_cert),
+        ("--tls-key", &pki.server_key),
+        ("--tls-client-ca", &pki.ca),
+        ("--backend-tls-ca", &pki.ca),
+        ("--backend-tls-cert", &pki.client_cert),
+        ("--backend-tls-key", &pki.client_key),
+    ]);
+    let lb = Lb::embedded(&lb_flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
     // Greeters serve mutual TLS and register over mutual TLS.
     let mut args = tls_greeter_args(&pki);
     args.extend(["--lb-ca".to_string(), arg(&pki.ca).to_string()]);

@@ -58,15 +58,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     lb_examples::init_logging(&args.log)?;
-    let tls = |ca: &Option<std::path::PathBuf>| -> anyhow::Result<Option<lb_client::TlsConfig>> {
-        match ca {
-            None => Ok(None),
-            Some(ca) => Ok(Some(lb_client::TlsConfig::from_files(
-                Some(ca),
-                args.client_cert.as_deref(),
-                args.client_key.as_deref(),
-            )?)),
-        }
+    let tls = |ca: &Option<std::path::PathBuf>| {
+        lb_examples::client_tls(
+            ca.as_deref(),
+            args.client_cert.as_deref(),
+            args.client_key.as_deref(),
+        )
     };
     let mut builder = LbChannel::builder(&args.service)
         .lbs(args.lb.clone())

@@ -245,12 +245,7 @@ fn client_tls(
     ca: Option<&std::path::Path>,
     args: &Args,
 ) -> anyhow::Result<Option<lb_client::TlsConfig>> {
-    let Some(ca) = ca else { return Ok(None) };
-    Ok(Some(lb_client::TlsConfig::from_files(
-        Some(ca),
-        args.client_cert.as_deref(),
-        args.client_key.as_deref(),
-    )?))
+    lb_examples::client_tls(ca, args.client_cert.as_deref(), args.client_key.as_deref())
 }
 
 fn serde_json_weight(w: u32) -> serde_json::Value {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{self, SharedHealth};
 use super::{BackendKey, Cluster, ReplicaInfo, View};
-use crate::registry::etcd::SessionBackoff;
+use crate::registry::retry::SessionBackoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);

@@ -14,55 +14,8 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{self, Decoded};
+use super::retry::run_sessions;
 use super::{Instance, Registry, RegistrySink};
-
-/// Delay before the first retry after a failure; doubles up to [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Backoff between etcd sessions (the registry watch, cluster membership):
-/// doubles after each failure up to [`RETRY_MAX`], and starts over after a
-/// session that lasted more than 10 s.
-pub struct SessionBackoff {
-    delay: Duration,
-    started: tokio::time::Instant,
-}
-
-impl Default for SessionBackoff {
-    fn default() -> Self {
-        SessionBackoff {
-            delay: RETRY_MIN,
-            started: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl SessionBackoff {
-    /// Marks the start of a session attempt.
-    pub fn attempt(&mut self) {
-        self.started = tokio::time::Instant::now();
-    }
-
-    /// The delay before the next attempt.
-    pub fn delay(&self) -> Duration {
-        if self.started.elapsed() > Duration::from_secs(10) {
-            RETRY_MIN
-        } else {
-            self.delay
-        }
-    }
-
-    /// Sleeps before the next attempt; false if `shutdown` came first.
-    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let delay = self.delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        self.delay = (delay * 2).min(RETRY_MAX);
-        true
-    }
-}
 
 /// Where an etcd cluster is and how to get in: endpoints, TLS, user.
 #[derive(Clone, Default)]
@@ -204,20 +157,17 @@ impl Registry for EtcdRegistry {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         async move {
-            let mut backoff = SessionBackoff::default();
-            loop {
-                backoff.attempt();
-                match self.session(&sink, &shutdown).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(endpoints = ?self.access.endpoints, error = %e, retry_in = ?backoff.delay(),
-                            "etcd unavailable; serving last known state");
-                    }
-                }
-                if !backoff.wait(&shutdown).await {
-                    return;
-                }
-            }
+            let (this, sink, shutdown) = (&self, &sink, &shutdown);
+            let session = move || async move {
+                this.session(sink, shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            run_sessions(shutdown, session, |error, retry_in| {
+                tracing::warn!(endpoints = ?this.access.endpoints, %error, ?retry_in,
+                    "etcd unavailable; serving last known state");
+            })
+            .await
         }
         .boxed()
     }

@@ -16,6 +16,7 @@
 //! | [`dns`] | A/AAAA and SRV records, re-resolved as their TTLs run out |
 //! | [`zookeeper`] | Dubbo-style provider znodes, watched recursively |
 //! | [`consul`] | Consul's health API with blocking queries |
+//! | [`retry`] | sessions one after another, with backoff |
 //!
 //! Several sources can feed one LB (`--registry` repeated); each service
 //! belongs to one of them, the first listed that defines it (see
@@ -28,6 +29,7 @@ pub mod etcd;
 pub mod file;
 pub mod memory;
 pub mod resolve;
+pub mod retry;
 pub mod zookeeper;
 
 use std::net::SocketAddr;

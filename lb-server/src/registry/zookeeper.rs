@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
 use super::entry::{self, RejectReason, Rejected, ValueOp};
+use super::retry::run_sessions;
 use super::{Instance, Registry, RegistrySink};
 
 /// Where the ensemble is and what to read.
@@ -296,17 +297,9 @@ impl Registry for ZkRegistry {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         async move {
-            let mut backoff = super::etcd::SessionBackoff::default();
-            loop {
-                backoff.attempt();
-                match self.session(&sink, &shutdown).await {
-                    Ok(()) => return,
-                    Err(e) => sink.source_error(&e),
-                }
-                if !backoff.wait(&shutdown).await {
-                    return;
-                }
-            }
+            let (this, sink, shutdown) = (&self, &sink, &shutdown);
+            let session = move || async move { this.session(sink, shutdown).await };
+            run_sessions(shutdown, session, |error, _| sink.source_error(error)).await
         }
         .boxed()
     }

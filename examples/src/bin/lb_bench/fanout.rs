@@ -9,15 +9,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lb_examples::greeter::GreeterOptions;
-use lb_proto::grpc::lb::v1::{
-    load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
-    load_balancer_client::LoadBalancerClient, InitialLoadBalanceRequest, LoadBalanceRequest,
-};
+use lb_proto::grpc::lb::v1::load_balance_response::LoadBalanceResponseType;
 use serde_json::json;
 use tonic::transport::Endpoint;
 
 use crate::measure::{pct, rss_kib};
-use crate::procs::{greeter_with, LbProcess};
+use crate::procs::{greeter_with, open_balance_stream, LbProcess};
 
 /// Lists received per stream, and when the latest arrived (ns since `base`).
 struct Arrivals {
@@ -38,19 +35,7 @@ async fn open_stream(
     i: usize,
     arrivals: Arc<Arrivals>,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(LoadBalanceRequest {
-        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
-            InitialLoadBalanceRequest {
-                name: "greeter".into(),
-            },
-        )),
-    })
-    .await?;
-    let mut inbound = LoadBalancerClient::new(channel)
-        .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (tx, mut inbound) = open_balance_stream(channel).await?;
     tokio::spawn(async move {
         let _keep_open = tx;
         while let Ok(Some(m)) = inbound.message().await {

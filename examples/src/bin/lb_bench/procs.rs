@@ -297,6 +297,34 @@ impl Nginx {
     }
 }
 
+/// Opens one BalanceLoad stream for `greeter` on `channel`; returns the
+/// request sender (the stream stays open while it lives) and the answers.
+pub async fn open_balance_stream(
+    channel: tonic::transport::Channel,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<lb_proto::grpc::lb::v1::LoadBalanceRequest>,
+    tonic::Streaming<lb_proto::grpc::lb::v1::LoadBalanceResponse>,
+)> {
+    use lb_proto::grpc::lb::v1::{
+        load_balance_request::LoadBalanceRequestType, load_balancer_client::LoadBalancerClient,
+        InitialLoadBalanceRequest, LoadBalanceRequest,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(LoadBalanceRequest {
+        load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
+            InitialLoadBalanceRequest {
+                name: "greeter".into(),
+            },
+        )),
+    })
+    .await?;
+    let inbound = LoadBalancerClient::new(channel)
+        .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
 /// Raises this process's open-file limit to its hard limit: benchmarks hold
 /// thousands of connections (children started later inherit it).
 pub fn raise_fd_limit() {

@@ -20,15 +20,11 @@ use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_examples::greeter::{GreeterOptions, RunningGreeter};
-use lb_proto::grpc::lb::v1::{
-    load_balance_request::LoadBalanceRequestType, load_balancer_client::LoadBalancerClient,
-    InitialLoadBalanceRequest, LoadBalanceRequest,
-};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use serde_json::json;
 
 use crate::measure::rss_kib;
-use crate::procs::{greeter_with, LbProcess};
+use crate::procs::{greeter_with, open_balance_stream, LbProcess};
 
 /// Limits a soak run must stay within.
 pub struct SoakLimits {
@@ -85,19 +81,7 @@ async fn open_streams(
         if i % 100 == 0 {
             channel = Some(endpoint.connect().await?);
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(LoadBalanceRequest {
-            load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
-                InitialLoadBalanceRequest {
-                    name: "greeter".into(),
-                },
-            )),
-        })
-        .await?;
-        let mut inbound = LoadBalancerClient::new(channel.clone().expect("connected"))
-            .balance_load(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let (tx, mut inbound) = open_balance_stream(channel.clone().expect("connected")).await?;
         let lists = lists.clone();
         holders.push(tokio::spawn(async move {
             let _keep_open = tx;
