@@ -138,14 +138,16 @@ async fn check_only_backends_are_polled() {
     others.clear();
 }
 
-/// Scenario 8b: of four backends, the one reporting 4x the utilization gets
-/// clearly less traffic (below half the fair share), through lb-client and
-/// through Python grpcio (gRPC C-core).
+/// Scenario 8b: of four backends, the one reporting 4x the utilization for
+/// the same traffic (a quarter of the others' capacity: each reports
+/// utilization = its measured qps / its capacity, as a real server's load
+/// follows its traffic) gets clearly less traffic (below half the fair
+/// share), through lb-client and through Python grpcio (gRPC C-core).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_backend_gets_less_traffic_with_lb_client_and_grpcio() {
     let lb = fast_lb(&[]).await;
-    let calm = greeters(3, &registry(&lb), &["--utilization", "0.2"]).await;
-    let busy = Greeter::start(&registry(&lb), &["--utilization", "0.8"]).await;
+    let calm = greeters(3, &registry(&lb), &["--capacity", "400"]).await;
+    let busy = Greeter::start(&registry(&lb), &["--capacity", "100"]).await;
     assert!(busy.wait_registered(Duration::from_secs(10)).await);
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 4, Duration::from_secs(10)).await);
