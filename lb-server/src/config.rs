@@ -31,7 +31,7 @@ pub struct Config {
     /// registration API), `etcd://host1:2379,host2:2379`,
     /// `file:///path/to/services.json`, `dns://[server:port]` (services named
     /// by --dns-service), `zk://host1:2181,host2:2181/prefix`, or
-    /// `consul://host:8500[?dc=…&tag=…]`. Repeat (or space-separate in the
+    /// `consul[+https]://host:8500[?dc=…&tag=…]`. Repeat (or space-separate in the
     /// env var) to combine sources; each service must come from one source
     /// (a service two sources define is served from the first one given,
     /// and the conflict is reported).
@@ -72,6 +72,18 @@ pub struct Config {
     /// variable only (never a flag).
     #[arg(skip = std::env::var("LB_CONSUL_TOKEN").ok())]
     pub consul_token: Option<String>,
+
+    /// Consul registry over HTTPS (`consul+https://`): trust this CA (PEM).
+    #[arg(long, env = "LB_CONSUL_CA")]
+    pub consul_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for a Consul agent that verifies clients.
+    #[arg(long, env = "LB_CONSUL_CERT", requires_all = ["consul_key", "consul_ca"])]
+    pub consul_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --consul-cert.
+    #[arg(long, env = "LB_CONSUL_KEY", requires = "consul_cert")]
+    pub consul_key: Option<std::path::PathBuf>,
 
     /// Consul registry: how long one blocking query may wait for a change.
     #[arg(long, env = "LB_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -309,6 +321,20 @@ pub struct Config {
     #[arg(long, env = "LB_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
 
+    /// Serve the admin port over TLS (HTTPS, HTTP/2 or HTTP/1.1) with this
+    /// certificate chain (PEM); needs --admin-tls-key.
+    #[arg(long, env = "LB_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "LB_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<std::path::PathBuf>,
+
+    /// Require clients of the admin port (operators, Prometheus) to present
+    /// a certificate signed by this CA (PEM).
+    #[arg(long, env = "LB_ADMIN_TLS_CLIENT_CA", requires = "admin_tls_cert")]
+    pub admin_tls_client_ca: Option<std::path::PathBuf>,
+
     /// Health-check and load-report backends over TLS, trusting this CA
     /// (PEM). Backends' certificates must name their registered IP address,
     /// or --backend-tls-server-name.
@@ -380,6 +406,20 @@ impl Config {
             self.registration_token_file.as_deref(),
             self.registration_token.as_deref(),
         )
+    }
+
+    /// TLS towards Consul, when `--consul-ca` is given.
+    pub fn consul_tls(&self) -> anyhow::Result<Option<tokio_rustls::rustls::ClientConfig>> {
+        self.consul_ca
+            .as_deref()
+            .map(|ca| {
+                crate::tls::http_client_config(
+                    ["--consul-ca", "--consul-cert", "--consul-key"],
+                    ca,
+                    self.consul_cert.as_deref().zip(self.consul_key.as_deref()),
+                )
+            })
+            .transpose()
     }
 
     /// The Consul ACL token, from `--consul-token-file` or `LB_CONSUL_TOKEN`.

@@ -282,10 +282,28 @@ impl LbServer {
             metrics: admin_metrics,
             log: refusal_log,
         };
+        let admin_tls = match cfg
+            .admin_tls_cert
+            .as_deref()
+            .zip(cfg.admin_tls_key.as_deref())
+        {
+            Some((cert, key)) => Some(tls::admin_acceptor(
+                [
+                    "--admin-tls-cert",
+                    "--admin-tls-key",
+                    "--admin-tls-client-ca",
+                ],
+                cert,
+                key,
+                cfg.admin_tls_client_ca.as_deref(),
+            )?),
+            None => None,
+        };
         tasks.push(tokio::spawn(admin::serve::serve(
             admin_listener,
             admin,
             admin_settings,
+            admin_tls,
             shutdown.clone(),
         )));
 

@@ -70,7 +70,8 @@ pub struct ListenerSettings {
 }
 
 impl ListenerSettings {
-    fn refused(&self, reason: &str, peer: Option<SocketAddr>, detail: &str) {
+    /// Counts and (rate-limited) logs a connection refused for `reason`.
+    pub fn refused(&self, reason: &str, peer: Option<SocketAddr>, detail: &str) {
         self.metrics.connection_refused(self.port, reason);
         let key = format!("{}|{reason}|{:?}", self.port, peer.map(|p| p.ip()));
         if let Some(suppressed) = self.log.allow(&key) {

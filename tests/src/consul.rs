@@ -7,7 +7,8 @@
 //!   as blocking queries (`index`, `wait`, `X-Consul-Index`);
 //! - `PUT /v1/agent/service/register`, `PUT /v1/agent/service/deregister/<id>`
 //!   and `GET /v1/agent/service/<id>` for the registration helper;
-//! - an ACL token check (`X-Consul-Token`, 403 without it).
+//! - an ACL token check (`X-Consul-Token`, 403 without it);
+//! - optionally over TLS, as an agent with `verify_incoming` does.
 //!
 //! Tests drive it directly: add or remove instances, mark them critical,
 //! make it answer 500, make its index go backwards, stop and restart it on
@@ -79,12 +80,25 @@ pub struct FakeConsul {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     stop: Option<CancellationToken>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl FakeConsul {
     /// Starts it on a free loopback port; with `token`, every request must
     /// carry it in `X-Consul-Token`.
     pub async fn start(token: Option<&str>) -> FakeConsul {
+        Self::start_with(token, None).await
+    }
+
+    /// Like [`FakeConsul::start`], serving HTTPS with `tls`.
+    pub async fn start_tls(
+        token: Option<&str>,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    ) -> FakeConsul {
+        Self::start_with(token, Some(tls.into())).await
+    }
+
+    async fn start_with(token: Option<&str>, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeConsul {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 index: 10,
@@ -99,14 +113,18 @@ impl FakeConsul {
             addr,
             shared,
             stop: None,
+            tls,
         };
         consul.serve(listener);
         consul
     }
 
-    /// `consul://host:port` of this agent.
+    /// `consul://host:port` of this agent (`consul+https://` over TLS).
     pub fn url(&self) -> String {
-        format!("consul://{}", self.addr)
+        match self.tls {
+            None => format!("consul://{}", self.addr),
+            Some(_) => format!("consul+https://localhost:{}", self.addr.port()),
+        }
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
@@ -119,6 +137,7 @@ impl FakeConsul {
             .route("/v1/agent/service/{id}", get(agent_service))
             .with_state(self.shared.clone());
         let token = stop.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = tokio::select! {
@@ -126,16 +145,21 @@ impl FakeConsul {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
                 let (app, token) = (app.clone(), token.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
                     // Stopping drops the connection: an outage, not a drain.
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = conn => {}
+                        _ = async {
+                            match tls {
+                                None => serve_http(tcp, app).await,
+                                Some(tls) => {
+                                    if let Ok(stream) = tls.accept(tcp).await {
+                                        serve_http(stream, app).await;
+                                    }
+                                }
+                            }
+                        } => {}
                     }
                 });
             }
@@ -251,6 +275,19 @@ struct Blocking {
     index: Option<u64>,
     wait: Option<String>,
     passing: Option<String>,
+}
+
+/// Serves `app` on one connection until it closes.
+async fn serve_http<I>(io: I, app: Router)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let _ = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 fn parse_wait(w: Option<&str>) -> Duration {

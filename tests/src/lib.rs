@@ -457,6 +457,8 @@ pub struct Lb {
     pub addr: SocketAddr,
     /// Admin HTTP address.
     pub admin: SocketAddr,
+    /// How the admin port is reached over TLS, when it serves TLS.
+    admin_tls: Option<AdminTls>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -470,6 +472,17 @@ impl Lb {
 
     /// Like [`Lb::start`], with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Lb {
+        Self::start_full(args, env, None).await
+    }
+
+    /// Like [`Lb::start`] for an LB serving its admin port over TLS (its
+    /// `args` carry the `--admin-tls-*` flags); the harness's admin
+    /// requests use `admin_tls`.
+    pub async fn start_admin_tls(args: &[&str], admin_tls: AdminTls) -> Lb {
+        Self::start_full(args, &[], Some(admin_tls)).await
+    }
+
+    async fn start_full(args: &[&str], env: &[(&str, &str)], admin_tls: Option<AdminTls>) -> Lb {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let env = env
@@ -479,6 +492,7 @@ impl Lb {
         Self::start_on(
             addr,
             admin,
+            admin_tls,
             args.iter().map(|s| s.to_string()).collect(),
             env,
         )
@@ -488,6 +502,7 @@ impl Lb {
     async fn start_on(
         addr: SocketAddr,
         admin: SocketAddr,
+        admin_tls: Option<AdminTls>,
         args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Lb {
@@ -504,12 +519,14 @@ impl Lb {
             proc,
             addr,
             admin,
+            admin_tls,
             args,
             env,
         };
         let log = lb.proc.log.display().to_string();
         assert!(
-            wait_until(Duration::from_secs(10), || http_get(lb.admin, "/healthz")
+            wait_until(Duration::from_secs(10), || lb
+                .try_request("GET", "/healthz", &[], b"")
                 .map(|r| r.0 == 200)
                 .unwrap_or(false))
             .await,
@@ -535,22 +552,49 @@ impl Lb {
 
     /// Starts it again on the same ports after it was killed.
     pub async fn relaunch(self) -> Lb {
-        let (addr, admin, args, env) = (self.addr, self.admin, self.args.clone(), self.env);
+        let (addr, admin, tls, args, env) = (
+            self.addr,
+            self.admin,
+            self.admin_tls.clone(),
+            self.args.clone(),
+            self.env,
+        );
         drop(self.proc);
-        Self::start_on(addr, admin, args, env).await
+        Self::start_on(addr, admin, tls, args, env).await
     }
 
     /// Stops it gracefully and starts it again on the same ports.
     pub async fn restart(self) -> Lb {
-        let (addr, admin, args, env) = (self.addr, self.admin, self.args.clone(), self.env);
+        let (addr, admin, tls, args, env) = (
+            self.addr,
+            self.admin,
+            self.admin_tls.clone(),
+            self.args.clone(),
+            self.env,
+        );
         let mut proc = self.proc;
         proc.terminate(Duration::from_secs(10));
-        Self::start_on(addr, admin, args, env).await
+        Self::start_on(addr, admin, tls, args, env).await
     }
 
     /// GET on the admin port: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        self.try_request("GET", path, &[], b"")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// A request to the admin port, over TLS when it serves TLS.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(u16, String)> {
+        match &self.admin_tls {
+            None => http_request(self.admin, method, path, headers, body),
+            Some(tls) => https_request(self.admin, tls, method, path, headers, body),
+        }
     }
 
     /// Waits until `/readyz` answers 200 (every registry source listed);
@@ -598,8 +642,53 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    exchange(s, addr, method, path, headers, body)
+}
+
+/// Client TLS settings for an admin port: what to trust and present.
+pub type AdminTls = Arc<tokio_rustls::rustls::ClientConfig>;
+
+/// Admin-port TLS from lb-client's settings (HTTP/1.1 by ALPN).
+pub fn admin_tls(tls: &lb_client::TlsConfig) -> AdminTls {
+    let mut config = (*tls.rustls().expect("client TLS")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// [`http_request`] over TLS, verifying the server as `localhost`.
+pub fn https_request(
+    addr: SocketAddr,
+    tls: &AdminTls,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    use tokio_rustls::rustls;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(std::io::Error::other)?;
+    exchange(
+        rustls::StreamOwned::new(conn, tcp),
+        addr,
+        method,
+        path,
+        headers,
+        body,
+    )
+}
+
+fn exchange(
+    mut s: impl Read + Write,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     let mut head = format!(
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -611,7 +700,14 @@ pub fn http_request(
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    match s.read_to_end(&mut raw) {
+        // A TLS peer closing without close_notify: the answer is complete
+        // anyway (HTTP/1.0, connection closed).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        other => {
+            other?;
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text
         .split_whitespace()

@@ -7,10 +7,12 @@
 //! Covered: initial listing, additions, removals, failing checks, 5xx
 //! answers, an index that goes backwards, an outage (last known list kept,
 //! zero failed calls), recovery, malformed answers and entries, the ACL
-//! token, and backends registering themselves through the agent API.
+//! token, backends registering themselves through the agent API, and HTTPS
+//! with client certificates.
 
 use std::time::{Duration, Instant};
 
+use lb_tests::certs::{flags, Pki};
 use lb_tests::consul::{ConsulInstance, FakeConsul};
 use lb_tests::{channel, listed, wait_listed, wait_until, Caller, Greeter, Lb};
 
@@ -194,4 +196,100 @@ async fn backends_register_with_the_consul_agent() {
         "still registered: {:?}",
         consul.ids()
     );
+}
+
+/// An agent serving HTTPS that verifies client certificates (Consul's
+/// `verify_incoming`): the LB reads it and a backend registers through it
+/// with the CA and a client certificate. An LB trusting another CA, one
+/// without a client certificate, and one speaking plain HTTP are never
+/// ready and count errors; `consul+https://` without a CA does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_over_https_with_client_certificates() {
+    let pki = Pki::generate();
+    let consul = FakeConsul::start_tls(Some(TOKEN), pki.server_tls(true)).await;
+    let url = consul.url();
+    assert!(url.starts_with("consul+https://"), "{url}");
+    let token_env = [("LB_CONSUL_TOKEN", TOKEN)];
+    let start = |tls: Vec<String>, url: String| async move {
+        let mut args: Vec<String> = vec![
+            "--registry".into(),
+            url,
+            "--consul-wait".into(),
+            "2s".into(),
+        ];
+        args.extend(tls);
+        Lb::start_with_env(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &token_env,
+        )
+        .await
+    };
+    let lb = start(
+        flags(&[
+            ("--consul-ca", &pki.ca),
+            ("--consul-cert", &pki.client_cert),
+            ("--consul-key", &pki.client_key),
+        ]),
+        url.clone(),
+    )
+    .await;
+    let greeter_tls = flags(&[
+        ("--consul-ca", &pki.ca),
+        ("--client-cert", &pki.client_cert),
+        ("--client-key", &pki.client_key),
+    ]);
+    let mut greeter_args = vec!["--ttl", "3s"];
+    greeter_args.extend(greeter_tls.iter().map(String::as_str));
+    let g = Greeter::start_with_env(
+        "127.0.0.1:0",
+        &url,
+        &greeter_args,
+        &[("GREETER_REGISTRATION_TOKEN", TOKEN)],
+    )
+    .await;
+    assert!(
+        g.wait_registered(Duration::from_secs(10)).await,
+        "registration over HTTPS failed; see {}",
+        g.proc.log.display()
+    );
+    lb.wait_ready(Duration::from_secs(10)).await;
+    let ch = channel("greeter", &[lb.addr]);
+    assert!(
+        wait_listed(&ch, &[g.addr], Duration::from_secs(10)).await,
+        "not listed over HTTPS: {:?}",
+        listed(&ch)
+    );
+
+    let wrong_ca = start(
+        flags(&[
+            ("--consul-ca", &pki.other_ca),
+            ("--consul-cert", &pki.client_cert),
+            ("--consul-key", &pki.client_key),
+        ]),
+        url.clone(),
+    )
+    .await;
+    let anonymous = start(flags(&[("--consul-ca", &pki.ca)]), url.clone()).await;
+    let plain = start(vec![], format!("consul://{}", consul.addr)).await;
+    let errors = |lb: &Lb| lb.metric("lb_registry_events_total{source=\"consul\",kind=\"error\"}");
+    for (who, lb) in [
+        ("wrong CA", &wrong_ca),
+        ("no client certificate", &anonymous),
+        ("plain HTTP", &plain),
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(5), || errors(lb) >= 1.0).await,
+            "{who}: no error counted"
+        );
+        assert_ne!(lb.get("/readyz").0, 200, "{who} became ready");
+    }
+
+    let no_ca = std::process::Command::new(lb_tests::bin("lb-server"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--registry", &url])
+        .output()
+        .unwrap();
+    assert!(!no_ca.status.success());
+    let stderr = String::from_utf8_lossy(&no_ca.stderr);
+    assert!(stderr.contains("--consul-ca"), "{stderr}");
 }

@@ -1,15 +1,18 @@
 //! TLS end to end, with certificates made at test time: clients → LB
 //! (mutual TLS), LB → backends (health and load over mutual TLS), clients →
 //! backends, backends → the embedded registry, and LB and backends → etcd
-//! (TLS, client certificates and password authentication). Peers with the
-//! wrong CA, or without a client certificate, are refused.
+//! (TLS, client certificates and password authentication), operators →
+//! the admin port (HTTPS with client certificates). Peers with the wrong
+//! CA, or without a client certificate, are refused.
 
 use std::time::Duration;
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::certs::{arg, flags, Pki};
-use lb_tests::{call_n, wait_backends, wait_until, Etcd, Greeter, Lb};
+use lb_tests::{
+    admin_tls, call_n, http_get, https_request, wait_backends, wait_until, Etcd, Greeter, Lb,
+};
 
 /// Flags making a greeter serve mutual TLS with the test PKI.
 fn tls_greeter_args(pki: &Pki) -> Vec<String> {
@@ -231,4 +234,106 @@ async fn etcd_over_tls_with_client_certificates_and_passwords() {
     let anonymous = Greeter::start(&registry, &cmd_args).await;
     assert!(!anonymous.wait_registered(Duration::from_secs(3)).await);
     assert_eq!(ch.ready_backends().len(), 1);
+}
+
+/// The admin port over mutual TLS: an operator with a certificate from the
+/// CA reads and (with the token) mutates; plaintext HTTP, a client trusting
+/// another CA and a client without a certificate get no answer, and a TLS
+/// handshake that stalls is cut off at the handshake deadline. Every refusal
+/// is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_serves_https_to_certificate_holders_only() {
+    let pki = Pki::generate();
+    let token_file = pki.dir().join("admin-token");
+    std::fs::write(&token_file, "admin-token-of-the-tls-test\n").unwrap();
+    let mut args: Vec<String> = [
+        "--registry",
+        "memory",
+        "--domain-suffix",
+        ".svc.test",
+        "--handshake-timeout",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(flags(&[
+        ("--admin-tls-cert", &pki.server_cert),
+        ("--admin-tls-key", &pki.server_key),
+        ("--admin-tls-client-ca", &pki.ca),
+        ("--admin-token-file", &token_file),
+    ]));
+    let operator = admin_tls(&pki.client_tls(&pki.ca, true));
+    let lb = Lb::start_admin_tls(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        operator.clone(),
+    )
+    .await;
+    let g = Greeter::start(&format!("lb://{}", lb.addr), &[]).await;
+    assert!(g.wait_registered(Duration::from_secs(10)).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || lb
+            .knows_backend("greeter", g.addr))
+        .await,
+        "the greeter is not shown over HTTPS: {}",
+        lb.get("/api/v1/services/greeter").1
+    );
+
+    // A mutation over HTTPS with the token.
+    let drain = format!("/api/v1/services/greeter/backends/{}/drain", g.addr);
+    let (status, body) = lb
+        .try_request(
+            "POST",
+            &drain,
+            &[("Authorization", "Bearer admin-token-of-the-tls-test")],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(lb
+        .get("/api/v1/services/greeter")
+        .1
+        .contains("\"drained\":true"));
+
+    // Strangers get no HTTP answer at all.
+    let plaintext = http_get(lb.admin, "/healthz");
+    assert!(
+        !matches!(&plaintext, Ok((code, _)) if *code != 0),
+        "plaintext HTTP was answered: {plaintext:?}"
+    );
+    let wrong_ca = admin_tls(&pki.client_tls(&pki.other_ca, true));
+    let anonymous = admin_tls(&pki.client_tls(&pki.ca, false));
+    for (who, tls) in [("wrong CA", &wrong_ca), ("no certificate", &anonymous)] {
+        let answer = https_request(lb.admin, tls, "GET", "/healthz", &[], b"");
+        assert!(answer.is_err(), "{who} was answered: {answer:?}");
+    }
+
+    // A client that starts a TLS hello and stalls is cut off at the 1 s
+    // handshake deadline.
+    let mut stalled = std::net::TcpStream::connect(lb.admin).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(&mut stalled, &[0x16, 0x03, 0x01]).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = std::io::Read::read(&mut stalled, &mut buf);
+    let held = started.elapsed();
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && held < Duration::from_secs(3),
+        "a stalled TLS handshake was held {held:?}: {read:?}"
+    );
+
+    let refused = |reason: &str| {
+        lb.metric(&format!(
+            "lb_connections_refused_total{{port=\"admin\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || refused("tls_handshake") >= 3.0).await,
+        "tls_handshake refusals: {}",
+        refused("tls_handshake")
+    );
+    assert!(refused("handshake_timeout") >= 1.0);
+    // The operator was never disturbed.
+    assert_eq!(lb.get("/healthz").0, 200);
 }

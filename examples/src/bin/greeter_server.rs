@@ -34,8 +34,8 @@ struct Args {
     service: String,
     /// Registry: `etcd://host:2379[,…]`, `lb://host:7000` (the LB's embedded
     /// registry), `zk://host:2181[,…]/prefix` (an ephemeral provider znode;
-    /// --ttl is the session timeout), `consul://host:8500` (the agent API,
-    /// with a gRPC health check; ACL token from GREETER_REGISTRATION_TOKEN),
+    /// --ttl is the session timeout), `consul[+https]://host:8500` (the agent
+    /// API, with a gRPC health check; ACL token from GREETER_REGISTRATION_TOKEN),
     /// or `none`.
     #[arg(long, env = "GREETER_REGISTRY", default_value = "lb://127.0.0.1:7000")]
     registry: String,
@@ -81,7 +81,10 @@ struct Args {
     /// Talk to etcd over TLS, trusting this CA (PEM).
     #[arg(long)]
     etcd_ca: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) for etcd, and for the LB when it demands one.
+    /// Register with Consul over HTTPS (`consul+https://`), trusting this CA (PEM).
+    #[arg(long)]
+    consul_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for etcd, Consul, and the LB when it demands one.
     #[arg(long, requires = "client_key")]
     client_cert: Option<std::path::PathBuf>,
     /// Private key (PEM) of --client-cert.
@@ -112,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         etcd_prefix: args.etcd_prefix.clone(),
         lb_tls: client_tls(args.lb_ca.as_deref(), &args)?,
         etcd_tls: client_tls(args.etcd_ca.as_deref(), &args)?,
+        consul_tls: client_tls(args.consul_ca.as_deref(), &args)?,
         etcd_user: match &args.etcd_user {
             Some(user) => Some((
                 user.clone(),

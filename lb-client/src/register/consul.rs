@@ -11,23 +11,60 @@ use super::{deregister_within, Control, Registration, RegistrationOptions, Retry
 use crate::Error;
 
 /// Registers `addr` as an instance of `service` with the Consul agent of
-/// `url` (`consul://host:8500`).
+/// `url`: `consul://host:8500`, or `consul+https://host:8501` with
+/// `options.consul_tls`.
 pub fn start(
     url: &str,
     service: &str,
     addr: &str,
     options: RegistrationOptions,
 ) -> Result<Registration, Error> {
-    let agent = url
-        .strip_prefix("consul://")
-        .map(|r| r.split(['/', '?']).next().unwrap_or_default().to_string())
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| Error::Config(format!("registry {url:?}: give consul://host:8500")))?;
+    let (scheme, rest, default_port) = match url.strip_prefix("consul+https://") {
+        Some(rest) => ("https", rest, 8501),
+        None => ("http", url.strip_prefix("consul://").unwrap_or(""), 8500),
+    };
+    let agent = Some(
+        rest.split(['/', '?'])
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    )
+    .filter(|a| !a.is_empty())
+    .ok_or_else(|| Error::Config(format!("registry {url:?}: give consul://host:8500")))?;
     let agent = if agent.contains(':') {
         agent
     } else {
-        format!("{agent}:8500")
+        format!("{agent}:{default_port}")
     };
+    let tls = match (scheme, &options.consul_tls) {
+        ("https", Some(tls)) => {
+            let mut config = (*tls.rustls()?).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(config)
+        }
+        ("https", None) => {
+            return Err(Error::Config(format!(
+                "registry {url:?}: HTTPS to Consul needs the agent's CA (consul_tls)"
+            )))
+        }
+        (_, Some(_)) => {
+            return Err(Error::Config(format!(
+                "registry {url:?}: TLS settings are given but the URL is plain HTTP: use consul+https://"
+            )))
+        }
+        // Plain HTTP: reqwest still wants a TLS backend with a provider.
+        _ => None,
+    };
+    let tls = tls.unwrap_or_else(|| {
+        use tokio_rustls::rustls;
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+    });
     let (host, port) = addr
         .rsplit_once(':')
         .and_then(|(h, p)| {
@@ -78,10 +115,11 @@ pub fn start(
     });
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .tls_backend_preconfigured(tls)
         .build()
         .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
     let agent = Agent {
-        base: format!("http://{agent}"),
+        base: format!("{scheme}://{agent}"),
         token: options.token.clone(),
         http,
     };

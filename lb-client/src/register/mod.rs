@@ -6,7 +6,7 @@
 //! | [`etcd`] | `etcd://h1:2379,…` | a key on a lease kept alive; a lost lease is replaced and the key written again |
 //! | [`embedded`] | `lb://host:7000,…` | the LB's own `lb.registry.v1.Registry` API; a lease the LB forgot (restart) is registered again |
 //! | [`zookeeper`] | `zk://h1:2181,…/prefix` | an ephemeral provider znode; an expired session is replaced and the znode made again (feature `zookeeper`) |
-//! | [`consul`] | `consul://host:8500` | an agent service with a gRPC health check; re-registered when the agent forgets it (feature `consul`) |
+//! | [`consul`] | `consul[+https]://host:8500` | an agent service with a gRPC health check; re-registered when the agent forgets it (feature `consul`) |
 //!
 //! DNS is read-only: records are published in the zone, not by backends.
 //! Every helper retries by itself, forever, with jittered backoff: a backend
@@ -52,6 +52,8 @@ pub struct RegistrationOptions {
     pub etcd_tls: Option<crate::TlsConfig>,
     /// etcd only: user name and password (etcd authentication).
     pub etcd_user: Option<(String, String)>,
+    /// Consul only: TLS towards the agent, for `consul+https://` URLs.
+    pub consul_tls: Option<crate::TlsConfig>,
 }
 
 impl Default for RegistrationOptions {
@@ -65,6 +67,7 @@ impl Default for RegistrationOptions {
             lb_tls: None,
             etcd_tls: None,
             etcd_user: None,
+            consul_tls: None,
         }
     }
 }
@@ -89,7 +92,8 @@ pub struct Control {
 impl Registration {
     /// Registers according to a registry URL, as the LB's `--registry` flag
     /// names it: `etcd://h1:2379,h2:2379`, `lb://host:7000[,…]` (the embedded
-    /// registry of those LBs), `zk://h1:2181,…/prefix`, `consul://host:8500`.
+    /// registry of those LBs), `zk://h1:2181,…/prefix`, `consul://host:8500`
+    /// (`consul+https://host:8501` with [`RegistrationOptions::consul_tls`]).
     pub fn start(
         registry: &str,
         service: &str,
@@ -116,7 +120,7 @@ impl Registration {
                 "registry zk://{rest}: lb-client was built without its `zookeeper` feature"
             )));
         }
-        if registry.starts_with("consul://") {
+        if registry.starts_with("consul://") || registry.starts_with("consul+https://") {
             #[cfg(feature = "consul")]
             return consul::start(registry, service, addr, options);
             #[cfg(not(feature = "consul"))]
@@ -132,7 +136,7 @@ impl Registration {
         }
         Err(Error::Config(format!(
             "registry {registry:?} is none of etcd://host:port[,…], lb://host:port[,…], \
-             zk://host:port[,…]/prefix, consul://host:port"
+             zk://host:port[,…]/prefix, consul[+https]://host:port"
         )))
     }
 

@@ -13,7 +13,9 @@
 //! an answer that does not parse leaves the last known state in force, is
 //! counted, and is retried with backoff. The ACL token goes in
 //! `X-Consul-Token`. `consul://host:8500?dc=dc1&tag=grpc` picks a datacenter
-//! and keeps only services and instances with a tag.
+//! and keeps only services and instances with a tag; `consul+https://host:8501`
+//! speaks HTTPS to the agent (its CA and an optional client certificate come
+//! from `--consul-ca`, `--consul-cert`, `--consul-key`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,8 +34,10 @@ use super::{Instance, Registry, RegistrySink};
 /// Where Consul is and what to read.
 #[derive(Clone)]
 pub struct ConsulSettings {
-    /// `http://host:port`.
+    /// `http://host:port` or `https://host:port`.
     pub base: String,
+    /// TLS towards the agent (`https` bases only).
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// Datacenter, when not the agent's own.
     pub dc: Option<String>,
     /// Only services and instances with this tag.
@@ -48,6 +52,7 @@ impl std::fmt::Debug for ConsulSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulSettings")
             .field("base", &self.base)
+            .field("tls", &self.tls.is_some())
             .field("dc", &self.dc)
             .field("tag", &self.tag)
             .field("token", &self.token.is_some())
@@ -57,15 +62,37 @@ impl std::fmt::Debug for ConsulSettings {
 }
 
 impl ConsulSettings {
-    /// Settings from a `consul://host:port[?dc=…&tag=…]` URL.
-    pub fn parse(url: &str, token: Option<String>, wait: Duration) -> anyhow::Result<Self> {
+    /// Settings from a `consul://host:port[?dc=…&tag=…]` URL, or
+    /// `consul+https://…` (default port 8501) with `tls` to trust the agent.
+    pub fn parse(
+        url: &str,
+        token: Option<String>,
+        wait: Duration,
+        tls: Option<tokio_rustls::rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
         let parsed =
             url::Url::parse(url).map_err(|e| anyhow::anyhow!("--registry {url:?}: {e}"))?;
+        let (scheme, default_port) = match parsed.scheme() {
+            "consul" => ("http", 8500),
+            "consul+https" => ("https", 8501),
+            other => anyhow::bail!(
+                "--registry {url:?}: {other}:// is neither consul:// nor consul+https://"
+            ),
+        };
+        match (scheme, &tls) {
+            ("https", None) => anyhow::bail!(
+                "--registry {url:?}: HTTPS to Consul needs the agent's CA: give --consul-ca"
+            ),
+            ("http", Some(_)) => anyhow::bail!(
+                "--registry {url:?}: --consul-ca is given but the URL is plain HTTP: use consul+https://"
+            ),
+            _ => {}
+        }
         let host = parsed
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| anyhow::anyhow!("--registry {url:?}: give consul://host:8500"))?;
-        let port = parsed.port().unwrap_or(8500);
+        let port = parsed.port().unwrap_or(default_port);
         let mut dc = None;
         let mut tag = None;
         for (k, v) in parsed.query_pairs() {
@@ -77,7 +104,8 @@ impl ConsulSettings {
         }
         let wait = wait.clamp(Duration::from_secs(1), Duration::from_secs(600));
         Ok(ConsulSettings {
-            base: format!("http://{host}:{port}"),
+            base: format!("{scheme}://{host}:{port}"),
+            tls: tls.map(Arc::new),
             dc,
             tag,
             token: token.filter(|t| !t.is_empty()),
@@ -204,15 +232,21 @@ pub struct ConsulRegistry {
 
 impl ConsulRegistry {
     /// A source reading the Consul agent `settings` name.
-    pub fn new(settings: ConsulSettings) -> Self {
+    pub fn new(settings: ConsulSettings) -> anyhow::Result<Self> {
         // A blocking query may last `wait` plus up to wait/16 of jitter.
         let limit = settings.wait + settings.wait / 16 + Duration::from_secs(10);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .timeout(limit)
+            .timeout(limit);
+        let tls = match &settings.tls {
+            Some(tls) => (**tls).clone(),
+            None => crate::tls::trust_nobody(),
+        };
+        let http = http
+            .tls_backend_preconfigured(tls)
             .build()
-            .expect("HTTP client");
-        ConsulRegistry { settings, http }
+            .map_err(|e| anyhow::anyhow!("Consul HTTP client: {e}"))?;
+        Ok(ConsulRegistry { settings, http })
     }
 
     /// One blocking GET: the body and the answer's index.
@@ -472,6 +506,7 @@ mod tests {
             "consul://127.0.0.1:8500?dc=dc2&tag=grpc",
             Some("t".into()),
             Duration::from_secs(300),
+            None,
         )
         .unwrap();
         assert_eq!(s.base, "http://127.0.0.1:8500");
@@ -480,13 +515,32 @@ mod tests {
             (Some("dc2"), Some("grpc"))
         );
         assert_eq!(
-            ConsulSettings::parse("consul://c", None, Duration::ZERO)
+            ConsulSettings::parse("consul://c", None, Duration::ZERO, None)
                 .unwrap()
                 .base,
             "http://c:8500"
         );
-        assert!(ConsulSettings::parse("consul://c?x=1", None, Duration::ZERO).is_err());
-        assert!(ConsulSettings::parse("consul://", None, Duration::ZERO).is_err());
+        assert!(ConsulSettings::parse("consul://c?x=1", None, Duration::ZERO, None).is_err());
+        assert!(ConsulSettings::parse("consul://", None, Duration::ZERO, None).is_err());
+        // HTTPS needs a CA, and a CA needs HTTPS.
+        let err = ConsulSettings::parse("consul+https://c", None, Duration::ZERO, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--consul-ca"), "{err}");
+        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let s = ConsulSettings::parse("consul+https://c", None, Duration::ZERO, Some(tls.clone()))
+            .unwrap();
+        assert_eq!((s.base.as_str(), s.tls.is_some()), ("https://c:8501", true));
+        let err = ConsulSettings::parse("consul://c", None, Duration::ZERO, Some(tls))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consul+https://"), "{err}");
     }
 
     #[test]

@@ -205,7 +205,7 @@ pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
 
 /// What `--registry` accepts, for error messages.
 const FORMS: &str = "memory, etcd://host:port[,host:port…], file:///path, dns://[server:port], \
-                     zk://host:port[,host:port…]/prefix, consul://host:port[?dc=…&tag=…]";
+                     zk://host:port[,host:port…]/prefix, consul[+https]://host:port[?dc=…&tag=…]";
 
 /// Builds every registry source named by the `--registry` values.
 pub fn from_urls(urls: &[String], cfg: &crate::config::Config) -> anyhow::Result<Sources> {
@@ -277,10 +277,15 @@ fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Built> {
             zookeeper::ZkSettings::parse(rest, cfg.zk_session_timeout)?,
         ))));
     }
-    if url.starts_with("consul://") {
+    if url.starts_with("consul://") || url.starts_with("consul+https://") {
         return Ok(Built::Other(Arc::new(consul::ConsulRegistry::new(
-            consul::ConsulSettings::parse(url, cfg.load_consul_token()?, cfg.consul_wait)?,
-        ))));
+            consul::ConsulSettings::parse(
+                url,
+                cfg.load_consul_token()?,
+                cfg.consul_wait,
+                cfg.consul_tls()?,
+            )?,
+        )?)));
     }
     anyhow::bail!("--registry {url:?} is not one of: {FORMS}")
 }
