@@ -287,7 +287,7 @@ impl LbServer {
             .as_deref()
             .zip(cfg.admin_tls_key.as_deref())
         {
-            Some((cert, key)) => Some(tls::admin_acceptor(
+            Some((cert, key)) => Some(tls::https_acceptor(
                 [
                     "--admin-tls-cert",
                     "--admin-tls-key",

@@ -105,10 +105,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The admin port's TLS (HTTP/2 and HTTP/1.1 by ALPN): `cert` and `key`,
-/// and with `client_ca` clients must present a certificate it signed.
-/// `flags` names the three flags in errors.
-pub fn admin_acceptor(
+/// HTTPS server TLS, as on the admin port (HTTP/2 and HTTP/1.1 by ALPN):
+/// `cert` and `key`, and with `client_ca` clients must present a
+/// certificate it signed. `flags` names the three flags in errors.
+pub fn https_acceptor(
     flags: [&str; 3],
     cert: &Path,
     key: &Path,

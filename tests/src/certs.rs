@@ -107,38 +107,17 @@ impl Pki {
 }
 
 impl Pki {
-    /// rustls settings for a server with the test server certificate; with
-    /// `verify_clients`, clients must present a certificate from the CA.
-    pub fn server_tls(
-        &self,
-        verify_clients: bool,
-    ) -> std::sync::Arc<tokio_rustls::rustls::ServerConfig> {
-        use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions");
-        let builder = if verify_clients {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(&self.ca).expect("CA") {
-                roots.add(cert.expect("CA certificate")).expect("CA root");
-            }
-            builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                    .build()
-                    .expect("client verifier"),
-            )
-        } else {
-            builder.with_no_client_auth()
-        };
-        let chain = CertificateDer::pem_file_iter(&self.server_cert)
-            .expect("server certificate")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("server certificate");
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&self.server_key).expect("key");
-        let mut config = builder.with_single_cert(chain, key).expect("server TLS");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        std::sync::Arc::new(config)
+    /// An HTTPS server's TLS with the test server certificate (the LB's own
+    /// builder); with `verify_clients`, clients must present a certificate
+    /// from the CA.
+    pub fn https_acceptor(&self, verify_clients: bool) -> tokio_rustls::TlsAcceptor {
+        lb_server::tls::https_acceptor(
+            ["server certificate", "server key", "CA"],
+            &self.server_cert,
+            &self.server_key,
+            verify_clients.then_some(self.ca.as_path()),
+        )
+        .expect("server TLS")
     }
 }
 

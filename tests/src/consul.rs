@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -91,11 +91,8 @@ impl FakeConsul {
     }
 
     /// Like [`FakeConsul::start`], serving HTTPS with `tls`.
-    pub async fn start_tls(
-        token: Option<&str>,
-        tls: Arc<tokio_rustls::rustls::ServerConfig>,
-    ) -> FakeConsul {
-        Self::start_with(token, Some(tls.into())).await
+    pub async fn start_tls(token: Option<&str>, tls: tokio_rustls::TlsAcceptor) -> FakeConsul {
+        Self::start_with(token, Some(tls)).await
     }
 
     async fn start_with(token: Option<&str>, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeConsul {
@@ -135,6 +132,10 @@ impl FakeConsul {
             .route("/v1/agent/service/register", put(register))
             .route("/v1/agent/service/deregister/{id}", put(deregister))
             .route("/v1/agent/service/{id}", get(agent_service))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.shared.clone(),
+                acl,
+            ))
             .with_state(self.shared.clone());
         let token = stop.clone();
         let tls = self.tls.clone();
@@ -301,11 +302,24 @@ fn parse_wait(w: Option<&str>) -> Duration {
     }
 }
 
-fn refused(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+/// Counts every request and, when the agent has a token, refuses those
+/// without it (403, as Consul's ACL system does).
+async fn acl(
+    State(s): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     s.inner.lock().unwrap().requests += 1;
-    let expected = s.token.as_deref()?;
-    let given = headers.get("X-Consul-Token").and_then(|v| v.to_str().ok());
-    (given != Some(expected)).then(|| (StatusCode::FORBIDDEN, "ACL not found").into_response())
+    if let Some(expected) = s.token.as_deref() {
+        let given = request
+            .headers()
+            .get("X-Consul-Token")
+            .and_then(|v| v.to_str().ok());
+        if given != Some(expected) {
+            return (StatusCode::FORBIDDEN, "ACL not found").into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Waits while the index is at most `q.index` (Consul's rule) or until the
@@ -339,24 +353,12 @@ async fn block(s: &Shared, q: &Blocking) -> Result<u64, Response> {
     Ok(inner.index)
 }
 
-/// The start of every blocking endpoint: the token check, then the wait.
-async fn admit_and_block(s: &Shared, headers: &HeaderMap, q: &Blocking) -> Result<u64, Response> {
-    if let Some(r) = refused(s, headers) {
-        return Err(r);
-    }
-    block(s, q).await
-}
-
 fn with_index(index: u64, body: Value) -> Response {
     ([("X-Consul-Index", index.to_string())], Json(body)).into_response()
 }
 
-async fn catalog(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Query(q): Query<Blocking>,
-) -> Response {
-    let index = match admit_and_block(&s, &headers, &q).await {
+async fn catalog(State(s): State<Arc<Shared>>, Query(q): Query<Blocking>) -> Response {
+    let index = match block(&s, &q).await {
         Ok(i) => i,
         Err(r) => return r,
     };
@@ -376,11 +378,10 @@ async fn catalog(
 
 async fn health(
     State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<Blocking>,
 ) -> Response {
-    let index = match admit_and_block(&s, &headers, &q).await {
+    let index = match block(&s, &q).await {
         Ok(i) => i,
         Err(r) => return r,
     };
@@ -407,14 +408,7 @@ async fn health(
     with_index(index, json!(entries))
 }
 
-async fn register(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(r) = refused(&s, &headers) {
-        return r;
-    }
+async fn register(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
     let name = body["Name"].as_str().unwrap_or_default().to_string();
     let id = body["ID"]
         .as_str()
@@ -440,14 +434,7 @@ async fn register(
     StatusCode::OK.into_response()
 }
 
-async fn deregister(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = refused(&s, &headers) {
-        return r;
-    }
+async fn deregister(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let known = s.inner.lock().unwrap().instances.contains_key(&id);
     if !known {
         return (StatusCode::NOT_FOUND, "Unknown service ID").into_response();
@@ -456,14 +443,7 @@ async fn deregister(
     StatusCode::OK.into_response()
 }
 
-async fn agent_service(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = refused(&s, &headers) {
-        return r;
-    }
+async fn agent_service(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let inner = s.inner.lock().unwrap();
     match inner.instances.get(&id) {
         Some(i) => {

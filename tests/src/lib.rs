@@ -642,9 +642,14 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
+    exchange(connect(addr)?, addr, method, path, headers, body)
+}
+
+/// A TCP connection for one request: 2 s to connect, 5 s per read.
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    exchange(s, addr, method, path, headers, body)
+    Ok(s)
 }
 
 /// Client TLS settings for an admin port: what to trust and present.
@@ -667,8 +672,7 @@ pub fn https_request(
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
     use tokio_rustls::rustls;
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let tcp = connect(addr)?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
     let conn = rustls::ClientConnection::new(tls.clone(), name).map_err(std::io::Error::other)?;
     exchange(
@@ -959,6 +963,20 @@ pub fn channel(service: &str, lbs: &[SocketAddr]) -> LbChannel {
         .lb_backoff(Duration::from_millis(100), Duration::from_secs(1))
         .build()
         .expect("build channel")
+}
+
+/// Waits until `lb` is ready and a `greeter` client of it lists exactly
+/// `want` (panics with the list otherwise), then starts 2 callers on it.
+pub async fn listed_and_calling(lb: &Lb, want: &[SocketAddr]) -> (LbChannel, Caller) {
+    lb.wait_ready(Duration::from_secs(10)).await;
+    let ch = channel("greeter", &[lb.addr]);
+    assert!(
+        wait_listed(&ch, want, Duration::from_secs(10)).await,
+        "initial listing: {:?}",
+        listed(&ch)
+    );
+    let caller = Caller::start(&ch, 2, Duration::from_millis(5));
+    (ch, caller)
 }
 
 /// Waits until `channel` has exactly `n` distinct ready backends.

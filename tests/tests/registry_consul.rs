@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::certs::{flags, Pki};
 use lb_tests::consul::{ConsulInstance, FakeConsul};
-use lb_tests::{channel, listed, wait_listed, wait_until, Caller, Greeter, Lb};
+use lb_tests::{channel, listed, listed_and_calling, wait_listed, wait_until, Greeter, Lb};
 
 const TOKEN: &str = "consul-acl-token-0123456789";
 
@@ -27,14 +27,7 @@ async fn consul_blocking_queries_follow_changes_and_survive_failures() {
     consul.add("greeter", "g1", g[1].addr);
     let flags = ["--registry", &consul.url(), "--consul-wait", "2s"];
     let lb = Lb::start_with_env(&flags, &[("LB_CONSUL_TOKEN", TOKEN)]).await;
-    lb.wait_ready(Duration::from_secs(10)).await;
-    let ch = channel("greeter", &[lb.addr]);
-    assert!(
-        wait_listed(&ch, &[g[0].addr, g[1].addr], Duration::from_secs(10)).await,
-        "initial listing: {:?}",
-        listed(&ch)
-    );
-    let caller = Caller::start(&ch, 2, Duration::from_millis(5));
+    let (ch, caller) = listed_and_calling(&lb, &[g[0].addr, g[1].addr]).await;
 
     // A change answers the waiting blocking query at once.
     let t = Instant::now();
@@ -206,7 +199,7 @@ async fn backends_register_with_the_consul_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_over_https_with_client_certificates() {
     let pki = Pki::generate();
-    let consul = FakeConsul::start_tls(Some(TOKEN), pki.server_tls(true)).await;
+    let consul = FakeConsul::start_tls(Some(TOKEN), pki.https_acceptor(true)).await;
     let url = consul.url();
     assert!(url.starts_with("consul+https://"), "{url}");
     let token_env = [("LB_CONSUL_TOKEN", TOKEN)];

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::dns::{a, srv, ZoneServer};
-use lb_tests::{channel, free_port, listed, wait_listed, wait_until, Caller, Greeter, Lb};
+use lb_tests::{
+    channel, free_port, listed, listed_and_calling, wait_listed, wait_until, Greeter, Lb,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_records_list_add_remove_and_survive_an_outage_and_servfail() {
@@ -29,14 +31,7 @@ async fn a_records_list_add_remove_and_survive_an_outage_and_servfail() {
         "2s",
     ])
     .await;
-    lb.wait_ready(Duration::from_secs(10)).await;
-    let ch = channel("greeter", &[lb.addr]);
-    assert!(
-        wait_listed(&ch, &[g[0].addr, g[1].addr], Duration::from_secs(10)).await,
-        "initial listing: {:?}",
-        listed(&ch)
-    );
-    let caller = Caller::start(&ch, 2, Duration::from_millis(5));
+    let (ch, caller) = listed_and_calling(&lb, &[g[0].addr, g[1].addr]).await;
 
     // Added: within the 1 s TTL (plus a health check).
     let t = Instant::now();
