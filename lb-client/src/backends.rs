@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,10 +29,16 @@ pub struct ConnSettings {
     pub backoff_initial: Duration,
     /// Reconnect backoff: longest delay.
     pub backoff_max: Duration,
-    /// HTTP/2 PING interval; a backend that stops answering is dropped.
-    pub keepalive_interval: Duration,
-    /// How long a PING may go unanswered.
-    pub keepalive_timeout: Duration,
+    /// HTTP/2 PINGs `(interval, timeout)` while calls are in flight; off by
+    /// default. Stock gRPC servers allow a client one PING per 5 minutes
+    /// (grpc-go `EnforcementPolicy{MinTime: 5m}`, C-core
+    /// `grpc.http2.min_ping_interval_without_data_ms`, grpc-java
+    /// `permitKeepAliveTime`) and close the connection with GOAWAY
+    /// `too_many_pings` after two strikes, so faster PINGs would cost a
+    /// reconnect each time. The LB's health checks already take a dead or
+    /// hung backend out of the list within seconds; a backend that allows
+    /// faster PINGs can have them here.
+    pub keepalive: Option<(Duration, Duration)>,
     /// TLS towards backends, when they serve it.
     pub tls: Option<BackendTls>,
 }
@@ -58,8 +65,7 @@ impl Default for ConnSettings {
             connect_timeout: Duration::from_secs(3),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(3),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(5),
+            keepalive: None,
             tls: None,
         }
     }
@@ -115,15 +121,18 @@ pub struct BackendPool {
     conns: Mutex<HashMap<SocketAddr, Arc<BackendConn>>>,
     settings: ConnSettings,
     on_change: OnChange,
+    connects: Arc<AtomicU64>,
 }
 
 impl BackendPool {
-    /// An empty pool; `on_change` runs after every state change.
-    pub fn new(settings: ConnSettings, on_change: OnChange) -> Self {
+    /// An empty pool; `on_change` runs after every state change, and
+    /// `connects` counts every connection established.
+    pub fn new(settings: ConnSettings, on_change: OnChange, connects: Arc<AtomicU64>) -> Self {
         BackendPool {
             conns: Mutex::new(HashMap::new()),
             settings,
             on_change,
+            connects,
         }
     }
 
@@ -164,6 +173,7 @@ impl BackendPool {
                         conn,
                         self.settings.clone(),
                         self.on_change.clone(),
+                        self.connects.clone(),
                     ));
                 }
             }
@@ -243,11 +253,15 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true);
+    builder.timer(TokioTimer::new());
+    if let Some((interval, timeout)) = settings.keepalive {
+        // Only while calls are in flight: stock servers refuse PINGs on a
+        // connection without streams (`PermitWithoutStream: false`).
+        builder
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(false);
+    }
     let (sender, connection) = builder
         .handshake(TokioIo::new(io))
         .await
@@ -263,8 +277,16 @@ where
 }
 
 /// Keeps one backend connected until it is cancelled.
-async fn maintain(conn: Arc<BackendConn>, settings: ConnSettings, on_change: OnChange) {
-    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+async fn maintain(
+    conn: Arc<BackendConn>,
+    settings: ConnSettings,
+    on_change: OnChange,
+    connects: Arc<AtomicU64>,
+) {
+    // A connection that lived a while earns a fresh backoff; one that
+    // closed at once (a flapping backend) waits as usual.
+    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max)
+        .reset_after(Duration::from_secs(1));
     loop {
         let attempt = tokio::select! {
             _ = conn.cancel.cancelled() => return,
@@ -272,10 +294,11 @@ async fn maintain(conn: Arc<BackendConn>, settings: ConnSettings, on_change: OnC
         };
         match attempt {
             Ok((sender, closed)) => {
+                connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(addr = %conn.addr, "backend connected");
                 conn.set(ConnState::Ready(sender));
                 on_change();
-                let connected_at = tokio::time::Instant::now();
+                backoff.attempt();
                 tokio::select! {
                     _ = conn.cancel.cancelled() => {
                         conn.set(ConnState::Failed("removed".into()));
@@ -286,15 +309,8 @@ async fn maintain(conn: Arc<BackendConn>, settings: ConnSettings, on_change: OnC
                 tracing::debug!(addr = %conn.addr, "backend connection closed; reconnecting");
                 conn.set(ConnState::Failed("connection closed".into()));
                 on_change();
-                // A connection that lived a while earned a fresh backoff; one
-                // that closed at once (a flapping backend) waits as usual.
-                if connected_at.elapsed() > Duration::from_secs(1) {
-                    backoff.reset();
-                } else {
-                    tokio::select! {
-                        _ = conn.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
+                if !backoff.wait(&conn.cancel).await {
+                    return;
                 }
             }
             Err(error) => {

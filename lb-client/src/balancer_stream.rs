@@ -17,6 +17,7 @@
 //!   until a list arrives.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,14 @@ struct Ended {
     got_list: bool,
     why: String,
 }
+
+/// PINGs on the LB stream prove a hung LB replica gone, so the client moves
+/// to another one. `lb-server` accepts them at any rate (its HTTP/2 server
+/// enforces no minimum) and the stream is always open, so they never meet a
+/// stock server's 5-minute rule; backend connections do not PING.
+const LB_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an LB may leave a PING unanswered.
+const LB_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs until `cancel`: keeps a BalanceLoad stream to one of the LBs.
 pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: CancellationToken) {
@@ -214,9 +223,8 @@ async fn stream(
     let endpoint = endpoint
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+        .http2_keep_alive_interval(LB_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(LB_KEEPALIVE_TIMEOUT);
     let (tx, rx) = mpsc::channel::<LoadBalanceRequest>(4);
     tx.send(LoadBalanceRequest {
         load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
@@ -271,6 +279,7 @@ async fn stream(
     let reporter =
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
     let _reporter = AbortOnDrop(reporter);
+    state.counters.lb_streams.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(lb = %addr, service = %state.service, ?interval, "load balancer stream open");
     *state.current_lb.lock().expect("lb lock") = addr.parse().ok();
 

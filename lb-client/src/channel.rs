@@ -104,6 +104,15 @@ impl LbChannelBuilder {
         self
     }
 
+    /// HTTP/2 PINGs towards backends while calls are in flight, every
+    /// `interval`, each allowed `timeout` (default: none). Only for backends
+    /// that permit them: stock gRPC servers close a connection that PINGs
+    /// more often than every 5 minutes.
+    pub fn backend_keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.conn.keepalive = Some((interval, timeout));
+        self
+    }
+
     /// Time allowed to connect to one backend (default 3 s).
     pub fn backend_connect_timeout(mut self, timeout: Duration) -> Self {
         self.conn.connect_timeout = timeout;
@@ -232,6 +241,12 @@ impl LbChannel {
     /// benchmarks; calls use it through the `tower::Service`).
     pub fn picker(&self) -> &crate::picker::Picker {
         &self.state.picker
+    }
+
+    /// How often this channel opened LB streams and backend connections and
+    /// received lists since it started (all still in steady state).
+    pub fn counters(&self) -> crate::state::CountersSnapshot {
+        self.state.counters.snapshot()
     }
 
     /// The LB whose stream is open now (`None` between streams or in

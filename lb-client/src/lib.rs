@@ -31,13 +31,15 @@
 //! | [`stats`] | client-stats counters |
 //! | [`register`] | backend registration helpers |
 //! | [`orca`] | backend-side ORCA load reporting |
-//! | [`backoff`] | jittered exponential backoff |
+//! | [`backoff`] | jittered exponential backoff, reset after a session that lasted |
+//! | [`etcd`] | etcd access: one member at a time, keep-alive within etcd's policy |
 //! | [`tls`] | TLS settings of outgoing connections |
 
 pub mod backends;
 pub mod backoff;
 pub mod balancer_stream;
 pub mod channel;
+pub mod etcd;
 pub mod orca;
 pub mod picker;
 pub mod register;

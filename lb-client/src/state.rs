@@ -3,7 +3,7 @@
 //! both. The picker is rebuilt whenever the list or a connection changes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
@@ -36,6 +36,41 @@ enum Source {
     Unavailable(String),
 }
 
+/// How often a channel connected and heard from its LB, since it started.
+/// In steady state none of these move: a rising count means a peer is
+/// closing connections or the LB is pushing lists.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// BalanceLoad streams opened (an initial response received).
+    pub lb_streams: AtomicU64,
+    /// Server lists received.
+    pub lists: AtomicU64,
+    /// Backend connections established (first connects and reconnects).
+    pub backend_connections: Arc<AtomicU64>,
+}
+
+/// A copy of [`Counters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// BalanceLoad streams opened.
+    pub lb_streams: u64,
+    /// Server lists received.
+    pub lists: u64,
+    /// Backend connections established.
+    pub backend_connections: u64,
+}
+
+impl Counters {
+    /// The counts now.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
+            lb_streams: self.lb_streams.load(Ordering::Relaxed),
+            lists: self.lists.load(Ordering::Relaxed),
+            backend_connections: self.backend_connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Shared by the channel, the LB stream task and the connection tasks.
 pub struct ChannelState {
     /// The service this channel calls.
@@ -50,6 +85,8 @@ pub struct ChannelState {
     pub current_lb: Mutex<Option<SocketAddr>>,
     /// URI scheme of calls to backends (`https` when they are called over TLS).
     pub scheme: http::uri::Scheme,
+    /// How often connections were made and lists received.
+    pub counters: Counters,
     fallback: Vec<SocketAddr>,
     pool: BackendPool,
     source: Mutex<Source>,
@@ -66,6 +103,8 @@ impl ChannelState {
     ) -> Arc<Self> {
         Arc::new_cyclic(|weak: &std::sync::Weak<ChannelState>| {
             let weak = weak.clone();
+            let counters = Counters::default();
+            let connects = counters.backend_connections.clone();
             let on_change = Arc::new(move || {
                 if let Some(state) = weak.upgrade() {
                     state.rebuild();
@@ -84,7 +123,8 @@ impl ChannelState {
                 wait_for_ready,
                 current_lb: Mutex::new(None),
                 fallback,
-                pool: BackendPool::new(conn, on_change),
+                counters,
+                pool: BackendPool::new(conn, on_change, connects),
                 source: Mutex::new(Source::Waiting),
                 got_lb_list: AtomicBool::new(false),
             }
@@ -110,6 +150,7 @@ impl ChannelState {
     /// Installs a list received from the LB.
     pub fn set_lb_list(&self, entries: Vec<ListEntry>) {
         self.got_lb_list.store(true, Ordering::Relaxed);
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let addrs = backend_addrs(&entries);
         *self.source.lock().expect("source lock") = Source::Lb(entries);
         self.pool.sync(&addrs);

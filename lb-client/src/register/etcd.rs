@@ -5,34 +5,11 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::PutOptions;
 
 use super::{deregister_within, Control, Registration, RegistrationOptions, Retry};
+use crate::etcd::EtcdAccess;
 use crate::Error;
-
-/// Where etcd is and how to get in.
-struct EtcdAccess {
-    endpoints: Vec<String>,
-    tls: Option<tonic::transport::ClientTlsConfig>,
-    user: Option<(String, String)>,
-}
-
-impl EtcdAccess {
-    fn connect_options(&self) -> ConnectOptions {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.clone());
-        }
-        if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        options
-    }
-}
 
 /// Registers `addr` as an instance of `service` in the etcd at `endpoints`.
 pub fn start(
@@ -53,11 +30,11 @@ pub fn start(
     if let Some(tls) = &options.etcd_tls {
         tls.check()?;
     }
-    let access = EtcdAccess {
+    let access = EtcdAccess::new(
         endpoints,
-        tls: options.etcd_tls.map(|t| t.tonic()),
-        user: options.etcd_user,
-    };
+        options.etcd_tls.map(|t| t.tonic()),
+        options.etcd_user,
+    );
     let ttl = options.ttl;
     let mut access = Some(access);
     Ok(Registration::spawn(1, move |_, control| {
@@ -68,6 +45,9 @@ pub fn start(
             loop {
                 let outcome =
                     session(&access, &key, &value, ttl, &control, &mut previous_lease).await;
+                if outcome.is_err() {
+                    access.rotate();
+                }
                 if !retry.again(outcome).await {
                     return;
                 }
@@ -89,9 +69,7 @@ async fn session(
         let what = what.to_string();
         move |err: etcd_client::Error| format!("{what}: {err}")
     };
-    let mut client = Client::connect(&access.endpoints, Some(access.connect_options()))
-        .await
-        .map_err(e("connect"))?;
+    let mut client = access.connect().await.map_err(e("connect"))?;
     let lease = client
         .lease_grant(ttl.as_secs().max(1) as i64, None)
         .await

@@ -227,7 +227,13 @@ impl<'a> Retry<'a> {
         Retry {
             what,
             control,
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(3)),
+            backoff: {
+                // The first session starts now; each later one when `again`
+                // returns, so one that lasted resets the delays.
+                let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
+                b.attempt();
+                b
+            },
         }
     }
 
@@ -238,10 +244,9 @@ impl<'a> Retry<'a> {
         };
         self.control.registered.send_replace(false);
         tracing::warn!(registration = %self.what, %error, "registration interrupted; retrying");
-        tokio::select! {
-            _ = self.control.cancel.cancelled() => false,
-            _ = tokio::time::sleep(self.backoff.next_delay()) => true,
-        }
+        let again = self.backoff.wait(&self.control.cancel).await;
+        self.backoff.attempt();
+        again
     }
 }
 

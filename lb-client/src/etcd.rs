@@ -1,0 +1,165 @@
+//! How the project talks to etcd: the LB's registry watch and cluster
+//! session, and the registration helper, all connect through [`EtcdAccess`].
+//!
+//! Two rules of a stock etcd shape it:
+//! - **Keep-alive within etcd's policy.** etcd's gRPC server enforces
+//!   `--grpc-keepalive-min-time` (5 s by default) with `PermitWithoutStream:
+//!   false`: a client that pings more often, or pings with no stream open,
+//!   collects strikes and is sent GOAWAY `too_many_pings`. So pings go every
+//!   [`KEEPALIVE_INTERVAL`] (twice the minimum), only while a stream is open
+//!   (every session here holds a watch or a lease keep-alive stream).
+//! - **One member at a time, the next one on failure.** A client built over
+//!   all members balances each request over them, and a dead member keeps
+//!   being picked until its reconnect fails, so a request can fail while two
+//!   live members hold quorum. [`EtcdAccess::connect`] instead opens a client
+//!   on one member, checks that it answers, and remembers it; when a session
+//!   fails its owner calls [`EtcdAccess::rotate`], and the next connect starts
+//!   at the next member. Streams ask for a leader (etcd's `require-leader`
+//!   metadata), so a member cut off from quorum cancels them and the session
+//!   moves on instead of waiting on a member that will tell it nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+/// HTTP/2 PING interval: twice etcd's default `--grpc-keepalive-min-time`.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the member counts as gone.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Limit for the TCP (and TLS) connect to one member.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Limit for the first answer of a member.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Limit for a unary request. A write proposed while the leader is gone
+/// waits for the next leader (etcd elects one in about a second); past
+/// this, the session gives up and starts again on the next member.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where an etcd cluster is and how to get in: endpoints, TLS, user; and
+/// which member the next session starts with.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// TLS towards etcd (https), when set.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// User name and password, when etcd authentication is on.
+    pub user: Option<(String, String)>,
+    /// Index (into `endpoints`) of the member the next connect tries first.
+    next: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("EtcdAccess")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Access without TLS or credentials.
+    pub fn plain(endpoints: Vec<String>) -> Self {
+        EtcdAccess {
+            endpoints,
+            ..Default::default()
+        }
+    }
+
+    /// Access with TLS and credentials as given.
+    pub fn new(
+        endpoints: Vec<String>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+        user: Option<(String, String)>,
+    ) -> Self {
+        EtcdAccess {
+            endpoints,
+            tls,
+            user,
+            next: Default::default(),
+        }
+    }
+
+    /// Connect options: short timeouts, keep-alive within etcd's policy,
+    /// leader required on streams, TLS and credentials.
+    pub fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false)
+            .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        options
+    }
+
+    /// A client on the first member, starting at the remembered one, that
+    /// answers within a couple of seconds; that member is remembered.
+    pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Err(etcd_client::Error::InvalidArgs("no etcd endpoint".into()));
+        }
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let index = (start + i) % n;
+            let endpoint = &self.endpoints[index];
+            match Self::open(endpoint, self.connect_options()).await {
+                Ok(client) => {
+                    self.next.store(index, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e) => {
+                    tracing::debug!(%endpoint, error = %e, "etcd member did not answer; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        // Next time, start one further than this time.
+        self.next.store((start + 1) % n, Ordering::Relaxed);
+        Err(last.expect("at least one endpoint"))
+    }
+
+    /// The session on the current member failed: the next connect starts
+    /// with the member after it.
+    pub fn rotate(&self) {
+        let n = self.endpoints.len().max(1);
+        let _ = self
+            .next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+    }
+
+    /// The member the next connect tries first.
+    pub fn current_endpoint(&self) -> Option<&str> {
+        let n = self.endpoints.len();
+        (n > 0).then(|| self.endpoints[self.next.load(Ordering::Relaxed) % n].as_str())
+    }
+
+    async fn open(endpoint: &str, options: ConnectOptions) -> Result<Client, etcd_client::Error> {
+        let attempt = async {
+            let mut client = Client::connect([endpoint], Some(options)).await?;
+            // The client connects lazily; one cheap request proves the member
+            // is there and answering.
+            client.status().await?;
+            Ok(client)
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("etcd member {endpoint} did not answer within {PROBE_TIMEOUT:?}"),
+            ))),
+        }
+    }
+}
