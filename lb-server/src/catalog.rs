@@ -58,6 +58,10 @@ pub struct Backend {
     pub health_since: SystemTime,
     /// Detail of the last health change (error text, status).
     pub health_detail: String,
+    /// Health transitions in the last [`FLAP_WINDOW`] (the first check of a
+    /// new backend not counted): a flapping backend shows here at a glance.
+    #[serde(rename = "health_transitions_10m")]
+    pub recent_transitions: RecentTransitions,
     /// Since when it has been serving (slow start).
     #[serde(skip)]
     pub serving_since: Option<Instant>,
@@ -72,6 +76,53 @@ pub struct Backend {
     pub decision: Decision,
     /// Operator's weight override, replacing the registry weight until it expires.
     pub weight_override: Option<WeightOverride>,
+}
+
+/// The window of [`Backend::recent_transitions`].
+pub const FLAP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// When a backend's recent health transitions happened (bounded: at most
+/// [`RecentTransitions::CAP`] are remembered). Serialized as their count
+/// within [`FLAP_WINDOW`].
+#[derive(Debug, Clone, Default)]
+pub struct RecentTransitions(std::collections::VecDeque<Instant>);
+
+impl RecentTransitions {
+    /// Most transitions remembered per backend.
+    pub const CAP: usize = 256;
+
+    fn record(&mut self, now: Instant) {
+        self.forget_before(now);
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(now);
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > FLAP_WINDOW)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    /// Transitions within the window ending now.
+    pub fn count(&self) -> usize {
+        let now = Instant::now();
+        self.0
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) <= FLAP_WINDOW)
+            .count()
+    }
+}
+
+impl serde::Serialize for RecentTransitions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.count() as u64)
+    }
 }
 
 /// An operator's weight override.
@@ -225,6 +276,11 @@ const CHANGE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Catalog {
+    /// The metrics every part of the LB counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// An empty catalog fed by `sources` registry sources. With
     /// `health_checked`, new backends start as [`HealthState::Unknown`] until
     /// checked; without, as [`HealthState::Unchecked`] (treated as serving).
@@ -388,6 +444,9 @@ impl Catalog {
             }
             tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, "health changed");
             metrics.health_transition(service, health);
+            if b.health != HealthState::Unknown {
+                b.recent_transitions.record(now);
+            }
             // Slow start applies to backends that become healthy once the LB
             // is warm; those found at startup are already carrying load.
             b.serving_since = (health == HealthState::Serving && warm).then_some(now);
@@ -903,6 +962,10 @@ impl Catalog {
                 health_detail: sibling
                     .as_ref()
                     .map(|b| b.health_detail.clone())
+                    .unwrap_or_default(),
+                recent_transitions: sibling
+                    .as_ref()
+                    .map(|b| b.recent_transitions.clone())
                     .unwrap_or_default(),
                 serving_since: sibling.as_ref().and_then(|b| b.serving_since),
                 load: sibling.as_ref().and_then(|b| b.load.clone()),

@@ -214,12 +214,15 @@ pub struct Config {
     #[arg(long = "health-service", env = "LB_HEALTH_SERVICES", value_delimiter = ',', value_parser = parse_alias)]
     pub health_services: Vec<(String, String)>,
 
-    /// Interval of `Check` calls for backends without `Watch`.
-    #[arg(long, env = "LB_HEALTH_CHECK_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Interval of `Check` calls: the heartbeat beside each `Watch` stream
+    /// (a hung backend is out within interval + timeout), and the status
+    /// poll for backends without `Watch`. Health probes send no HTTP/2 PINGs:
+    /// stock gRPC servers allow one per 5 minutes.
+    #[arg(long, env = "LB_HEALTH_CHECK_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,
 
-    /// Limit for connecting to a backend and for each health answer; also the
-    /// HTTP/2 keep-alive timeout that detects a silent backend.
+    /// Limit for connecting to a backend and for each health answer; a
+    /// heartbeat left unanswered this long marks the backend unreachable.
     #[arg(long, env = "LB_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_timeout: Duration,
 
@@ -471,11 +474,7 @@ impl Config {
                 Some((user.clone(), password))
             }
         };
-        Ok(crate::registry::etcd::EtcdAccess {
-            endpoints,
-            tls,
-            user,
-        })
+        Ok(crate::registry::etcd::EtcdAccess::new(endpoints, tls, user))
     }
 
     /// The list-building policy these flags describe.

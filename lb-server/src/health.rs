@@ -5,13 +5,31 @@
 //! backend and on it:
 //! - a `grpc.health.v1.Health/Watch` stream: every status change is written
 //!   to the catalog at once; a broken stream or refused connection means
-//!   *unreachable now* (no waiting for a lease to expire);
-//! - periodic `Check` calls instead, when `Watch` is UNIMPLEMENTED;
+//!   *unreachable now* (no waiting for a lease to expire), which is how a
+//!   killed backend leaves the lists within milliseconds;
+//! - a `Check` call every `check_interval`, the **heartbeat**: a backend that
+//!   leaves it unanswered for `timeout` is *hung* (SIGSTOPped, deadlocked,
+//!   partitioned: its sockets stay open, nothing answers) and counts as
+//!   unreachable. While `Watch` is open only its answers set the status; the
+//!   heartbeat proves the backend answers at all. When `Watch` is
+//!   UNIMPLEMENTED, the same `Check` calls carry the status too;
 //! - the ORCA load stream ([`crate::load`]), when enabled.
 //!
-//! HTTP/2 keep-alive on the connection detects a backend that went silent
-//! (a partition rather than a crash) within about two health timeouts.
-//! Reconnects use jittered exponential backoff.
+//! Why a heartbeat call and not HTTP/2 PINGs: stock gRPC servers refuse
+//! PINGs more often than every 5 minutes (grpc-go's
+//! `EnforcementPolicy{MinTime: 5m}`, C-core's
+//! `grpc.http2.min_ping_interval_without_data_ms`, grpc-java's
+//! `permitKeepAliveTime`) and answer the third with GOAWAY `too_many_pings`,
+//! which would tear the probe down every few seconds and flap the backend.
+//! A `Check` is an ordinary call that every server must answer, costs one
+//! small request, and measures what matters (the server answers gRPC), as
+//! Envoy's active checks do with their own interval and timeout. So the
+//! probe connection sends no PINGs at all.
+//!
+//! Reconnects use the shared jittered backoff ([`lb_client::backoff`]),
+//! capped at one second so that a backend that comes back (SIGCONT, a
+//! restart on the same address) is listed again within about two seconds;
+//! every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
 //!
 //! With replicas ([`crate::cluster`]), a replica probes only the backends it
 //! owns; results go through a [`Reporter`], which also publishes them, and
@@ -22,7 +40,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use lb_client::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -38,9 +56,11 @@ use crate::policy::HealthState;
 pub struct HealthSettings {
     /// Health service name per registry service (default "": whole server).
     pub service_names: HashMap<String, String>,
-    /// Interval of `Check` calls when `Watch` is unimplemented.
+    /// Interval of `Check` calls: the heartbeat beside `Watch`, and the
+    /// status poll when `Watch` is unimplemented.
     pub check_interval: Duration,
-    /// Connect timeout, per-answer timeout and keep-alive timeout.
+    /// Connect timeout and per-answer timeout (a heartbeat unanswered this
+    /// long means the backend is hung).
     pub timeout: Duration,
     /// Subscribe to ORCA load reports on the same connection.
     pub orca: bool,
@@ -82,6 +102,11 @@ impl Reporter {
             Some(c) => c.report_load(service, addr, report),
             None => self.catalog.set_load(service, addr, report),
         }
+    }
+
+    /// A probe's connection was lost and is being made again.
+    pub fn reconnect(&self) {
+        self.catalog.metrics().upstream_reconnect("health");
     }
 
     /// The load stream ended.
@@ -160,19 +185,12 @@ pub async fn run(
     }
 }
 
-/// Jittered exponential backoff between reconnects.
-struct Backoff(Duration);
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(2);
-
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Self::MAX);
-        d.mul_f64(rand::rng().random_range(0.8..1.2))
-    }
-}
+/// First reconnect delay of a probe.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay: a backend that returns is probed again soon.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// A session that lived this long resets the reconnect delay.
+const RECONNECT_RESET: Duration = Duration::from_secs(5);
 
 async fn probe(
     reporter: Arc<Reporter>,
@@ -182,10 +200,10 @@ async fn probe(
     cancel: CancellationToken,
 ) {
     let name = s.service_names.get(&service).cloned().unwrap_or_default();
-    let mut backoff = Backoff(Backoff::MIN);
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX).reset_after(RECONNECT_RESET);
     tracing::debug!(%service, %addr, health_service = %name, "probe started");
     loop {
-        let started = tokio::time::Instant::now();
+        backoff.attempt();
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
             r = session(&reporter, &s, &service, addr, &name) => r,
@@ -196,12 +214,9 @@ async fn probe(
         };
         reporter.health(&service, addr, HealthState::Unreachable, &detail);
         reporter.clear_load(&service, addr);
-        if started.elapsed() > Duration::from_secs(5) {
-            backoff = Backoff(Backoff::MIN);
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next()) => {}
+        reporter.reconnect();
+        if !backoff.wait(&cancel).await {
+            return;
         }
     }
 }
@@ -225,9 +240,6 @@ async fn session(
     let channel: Channel = endpoint
         .connect_timeout(s.timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(s.timeout)
-        .keep_alive_timeout(s.timeout)
-        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
@@ -254,8 +266,14 @@ async fn session(
         }
         Ok(Err(status)) => return Err(format!("Watch: {} {}", status.code(), status.message())),
     };
+    let heartbeat = heartbeat(client, request, s.check_interval, s.timeout);
+    tokio::pin!(heartbeat);
     loop {
-        match stream.message().await {
+        let message = tokio::select! {
+            m = stream.message() => m,
+            hung = &mut heartbeat => return Err(hung),
+        };
+        match message {
             Ok(Some(answer)) => apply(reporter, service, addr, answer.status),
             Ok(None) => return Err("Watch stream ended".into()),
             Err(status) => {
@@ -265,6 +283,31 @@ async fn session(
                     status.message()
                 ))
             }
+        }
+    }
+}
+
+/// `Check` every `every` beside an open `Watch`; returns why the backend
+/// counts as gone: no answer within `timeout`, or no connection. Any answer
+/// the server itself gives (even an error status) proves it alive; the
+/// status comes from `Watch`.
+async fn heartbeat(
+    mut client: HealthClient<Channel>,
+    request: HealthCheckRequest,
+    every: Duration,
+    timeout: Duration,
+) -> String {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(timeout, client.check(request.clone())).await {
+            Err(_) => return format!("hung: no answer to the Check heartbeat within {timeout:?}"),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return format!("Check heartbeat: {} {}", status.code(), status.message())
+            }
+            Ok(_) => {}
         }
     }
 }

@@ -69,6 +69,14 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels naming the kind of an outgoing connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `health` (LB → backend probes), `etcd`, `zk`, `consul`, `dns`
+    /// (registry sessions), `cluster` (the replicas' etcd session).
+    pub kind: String,
+}
+
 /// Every metric the LB exports.
 pub struct Metrics {
     registry: Registry,
@@ -113,6 +121,10 @@ pub struct Metrics {
     /// Registry sources besides the first defining a service (present
     /// only while there is a conflict).
     pub registry_conflicts: Family<ServiceLabels, Gauge>,
+    /// Outgoing sessions lost and opened again, per connection kind. In
+    /// steady state this does not move: a rising count is a peer closing
+    /// connections (for instance over its keep-alive policy).
+    pub upstream_reconnects: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -142,6 +154,7 @@ impl Metrics {
             client_stats_refused: Family::default(),
             registrations_refused: Family::default(),
             registry_conflicts: Family::default(),
+            upstream_reconnects: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -244,6 +257,11 @@ impl Metrics {
             "Registry sources that define a service another source (earlier in --registry) defines",
             m.registry_conflicts.clone(),
         );
+        registry.register(
+            "upstream_reconnects",
+            "Outgoing sessions (health probes, registry and cluster sessions) lost and opened again, per kind",
+            m.upstream_reconnects.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
@@ -298,6 +316,13 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })
+            .inc();
+    }
+
+    /// Counts one lost outgoing session of `kind` that is being reopened.
+    pub fn upstream_reconnect(&self, kind: &str) {
+        self.upstream_reconnects
+            .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
     }
 

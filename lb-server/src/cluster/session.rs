@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{self, SharedHealth};
 use super::{BackendKey, Cluster, ReplicaInfo, View};
-use crate::registry::retry::SessionBackoff;
+use crate::registry::retry::session_backoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -23,7 +23,7 @@ pub(super) async fn run(
     outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
     shutdown: &CancellationToken,
 ) {
-    let mut backoff = SessionBackoff::default();
+    let mut backoff = session_backoff();
     let mut stale_lease: Option<i64> = None;
     loop {
         backoff.attempt();
@@ -39,7 +39,10 @@ pub(super) async fn run(
             Err(e) => e,
         };
         set_connected(cluster, false, None);
-        tracing::warn!(error = %error, retry_in = ?backoff.delay(),
+        cluster.settings.etcd.rotate();
+        cluster.catalog.metrics().upstream_reconnect("cluster");
+        tracing::warn!(error = %error, retry_in = ?backoff.peek(),
+            next = ?cluster.settings.etcd.current_endpoint(),
             "cluster session lost; checking every backend locally until etcd is back");
         if !backoff.wait(shutdown).await {
             return;

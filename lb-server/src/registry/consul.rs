@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::retry::session_backoff;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::Deserialize;
@@ -296,7 +297,7 @@ impl ConsulRegistry {
     async fn watch_catalog(self: Arc<Self>, sink: RegistrySink, shutdown: CancellationToken) {
         let mut index = 0u64;
         let mut watchers: HashMap<String, (JoinHandle<()>, CancellationToken)> = HashMap::new();
-        let mut backoff = Backoff::default();
+        let mut backoff = session_backoff();
         // Readiness: the catalog listed, and every service in it answered once.
         let mut pending: Option<Arc<AtomicUsize>> = None;
         loop {
@@ -308,7 +309,7 @@ impl ConsulRegistry {
             let (body, answered) = match result {
                 Ok(ok) => ok,
                 Err(e) => {
-                    sink.source_error(&e);
+                    sink.session_lost(&e);
                     if !backoff.wait(&shutdown).await {
                         break;
                     }
@@ -327,7 +328,7 @@ impl ConsulRegistry {
                     continue;
                 }
             };
-            backoff = Backoff::default();
+            backoff.reset();
             let wanted: Vec<String> = services
                 .into_iter()
                 .filter(|(name, tags)| {
@@ -391,7 +392,7 @@ impl ConsulRegistry {
         let path = format!("/v1/health/service/{}", urlencode(&service));
         let mut index = 0u64;
         let mut first = true;
-        let mut backoff = Backoff::default();
+        let mut backoff = session_backoff();
         let tag = self.settings.tag.clone();
         loop {
             let mut extra: Vec<(&str, &str)> = vec![("passing", "1")];
@@ -428,7 +429,7 @@ impl ConsulRegistry {
             }
             match outcome {
                 Ok(answered) => {
-                    backoff = Backoff::default();
+                    backoff.reset();
                     let next = next_index(index, answered);
                     if next == index && started.elapsed() < Duration::from_millis(100) {
                         tokio::select! {
@@ -459,27 +460,6 @@ fn done_one(pending: &AtomicUsize) -> bool {
 /// Percent-encodes a service name for a URL path.
 fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// Retry delays after failures: 200 ms doubling to 5 s.
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(200))
-    }
-}
-
-impl Backoff {
-    /// Sleeps; false if `cancel` came first.
-    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
-    }
 }
 
 impl Registry for ConsulRegistry {

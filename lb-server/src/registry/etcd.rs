@@ -1,74 +1,24 @@
 //! The etcd registry source.
 //!
 //! Lists `<prefix>` once, then watches it from the next revision. When the
-//! watch is cancelled (compaction) or the connection is lost, it re-lists and
-//! watches again; until that succeeds the catalog keeps the last known state,
-//! so an etcd outage changes nothing that clients see.
+//! watch is cancelled (compaction, a member without a leader) or the
+//! connection is lost, it re-lists and watches again, starting with the next
+//! etcd member ([`EtcdAccess`]: one member at a time, keep-alive within
+//! etcd's policy); until that succeeds the catalog keeps the last known
+//! state, so an etcd outage changes nothing that clients see.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+pub use lb_client::etcd::EtcdAccess;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{self, Decoded};
 use super::retry::run_sessions;
 use super::{Instance, Registry, RegistrySink};
-
-/// Where an etcd cluster is and how to get in: endpoints, TLS, user.
-#[derive(Clone, Default)]
-pub struct EtcdAccess {
-    /// `host:port` of each member.
-    pub endpoints: Vec<String>,
-    /// TLS towards etcd (https), when set.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
-    /// User name and password, when etcd authentication is on.
-    pub user: Option<(String, String)>,
-}
-
-impl std::fmt::Debug for EtcdAccess {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the password.
-        f.debug_struct("EtcdAccess")
-            .field("endpoints", &self.endpoints)
-            .field("tls", &self.tls.is_some())
-            .field("user", &self.user.as_ref().map(|(u, _)| u))
-            .finish()
-    }
-}
-
-impl EtcdAccess {
-    /// Access without TLS or credentials.
-    pub fn plain(endpoints: Vec<String>) -> Self {
-        EtcdAccess {
-            endpoints,
-            ..Default::default()
-        }
-    }
-
-    /// Connect options: short timeouts and HTTP/2 keep-alive (a dead etcd
-    /// is noticed in seconds), TLS and credentials.
-    pub fn connect_options(&self) -> ConnectOptions {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.clone());
-        }
-        if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        options
-    }
-
-    /// A connected client.
-    pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
-        Client::connect(&self.endpoints, Some(self.connect_options())).await
-    }
-}
 
 /// Reads services from etcd.
 pub struct EtcdRegistry {
@@ -164,8 +114,9 @@ impl Registry for EtcdRegistry {
                     .map_err(|e| e.to_string())
             };
             run_sessions(shutdown, session, |error, retry_in| {
-                tracing::warn!(endpoints = ?this.access.endpoints, %error, ?retry_in,
-                    "etcd unavailable; serving last known state");
+                this.access.rotate();
+                sink.session_lost(error);
+                tracing::debug!(next = ?this.access.current_endpoint(), ?retry_in, "etcd session retry");
             })
             .await
         }

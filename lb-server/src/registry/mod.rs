@@ -131,6 +131,14 @@ impl RegistrySink {
         }
     }
 
+    /// Reports that the source's session (watch, connection) was lost and
+    /// is being opened again: counted in `lb_upstream_reconnects_total`
+    /// under the source's kind, then as [`RegistrySink::source_error`].
+    pub fn session_lost(&self, detail: &str) {
+        self.metrics.upstream_reconnect(self.source);
+        self.source_error(detail);
+    }
+
     /// Adds or updates one instance.
     pub fn upsert(&self, instance: Instance) {
         self.metrics.event(self.source, "put");

@@ -1,59 +1,23 @@
 //! Keeping a session with a discovery system up: sessions run one after
-//! another (etcd's list + watch, ZooKeeper's watch, the cluster's
-//! membership), with a backoff between failures that doubles up to a limit
-//! and starts over after a session that lasted.
+//! another (etcd's list + watch, ZooKeeper's watch), with the shared
+//! jittered backoff between failures ([`lb_client::backoff`]), which starts
+//! over after a session that lasted.
 
 use std::future::Future;
 use std::time::Duration;
 
+use lb_client::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
-/// Delay before the first retry after a failure; doubles up to [`RETRY_MAX`].
+/// Delay before the first retry after a failure; grows up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A session that lived this long resets the delay.
+const RETRY_RESET: Duration = Duration::from_secs(10);
 
-/// Backoff between etcd sessions (the registry watch, cluster membership):
-/// doubles after each failure up to [`RETRY_MAX`], and starts over after a
-/// session that lasted more than 10 s.
-pub struct SessionBackoff {
-    delay: Duration,
-    started: tokio::time::Instant,
-}
-
-impl Default for SessionBackoff {
-    fn default() -> Self {
-        SessionBackoff {
-            delay: RETRY_MIN,
-            started: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl SessionBackoff {
-    /// Marks the start of a session attempt.
-    pub fn attempt(&mut self) {
-        self.started = tokio::time::Instant::now();
-    }
-
-    /// The delay before the next attempt.
-    pub fn delay(&self) -> Duration {
-        if self.started.elapsed() > Duration::from_secs(10) {
-            RETRY_MIN
-        } else {
-            self.delay
-        }
-    }
-
-    /// Sleeps before the next attempt; false if `shutdown` came first.
-    pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let delay = self.delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        self.delay = (delay * 2).min(RETRY_MAX);
-        true
-    }
+/// The backoff of registry and cluster sessions.
+pub fn session_backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX).reset_after(RETRY_RESET)
 }
 
 /// Runs `session` again and again until one ends with `Ok` (it saw
@@ -67,12 +31,12 @@ pub async fn run_sessions<F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let mut backoff = SessionBackoff::default();
+    let mut backoff = session_backoff();
     loop {
         backoff.attempt();
         match session().await {
             Ok(()) => return,
-            Err(e) => failed(&e, backoff.delay()),
+            Err(e) => failed(&e, backoff.peek()),
         }
         if !backoff.wait(shutdown).await {
             return;

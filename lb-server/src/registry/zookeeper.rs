@@ -299,7 +299,7 @@ impl Registry for ZkRegistry {
         async move {
             let (this, sink, shutdown) = (&self, &sink, &shutdown);
             let session = move || async move { this.session(sink, shutdown).await };
-            run_sessions(shutdown, session, |error, _| sink.source_error(error)).await
+            run_sessions(shutdown, session, |error, _| sink.session_lost(error)).await
         }
         .boxed()
     }
