@@ -65,6 +65,8 @@ def main():
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--ready-timeout", type=float, default=20.0)
     p.add_argument("--linger", type=float, default=0.0, help="seconds to keep the channel open after the calls")
+    p.add_argument("--duration", type=float, default=0.0, help="call for this many seconds (instead of --calls)")
+    p.add_argument("--interval", type=float, default=0.05, help="seconds between calls with --duration")
     args = p.parse_args()
 
     # stdout carries only the JSON summary; DNS queries are logged to stderr.
@@ -99,18 +101,28 @@ def main():
         return 1
 
     per_backend, tokens, failures = {}, {}, []
-    for i in range(args.calls):
+    if args.duration > 0:
+        # Paced: one call every --interval until --duration has passed.
+        end = time.time() + args.duration
+        schedule = iter(lambda: time.time() < end, False)
+    else:
+        schedule = (True for _ in range(args.calls))
+    calls = 0
+    for i, _ in enumerate(schedule):
+        if args.duration > 0:
+            time.sleep(args.interval)
+        calls += 1
         try:
             raw, call = say_hello.with_call(encode_hello("call-%d" % i), timeout=5)
         except grpc.RpcError as e:
-            failures.append("%s: %s" % (e.code(), e.details()))
+            failures.append("%s %s: %s" % (time.strftime("%H:%M:%S"), e.code(), e.details()))
             continue
         backend = decode_reply(raw).rsplit(" from ", 1)[-1]
         per_backend[backend] = per_backend.get(backend, 0) + 1
         md = dict(call.initial_metadata())
         tokens[backend] = md.get("x-lb-token", "")
     time.sleep(args.linger)  # lets the channel send its client stats
-    print(json.dumps({"per_backend": per_backend, "tokens": tokens, "failures": failures, "grpc": grpc.__version__}))
+    print(json.dumps({"calls": calls, "per_backend": per_backend, "tokens": tokens, "failures": failures, "grpc": grpc.__version__}))
     channel.close()
     udp.stop()
     tcp.stop()

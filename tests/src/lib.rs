@@ -18,10 +18,12 @@
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
+//! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb clients |
 
 pub mod certs;
 pub mod consul;
 pub mod dns;
+pub mod stock;
 pub mod zookeeper;
 
 use std::collections::BTreeMap;
@@ -47,7 +49,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Directory of this workspace's built binaries (`target/<profile>`).
-fn bin_dir() -> PathBuf {
+pub(crate) fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps.
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
@@ -614,6 +616,36 @@ impl Lb {
         self.get(&format!("/api/v1/services/{service}"))
             .1
             .contains(&format!("\"address\":\"{addr}\""))
+    }
+
+    /// The sum of every sample of the metric `name` (all label sets), e.g.
+    /// `lb_upstream_reconnects_total`; 0 if absent.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = if rest.starts_with('{') {
+                    rest.split_once('}')?.1
+                } else if rest.starts_with(' ') {
+                    rest
+                } else {
+                    return None;
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum()
+    }
+
+    /// Lines of the LB's log written at `level` (`WARN`, `ERROR`) so far.
+    pub fn log_lines(&self, level: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.proc.log).unwrap_or_default();
+        let tag = format!(" {level} ");
+        text.lines()
+            .filter(|l| l.contains(&tag))
+            .map(str::to_string)
+            .collect()
     }
 
     /// The value of one Prometheus sample, e.g.

@@ -506,6 +506,45 @@ async fn dashboard_shows_backends_and_reflects_a_drain_in_chromium() {
     );
     assert!(!row(&dom, gs[0].addr).contains("drained"));
 
+    // A backend that flapped (SERVING → NOT_SERVING → SERVING) shows its two
+    // transitions of the last 10 minutes; the others show none.
+    let flapper = gs[2].addr;
+    let flaps = |addr: SocketAddr| -> u64 {
+        let (_, body) = lb.get("/api/v1/services/greeter");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr.to_string())
+            .and_then(|b| b["health_transitions_10m"].as_u64())
+            .unwrap_or_else(|| panic!("no health_transitions_10m for {addr}: {body}"))
+    };
+    assert_eq!(flaps(flapper), 0, "a steady backend counted transitions");
+    for serving in [false, true] {
+        assert_eq!(gs[2].toggle_health().await, serving);
+        assert!(
+            wait_until(Duration::from_secs(5), || ch
+                .ready_backends()
+                .contains(&flapper)
+                == serving)
+            .await
+        );
+    }
+    assert_eq!(flaps(flapper), 2);
+    assert_eq!(flaps(gs[0].addr), 0);
+    let dom = render(&url, None).await;
+    assert!(
+        row(&dom, flapper).contains("2 in 10 min"),
+        "flaps not shown: {}",
+        row(&dom, flapper)
+    );
+    assert!(
+        !row(&dom, gs[0].addr).contains("in 10 min"),
+        "{}",
+        row(&dom, gs[0].addr)
+    );
+
     let shot = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs/dashboard.png");
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     render(&url, Some(&shot)).await;

@@ -333,6 +333,75 @@ async fn etcd_member_and_quorum_loss_change_nothing_for_clients() {
 /// Subsets: 200 clients, 20 backends, K = 5 → every client gets 5, each
 /// backend serves the mean ±25 %; removing a backend changes only the
 /// subsets that held it.
+/// Whichever etcd member dies, and whenever, every session moves to a live
+/// one within a couple of seconds: both LBs' registry watches and cluster
+/// sessions, and the registration helper of a backend starting meanwhile.
+/// Each member is killed in turn (and brought back before the next), a new
+/// backend registers while it is down, and both LBs must list it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_reach_a_live_etcd_member_whichever_dies() {
+    let mut members = Etcd::start_cluster(3).await;
+    let url = Etcd::cluster_url(&members);
+    let lb1 = Lb::start(&cluster_lb_args(&url, &[])).await;
+    let lb2 = Lb::start(&cluster_lb_args(&url, &[])).await;
+    let mut backends = greeters(2, &url, &["--ttl", "5s"]).await;
+    let per_lb = [
+        channel("greeter", &[lb1.addr]),
+        channel("greeter", &[lb2.addr]),
+    ];
+    for ch in &per_lb {
+        assert!(wait_backends(ch, 2, Duration::from_secs(10)).await);
+    }
+    let caller = Caller::start(&per_lb[0], 2, Duration::from_millis(10));
+    let connected = |lb: &Lb| {
+        serde_json::from_str::<Value>(&lb.get("/api/v1/cluster").1).unwrap()["view"]["connected"]
+            == true
+    };
+    for (i, member) in members.iter_mut().enumerate() {
+        // Let every session settle on whatever member it chose.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        member.kill();
+        let killed = Instant::now();
+        let newcomer = Greeter::start(&url, &["--ttl", "5s"]).await;
+        assert!(
+            newcomer.wait_registered(Duration::from_secs(4)).await,
+            "member {i} down: the registration helper did not reach a live member"
+        );
+        let registered = killed.elapsed();
+        for (n, ch) in per_lb.iter().enumerate() {
+            assert!(
+                wait_until(Duration::from_secs(3), || ch.ready_backends().contains(&newcomer.addr)).await,
+                "member {i} down: LB {} did not list a backend registered {registered:?} after the kill \
+                 (its registry watch stayed on the dead member?); LB logs {} {}",
+                n + 1,
+                lb1.proc.log.display(),
+                lb2.proc.log.display()
+            );
+        }
+        let listed = killed.elapsed();
+        for lb in [&lb1, &lb2] {
+            assert!(
+                wait_until(Duration::from_secs(3), || connected(lb)).await,
+                "member {i} down: a cluster session did not reconnect to a live member: {}",
+                lb.get("/api/v1/cluster").1
+            );
+        }
+        eprintln!(
+            "member {i} killed: newcomer registered {registered:?}, listed by both LBs {listed:?}, \
+             cluster sessions connected {:?} after the kill",
+            killed.elapsed()
+        );
+        backends.push(newcomer);
+        member.restart().await;
+    }
+    let calls = caller.stop().await;
+    assert!(
+        calls.failures.is_empty(),
+        "calls failed: {:?}",
+        calls.failures
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subsets_are_balanced_and_change_minimally() {
     let etcd = Etcd::start().await;

@@ -1,0 +1,177 @@
+//! Stock gRPC peers that nobody here wrote, with their default settings:
+//! - backends on the grpc-go server (Debian's grpc-go 1.33, with its stock
+//!   health server) and on the gRPC C-core server (Python `grpcio` with
+//!   `grpcio-health-checking`'s `HealthServicer`): both enforce their
+//!   libraries' keep-alive policies (a PING without data at most every
+//!   5 minutes, GOAWAY `too_many_pings` after two strikes);
+//! - grpclb clients: grpc-go's (`tests/interop/go/grpclb_client`) and
+//!   C-core's (`tests/interop/grpclb_client.py`, through DNS SRV).
+//!
+//! The Go programs under `tests/interop/go` are built on first use by
+//! `tests/interop/go/build`, in GOPATH mode against Debian's packages
+//! (`golang-go`, `golang-google-grpc-dev`, installed by `scripts/setup`); a
+//! missing toolchain is a loud failure with a fix-it message.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::{bin_dir, python, workspace, Proc};
+
+/// Builds the Go interop programs once per test process (with
+/// `tests/interop/go/build`); returns the directory holding `backend` and
+/// `grpclb_client`.
+fn go_bins() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out_dir = bin_dir().join("..").join("go").join("bin");
+            let script = workspace().join("tests/interop/go/build");
+            let out = Command::new(&script)
+                .arg(&out_dir)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "building the grpc-go peers failed (scripts/setup installs Go and Debian's grpc-go: \
+                 `apt-get install golang-go golang-google-grpc-dev`):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out_dir
+        })
+        .clone()
+}
+
+/// Which stock server a backend runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stock {
+    /// grpc-go 1.33 (`google.golang.org/grpc/health`).
+    GrpcGo,
+    /// gRPC C-core through Python `grpcio` (`grpc_health.v1.health`).
+    Grpcio,
+}
+
+/// One backend process on a stock gRPC server.
+pub struct StockBackend {
+    /// The process.
+    pub proc: Proc,
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// Its server.
+    pub kind: Stock,
+    connections: Arc<AtomicUsize>,
+}
+
+impl StockBackend {
+    /// Starts a backend of `kind` on a free loopback port; waits until it serves.
+    pub async fn start(kind: Stock) -> StockBackend {
+        let mut cmd = match kind {
+            Stock::GrpcGo => Command::new(go_bins().join("backend")),
+            Stock::Grpcio => {
+                let mut c = Command::new(python());
+                c.arg(workspace().join("tests/interop/stock_backend.py"))
+                    .env("GRPC_VERBOSITY", "ERROR");
+                c
+            }
+        };
+        cmd.args(["--port", "0"]);
+        let name = match kind {
+            Stock::GrpcGo => "grpc-go-backend",
+            Stock::Grpcio => "grpcio-backend",
+        };
+        let mut proc = Proc::spawn(name, cmd, true);
+        let stdout = proc.child_stdout().expect("stdout");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<u16>();
+        let conns = connections.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix("LISTENING ") {
+                    let _ = tx.send(port.trim().parse().expect("LISTENING port"));
+                } else if line.starts_with("CONN ") {
+                    conns.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let log = proc.log.display().to_string();
+        let port = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .expect("join")
+            .unwrap_or_else(|_| panic!("{name} did not start within 20 s; see {log}"));
+        StockBackend {
+            proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            kind,
+            connections,
+        }
+    }
+
+    /// Connections the backend accepted so far (grpc-go backends count them;
+    /// C-core does not expose its accepts, so `None`).
+    pub fn connections(&self) -> Option<usize> {
+        (self.kind == Stock::GrpcGo).then(|| self.connections.load(Ordering::SeqCst))
+    }
+}
+
+/// A stock grpclb client calling at a steady pace in the background.
+pub struct GrpclbClient {
+    name: &'static str,
+    child: tokio::process::Child,
+}
+
+impl GrpclbClient {
+    /// grpc-go's grpclb policy, balancer address from the resolver state,
+    /// dialing `lbtest:///<service>`: one call every `interval` for `duration`.
+    pub fn go(lb: SocketAddr, service: &str, duration: Duration, interval: Duration) -> Self {
+        let mut cmd = tokio::process::Command::new(go_bins().join("grpclb_client"));
+        cmd.arg("-lb")
+            .arg(lb.to_string())
+            .args(["-service", service])
+            .arg(format!("-duration={}ms", duration.as_millis()))
+            .arg(format!("-interval={}ms", interval.as_millis()));
+        Self::spawn("grpc-go grpclb client", cmd)
+    }
+
+    /// C-core's grpclb policy (Python grpcio), the LB found through DNS SRV
+    /// for `host`: one call every `interval` for `duration`.
+    pub fn grpcio(lb: SocketAddr, host: &str, duration: Duration, interval: Duration) -> Self {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(workspace().join("tests/interop/grpclb_client.py"))
+            .args(["--lb-port", &lb.port().to_string(), "--host", host])
+            .args(["--duration", &duration.as_secs_f64().to_string()])
+            .args(["--interval", &interval.as_secs_f64().to_string()])
+            .env("GRPC_DNS_RESOLVER", "ares")
+            .env("GRPC_VERBOSITY", "ERROR");
+        Self::spawn("grpcio grpclb client", cmd)
+    }
+
+    fn spawn(name: &'static str, mut cmd: tokio::process::Command) -> Self {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        GrpclbClient { name, child }
+    }
+
+    /// Waits for the client to finish (at most `limit`) and returns its
+    /// JSON summary: `calls`, `per_backend`, `failures`.
+    pub async fn finish(self, limit: Duration) -> serde_json::Value {
+        let name = self.name;
+        let out = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish within {limit:?}"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name} failed: {stdout}\n{stderr}");
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{name}: bad output ({e}): {stdout}\n{stderr}"))
+    }
+}
