@@ -1,4 +1,9 @@
-//! SIGKILL a backend: time until the LB's list drops it.
+//! SIGKILL a backend: time until the LB's list drops it (a broken `Watch`
+//! stream). SIGSTOP a backend (hung: sockets open, nothing answers): time
+//! until the list drops it (the `Check` heartbeat goes unanswered), and
+//! after SIGCONT, time until it is listed again. The baseline of both is the
+//! lease TTL: without health checks a dead or hung backend stays listed
+//! until its registration expires.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,6 +14,7 @@ use serde_json::json;
 
 use crate::measure::pct;
 use crate::procs::greeter_with;
+use crate::procs::signal;
 
 pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
     let greeter_bin = std::env::current_exe()?.with_file_name("greeter-server");
@@ -38,8 +44,10 @@ pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
         })
     };
     let ttl = Duration::from_secs(10);
-    let mut took = Vec::new();
-    eprintln!("kill-removal: {samples} SIGKILLs, lease TTL {ttl:?} (panic mode off)");
+    let (mut took, mut stopped, mut resumed) = (Vec::new(), Vec::new(), Vec::new());
+    eprintln!(
+        "kill-removal: {samples} SIGSTOP/SIGCONT/SIGKILL, lease TTL {ttl:?} (panic mode off)"
+    );
     for _ in 0..samples {
         let mut child = std::process::Command::new(&greeter_bin)
             .args([
@@ -70,41 +78,65 @@ pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
             .await?
             .map_err(|_| anyhow::anyhow!("greeter did not start"))?;
         let addr: SocketAddr = line.trim_start_matches("LISTENING ").trim().parse()?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while listed(addr) != Some(true) {
-            anyhow::ensure!(Instant::now() < deadline, "backend never listed");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let t0 = Instant::now();
+        let wait_for = |want: bool, what: &'static str, limit: Duration| async move {
+            let t0 = Instant::now();
+            while listed(addr) != Some(want) {
+                anyhow::ensure!(t0.elapsed() < limit, "{what} within {limit:?}");
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            Ok::<f64, anyhow::Error>(t0.elapsed().as_secs_f64() * 1e3)
+        };
+        wait_for(true, "backend listed", Duration::from_secs(5)).await?;
+        // Hung: stopped, then continued.
+        let pid = child.id() as i32;
+        signal(pid, libc::SIGSTOP);
+        stopped.push(wait_for(false, "stopped backend removed", Duration::from_secs(30)).await?);
+        signal(pid, libc::SIGCONT);
+        resumed.push(
+            wait_for(
+                true,
+                "continued backend listed again",
+                Duration::from_secs(30),
+            )
+            .await?,
+        );
+        // Dead.
         child.kill()?;
-        while listed(addr) == Some(true) {
-            anyhow::ensure!(
-                t0.elapsed() < Duration::from_secs(30),
-                "killed backend never removed"
-            );
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
-        took.push(t0.elapsed().as_secs_f64() * 1e3);
+        took.push(wait_for(false, "killed backend removed", Duration::from_secs(30)).await?);
         let _ = child.wait();
     }
-    took.sort_by(|a, b| a.total_cmp(b));
-    let (p50, p99, max) = (pct(&took, 0.5), pct(&took, 0.99), took[took.len() - 1]);
-    println!("| measure ({samples} kills) | p50 | p99 | max |");
+    for v in [&mut took, &mut stopped, &mut resumed] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let summary = |v: &[f64]| (pct(v, 0.5), pct(v, 0.99), v[v.len() - 1]);
+    let (p50, p99, max) = summary(&took);
+    let (stop50, stop99, stop_max) = summary(&stopped);
+    let (cont50, cont99, cont_max) = summary(&resumed);
+    println!(
+        "| measure ({samples} backends, each stopped, continued, then killed) | p50 | p99 | max |"
+    );
     println!("| --- | ---: | ---: | ---: |");
-    println!("| SIGKILL → gone from the LB's list (health check) | {p50:.1} ms | {p99:.1} ms | {max:.1} ms |");
+    println!("| SIGKILL → gone from the LB's list (broken Watch) | {p50:.1} ms | {p99:.1} ms | {max:.1} ms |");
+    println!("| SIGSTOP → gone from the LB's list (unanswered Check heartbeat) | {stop50:.1} ms | {stop99:.1} ms | {stop_max:.1} ms |");
+    println!("| SIGCONT → listed again | {cont50:.1} ms | {cont99:.1} ms | {cont_max:.1} ms |");
     println!(
         "| lease TTL (baseline: removal without health checks) | {:.0} ms | | |",
         ttl.as_secs_f64() * 1e3
     );
+    let ttl_ms = ttl.as_secs_f64() * 1e3;
     println!(
-        "| ratio p99 / TTL | {:.4}x | | |",
-        p99 / (ttl.as_secs_f64() * 1e3)
+        "| ratio p99 / TTL: SIGKILL, SIGSTOP | {:.4}x, {:.3}x | | |",
+        p99 / ttl_ms,
+        stop99 / ttl_ms
     );
     for g in steady {
         g.shutdown(Duration::ZERO).await;
     }
     lb.shutdown(Duration::from_secs(2)).await;
     Ok(
-        json!({"bench": "kill_removal", "samples": samples, "p50_ms": p50, "p99_ms": p99, "max_ms": max, "ttl_ms": ttl.as_secs_f64() * 1e3}),
+        json!({"bench": "kill_removal", "samples": samples, "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+            "sigstop_p50_ms": stop50, "sigstop_p99_ms": stop99, "sigstop_max_ms": stop_max,
+            "sigcont_p50_ms": cont50, "sigcont_p99_ms": cont99, "sigcont_max_ms": cont_max,
+            "ttl_ms": ttl_ms}),
     )
 }

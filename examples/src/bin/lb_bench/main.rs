@@ -17,9 +17,14 @@
 //! - `failover`: N clients over two LB replicas (processes, over etcd); one
 //!   replica is SIGKILLed (then, in a second round, stopped with SIGTERM):
 //!   time until each of its clients has a stream on the survivor.
-//! - `soak`: one LB under steady churn for a bounded time (streams, calling
-//!   clients, a backend replaced every second): no failed call, RSS flat
-//!   after warm-up, no task or descriptor leak. Fails when a check fails.
+//! - `idle`: what LBs do when nothing happens, several `lb-server` builds
+//!   side by side (each over its own etcd, two stock backends): etcd
+//!   requests, health transitions and WARN lines per minute (all 0 is right).
+//! - `soak`: one LB over a real etcd under steady churn for a bounded time
+//!   (streams, calling clients, a backend replaced every second, stock
+//!   grpc-go and C-core backends kept throughout): no failed call, RSS flat
+//!   after warm-up, no task or descriptor leak, no transition of the stock
+//!   backends, no lost etcd session, no WARN line. Fails when a check fails.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 //!
@@ -27,10 +32,11 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle` |
 
 mod failover;
 mod fanout;
+mod idle;
 mod kill_removal;
 mod measure;
 mod procs;
@@ -92,7 +98,7 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
-    /// SIGKILL a backend, time until the LB's list drops it.
+    /// SIGKILL / SIGSTOP a backend: time until the LB's list drops it; SIGCONT: until it is back.
     KillRemoval {
         /// Number of kills.
         #[arg(long, default_value_t = 20)]
@@ -115,6 +121,20 @@ enum Bench {
         /// Connected clients (LbChannels, each with its own stream).
         #[arg(long, default_value_t = 1000)]
         clients: usize,
+    },
+    /// What idle LBs do, builds side by side: etcd requests, health transitions, WARN lines per minute.
+    Idle {
+        /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
+        #[arg(long = "lb-server")]
+        lb_servers: Vec<PathBuf>,
+        /// Time before the window (first health checks, ORCA blackout).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+        /// The measured window.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        #[command(flatten)]
+        peers: StockPeerArgs,
     },
     /// One LB under steady churn: no failed call, flat RSS, no task or fd leak.
     Soak {
@@ -143,7 +163,33 @@ enum Bench {
         /// Tasks and descriptors allowed above the baseline at the end.
         #[arg(long, default_value_t = 2.0)]
         leak_tolerance: f64,
+        #[command(flatten)]
+        peers: StockPeerArgs,
     },
+}
+
+/// Where the stock backends come from (paths relative to the workspace).
+#[derive(clap::Args)]
+struct StockPeerArgs {
+    /// The stock grpc-go backend (built by `tests/interop/go/build`).
+    #[arg(long, default_value = "target/go/bin/backend")]
+    grpc_go_backend: PathBuf,
+    /// A Python with grpcio and grpcio-health-checking.
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    /// The stock C-core backend script.
+    #[arg(long, default_value = "tests/interop/stock_backend.py")]
+    grpcio_backend: PathBuf,
+}
+
+impl StockPeerArgs {
+    fn peers(self) -> soak::StockPeers {
+        soak::StockPeers {
+            grpc_go_backend: self.grpc_go_backend,
+            python: self.python,
+            grpcio_backend: self.grpcio_backend,
+        }
+    }
 }
 
 #[tokio::main]
@@ -175,13 +221,35 @@ async fn main() -> anyhow::Result<()> {
             backends,
             max_rss_slope,
             leak_tolerance,
+            peers,
         } => {
             let limits = soak::SoakLimits {
                 warmup,
                 max_rss_slope_kib_per_min: max_rss_slope,
                 leak_tolerance,
             };
-            soak::soak(duration, streams, clients, churn_every, backends, limits).await?
+            let peers = peers.peers();
+            soak::soak(
+                duration,
+                streams,
+                clients,
+                churn_every,
+                backends,
+                &peers,
+                limits,
+            )
+            .await?
+        }
+        Bench::Idle {
+            mut lb_servers,
+            settle,
+            window,
+            peers,
+        } => {
+            if lb_servers.is_empty() {
+                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
+            }
+            idle::idle(lb_servers, &peers.peers(), settle, window).await?
         }
         Bench::Fanout {
             streams,

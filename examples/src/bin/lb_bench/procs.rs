@@ -23,6 +23,14 @@ impl Drop for EtcdProcess {
     }
 }
 
+/// Sends `sig` to the process `pid` (one this program started).
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on the PID of a child this program started and has not reaped.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
 /// A free loopback port.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -85,12 +93,90 @@ pub struct LbProcess {
     pub addr: SocketAddr,
     /// Its admin HTTP address.
     pub admin: SocketAddr,
+    /// Its log (standard error), in the temporary directory.
+    pub log: PathBuf,
 }
 
 impl Drop for LbProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A backend process on a stock gRPC server (grpc-go, or C-core through
+/// Python grpcio: `tests/interop/`), default settings; killed when dropped.
+pub struct StockBackend {
+    child: std::process::Child,
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// `grpc-go` or `grpcio`.
+    pub kind: &'static str,
+    _registration: Option<Registration>,
+}
+
+impl Drop for StockBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl StockBackend {
+    /// Runs `command` (which prints `LISTENING <port>`) and registers it as
+    /// `service` in `registry` (`None`: not registered).
+    pub async fn start(
+        kind: &'static str,
+        mut command: std::process::Command,
+        registry: Option<&str>,
+        service: &str,
+    ) -> anyhow::Result<StockBackend> {
+        use std::io::BufRead;
+        let mut child = command
+            .args(["--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start the {kind} backend: {e}"))?;
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(port) = l.strip_prefix("LISTENING ") {
+                    let _ = tx.send(port.trim().to_string());
+                }
+            }
+        });
+        let port = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await?
+            .map_err(|_| anyhow::anyhow!("the {kind} backend did not start"))?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let registration = match registry {
+            None => None,
+            Some(registry) => {
+                let r = Registration::start(
+                    registry,
+                    service,
+                    &addr.to_string(),
+                    RegistrationOptions::default(),
+                )?;
+                anyhow::ensure!(
+                    r.wait_registered(Duration::from_secs(5)).await,
+                    "the {kind} backend did not register"
+                );
+                Some(r)
+            }
+        };
+        Ok(StockBackend {
+            child,
+            addr,
+            kind,
+            _registration: registration,
+        })
     }
 }
 
@@ -100,6 +186,12 @@ impl LbProcess {
     /// lifted: benchmarks measure capacity, not protection.
     pub async fn start(registry: &str) -> anyhow::Result<LbProcess> {
         let bin = std::env::current_exe()?.with_file_name("lb-server");
+        Self::start_bin(&bin, registry).await
+    }
+
+    /// Like [`LbProcess::start`], running the `lb-server` binary at `bin`
+    /// (another build, to compare side by side).
+    pub async fn start_bin(bin: &std::path::Path, registry: &str) -> anyhow::Result<LbProcess> {
         anyhow::ensure!(
             bin.exists(),
             "{} not found: build it (cargo build --release --bins)",
@@ -107,6 +199,11 @@ impl LbProcess {
         );
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::env::temp_dir().join(format!(
+            "lb-bench-lb-server-{}-{}.log",
+            std::process::id(),
+            addr.port()
+        ));
         let child = std::process::Command::new(bin)
             .args(["--listen", &addr.to_string()])
             .args(["--admin-listen", &admin.to_string()])
@@ -114,8 +211,14 @@ impl LbProcess {
             .args(["--max-connections-per-peer", "1000000"])
             .args(["--max-streams-per-peer", "1000000"])
             .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let lb = LbProcess { child, addr, admin };
+        let lb = LbProcess {
+            child,
+            addr,
+            admin,
+            log,
+        };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return Ok(lb);
@@ -125,14 +228,52 @@ impl LbProcess {
         anyhow::bail!("lb-server did not start")
     }
 
+    /// The body of an admin GET of `path`.
+    pub async fn get(&self, path: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default())
+    }
+
+    /// The sum of every sample of the metric `name` (all label sets).
+    pub async fn metric_sum(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self.get("/metrics").await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = match rest.as_bytes().first()? {
+                    b'{' => rest.split_once('}')?.1,
+                    b' ' => rest,
+                    _ => return None,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum())
+    }
+
+    /// Lines of its log at `level` (`WARN`, `ERROR`).
+    pub fn log_lines(&self, level: &str) -> Vec<String> {
+        let tag = format!(" {level} ");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The value of one sample of the LB's `/metrics` (e.g.
     /// `lb_runtime_tasks`), if present.
     pub async fn metric(&self, sample: &str) -> anyhow::Result<Option<f64>> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.admin).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
+        let text = self.get("/metrics").await?;
         Ok(text.lines().find_map(|l| {
             let rest = l.strip_prefix(sample)?;
             rest.starts_with(' ').then(|| rest.trim().parse().ok())?

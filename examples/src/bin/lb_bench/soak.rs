@@ -1,11 +1,18 @@
-//! Soak: one `lb-server` process under steady churn for a bounded time.
+//! Soak: one `lb-server` process over a real etcd, under steady churn for
+//! a bounded time.
 //!
 //! N idle BalanceLoad streams stay open (100 per connection) and receive
 //! every list change; a few `LbChannel` clients call continuously; every
-//! churn interval a new backend registers and the oldest shuts down
+//! churn interval a new backend registers in etcd and the oldest shuts down
 //! gracefully (NOT_SERVING, deregister, drain), so lists change all the
-//! time. The run checks what a long-lived LB must not do:
+//! time. Beside the churn, backends on stock gRPC servers (grpc-go and
+//! C-core, default settings, which enforce their keep-alive policies) serve
+//! for the whole run: nothing about them changes. The run checks what a
+//! long-lived LB must not do:
 //! - fail a call (every failure is printed);
+//! - move what does not change: a health transition of a stock backend, a
+//!   lost etcd session (`lb_upstream_reconnects_total{kind="etcd"}`), or a
+//!   WARN line in the LB's log;
 //! - grow: the LB's resident memory is sampled every second and a straight
 //!   line fitted after the warm-up; its slope is reported (KiB/min);
 //! - leak tasks or file descriptors: both are read from the LB's `/metrics`
@@ -24,7 +31,49 @@ use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use serde_json::json;
 
 use crate::measure::rss_kib;
-use crate::procs::{greeter_with, open_balance_stream, LbProcess};
+use crate::procs::{greeter_in, open_balance_stream, start_etcd, LbProcess, StockBackend};
+
+/// The stock backends kept through the run: how to start each.
+pub struct StockPeers {
+    /// The grpc-go backend (`tests/interop/go/build` makes it).
+    pub grpc_go_backend: std::path::PathBuf,
+    /// A Python with grpcio and grpcio-health-checking.
+    pub python: std::path::PathBuf,
+    /// `tests/interop/stock_backend.py`.
+    pub grpcio_backend: std::path::PathBuf,
+}
+
+impl StockPeers {
+    /// Starts one backend of each, registered as `greeter` in `registry`
+    /// (`None`: not registered).
+    pub async fn start(&self, registry: Option<&str>) -> anyhow::Result<Vec<StockBackend>> {
+        let go = std::process::Command::new(&self.grpc_go_backend);
+        let mut core = std::process::Command::new(&self.python);
+        core.arg(&self.grpcio_backend);
+        Ok(vec![
+            StockBackend::start("grpc-go", go, registry, "greeter").await?,
+            StockBackend::start("grpcio", core, registry, "greeter").await?,
+        ])
+    }
+}
+
+/// Health transitions of the last 10 minutes of each of `addrs`, as the LB
+/// reports them (an address it does not list counts as a transition).
+async fn transitions(lb: &LbProcess, addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<u64>> {
+    let body = lb.get("/api/v1/services/greeter").await?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let backends = v["backends"].as_array().cloned().unwrap_or_default();
+    Ok(addrs
+        .iter()
+        .map(|a| {
+            backends
+                .iter()
+                .find(|b| b["address"] == a.to_string())
+                .and_then(|b| b["health_transitions_10m"].as_u64())
+                .unwrap_or(u64::MAX)
+        })
+        .collect())
+}
 
 /// Limits a soak run must stay within.
 pub struct SoakLimits {
@@ -148,15 +197,27 @@ pub async fn soak(
     clients: usize,
     churn_every: Duration,
     backends: usize,
+    peers: &StockPeers,
     limits: SoakLimits,
 ) -> anyhow::Result<serde_json::Value> {
-    let lb = LbProcess::start("memory").await?;
+    let (_etcd, endpoint) = start_etcd().await?;
+    let registry = format!("etcd://{endpoint}");
+    let lb = LbProcess::start(&registry).await?;
     let pid = lb.child.id();
+    let stock = peers.start(Some(&registry)).await?;
+    let stock_addrs: Vec<std::net::SocketAddr> = stock.iter().map(|b| b.addr).collect();
+    let churned = || greeter_in(GreeterOptions::default(), Some(&registry), "greeter");
     let mut live: VecDeque<RunningGreeter> = VecDeque::new();
     for _ in 0..backends.max(2) {
-        live.push_back(greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?);
+        live.push_back(churned().await?);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stock_before = transitions(&lb, &stock_addrs).await?;
+    anyhow::ensure!(
+        stock_before.iter().all(|n| *n == 0),
+        "stock backends not listed or already flapping before the run: {stock_before:?}"
+    );
+    let mut stock_worst = stock_before.clone();
     let (tasks_before, fds_before) = tasks_and_fds(&lb).await?;
     let rss_start = rss_kib(pid);
 
@@ -180,9 +241,17 @@ pub async fn soak(
         if now >= next_sample {
             rss.push((started.elapsed().as_secs_f64(), rss_kib(pid) as f64));
             next_sample += Duration::from_secs(1);
+            // Every 5 s: the stock backends' transitions (counted over the
+            // last 10 minutes, so none is missed between two readings).
+            if rss.len().is_multiple_of(5) {
+                let seen = transitions(&lb, &stock_addrs).await?;
+                for (worst, now) in stock_worst.iter_mut().zip(seen) {
+                    *worst = (*worst).max(now);
+                }
+            }
         }
         if now >= next_churn {
-            live.push_back(greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?);
+            live.push_back(churned().await?);
             if let Some(old) = live.pop_front() {
                 retiring.push(tokio::spawn(old.shutdown(Duration::from_millis(1000))));
             }
@@ -199,6 +268,17 @@ pub async fn soak(
     for r in retiring {
         r.await?;
     }
+    for (worst, now) in stock_worst
+        .iter_mut()
+        .zip(transitions(&lb, &stock_addrs).await?)
+    {
+        *worst = (*worst).max(now);
+    }
+    let etcd_reconnects = lb
+        .metric("lb_upstream_reconnects_total{kind=\"etcd\"}")
+        .await?
+        .unwrap_or(0.0);
+    let warn_lines = lb.log_lines("WARN");
     let rss_end = rss_kib(pid);
     for h in &holders {
         h.abort();
@@ -232,6 +312,16 @@ pub async fn soak(
     println!("| LB RSS slope after warm-up | {slope:.1} KiB/min |");
     println!("| LB tasks before / after | {tasks_before} / {tasks_after} |");
     println!("| LB open fds before / after | {fds_before} / {fds_after} |");
+    let stock_names: Vec<String> = stock
+        .iter()
+        .map(|b| format!("{} {}", b.kind, b.addr))
+        .collect();
+    println!(
+        "| health transitions of the stock backends ({}) | {stock_worst:?} |",
+        stock_names.join(", ")
+    );
+    println!("| etcd sessions lost | {etcd_reconnects} |");
+    println!("| WARN lines in the LB's log | {} |", warn_lines.len());
 
     let mut problems = Vec::new();
     if failed > 0 {
@@ -249,6 +339,21 @@ pub async fn soak(
         problems.push(format!(
             "RSS grows {slope:.1} KiB/min after warm-up (limit {})",
             limits.max_rss_slope_kib_per_min
+        ));
+    }
+    if stock_worst.iter().any(|n| *n > 0) {
+        problems.push(format!(
+            "stock backends that never changed had health transitions: {stock_names:?} {stock_worst:?}"
+        ));
+    }
+    if etcd_reconnects > 0.0 {
+        problems.push(format!("the etcd session was lost {etcd_reconnects} times"));
+    }
+    if !warn_lines.is_empty() {
+        problems.push(format!(
+            "{} WARN lines in the LB's log, first: {:?}",
+            warn_lines.len(),
+            &warn_lines[..warn_lines.len().min(5)]
         ));
     }
     // A count that could not be read (NaN) counts as a leak.
@@ -274,7 +379,9 @@ pub async fn soak(
         "lists_received": lists_received, "rss_start_kib": rss_start, "rss_end_kib": rss_end,
         "rss_slope_kib_per_min": slope, "rss_samples": rss,
         "tasks_before": tasks_before, "tasks_after": tasks_after,
-        "fds_before": fds_before, "fds_after": fds_after, "problems": problems,
+        "fds_before": fds_before, "fds_after": fds_after,
+        "stock_backends": stock_names, "stock_transitions": stock_worst,
+        "etcd_reconnects": etcd_reconnects, "warn_lines": warn_lines.len(), "problems": problems,
     });
     if !problems.is_empty() {
         eprintln!("{}", serde_json::to_string_pretty(&result)?);
