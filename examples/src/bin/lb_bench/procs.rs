@@ -42,7 +42,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub async fn start_etcd() -> anyhow::Result<(EtcdProcess, String)> {
     let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
     let (client, peer) = (free_port()?, free_port()?);
-    let dir = std::env::temp_dir().join(format!("lb-bench-etcd-{}", std::process::id()));
+    // One data dir per etcd: a second etcd on the same dir would wait on
+    // the first one's lock for ever.
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lb-bench-etcd-{}-{n}", std::process::id()));
     let client_url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = std::process::Command::new(&bin)
@@ -74,15 +78,19 @@ pub async fn start_etcd() -> anyhow::Result<(EtcdProcess, String)> {
         })?;
     let etcd = EtcdProcess { child, _dir: dir };
     let endpoint = format!("127.0.0.1:{client}");
-    for _ in 0..200 {
-        if let Ok(mut c) = etcd_client::Client::connect([&endpoint], None).await {
-            if c.get("probe", None).await.is_ok() {
-                return Ok((etcd, endpoint));
-            }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let probe = async {
+            let mut c = etcd_client::Client::connect([&endpoint], None).await?;
+            c.get("probe", None).await?;
+            Ok::<(), etcd_client::Error>(())
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), probe).await {
+            return Ok((etcd, endpoint));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("etcd did not come up")
+    anyhow::bail!("etcd did not come up within 20 s")
 }
 
 /// An `lb-server` process of this build; killed when dropped.
