@@ -19,6 +19,8 @@ import grpc
 from dnslib import QTYPE, RR, A, SRV
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
+import hello_codec
+
 
 class Resolver(BaseResolver):
     def __init__(self, host, lb_port):
@@ -36,26 +38,6 @@ class Resolver(BaseResolver):
         elif qtype == "A" and qname in (self.host, self.lb_host):
             reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=30, rdata=A("127.0.0.1")))
         return reply
-
-
-def encode_hello(name):
-    data = name.encode()
-    assert len(data) < 128
-    return b"\x0a" + bytes([len(data)]) + data
-
-
-def decode_reply(raw):
-    # HelloReply{message = 1}: tag 0x0a, varint length, UTF-8 bytes.
-    assert raw[0] == 0x0A, raw
-    length, i, shift = 0, 1, 0
-    while True:
-        b = raw[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            break
-        shift += 7
-    return raw[i : i + length].decode()
 
 
 def main():
@@ -91,7 +73,7 @@ def main():
     last_error = None
     while time.time() < deadline:
         try:
-            say_hello(encode_hello("warmup"), timeout=2, wait_for_ready=True)
+            say_hello(hello_codec.encode("warmup"), timeout=2, wait_for_ready=True)
             break
         except grpc.RpcError as e:
             last_error = "%s: %s" % (e.code(), e.details())
@@ -113,11 +95,11 @@ def main():
             time.sleep(args.interval)
         calls += 1
         try:
-            raw, call = say_hello.with_call(encode_hello("call-%d" % i), timeout=5)
+            raw, call = say_hello.with_call(hello_codec.encode("call-%d" % i), timeout=5)
         except grpc.RpcError as e:
             failures.append("%s %s: %s" % (time.strftime("%H:%M:%S"), e.code(), e.details()))
             continue
-        backend = decode_reply(raw).rsplit(" from ", 1)[-1]
+        backend = hello_codec.decode(raw).rsplit(" from ", 1)[-1]
         per_backend[backend] = per_backend.get(backend, 0) + 1
         md = dict(call.initial_metadata())
         tokens[backend] = md.get("x-lb-token", "")

@@ -22,35 +22,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-
-def encode_string_field(value):
-    data = value.encode()
-    out = bytearray(b"\x0a")
-    n = len(data)
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            break
-    return bytes(out) + data
-
-
-def decode_string_field(raw):
-    if not raw:
-        return ""
-    assert raw[0] == 0x0A, raw
-    length, i, shift = 0, 1, 0
-    while True:
-        b = raw[i]
-        length |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            break
-        shift += 7
-    return raw[i : i + length].decode()
+import hello_codec
 
 
 def main():
@@ -71,8 +43,8 @@ def main():
         {
             "SayHello": grpc.unary_unary_rpc_method_handler(
                 say_hello,
-                request_deserializer=decode_string_field,
-                response_serializer=encode_string_field,
+                request_deserializer=hello_codec.decode,
+                response_serializer=hello_codec.encode,
             )
         },
     )

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::measure::pct;
 use crate::procs::greeter_with;
-use crate::procs::signal;
+use crate::procs::{listening, signal};
 
 pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
     let greeter_bin = std::env::current_exe()?.with_file_name("greeter-server");
@@ -61,23 +61,10 @@ pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
             .stdout(std::process::Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().expect("stdout");
-        // Read the address, then keep draining stdout on the same thread.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if l.starts_with("LISTENING ") {
-                    let _ = tx.send(l);
-                }
-            }
-        });
-        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
-            .await?
-            .map_err(|_| anyhow::anyhow!("greeter did not start"))?;
-        let addr: SocketAddr = line.trim_start_matches("LISTENING ").trim().parse()?;
+        let addr: SocketAddr = listening(stdout, Duration::from_secs(10))
+            .await
+            .map_err(|e| anyhow::anyhow!("greeter did not start: {e}"))?
+            .parse()?;
         let wait_for = |want: bool, what: &'static str, limit: Duration| async move {
             let t0 = Instant::now();
             while listed(addr) != Some(want) {

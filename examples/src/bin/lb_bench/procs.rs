@@ -113,6 +113,30 @@ impl Drop for LbProcess {
     }
 }
 
+/// What a started process announces on `stdout` with `LISTENING <what>`
+/// (its port or address), waited for at most `limit`; the rest of its
+/// output is drained on a thread so that it never blocks on a full pipe.
+pub async fn listening(
+    stdout: std::process::ChildStdout,
+    limit: Duration,
+) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(what) = l.strip_prefix("LISTENING ") {
+                let _ = tx.send(what.trim().to_string());
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(limit))
+        .await?
+        .map_err(|_| anyhow::anyhow!("no LISTENING line within {limit:?}"))
+}
+
 /// A backend process on a stock gRPC server (grpc-go, or C-core through
 /// Python grpcio: `tests/interop/`), default settings; killed when dropped.
 pub struct StockBackend {
@@ -140,7 +164,6 @@ impl StockBackend {
         registry: Option<&str>,
         service: &str,
     ) -> anyhow::Result<StockBackend> {
-        use std::io::BufRead;
         let mut child = command
             .args(["--port", "0"])
             .stdout(std::process::Stdio::piped())
@@ -148,20 +171,9 @@ impl StockBackend {
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start the {kind} backend: {e}"))?;
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(port) = l.strip_prefix("LISTENING ") {
-                    let _ = tx.send(port.trim().to_string());
-                }
-            }
-        });
-        let port = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
-            .await?
-            .map_err(|_| anyhow::anyhow!("the {kind} backend did not start"))?;
+        let port = listening(stdout, Duration::from_secs(20))
+            .await
+            .map_err(|e| anyhow::anyhow!("the {kind} backend: {e}"))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let registration = match registry {
             None => None,
