@@ -95,13 +95,21 @@ async fn a_killed_replica_loses_no_call_and_its_clients_move_within_2s() {
     lb1.proc.kill();
     let killed = Instant::now();
     let total = clients.len();
+    // Both sides must agree: the survivor lists every stream (it does so on
+    // accepting one) and every client has its initial_response from it.
+    let all_on_lb2 = || {
+        clients_on(&lb2) == total && clients.iter().all(|c| c.current_lb() == Some(lb2.addr))
+    };
     assert!(
-        wait_until(Duration::from_secs(2), || clients_on(&lb2) == total).await,
-        "only {} of {total} clients on the survivor 2 s after the kill",
-        clients_on(&lb2)
+        wait_until(Duration::from_secs(2), all_on_lb2).await,
+        "2 s after the kill the survivor lists {} of {total} clients, {} of them know it",
+        clients_on(&lb2),
+        clients
+            .iter()
+            .filter(|c| c.current_lb() == Some(lb2.addr))
+            .count()
     );
     let moved_in = killed.elapsed();
-    assert!(clients.iter().all(|c| c.current_lb() == Some(lb2.addr)));
     eprintln!(
         "{on_lb1} clients of the killed replica (of {total}) on the survivor after {moved_in:?}"
     );
