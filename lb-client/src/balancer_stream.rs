@@ -349,21 +349,16 @@ pub fn to_entries(servers: &[Server]) -> Vec<ListEntry> {
                     drop: true,
                 });
             }
-            let ip: std::net::IpAddr = match s.ip_address.len() {
-                4 => <[u8; 4]>::try_from(&s.ip_address[..]).ok()?.into(),
-                16 => <[u8; 16]>::try_from(&s.ip_address[..]).ok()?.into(),
-                n => {
-                    tracing::warn!(len = n, "server entry with a bad IP address length skipped");
-                    return None;
-                }
-            };
-            let port = u16::try_from(s.port).ok().filter(|p| *p != 0);
-            let Some(port) = port else {
-                tracing::warn!(port = s.port, "server entry with a bad port skipped");
+            let Some(addr) = s.socket_addr() else {
+                tracing::warn!(
+                    ip_len = s.ip_address.len(),
+                    port = s.port,
+                    "server entry with a bad address skipped"
+                );
                 return None;
             };
             Some(ListEntry {
-                addr: SocketAddr::new(ip, port),
+                addr,
                 token,
                 drop: false,
             })

@@ -17,9 +17,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! For backends, [`Registration`] announces an instance in the registry the
+//! For backends, `Registration` announces an instance in the registry the
 //! LB reads (etcd or the LB's embedded registry) and keeps it alive, and
-//! [`orca::LoadRecorder`] publishes their load to the LB.
+//! `orca::LoadRecorder` publishes their load to the LB.
 //!
 //! | module | job |
 //! | --- | --- |
@@ -29,25 +29,34 @@
 //! | [`picker`] | lock-free walk of the pick list |
 //! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
 //! | [`stats`] | client-stats counters |
-//! | [`register`] | backend registration helpers |
-//! | [`orca`] | backend-side ORCA load reporting |
+//! | `register` | backend registration helpers (feature `register`) |
+//! | `orca` | backend-side ORCA load reporting (feature `orca`) |
 //! | [`backoff`] | jittered exponential backoff, reset after a session that lasted |
-//! | [`etcd`] | etcd access: one member at a time, keep-alive within etcd's policy |
+//! | `etcd` | etcd access: one member at a time, keep-alive within etcd's policy (feature `etcd`) |
 //! | [`tls`] | TLS settings of outgoing connections |
+//!
+//! Features: `register` (registration in the embedded registry), `etcd`
+//! (etcd access and registration there), `orca` (backend load reporting),
+//! all on by default; `zookeeper` and `consul` registration are off. A
+//! client that only calls needs none: `default-features = false`.
 
 pub mod backends;
 pub mod backoff;
 pub mod balancer_stream;
 pub mod channel;
+#[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "orca")]
 pub mod orca;
 pub mod picker;
+#[cfg(feature = "register")]
 pub mod register;
 pub mod state;
 pub mod stats;
 pub mod tls;
 
 pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};
+#[cfg(feature = "register")]
 pub use register::{Registration, RegistrationOptions};
 pub use tls::TlsConfig;
 

@@ -24,14 +24,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
-use lb_proto::grpc::lb::v1::Server;
+
 use tokio::sync::watch;
 
 use crate::log_limit::LogLimiter;
 use crate::metrics::{CallLabels, Metrics, ServiceLabels};
-use crate::policy::{Candidate, Decision, HealthState, Load, Policy};
-use crate::registry::entry::{RejectReason, Rejected};
-use crate::registry::Instance;
+use crate::model::{HealthState, Instance, LoadSample, RejectReason, Rejected};
+use crate::policy::{Candidate, Decision, Load, Policy};
+use crate::snapshot::PublishedList;
 
 /// A backend as the catalog knows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -137,39 +137,15 @@ pub struct WeightOverride {
     expires: Instant,
 }
 
-/// The fields of an ORCA report shown to operators.
+/// The last load report of a backend, as shown to operators.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoadReport {
-    /// CPU utilization.
-    pub cpu_utilization: f64,
-    /// Memory utilization.
-    pub mem_utilization: f64,
-    /// Application utilization.
-    pub application_utilization: f64,
-    /// Queries per second.
-    pub qps: f64,
-    /// Errors per second.
-    pub eps: f64,
-    /// Application-defined metrics.
-    pub named_metrics: std::collections::BTreeMap<String, f64>,
+    /// What it said.
+    #[serde(flatten)]
+    pub sample: LoadSample,
     /// When it arrived.
     #[serde(with = "humantime_serde_compat")]
     pub received_at: SystemTime,
-}
-
-/// A server list as published to streams.
-#[derive(Debug)]
-pub struct PublishedList {
-    /// Increments on every change; 0 before the first backend appeared.
-    pub version: u64,
-    /// The ordered list.
-    pub servers: Vec<Server>,
-    /// When the change that produced it was applied.
-    pub changed_at: Instant,
-    /// Panic mode was on when it was built.
-    pub panic: bool,
-    /// Fraction of drop entries (load shedding).
-    pub shed_fraction: f64,
 }
 
 /// Call counters reported by clients for one service (sums of client stats).
@@ -247,6 +223,9 @@ pub struct Catalog {
     limits: CatalogLimits,
     log: LogLimiter,
     source_order: Vec<&'static str>,
+    /// The services each (source, key) is in, so that a removal, which
+    /// names only the key, touches those services and no other.
+    index: DashMap<(&'static str, String), Vec<String>>,
 }
 
 /// Caps on what registries may put in the catalog.
@@ -306,6 +285,7 @@ impl Catalog {
             limits: CatalogLimits::default(),
             log: LogLimiter::new(CHANGE_LOG_INTERVAL),
             source_order: Vec::new(),
+            index: DashMap::new(),
         }
     }
 
@@ -442,7 +422,11 @@ impl Catalog {
             if b.health == health {
                 return false;
             }
-            tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, "health changed");
+            // One line per service and interval: 100,000 backends of a
+            // zone going down write a line per service, not one each.
+            if let Some(repeats) = self.log_change(format_args!("{service}|health")) {
+                tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, changes_not_logged = repeats, "health changed");
+            }
             metrics.health_transition(service, health);
             if b.health != HealthState::Unknown {
                 b.recent_transitions.record(now);
@@ -457,23 +441,13 @@ impl Catalog {
         });
     }
 
-    /// Records an ORCA load report; weights follow at the next refresh.
-    pub fn set_load(
-        &self,
-        service: &str,
-        addr: SocketAddr,
-        report: &lb_proto::xds::data::orca::v3::OrcaLoadReport,
-    ) {
+    /// Records a load report; weights follow at the next refresh.
+    pub fn set_load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
         let now = Instant::now();
-        let utilization = if report.application_utilization > 0.0 {
-            report.application_utilization
-        } else {
-            report.cpu_utilization
-        };
+        let utilization = report.utilization();
         let penalty = self.policy.weights.error_penalty;
         let usable =
-            crate::policy::raw_weight(report.rps_fractional, report.eps, utilization, penalty)
-                .is_some();
+            crate::policy::raw_weight(report.qps, report.eps, utilization, penalty).is_some();
         let expiry = self.policy.weights.expiry;
         self.update_backends(service, addr, true, |b| {
             let previous = b
@@ -487,22 +461,13 @@ impl Catalog {
             };
             b.load = Some(Load {
                 utilization,
-                qps: report.rps_fractional,
+                qps: report.qps,
                 eps: report.eps,
                 at: now,
                 usable_since,
             });
             b.load_report = Some(LoadReport {
-                cpu_utilization: report.cpu_utilization,
-                mem_utilization: report.mem_utilization,
-                application_utilization: report.application_utilization,
-                qps: report.rps_fractional,
-                eps: report.eps,
-                named_metrics: report
-                    .named_metrics
-                    .iter()
-                    .map(|(k, v)| (k.clone(), *v))
-                    .collect(),
+                sample: report.clone(),
                 received_at: SystemTime::now(),
             });
             true
@@ -617,13 +582,7 @@ impl Catalog {
             .entry(service.to_string())
             .or_insert_with(|| {
                 tracing::info!(service, "new service");
-                let (list, _) = watch::channel(Arc::new(PublishedList {
-                    version: 0,
-                    servers: Vec::new(),
-                    changed_at: Instant::now(),
-                    panic: false,
-                    shed_fraction: 0.0,
-                }));
+                let (list, _) = watch::channel(Arc::new(PublishedList::empty()));
                 Arc::new(ServiceEntry {
                     name: service.to_string(),
                     backends: Mutex::new(BTreeMap::new()),
@@ -670,9 +629,16 @@ impl Catalog {
         Ok(())
     }
 
-    /// Removes the instance `key` reported by `source`, wherever it is.
+    /// Removes the instance `key` reported by `source`, wherever it is. Costs
+    /// the same with 10 services or 10,000: only the services holding the
+    /// key are touched.
     pub fn remove(&self, source: &'static str, key: &str) {
-        for entry in self.services() {
+        let services = self
+            .index
+            .remove(&(source, key.to_string()))
+            .map(|(_, s)| s)
+            .unwrap_or_default();
+        for entry in services.iter().filter_map(|s| self.service(s)) {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
                 if !backends.values().any(|b| b.addr == gone.addr) {
@@ -687,6 +653,24 @@ impl Catalog {
                 self.members_changed();
             }
         }
+    }
+
+    /// Notes that `service` holds (source, key).
+    fn index_add(&self, source: &'static str, key: &str, service: &str) {
+        let mut services = self.index.entry((source, key.to_string())).or_default();
+        if !services.iter().any(|s| s == service) {
+            services.push(service.to_string());
+        }
+    }
+
+    /// Notes that `service` no longer holds (source, key).
+    fn index_drop(&self, source: &'static str, key: &str, service: &str) {
+        let slot = (source, key.to_string());
+        if let Some(mut services) = self.index.get_mut(&slot) {
+            services.retain(|s| s != service);
+        }
+        self.index
+            .remove_if(&slot, |_, services| services.is_empty());
     }
 
     /// Replaces everything `source` reported with `instances`; returns the
@@ -756,6 +740,7 @@ impl Catalog {
                 if !retained {
                     tracing::info!(service = %service, key = ?key, addr = %b.addr, "backend removed (not in re-list)");
                     self.metrics.forget_backend(&service, b.addr);
+                    self.index_drop(source, key, &service);
                 }
                 retained
             });
@@ -902,7 +887,7 @@ impl Catalog {
                 tracing::info!(service = %entry.name, version, servers = servers.len(), panic, changes_not_logged = repeats, "list changed");
             }
             self.metrics.list_version.get_or_create(&labels).set(version as i64);
-            *current = Arc::new(PublishedList { version, servers, changed_at: Instant::now(), panic, shed_fraction });
+            *current = Arc::new(PublishedList::new(version, servers, panic, shed_fraction));
             true
         });
     }
@@ -941,6 +926,7 @@ impl Catalog {
             .get(&slot)
             .map(|b| b.registered_at)
             .unwrap_or(i.registered_at);
+        self.index_add(source, &i.key, &i.service);
         if let Some(repeats) = self.log_change(format_args!("{}|{}|registered", i.service, i.key)) {
             tracing::info!(service = %i.service, key = ?i.key, addr = %i.addr, weight = i.weight, repeats_not_logged = repeats, "backend registered");
         }

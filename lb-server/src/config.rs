@@ -70,7 +70,7 @@ pub struct Config {
 
     /// The Consul ACL token itself, from the `LB_CONSUL_TOKEN` environment
     /// variable only (never a flag).
-    #[arg(skip = std::env::var("LB_CONSUL_TOKEN").ok())]
+    #[arg(skip)]
     pub consul_token: Option<String>,
 
     /// Consul registry over HTTPS (`consul+https://`): trust this CA (PEM).
@@ -187,7 +187,7 @@ pub struct Config {
 
     /// The registration token itself, from the `LB_REGISTRATION_TOKEN`
     /// environment variable (never a flag).
-    #[arg(skip = std::env::var("LB_REGISTRATION_TOKEN").ok())]
+    #[arg(skip)]
     pub registration_token: Option<String>,
 
     /// Lease time to live given to embedded registrations that ask for none.
@@ -280,7 +280,7 @@ pub struct Config {
     /// The admin token itself. Not a flag: a command line is visible to
     /// every local user, so it is read from the `LB_ADMIN_TOKEN` environment
     /// variable only (when `--admin-token-file` is not given).
-    #[arg(skip = std::env::var("LB_ADMIN_TOKEN").ok())]
+    #[arg(skip)]
     pub admin_token: Option<String>,
 
     /// With an etcd registry: share health checking with the other replicas
@@ -380,7 +380,7 @@ pub struct Config {
 
     /// The etcd password itself, from the `LB_ETCD_PASSWORD` environment
     /// variable only (never a flag).
-    #[arg(skip = std::env::var("LB_ETCD_PASSWORD").ok())]
+    #[arg(skip)]
     pub etcd_password: Option<String>,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
@@ -416,7 +416,7 @@ impl Config {
         self.consul_ca
             .as_deref()
             .map(|ca| {
-                crate::tls::http_client_config(
+                crate::net::tls::http_client_config(
                     ["--consul-ca", "--consul-cert", "--consul-key"],
                     ca,
                     self.consul_cert.as_deref().zip(self.consul_key.as_deref()),
@@ -450,7 +450,7 @@ impl Config {
         &self,
         endpoints: Vec<String>,
     ) -> anyhow::Result<crate::registry::etcd::EtcdAccess> {
-        let tls = crate::tls::client_config(
+        let tls = crate::net::tls::client_config(
             "--etcd-ca",
             self.etcd_ca.as_deref(),
             self.etcd_cert.as_deref().zip(self.etcd_key.as_deref()),
@@ -503,7 +503,6 @@ impl Config {
         }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "lb".to_string());
@@ -511,12 +510,28 @@ impl Config {
     }
 
     /// Defaults of every flag, with the given listen addresses: handy for
-    /// embedding the LB in a program or a test.
+    /// embedding the LB in a program or a test. The process environment is
+    /// not read (stray `LB_*` variables do not leak into an embedded LB).
     pub fn with_addrs(listen: SocketAddr, admin_listen: SocketAddr) -> Self {
-        let mut cfg = Config::parse_from(["lb-server"]);
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Config::command().mut_args(|a| a.env(None));
+        let matches = command.get_matches_from(["lb-server"]);
+        let mut cfg = Config::from_arg_matches(&matches).expect("the defaults parse");
         cfg.listen = listen;
         cfg.admin_listen = admin_listen;
         cfg
+    }
+
+    /// Fills the secrets that are never flags (a command line is visible to
+    /// every local user) from `lookup`, which the binary's `main` points at
+    /// the process environment: `LB_ADMIN_TOKEN`, `LB_REGISTRATION_TOKEN`,
+    /// `LB_CONSUL_TOKEN`, `LB_ETCD_PASSWORD`.
+    pub fn with_secrets(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        self.admin_token = lookup("LB_ADMIN_TOKEN");
+        self.registration_token = lookup("LB_REGISTRATION_TOKEN");
+        self.consul_token = lookup("LB_CONSUL_TOKEN");
+        self.etcd_password = lookup("LB_ETCD_PASSWORD");
+        self
     }
 }
 

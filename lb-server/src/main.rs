@@ -9,7 +9,9 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cfg = Config::parse();
+    // The one place the process environment is read: clap reads the `LB_*`
+    // flag variables, and the secrets that are never flags come after.
+    let cfg = Config::parse().with_secrets(|name| std::env::var(name).ok());
     let filter =
         EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("--log {:?}: {e}", cfg.log))?;
     tracing_subscriber::fmt()

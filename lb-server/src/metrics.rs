@@ -327,7 +327,7 @@ impl Metrics {
     }
 
     /// Counts one health transition of a backend of `service` to `to`.
-    pub fn health_transition(&self, service: &str, to: crate::policy::HealthState) {
+    pub fn health_transition(&self, service: &str, to: crate::model::HealthState) {
         let to = format!("{to:?}").to_lowercase();
         self.health_transitions
             .get_or_create(&CallLabels {
@@ -343,7 +343,7 @@ impl Metrics {
         service: &str,
         addr: std::net::SocketAddr,
         weight: f64,
-        health: crate::policy::HealthState,
+        health: crate::model::HealthState,
     ) {
         let labels = BackendLabels {
             service: service.into(),
@@ -352,7 +352,7 @@ impl Metrics {
         self.backend_weight.get_or_create(&labels).set(weight);
         let healthy = matches!(
             health,
-            crate::policy::HealthState::Serving | crate::policy::HealthState::Unchecked
+            crate::model::HealthState::Serving | crate::model::HealthState::Unchecked
         );
         self.backend_healthy
             .get_or_create(&labels)

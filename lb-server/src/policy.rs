@@ -23,10 +23,12 @@
 //! The order depends only on the inputs (backends sorted by token), so every
 //! LB replica sends the same list for the same state.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_proto::grpc::lb::v1::Server;
+
+use crate::model::HealthState;
 
 /// Token of the drop entries used for load shedding.
 pub const SHED_TOKEN: &str = "lb-shed";
@@ -39,22 +41,6 @@ const MAX_RESOLUTION: f64 = 100.0;
 /// gRPC's weighted round robin scheduler does.
 const MIN_RATIO: f64 = 0.01;
 const MAX_RATIO: f64 = 10.0;
-
-/// Health of a backend as the policy sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthState {
-    /// Not checked yet.
-    Unknown,
-    /// Reports SERVING.
-    Serving,
-    /// Reports NOT_SERVING (or does not know the checked service).
-    NotServing,
-    /// Health stream broken or connection refused.
-    Unreachable,
-    /// Health checking is disabled: treated as serving.
-    Unchecked,
-}
 
 /// The latest ORCA load report of a backend, with the times weighting needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -469,16 +455,7 @@ fn smooth_order(weights: &[u32]) -> Vec<usize> {
 }
 
 fn server(c: &Candidate<'_>) -> Server {
-    let ip_address = match c.addr.ip() {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    Server {
-        ip_address,
-        port: c.addr.port() as i32,
-        load_balance_token: c.token.to_string(),
-        drop: false,
-    }
+    Server::at(c.addr, c.token)
 }
 
 #[cfg(test)]

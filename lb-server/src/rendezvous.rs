@@ -3,7 +3,7 @@
 //! Used wherever replicas or clients must agree on a choice without talking
 //! to each other: which replica health-checks a backend
 //! ([`crate::cluster`]), and the order in which a client prefers backends
-//! ([`crate::subsets`]). The hash is FNV-1a followed by the SplitMix64
+//! ([`crate::streams::subsets`]). The hash is FNV-1a followed by the SplitMix64
 //! finalizer: fixed by this file, so replicas built by different compilers
 //! still agree (unlike `std`'s `DefaultHasher`, whose algorithm may change).
 

@@ -15,6 +15,39 @@ pub mod grpc {
         #[allow(missing_docs, clippy::all)]
         pub mod v1 {
             tonic::include_proto!("grpc.lb.v1");
+
+            use std::net::{IpAddr, SocketAddr};
+
+            impl Server {
+                /// A list entry for a backend at `addr`, carrying `token`.
+                pub fn at(addr: SocketAddr, token: impl Into<String>) -> Server {
+                    let ip_address = match addr.ip() {
+                        IpAddr::V4(v4) => v4.octets().to_vec(),
+                        IpAddr::V6(v6) => v6.octets().to_vec(),
+                    };
+                    Server {
+                        ip_address,
+                        port: i32::from(addr.port()),
+                        load_balance_token: token.into(),
+                        drop: false,
+                    }
+                }
+
+                /// Where the entry points: `None` for a drop entry's empty
+                /// address, an IP that is neither 4 nor 16 bytes, or a port
+                /// outside 1–65535.
+                pub fn socket_addr(&self) -> Option<SocketAddr> {
+                    let ip: IpAddr = match self.ip_address.len() {
+                        4 => <[u8; 4]>::try_from(self.ip_address.as_slice()).ok()?.into(),
+                        16 => <[u8; 16]>::try_from(self.ip_address.as_slice())
+                            .ok()?
+                            .into(),
+                        _ => return None,
+                    };
+                    let port = u16::try_from(self.port).ok().filter(|p| *p != 0)?;
+                    Some(SocketAddr::new(ip, port))
+                }
+            }
         }
     }
 }

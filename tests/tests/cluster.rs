@@ -97,9 +97,8 @@ async fn a_killed_replica_loses_no_call_and_its_clients_move_within_2s() {
     let total = clients.len();
     // Both sides must agree: the survivor lists every stream (it does so on
     // accepting one) and every client has its initial_response from it.
-    let all_on_lb2 = || {
-        clients_on(&lb2) == total && clients.iter().all(|c| c.current_lb() == Some(lb2.addr))
-    };
+    let all_on_lb2 =
+        || clients_on(&lb2) == total && clients.iter().all(|c| c.current_lb() == Some(lb2.addr));
     assert!(
         wait_until(Duration::from_secs(2), all_on_lb2).await,
         "2 s after the kill the survivor lists {} of {total} clients, {} of them know it",

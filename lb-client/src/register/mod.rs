@@ -13,6 +13,7 @@
 //! can start while the registry is down and will appear once it is back.
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 
 #[cfg(feature = "consul")]
@@ -107,7 +108,12 @@ impl Registration {
                 .collect()
         };
         if let Some(rest) = registry.strip_prefix("etcd://") {
+            #[cfg(feature = "etcd")]
             return Self::etcd(list(rest), service, addr, options);
+            #[cfg(not(feature = "etcd"))]
+            return Err(Error::Config(format!(
+                "registry etcd://{rest}: lb-client was built without its `etcd` feature"
+            )));
         }
         if let Some(rest) = registry.strip_prefix("lb://") {
             return Self::embedded(list(rest), service, addr, options);
@@ -141,6 +147,7 @@ impl Registration {
     }
 
     /// Registers `addr` as an instance of `service` in etcd.
+    #[cfg(feature = "etcd")]
     pub fn etcd(
         endpoints: Vec<String>,
         service: &str,

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use lb_server::admin::{router, AdminState};
 use lb_server::catalog::Catalog;
 use lb_server::metrics::Metrics;
-use lb_server::registry::Instance;
+use lb_server::model::Instance;
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 
@@ -44,7 +44,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, axum::Router) {
         let router = router(AdminState {
             catalog,
             sessions: Default::default(),
-            subsets: Arc::new(lb_server::subsets::Subsets::new(0)),
+            subsets: Arc::new(lb_server::streams::subsets::Subsets::new(0)),
             cluster: None,
             metrics,
             registry: "memory".into(),

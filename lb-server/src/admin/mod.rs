@@ -38,8 +38,8 @@ use serde_json::{json, Value};
 
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::policy::HealthState;
-use crate::sessions::Sessions;
+use crate::model::HealthState;
+use crate::streams::sessions::Sessions;
 
 /// The dashboard page, served as is (no build step).
 const DASHBOARD: &str = include_str!("../../assets/dashboard.html");
@@ -55,7 +55,7 @@ pub struct AdminState {
     /// Connected streams.
     pub sessions: Arc<Sessions>,
     /// Per-client subsets.
-    pub subsets: Arc<crate::subsets::Subsets>,
+    pub subsets: Arc<crate::streams::subsets::Subsets>,
     /// Cluster membership, when replicas share health checks.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Metrics.
@@ -332,7 +332,7 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), Refusal> {
         ));
     };
     let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    crate::auth::check_bearer(given, expected)
+    crate::net::auth::check_bearer(given, expected)
         .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message()))
 }
 

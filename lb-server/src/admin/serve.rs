@@ -1,7 +1,7 @@
 //! Serving the admin router over HTTP/1.1 and HTTP/2, defensively, in
 //! plaintext or over TLS.
 //!
-//! Connections come through [`crate::listener::guarded`] (connection caps,
+//! Connections come through [`crate::net::listener::guarded`] (connection caps,
 //! first-bytes deadline); with TLS the whole handshake must then finish
 //! within the same deadline. Each connection gets hyper's header read
 //! timeout, again that deadline (a slowloris sending one header byte at a
@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::listener::{guarded, ListenerSettings};
+use crate::net::listener::{guarded, ListenerSettings};
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`,
 /// then lets open connections finish (at most 5 s).

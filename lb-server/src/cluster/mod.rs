@@ -26,12 +26,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lb_proto::xds::data::orca::v3::OrcaLoadReport;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::policy::HealthState;
+use crate::model::{HealthState, LoadSample};
 use shared::{SharedHealth, SharedLoad};
 
 /// A backend, as the cluster names it.
@@ -193,7 +192,7 @@ impl Cluster {
 
     /// Records a load report of a backend this replica checks; published
     /// (and applied locally) only when it moved enough.
-    pub fn report_load(&self, service: &str, addr: SocketAddr, report: &OrcaLoadReport) {
+    pub fn report_load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
         let load = SharedLoad::from(report);
         let key = (service.to_string(), addr);
         let mut mine = self.mine.lock().expect("cluster lock");
@@ -209,7 +208,7 @@ impl Cluster {
         if !worth {
             return;
         }
-        self.catalog.set_load(service, addr, &load.to_report());
+        self.catalog.set_load(service, addr, &load.to_sample());
         slot.value.load = Some(load);
         slot.load_at = Instant::now();
         let _ = self.outbox.send(key);
@@ -265,7 +264,7 @@ impl Cluster {
     fn apply(&self, (service, addr): &BackendKey, v: &SharedHealth) {
         self.catalog.set_health(service, *addr, v.health, &v.detail);
         match &v.load {
-            Some(load) => self.catalog.set_load(service, *addr, &load.to_report()),
+            Some(load) => self.catalog.set_load(service, *addr, &load.to_sample()),
             None => self.catalog.clear_load(service, *addr),
         }
     }

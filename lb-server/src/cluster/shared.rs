@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lb_proto::xds::data::orca::v3::OrcaLoadReport;
-
-use crate::policy::HealthState;
+use crate::model::{HealthState, LoadSample};
 
 /// A backend's health (and load) as checked by its owner.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -41,34 +39,29 @@ pub struct SharedLoad {
     pub named: BTreeMap<String, f64>,
 }
 
-impl From<&OrcaLoadReport> for SharedLoad {
-    fn from(r: &OrcaLoadReport) -> Self {
+impl From<&LoadSample> for SharedLoad {
+    fn from(r: &LoadSample) -> Self {
         SharedLoad {
             cpu: r.cpu_utilization,
             mem: r.mem_utilization,
             app: r.application_utilization,
-            qps: r.rps_fractional,
+            qps: r.qps,
             eps: r.eps,
-            named: r
-                .named_metrics
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            named: r.named_metrics.clone(),
         }
     }
 }
 
 impl SharedLoad {
-    /// Back to the report form the catalog takes.
-    pub fn to_report(&self) -> OrcaLoadReport {
-        OrcaLoadReport {
+    /// Back to the form the catalog takes.
+    pub fn to_sample(&self) -> LoadSample {
+        LoadSample {
             cpu_utilization: self.cpu,
             mem_utilization: self.mem,
             application_utilization: self.app,
-            rps_fractional: self.qps,
+            qps: self.qps,
             eps: self.eps,
-            named_metrics: self.named.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            ..Default::default()
+            named_metrics: self.named.clone(),
         }
     }
 

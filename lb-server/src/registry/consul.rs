@@ -29,8 +29,9 @@ use serde::Deserialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::entry::{self, RejectReason, Rejected};
-use super::{Instance, Registry, RegistrySink};
+use super::entry;
+use super::{Registry, RegistrySink};
+use crate::model::{Instance, RejectReason, Rejected};
 
 /// Where Consul is and what to read.
 #[derive(Clone)]
@@ -168,7 +169,7 @@ struct Weights {
 
 /// One instance of a health answer: its key and, unless rejected, its
 /// address (not resolved yet) and weight.
-pub type Entry = (String, Result<(entry::HostPort, u32), Rejected>);
+pub type Entry = (String, Result<(super::resolve::HostPort, u32), Rejected>);
 
 /// Parses a `/v1/health/service/<name>` answer: one [`Entry`] per element,
 /// or why the whole answer cannot be read.
@@ -241,7 +242,7 @@ impl ConsulRegistry {
             .timeout(limit);
         let tls = match &settings.tls {
             Some(tls) => (**tls).clone(),
-            None => crate::tls::trust_nobody(),
+            None => crate::net::tls::trust_nobody(),
         };
         let http = http
             .tls_backend_preconfigured(tls)

@@ -31,8 +31,8 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
-use super::entry::{RejectReason, Rejected};
-use super::{Instance, Registry, RegistrySink};
+use super::{Registry, RegistrySink};
+use crate::model::{Instance, RejectReason, Rejected};
 
 /// One service and the DNS name it is found under.
 #[derive(Debug, Clone, PartialEq, Eq)]

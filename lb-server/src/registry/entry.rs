@@ -6,9 +6,12 @@
 //! - the plain layout: `host:port`.
 //!
 //! Keys are `<prefix><service>/<instance>`. Anything else is rejected with a
-//! [`RejectReason`]; callers log and count it and keep what they knew.
+//! [`RejectReason`](crate::model::RejectReason); callers log and count it and keep what they knew.
 
 use serde::Deserialize;
+
+use super::resolve::{self, HostPort};
+use crate::model::{RejectReason, Rejected};
 
 /// Largest value accepted, in bytes. Registry values are an address and a
 /// little metadata; anything bigger is a mistake or an attack.
@@ -19,66 +22,6 @@ pub const MAX_KEY_LEN: usize = 1024;
 
 /// Longest service name accepted, in bytes.
 pub const MAX_SERVICE_LEN: usize = 255;
-
-/// Why an entry was rejected (also the `reason` label of the rejects metric).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// The key is not `<prefix><service>/<instance>`.
-    BadKey,
-    /// The value is neither naming JSON nor `host:port`.
-    BadValue,
-    /// The address has no host, a bad port, or bad characters.
-    BadAddress,
-    /// The host name did not resolve.
-    Unresolvable,
-    /// The value is larger than [`MAX_VALUE_LEN`].
-    TooLarge,
-    /// Accepting it would pass a configured limit (services, backends per
-    /// service, registrations).
-    Limit,
-}
-
-impl RejectReason {
-    /// Machine-readable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::BadKey => "bad_key",
-            RejectReason::BadValue => "bad_value",
-            RejectReason::BadAddress => "bad_address",
-            RejectReason::Unresolvable => "unresolvable",
-            RejectReason::TooLarge => "too_large",
-            RejectReason::Limit => "limit",
-        }
-    }
-}
-
-/// A rejected entry: why, and a human-readable detail.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejected {
-    /// Why.
-    pub reason: RejectReason,
-    /// What exactly was wrong.
-    pub detail: String,
-}
-
-impl Rejected {
-    /// A rejection for `reason` with a human-readable `detail`.
-    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejected {
-            reason,
-            detail: detail.into(),
-        }
-    }
-}
-
-/// A `host:port` pair, host not yet resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPort {
-    /// Host name or IP literal (IPv6 without brackets).
-    pub host: String,
-    /// Port, 1–65535.
-    pub port: u16,
-}
 
 /// What a value asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,7 +313,7 @@ pub async fn decode(prefix: &str, key: &str, value: &[u8]) -> Result<Decoded, Re
             metadata,
             weight,
         } => {
-            let addr = super::resolve::resolve(&addr).await?;
+            let addr = resolve::resolve(&addr).await?;
             Ok(Decoded::Upsert(super::Instance {
                 service,
                 key: key.to_string(),

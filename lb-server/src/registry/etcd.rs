@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::entry::{self, Decoded};
 use super::retry::run_sessions;
-use super::{Instance, Registry, RegistrySink};
+use super::{Registry, RegistrySink};
+use crate::model::Instance;
 
 /// Reads services from etcd.
 pub struct EtcdRegistry {

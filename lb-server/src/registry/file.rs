@@ -18,8 +18,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use super::entry::{self, Decoded, RejectReason};
-use super::{Instance, Registry, RegistrySink};
+use super::entry::{self, Decoded};
+use super::{Registry, RegistrySink};
+use crate::model::{Instance, RejectReason};
 
 /// How often the file's modification time is checked.
 const POLL: Duration = Duration::from_secs(1);

@@ -113,7 +113,7 @@ impl MemoryRegistry {
             if leases.len() >= self.max_leases {
                 sink.reject(
                     &key,
-                    entry::RejectReason::Limit,
+                    crate::model::RejectReason::Limit,
                     &format!("{} registrations held (--max-registrations)", leases.len()),
                 );
                 return Err(Status::resource_exhausted(format!(
@@ -240,7 +240,7 @@ impl RegistrationApi {
                 .metadata()
                 .get("authorization")
                 .map(|v| v.as_bytes());
-            if let Err(e) = crate::auth::check_bearer(given, expected) {
+            if let Err(e) = crate::net::auth::check_bearer(given, expected) {
                 self.metrics
                     .registrations_refused
                     .get_or_create(&crate::metrics::ReasonLabels {

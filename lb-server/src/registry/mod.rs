@@ -32,9 +32,7 @@ pub mod resolve;
 pub mod retry;
 pub mod zookeeper;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -42,23 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
-
-/// One registered instance of a service, as a registry source sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Instance {
-    /// The service it belongs to, e.g. `greeter`.
-    pub service: String,
-    /// The key that identifies it within its source (the etcd key, say).
-    pub key: String,
-    /// Where it serves.
-    pub addr: SocketAddr,
-    /// Relative weight from the registry metadata (`{"weight": n}`), 1 if unset.
-    pub weight: u32,
-    /// Metadata as registered (JSON), if any.
-    pub metadata: Option<serde_json::Value>,
-    /// When this source first reported it.
-    pub registered_at: SystemTime,
-}
+use crate::model::Instance;
 
 /// A discovery system the LB reads.
 pub trait Registry: Send + Sync + 'static {
@@ -158,7 +140,7 @@ impl RegistrySink {
     /// key (if any) is kept; nothing else changes. Counted every time;
     /// logged once per key and reason per minute (with the number of
     /// repeats held back), so a key rewritten in a loop cannot flood the log.
-    pub fn reject(&self, key: &str, reason: entry::RejectReason, detail: &str) {
+    pub fn reject(&self, key: &str, reason: crate::model::RejectReason, detail: &str) {
         self.metrics.reject(self.source, reason.as_str());
         let subject = format!("{}|{}|{key}", self.source, reason.as_str());
         if let Some(repeats) = self.log.allow(&subject) {

@@ -13,7 +13,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::entry::{HostPort, RejectReason, Rejected};
+use crate::model::{RejectReason, Rejected};
+
+/// A `host:port` pair, host not yet resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// Port, 1–65535.
+    pub port: u16,
+}
 
 /// Longest time one lookup may take before the entry is rejected.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);

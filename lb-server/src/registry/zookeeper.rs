@@ -21,9 +21,10 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
 
-use super::entry::{self, RejectReason, Rejected, ValueOp};
+use super::entry::{self, ValueOp};
 use super::retry::run_sessions;
-use super::{Instance, Registry, RegistrySink};
+use super::{Registry, RegistrySink};
+use crate::model::{Instance, RejectReason, Rejected};
 
 /// Where the ensemble is and what to read.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,7 +199,7 @@ impl ZkRegistry {
 pub fn address_of(
     node: &str,
     data: &[u8],
-) -> Result<(entry::HostPort, u32, Option<serde_json::Value>), Rejected> {
+) -> Result<(super::resolve::HostPort, u32, Option<serde_json::Value>), Rejected> {
     match address_in_name(node)? {
         Some(found) => Ok(found),
         None => match entry::parse_value(data)? {
@@ -239,7 +240,7 @@ pub async fn decode(
 /// says neither (the data is used then).
 fn address_in_name(
     node: &str,
-) -> Result<Option<(entry::HostPort, u32, Option<serde_json::Value>)>, Rejected> {
+) -> Result<Option<(super::resolve::HostPort, u32, Option<serde_json::Value>)>, Rejected> {
     let decoded = percent_encoding::percent_decode_str(node).decode_utf8_lossy();
     if decoded.contains("://") {
         let url = url::Url::parse(&decoded).map_err(|e| {

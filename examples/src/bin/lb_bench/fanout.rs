@@ -49,14 +49,73 @@ async fn open_stream(
     Ok(())
 }
 
-/// Runs the fan-out benchmark.
+/// Runs the fan-out benchmark on each `lb-server` build in turn (the same
+/// sizes, one after the other in one run) and prints them side by side.
 pub async fn fanout(
+    bins: &[std::path::PathBuf],
+    streams: usize,
+    per_connection: usize,
+    samples: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut runs = Vec::new();
+    for bin in bins {
+        eprintln!("fan-out with {}", bin.display());
+        runs.push(fanout_one(bin, streams, per_connection, samples).await?);
+    }
+    let cell = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let header: Vec<String> = bins.iter().map(|b| b.display().to_string()).collect();
+    println!(
+        "| measure ({streams} streams, {per_connection} per connection, {samples} changes) | {} |",
+        header.join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(bins.len()));
+    let rows: [(&str, &str, f64, &str); 6] = [
+        ("LB RSS before the streams", "rss_before_kib", 1.0, "KiB"),
+        ("LB RSS with the streams open", "rss_after_kib", 1.0, "KiB"),
+        (
+            "LB RSS per idle stream",
+            "rss_per_stream_bytes",
+            1.0 / 1024.0,
+            "KiB",
+        ),
+        (
+            "one change → half of the streams have it (median over changes)",
+            "push_half_ms",
+            1.0,
+            "ms",
+        ),
+        (
+            "one change → every stream has it (median over changes)",
+            "push_all_ms",
+            1.0,
+            "ms",
+        ),
+        (
+            "one change → every stream has it (worst change)",
+            "push_all_worst_ms",
+            1.0,
+            "ms",
+        ),
+    ];
+    for (label, key, scale, unit) in rows {
+        let cells: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{:.1} {unit}", cell(r, key) * scale))
+            .collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    }
+    Ok(json!({ "bench": "fanout", "builds": header, "runs": runs }))
+}
+
+/// One build's fan-out run.
+async fn fanout_one(
+    bin: &std::path::Path,
     streams: usize,
     per_connection: usize,
     samples: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let per_connection = per_connection.max(1);
-    let lb = LbProcess::start("memory").await?;
+    let lb = LbProcess::start_bin(bin, "memory").await?;
     let pid = lb.child.id();
     let greeters = [
         greeter_with(GreeterOptions::default(), &[lb.addr], "greeter").await?,
@@ -135,26 +194,6 @@ pub async fn fanout(
     }
     last_ms.sort_by(|a, b| a.total_cmp(b));
     median_ms.sort_by(|a, b| a.total_cmp(b));
-    println!("| measure ({streams} streams, {per_connection} per connection, {samples} changes) | value |");
-    println!("| --- | ---: |");
-    println!("| LB RSS before the streams | {} KiB |", rss_before);
-    println!("| LB RSS with the streams open | {} KiB |", rss_after);
-    println!(
-        "| LB RSS per idle stream | {:.2} KiB |",
-        per_stream / 1024.0
-    );
-    println!(
-        "| one change → half of the streams have it (median over changes) | {:.1} ms |",
-        pct(&median_ms, 0.5)
-    );
-    println!(
-        "| one change → every stream has it (median over changes) | {:.1} ms |",
-        pct(&last_ms, 0.5)
-    );
-    println!(
-        "| one change → every stream has it (worst change) | {:.1} ms |",
-        last_ms[last_ms.len() - 1]
-    );
     drop(lb);
     for g in greeters {
         g.shutdown(Duration::ZERO).await;

@@ -115,6 +115,9 @@ enum Bench {
         /// List changes pushed.
         #[arg(long, default_value_t = 5)]
         samples: usize,
+        /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
+        #[arg(long = "lb-server")]
+        lb_servers: Vec<PathBuf>,
     },
     /// Kill one of two LB replicas: time until its clients are on the survivor.
     Failover {
@@ -255,7 +258,13 @@ async fn main() -> anyhow::Result<()> {
             streams,
             per_connection,
             samples,
-        } => fanout::fanout(streams, per_connection, samples).await?,
+            mut lb_servers,
+        } => {
+            if lb_servers.is_empty() {
+                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
+            }
+            fanout::fanout(&lb_servers, streams, per_connection, samples).await?
+        }
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;

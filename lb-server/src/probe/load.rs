@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lb_proto::xds::data::orca::v3::OrcaLoadReport;
 use lb_proto::xds::service::orca::v3::open_rca_service_client::OpenRcaServiceClient;
 use lb_proto::xds::service::orca::v3::OrcaLoadReportRequest;
 use tonic::transport::Channel;
 
-use crate::health::Reporter;
+use super::report::Reporter;
+use crate::model::LoadSample;
 
 /// Streams load reports of `addr` to `reporter` until the stream ends.
 pub async fn collect(
@@ -48,11 +50,28 @@ pub async fn collect(
     };
     loop {
         match stream.message().await {
-            Ok(Some(report)) => reporter.load(&service, addr, &report),
+            Ok(Some(report)) => reporter.load(&service, addr, &sample(&report)),
             Ok(None) | Err(_) => {
                 reporter.clear_load(&service, addr);
                 return;
             }
         }
+    }
+}
+
+/// The fields of an ORCA report that weighting and operators use: the one
+/// place the wire form is read.
+pub fn sample(r: &OrcaLoadReport) -> LoadSample {
+    LoadSample {
+        cpu_utilization: r.cpu_utilization,
+        mem_utilization: r.mem_utilization,
+        application_utilization: r.application_utilization,
+        qps: r.rps_fractional,
+        eps: r.eps,
+        named_metrics: r
+            .named_metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
     }
 }

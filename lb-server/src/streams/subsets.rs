@@ -20,15 +20,15 @@
 //! kept.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use lb_proto::grpc::lb::v1::Server;
 use tokio::sync::watch;
 
-use crate::catalog::PublishedList;
 use crate::rendezvous;
+use crate::snapshot::PublishedList;
 
 /// Longest client id taken from the `lb-client-id` metadata.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
@@ -159,7 +159,7 @@ impl Member {
         let servers = list
             .servers
             .iter()
-            .filter(|s| s.drop || addr_of(s).is_some_and(|a| subset.contains(&a)))
+            .filter(|s| s.drop || s.socket_addr().is_some_and(|a| subset.contains(&a)))
             .cloned()
             .collect();
         (servers, subset)
@@ -195,7 +195,7 @@ impl State {
             .servers
             .iter()
             .filter(|s| !s.drop)
-            .filter_map(addr_of)
+            .filter_map(Server::socket_addr)
             .collect();
         if now == self.backends {
             return false;
@@ -301,20 +301,9 @@ fn score(key: u64, addr: &SocketAddr) -> u64 {
     rendezvous::mix(key ^ rendezvous::hash(addr.to_string().as_bytes()))
 }
 
-/// The address of a list entry.
-pub fn addr_of(s: &Server) -> Option<SocketAddr> {
-    let ip: IpAddr = match s.ip_address.len() {
-        4 => <[u8; 4]>::try_from(s.ip_address.as_slice()).ok()?.into(),
-        16 => <[u8; 16]>::try_from(s.ip_address.as_slice()).ok()?.into(),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, u16::try_from(s.port).ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     fn server(i: usize) -> Server {
         Server {
@@ -326,13 +315,12 @@ mod tests {
     }
 
     fn list(version: u64, backends: &[usize]) -> PublishedList {
-        PublishedList {
+        PublishedList::new(
             version,
-            servers: backends.iter().map(|i| server(*i)).collect(),
-            changed_at: Instant::now(),
-            panic: false,
-            shed_fraction: 0.0,
-        }
+            backends.iter().map(|i| server(*i)).collect(),
+            false,
+            0.0,
+        )
     }
 
     fn subsets_of(members: &[Member], l: &PublishedList) -> Vec<Vec<SocketAddr>> {
@@ -380,7 +368,7 @@ mod tests {
             .map(|i| t.join(i, &format!("client-{i}"), &l1))
             .collect();
         let before = subsets_of(&members, &l1);
-        let gone = addr_of(&server(7)).unwrap();
+        let gone = server(7).socket_addr().unwrap();
         let l2 = list(
             2,
             &all.iter().copied().filter(|i| *i != 7).collect::<Vec<_>>(),

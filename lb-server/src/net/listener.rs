@@ -2,7 +2,7 @@
 //!
 //! [`guarded`] turns a `TcpListener` into the stream of connections the
 //! gRPC and admin servers read, and on the way:
-//! - caps connections in total and per peer address ([`crate::limits::Quota`]);
+//! - caps connections in total and per peer address ([`crate::net::limits::Quota`]);
 //!   a connection over the cap is closed at once and counted;
 //! - closes a connection that has not sent its first bytes (the HTTP/2
 //!   preface, an HTTP/1 request line, a TLS hello) within the handshake
@@ -28,9 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::limits::{Exceeded, Permit, Quota};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
+use crate::net::limits::{Exceeded, Permit, Quota};
 
 /// Bytes a client must send before the handshake deadline.
 #[derive(Debug, Clone, Copy)]

@@ -13,7 +13,7 @@
 //!   unreachable. While `Watch` is open only its answers set the status; the
 //!   heartbeat proves the backend answers at all. When `Watch` is
 //!   UNIMPLEMENTED, the same `Check` calls carry the status too;
-//! - the ORCA load stream ([`crate::load`]), when enabled.
+//! - the ORCA load stream ([`crate::probe::load`]), when enabled.
 //!
 //! Why a heartbeat call and not HTTP/2 PINGs: stock gRPC servers refuse
 //! PINGs more often than every 5 minutes (grpc-go's
@@ -47,9 +47,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::report::Reporter;
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
-use crate::policy::HealthState;
+use crate::model::HealthState;
 
 /// Health-checking settings.
 #[derive(Debug, Clone)]
@@ -68,54 +69,6 @@ pub struct HealthSettings {
     pub orca_interval: Duration,
     /// TLS towards backends, when they serve it.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
-}
-
-/// Where probe results go: the catalog, or the cluster (which applies them
-/// to the catalog and publishes them to the other replicas).
-pub struct Reporter {
-    catalog: Arc<Catalog>,
-    cluster: Option<Arc<Cluster>>,
-}
-
-impl Reporter {
-    /// Results for `catalog`, shared through `cluster` when given.
-    pub fn new(catalog: Arc<Catalog>, cluster: Option<Arc<Cluster>>) -> Self {
-        Reporter { catalog, cluster }
-    }
-
-    /// A health check result.
-    pub fn health(&self, service: &str, addr: SocketAddr, state: HealthState, detail: &str) {
-        match &self.cluster {
-            Some(c) => c.report_health(service, addr, state, detail),
-            None => self.catalog.set_health(service, addr, state, detail),
-        }
-    }
-
-    /// A load report.
-    pub fn load(
-        &self,
-        service: &str,
-        addr: SocketAddr,
-        report: &lb_proto::xds::data::orca::v3::OrcaLoadReport,
-    ) {
-        match &self.cluster {
-            Some(c) => c.report_load(service, addr, report),
-            None => self.catalog.set_load(service, addr, report),
-        }
-    }
-
-    /// A probe's connection was lost and is being made again.
-    pub fn reconnect(&self) {
-        self.catalog.metrics().upstream_reconnect("health");
-    }
-
-    /// The load stream ended.
-    pub fn clear_load(&self, service: &str, addr: SocketAddr) {
-        match &self.cluster {
-            Some(c) => c.clear_load(service, addr),
-            None => self.catalog.clear_load(service, addr),
-        }
-    }
 }
 
 /// Runs probes for every catalog member this replica owns until `shutdown`.
@@ -244,7 +197,7 @@ async fn session(
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
     let _load = s.orca.then(|| {
-        let task = tokio::spawn(crate::load::collect(
+        let task = tokio::spawn(crate::probe::load::collect(
             reporter.clone(),
             channel.clone(),
             service.to_string(),

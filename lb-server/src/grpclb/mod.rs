@@ -1,0 +1,262 @@
+//! The grpclb frontend: the `grpc.lb.v1.LoadBalancer/BalanceLoad` service.
+//!
+//! Per stream: read `initial_request` (within a deadline), map its name to a
+//! service, answer `initial_response` first (stock clients treat anything
+//! else first as an error), then write the service's current list and every
+//! later change. Lists come from the catalog's watch channel, so a stream
+//! that cannot keep up simply skips to the newest list; identical lists are
+//! never resent. `client_stats` from the client are added to the service's
+//! totals. Streams run inside tonic's response body: no task per stream.
+//!
+//! With subsets on ([`crate::streams::subsets`]), each stream gets the
+//! service's list filtered to its client's subset, and is re-sent it when
+//! the subset changes.
+//!
+//! Lists are written as the snapshot's bytes ([`crate::snapshot`]): encoded
+//! once per change, whatever the number of streams (a subset, which is the
+//! stream's own, is encoded for that stream).
+//!
+//! | module | job |
+//! | --- | --- |
+//! | this one | accepting a stream: quota, initial request, name → service |
+//! | `stream` | one stream's life: lists out, client stats in |
+//! | `service` | the service as tonic's router takes it |
+//! | `codec` | pre-encoded responses, small buffers |
+
+mod codec;
+mod service;
+mod stream;
+
+pub use service::LoadBalancerService;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use lb_proto::grpc::lb::v1::{
+    load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
+    InitialLoadBalanceResponse, LoadBalanceRequest, LoadBalanceResponse,
+};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{Catalog, ServiceEntry};
+use crate::metrics::Metrics;
+use crate::net::limits::{Exceeded, Quota};
+use crate::streams::names::{NameMapper, MAX_NAME_LEN};
+use crate::streams::sessions::Sessions;
+use crate::streams::subsets::{self, Subsets};
+use stream::{stream_error_reason, StatsBudget, StreamState, Subset};
+
+/// Settings of the BalanceLoad service.
+#[derive(Debug, Clone)]
+pub struct BalancerSettings {
+    /// Client-stats report interval asked of clients (zero = never).
+    pub client_stats_interval: Duration,
+    /// Deadline for the initial request.
+    pub initial_request_timeout: Duration,
+    /// Window over which streams are closed on shutdown.
+    pub shutdown_spread: Duration,
+    /// Caps on streams open at once, in total and per client address.
+    pub streams: Arc<Quota>,
+    /// Client-stats reports allowed per second and stream (bursts of twice
+    /// that pass).
+    pub client_stats_max_rate: f64,
+}
+
+/// The BalanceLoad service.
+pub struct Balancer {
+    catalog: Arc<Catalog>,
+    names: Arc<NameMapper>,
+    sessions: Arc<Sessions>,
+    subsets: Arc<Subsets>,
+    metrics: Arc<Metrics>,
+    settings: BalancerSettings,
+    shutdown: CancellationToken,
+    /// The `initial_response`, the same for every stream.
+    initial_response: Bytes,
+}
+
+impl Balancer {
+    /// A service answering from `catalog`; streams end when `shutdown` fires.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        names: Arc<NameMapper>,
+        sessions: Arc<Sessions>,
+        subsets: Arc<Subsets>,
+        metrics: Arc<Metrics>,
+        settings: BalancerSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let interval = settings.client_stats_interval;
+        let initial_response = LoadBalanceResponse {
+            load_balance_response_type: Some(LoadBalanceResponseType::InitialResponse(
+                InitialLoadBalanceResponse {
+                    client_stats_report_interval: (!interval.is_zero()).then(|| {
+                        prost_types::Duration {
+                            seconds: interval.as_secs() as i64,
+                            nanos: interval.subsec_nanos() as i32,
+                        }
+                    }),
+                },
+            )),
+        }
+        .encode_to_vec()
+        .into();
+        Balancer {
+            catalog,
+            names,
+            sessions,
+            subsets,
+            metrics,
+            settings,
+            shutdown,
+            initial_response,
+        }
+    }
+
+    fn refuse(&self, reason: &str, status: Status) -> Status {
+        tracing::warn!(
+            reason,
+            message = status.message(),
+            "BalanceLoad stream refused"
+        );
+        self.metrics.refuse(reason);
+        status
+    }
+
+    /// Reads and validates the initial request; returns the service entry.
+    async fn accept(
+        &self,
+        inbound: &mut Streaming<LoadBalanceRequest>,
+    ) -> Result<(String, Arc<ServiceEntry>), Status> {
+        let timeout = self.settings.initial_request_timeout;
+        let first = match tokio::time::timeout(timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(self.refuse(
+                    "initial_request_timeout",
+                    Status::deadline_exceeded(format!("no initial_request within {timeout:?}")),
+                ))
+            }
+            Ok(Err(status)) => return Err(self.refuse(stream_error_reason(&status), status)),
+            Ok(Ok(None)) => {
+                return Err(self.refuse(
+                    "no_initial_request",
+                    Status::invalid_argument("stream closed before initial_request"),
+                ))
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        let name = match first.load_balance_request_type {
+            Some(LoadBalanceRequestType::InitialRequest(r)) => r.name,
+            _ => {
+                return Err(self.refuse(
+                    "not_initial_request",
+                    Status::invalid_argument("the first message must be initial_request"),
+                ))
+            }
+        };
+        if name.len() > MAX_NAME_LEN {
+            return Err(self.refuse(
+                "name_too_long",
+                Status::invalid_argument(format!(
+                    "name is {} bytes; the limit is {MAX_NAME_LEN}",
+                    name.len()
+                )),
+            ));
+        }
+        let found = self.names.resolve(&name, |s| self.catalog.contains(s));
+        match found.and_then(|s| self.catalog.service(&s)) {
+            Some(entry) => Ok((name, entry)),
+            None => Err(self.refuse(
+                "unknown_service",
+                Status::not_found(format!(
+                    "unknown service {name:?} (tried {:?}); no backend of that name is registered",
+                    self.names.candidates(&name)
+                )),
+            )),
+        }
+    }
+}
+
+/// What a stream writes: encoded `LoadBalanceResponse`s.
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+impl Balancer {
+    /// Accepts one BalanceLoad stream and returns what it will write.
+    async fn balance_load(
+        &self,
+        request: Request<Streaming<LoadBalanceRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request.remote_addr();
+        let permit = self
+            .settings
+            .streams
+            .acquire(peer.map(|p| p.ip()))
+            .map_err(|exceeded| {
+                let reason = match exceeded {
+                    Exceeded::Total => "too_many_streams",
+                    Exceeded::PerPeer => "too_many_streams_per_peer",
+                };
+                let detail = self
+                    .settings
+                    .streams
+                    .describe(exceeded, peer.map(|p| p.ip()));
+                self.refuse(reason, Status::resource_exhausted(detail))
+            })?;
+        let client_id = request
+            .metadata()
+            .get(subsets::CLIENT_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= subsets::MAX_CLIENT_ID_LEN)
+            .map(str::to_string);
+        let mut inbound = request.into_inner();
+        let (name, entry) = self.accept(&mut inbound).await?;
+        tracing::debug!(
+            ?peer,
+            name,
+            service = entry.name(),
+            "BalanceLoad stream accepted"
+        );
+        let session = self.sessions.open(
+            self.metrics.clone(),
+            peer,
+            name,
+            entry.name().to_string(),
+            client_id,
+        );
+        let subset = self.subsets.enabled().then(|| {
+            let table = self.subsets.table(entry.name());
+            let s = session.session();
+            Subset {
+                changes: table.subscribe(),
+                member: table.join(s.id, &s.client_id, &entry.current_list()),
+                last_sent: None,
+            }
+        });
+        let state = StreamState {
+            initial: Some(self.initial_response.clone()),
+            lists: entry.subscribe(),
+            last_version: None,
+            subset,
+            inbound,
+            inbound_done: false,
+            finished: false,
+            catalog: self.catalog.clone(),
+            entry,
+            metrics: self.metrics.clone(),
+            session,
+            shutdown: self.shutdown.clone(),
+            shutdown_spread: self.settings.shutdown_spread,
+            stats_budget: StatsBudget::new(self.settings.client_stats_max_rate),
+            _permit: permit,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            StreamState::next,
+        ))))
+    }
+}

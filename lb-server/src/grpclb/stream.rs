@@ -1,0 +1,229 @@
+//! One BalanceLoad stream, from its `initial_response` to its end: lists
+//! out as they are published, client stats in. It lives inside tonic's
+//! response body (`futures::stream::unfold`): no task per stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lb_proto::grpc::lb::v1::{load_balance_request::LoadBalanceRequestType, LoadBalanceRequest};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::catalog::{Catalog, ServiceEntry};
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::net::limits::Permit;
+use crate::snapshot::{encode_server_list, PublishedList};
+use crate::streams::sessions::{SessionGuard, StatsReport};
+use crate::streams::subsets;
+
+/// A stream's subset and what it last sent.
+pub(super) struct Subset {
+    pub(super) member: subsets::Member,
+    pub(super) changes: watch::Receiver<u64>,
+    pub(super) last_sent: Option<Vec<lb_proto::grpc::lb::v1::Server>>,
+}
+
+/// Everything one stream needs between two messages.
+pub(super) struct StreamState {
+    pub(super) initial: Option<Bytes>,
+    pub(super) lists: watch::Receiver<Arc<PublishedList>>,
+    pub(super) last_version: Option<u64>,
+    pub(super) subset: Option<Subset>,
+    pub(super) inbound: Streaming<LoadBalanceRequest>,
+    pub(super) inbound_done: bool,
+    pub(super) finished: bool,
+    pub(super) catalog: Arc<Catalog>,
+    pub(super) entry: Arc<ServiceEntry>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) session: SessionGuard,
+    pub(super) shutdown: CancellationToken,
+    pub(super) shutdown_spread: Duration,
+    pub(super) stats_budget: StatsBudget,
+    pub(super) _permit: Permit,
+}
+
+/// The reason label of a stream that failed while reading a request.
+pub(super) fn stream_error_reason(status: &Status) -> &'static str {
+    match status.code() {
+        // tonic's answer to a message over the decoding limit.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "message_too_large",
+        _ => "stream_error",
+    }
+}
+
+/// Token bucket limiting the client-stats reports of one stream.
+pub(super) struct StatsBudget {
+    pub(super) rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl StatsBudget {
+    pub(super) fn new(rate: f64) -> Self {
+        let rate = rate.max(0.01);
+        StatsBudget {
+            rate,
+            tokens: Self::burst(rate),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn burst(rate: f64) -> f64 {
+        (rate * 2.0).max(2.0)
+    }
+
+    /// Spends one report; false when the stream is over its rate.
+    fn spend(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.at = now;
+        self.tokens = (self.tokens + earned).min(Self::burst(self.rate));
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+impl StreamState {
+    /// The stream's next message, and the state to continue from.
+    pub(super) async fn next(mut self) -> Option<(Result<Bytes, Status>, Self)> {
+        if self.finished {
+            return None;
+        }
+        if let Some(initial) = self.initial.take() {
+            return Some((Ok(initial), self));
+        }
+        loop {
+            if let Some(list) = self.next_list() {
+                self.metrics.lists_sent.inc();
+                self.session
+                    .session()
+                    .lists_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some((Ok(list), self));
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    // Spread the closes so clients do not stampede the other replicas.
+                    let spread = self.shutdown_spread.as_millis() as u64;
+                    let delay = if spread == 0 { 0 } else { rand::rng().random_range(0..spread) };
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    self.finished = true;
+                    return Some((Err(Status::unavailable("load balancer shutting down; reconnect")), self));
+                }
+                changed = self.lists.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                changed = async { self.subset.as_mut().expect("guarded").changes.changed().await }, if self.subset.is_some() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                message = self.inbound.message(), if !self.inbound_done => match message {
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.on_request(request) {
+                            self.finished = true;
+                            return Some((Err(status), self));
+                        }
+                    }
+                    Ok(None) => self.inbound_done = true,
+                    Err(status) => {
+                        let reason = stream_error_reason(&status);
+                        if reason == "stream_error" {
+                            // The client went away: end quietly.
+                            return None;
+                        }
+                        tracing::warn!(session = self.session.session().id, reason, message = status.message(), "BalanceLoad stream closed");
+                        self.metrics.refuse(reason);
+                        self.finished = true;
+                        return Some((Err(status), self));
+                    }
+                },
+            }
+        }
+    }
+
+    /// The list to send now (encoded), if it differs from the last one sent.
+    fn next_list(&mut self) -> Option<Bytes> {
+        // Compare versions rather than relying on `has_changed`: `changed()`
+        // marks the newest value as seen.
+        let list = self.lists.borrow_and_update().clone();
+        let new_version = self.last_version != Some(list.version);
+        let servers = match &mut self.subset {
+            None if !new_version => return None,
+            None => list.grpclb().clone(),
+            Some(sub) => {
+                sub.changes.borrow_and_update();
+                let (servers, subset) = sub.member.filter(&list);
+                if sub.last_sent.as_ref() == Some(&servers) {
+                    self.last_version = Some(list.version);
+                    return None;
+                }
+                let encoded = encode_server_list(&servers);
+                sub.last_sent = Some(servers);
+                *self.session.session().subset.lock().expect("subset lock") = Some(subset);
+                encoded
+            }
+        };
+        if new_version && self.last_version.is_some() {
+            self.metrics
+                .list_push_seconds
+                .observe(list.changed_at.elapsed().as_secs_f64());
+        }
+        self.last_version = Some(list.version);
+        self.session
+            .session()
+            .list_version
+            .store(list.version, std::sync::atomic::Ordering::Relaxed);
+        Some(servers)
+    }
+
+    /// Applies one request from the client; an error ends the stream.
+    fn on_request(&mut self, request: LoadBalanceRequest) -> Result<(), Status> {
+        match request.load_balance_request_type {
+            Some(LoadBalanceRequestType::ClientStats(stats)) => {
+                if !self.stats_budget.spend() {
+                    let id = self.session.session().id;
+                    self.metrics
+                        .client_stats_refused
+                        .get_or_create(&ReasonLabels {
+                            reason: "rate".into(),
+                        })
+                        .inc();
+                    self.metrics.refuse("client_stats_rate");
+                    tracing::warn!(
+                        session = id,
+                        rate = self.stats_budget.rate,
+                        "client stats sent too fast; closing the stream"
+                    );
+                    return Err(Status::resource_exhausted(format!(
+                        "client_stats sent faster than {} per second; report at the interval the load balancer asked for",
+                        self.stats_budget.rate
+                    )));
+                }
+                self.catalog.record_client_stats(&self.entry, &stats);
+                *self
+                    .session
+                    .session()
+                    .last_stats
+                    .lock()
+                    .expect("stats lock") = Some(StatsReport::from(&stats));
+            }
+            Some(LoadBalanceRequestType::InitialRequest(_)) => {
+                tracing::debug!(
+                    session = self.session.session().id,
+                    "repeated initial_request ignored"
+                );
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Where probes put what they learn: straight into the catalog, or through
+//! the cluster, which applies a result locally and shares it with the other
+//! replicas (so that each backend is probed by one replica only).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::cluster::Cluster;
+use crate::model::{HealthState, LoadSample};
+
+/// Where probe results go: the catalog, or the cluster (which applies them
+/// to the catalog and publishes them to the other replicas).
+pub struct Reporter {
+    catalog: Arc<Catalog>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Reporter {
+    /// Results for `catalog`, shared through `cluster` when given.
+    pub fn new(catalog: Arc<Catalog>, cluster: Option<Arc<Cluster>>) -> Self {
+        Reporter { catalog, cluster }
+    }
+
+    /// A health check result.
+    pub fn health(&self, service: &str, addr: SocketAddr, state: HealthState, detail: &str) {
+        match &self.cluster {
+            Some(c) => c.report_health(service, addr, state, detail),
+            None => self.catalog.set_health(service, addr, state, detail),
+        }
+    }
+
+    /// A load report.
+    pub fn load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
+        match &self.cluster {
+            Some(c) => c.report_load(service, addr, report),
+            None => self.catalog.set_load(service, addr, report),
+        }
+    }
+
+    /// A probe's connection was lost and is being made again.
+    pub fn reconnect(&self) {
+        self.catalog.metrics().upstream_reconnect("health");
+    }
+
+    /// The load stream ended.
+    pub fn clear_load(&self, service: &str, addr: SocketAddr) {
+        match &self.cluster {
+            Some(c) => c.clear_load(service, addr),
+            None => self.catalog.clear_load(service, addr),
+        }
+    }
+}

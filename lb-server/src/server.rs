@@ -1,0 +1,346 @@
+//! Wiring: builds every part from the [`Config`] and connects them, in the
+//! order data flows (registry → catalog → probes → frontends).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_proto::registry::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogLimits};
+use crate::cluster::{Cluster, ClusterSettings};
+use crate::config::Config;
+use crate::grpclb::{Balancer, BalancerSettings, LoadBalancerService};
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
+use crate::net::limits::Quota;
+use crate::net::listener::{self, FirstBytes, ListenerSettings};
+use crate::net::tls;
+use crate::registry::memory::RegistrationApi;
+use crate::registry::{self, RegistrySink, Sources};
+use crate::streams::names::NameMapper;
+use crate::streams::sessions::Sessions;
+use crate::streams::subsets::Subsets;
+use crate::{admin, probe};
+
+/// Largest HTTP/2 header block accepted on the gRPC port (gRPC clients send
+/// a few hundred bytes; hyper's default would be 16 MiB).
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// Largest message written to a stream: a server list of the longest
+/// allowed length is well under this.
+const MAX_ENCODED_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// A running LB: its bound addresses and the handles to stop it.
+pub struct LbServer {
+    /// Address of the gRPC port (BalanceLoad, registration API).
+    pub lb_addr: SocketAddr,
+    /// Address of the admin HTTP port.
+    pub admin_addr: SocketAddr,
+    /// The catalog (for embedding programs and tests).
+    pub catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// What every part shares.
+struct Parts {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    catalog: Arc<Catalog>,
+    sessions: Arc<Sessions>,
+    subsets: Arc<Subsets>,
+    refusal_log: Arc<LogLimiter>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Parts {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
+    }
+}
+
+impl LbServer {
+    /// Binds both ports, starts the registry sources, probes and frontends,
+    /// and serves. Returns once the ports are bound; port 0 picks a free
+    /// port (see [`LbServer::lb_addr`]).
+    pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
+        let metrics = Arc::new(Metrics::new());
+        let sources = registry::from_urls(&cfg.registry, &cfg)?;
+        let catalog = Arc::new(
+            Catalog::new(cfg.policy(), metrics.clone(), 1, cfg.health_checks)
+                .with_limits(CatalogLimits {
+                    max_services: cfg.max_services,
+                    max_backends_per_service: cfg.max_backends_per_service,
+                })
+                .with_source_order(sources.names()),
+        );
+        let lb_listener = bind(cfg.listen, "--listen").await?;
+        let admin_listener = bind(cfg.admin_listen, "--admin-listen").await?;
+        let (lb_addr, admin_addr) = (lb_listener.local_addr()?, admin_listener.local_addr()?);
+        let mut parts = Parts {
+            subsets: Arc::new(Subsets::new(cfg.subset_size)),
+            cfg,
+            metrics,
+            catalog: catalog.clone(),
+            sessions: Arc::new(Sessions::default()),
+            refusal_log: Arc::new(LogLimiter::default()),
+            shutdown: CancellationToken::new(),
+            tasks: Vec::new(),
+        };
+        let wired = (|| {
+            let cluster = parts.cluster(lb_addr, admin_addr)?;
+            parts.sources(&sources);
+            parts.probes(cluster.clone())?;
+            parts.refresh();
+            parts.grpc(lb_listener, &sources)?;
+            parts.admin(admin_listener, cluster)
+        })();
+        if let Err(e) = wired {
+            // Stop what was already started: an embedding program goes on.
+            parts.shutdown.cancel();
+            return Err(e);
+        }
+        tracing::info!(%lb_addr, %admin_addr, registry = %parts.cfg.registry_line(), "lb-server listening");
+        Ok(LbServer {
+            lb_addr,
+            admin_addr,
+            catalog,
+            shutdown: parts.shutdown,
+            tasks: parts.tasks,
+        })
+    }
+
+    /// Stops serving: streams are closed (spread over the shutdown window),
+    /// then the ports. Waits at most `limit` for everything to finish.
+    pub async fn shutdown(self, limit: Duration) {
+        self.shutdown.cancel();
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(?limit, "shutdown did not finish in time");
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"))
+}
+
+impl Parts {
+    /// Replicas sharing probes through the first etcd registry, when on.
+    fn cluster(
+        &mut self,
+        lb_addr: SocketAddr,
+        admin_addr: SocketAddr,
+    ) -> anyhow::Result<Option<Arc<Cluster>>> {
+        let cfg = &self.cfg;
+        let first_etcd = cfg
+            .registry
+            .iter()
+            .find_map(|u| registry::etcd_endpoints(u));
+        let Some(endpoints) = first_etcd.filter(|_| cfg.cluster && cfg.health_checks) else {
+            return Ok(None);
+        };
+        let settings = ClusterSettings {
+            etcd: cfg.etcd_access(endpoints)?,
+            prefix: cfg.cluster_prefix.clone(),
+            replica_id: cfg.replica_id(lb_addr),
+            ttl: cfg.replica_ttl,
+            lb_addr,
+            admin_addr,
+        };
+        let cluster = Cluster::new(settings, self.catalog.clone());
+        self.spawn(cluster.clone().run(self.shutdown.clone()));
+        Ok(Some(cluster))
+    }
+
+    /// Every registry source, each writing into the catalog through its sink.
+    fn sources(&mut self, sources: &Sources) {
+        for (name, source) in &sources.list {
+            let sink = RegistrySink::new(name, self.catalog.clone(), self.metrics.clone());
+            self.spawn(source.clone().run(sink, self.shutdown.clone()));
+        }
+    }
+
+    /// Health and load probes of every backend (this replica's share).
+    fn probes(&mut self, cluster: Option<Arc<Cluster>>) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        if !cfg.health_checks {
+            return Ok(());
+        }
+        let settings = probe::health::HealthSettings {
+            service_names: cfg.health_services.iter().cloned().collect(),
+            check_interval: cfg.health_check_interval,
+            timeout: cfg.health_timeout,
+            orca: cfg.orca,
+            orca_interval: cfg.orca_interval,
+            tls: tls::client_config(
+                "--backend-tls-ca",
+                cfg.backend_tls_ca.as_deref(),
+                cfg.backend_tls_cert
+                    .as_deref()
+                    .zip(cfg.backend_tls_key.as_deref()),
+                cfg.backend_tls_server_name.as_deref(),
+            )?,
+        };
+        let run = probe::health::run(
+            self.catalog.clone(),
+            cluster,
+            settings,
+            self.shutdown.clone(),
+        );
+        self.spawn(run);
+        Ok(())
+    }
+
+    /// Recomputes every list periodically: load reports, weight blackout
+    /// and expiry, and slow start depend on time.
+    fn refresh(&mut self) {
+        let (catalog, shutdown) = (self.catalog.clone(), self.shutdown.clone());
+        let every = self.cfg.weight_update_period.max(Duration::from_millis(10));
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => catalog.refresh_all(),
+                }
+            }
+        });
+    }
+
+    /// The gRPC port: the grpclb frontend and the registration API.
+    fn grpc(&mut self, listener: TcpListener, sources: &Sources) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let balancer = Balancer::new(
+            self.catalog.clone(),
+            Arc::new(NameMapper::new(
+                cfg.aliases.clone(),
+                cfg.domain_suffixes.clone(),
+            )),
+            self.sessions.clone(),
+            self.subsets.clone(),
+            self.metrics.clone(),
+            BalancerSettings {
+                client_stats_interval: cfg.client_stats_interval,
+                initial_request_timeout: cfg.initial_request_timeout,
+                shutdown_spread: cfg.shutdown_spread,
+                streams: Quota::new(
+                    "BalanceLoad streams",
+                    cfg.max_streams,
+                    cfg.max_streams_per_peer,
+                ),
+                client_stats_max_rate: cfg.client_stats_max_rate,
+            },
+            self.shutdown.clone(),
+        );
+        let registration = RegistrationApi::new(
+            sources.memory.clone(),
+            cfg.registry_line(),
+            cfg.load_registration_token()?,
+            self.metrics.clone(),
+        );
+        let incoming = listener::guarded(
+            listener,
+            ListenerSettings {
+                port: "lb",
+                quota: Quota::new(
+                    "connections to the gRPC port",
+                    cfg.max_connections,
+                    cfg.max_connections_per_peer,
+                ),
+                handshake_timeout: cfg.handshake_timeout,
+                first_bytes: FirstBytes::Http2,
+                metrics: self.metrics.clone(),
+                log: self.refusal_log.clone(),
+            },
+        );
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls::server_config(
+            cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref()),
+            cfg.tls_client_ca.as_deref(),
+            cfg.handshake_timeout,
+        )? {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
+        }
+        let max_message = cfg.max_message_size;
+        let serve = server
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(cfg.max_streams_per_connection))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
+            .add_service(LoadBalancerService::new(
+                balancer,
+                max_message,
+                MAX_ENCODED_MESSAGE,
+            ))
+            .add_service(RegistryServer::new(registration).max_decoding_message_size(max_message))
+            .serve_with_incoming_shutdown(incoming, self.shutdown.clone().cancelled_owned());
+        self.spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// The admin port: JSON, metrics, the dashboard and operator actions.
+    fn admin(
+        &mut self,
+        listener: TcpListener,
+        cluster: Option<Arc<Cluster>>,
+    ) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let router = admin::router(admin::AdminState {
+            catalog: self.catalog.clone(),
+            sessions: self.sessions.clone(),
+            subsets: self.subsets.clone(),
+            cluster,
+            metrics: self.metrics.clone(),
+            registry: cfg.registry_line(),
+            token: cfg.load_admin_token()?.map(Arc::from),
+        });
+        let settings = ListenerSettings {
+            port: "admin",
+            quota: Quota::new(
+                "connections to the admin port",
+                cfg.admin_max_connections,
+                cfg.admin_max_connections_per_peer,
+            ),
+            handshake_timeout: cfg.handshake_timeout,
+            first_bytes: FirstBytes::Any,
+            metrics: self.metrics.clone(),
+            log: self.refusal_log.clone(),
+        };
+        let tls = match cfg
+            .admin_tls_cert
+            .as_deref()
+            .zip(cfg.admin_tls_key.as_deref())
+        {
+            Some((cert, key)) => Some(tls::https_acceptor(
+                [
+                    "--admin-tls-cert",
+                    "--admin-tls-key",
+                    "--admin-tls-client-ca",
+                ],
+                cert,
+                key,
+                cfg.admin_tls_client_ca.as_deref(),
+            )?),
+            None => None,
+        };
+        let serve = admin::serve::serve(listener, router, settings, tls, self.shutdown.clone());
+        self.spawn(serve);
+        Ok(())
+    }
+}

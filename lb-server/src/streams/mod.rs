@@ -1,0 +1,16 @@
+//! Streams: who is connected, and what each one is shown.
+//!
+//! Every protocol frontend shares these parts: a requested name is mapped
+//! to a service ([`names`]), each open stream has a row in the session table
+//! ([`sessions`], read by the admin API), and with subsetting on each client
+//! sees its own stable part of a large service ([`subsets`]).
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`names`] | requested name → service (aliases, domain suffixes, ports) |
+//! | [`sessions`] | the table of open streams |
+//! | [`subsets`] | per-client subsets of backends |
+
+pub mod names;
+pub mod sessions;
+pub mod subsets;
