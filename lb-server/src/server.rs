@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, CatalogLimits};
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
-use crate::grpclb::{Balancer, BalancerSettings, LoadBalancerService};
+use crate::grpclb::{Balancer, BalancerParts, BalancerSettings, LoadBalancerService};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::limits::Quota;
@@ -220,15 +220,18 @@ impl Parts {
     /// The gRPC port: the grpclb frontend and the registration API.
     fn grpc(&mut self, listener: TcpListener, sources: &Sources) -> anyhow::Result<()> {
         let cfg = &self.cfg;
-        let balancer = Balancer::new(
-            self.catalog.clone(),
-            Arc::new(NameMapper::new(
+        let parts = BalancerParts {
+            catalog: self.catalog.clone(),
+            names: Arc::new(NameMapper::new(
                 cfg.aliases.clone(),
                 cfg.domain_suffixes.clone(),
             )),
-            self.sessions.clone(),
-            self.subsets.clone(),
-            self.metrics.clone(),
+            sessions: self.sessions.clone(),
+            subsets: self.subsets.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let balancer = Balancer::new(
+            parts,
             BalancerSettings {
                 client_stats_interval: cfg.client_stats_interval,
                 initial_request_timeout: cfg.initial_request_timeout,

@@ -67,13 +67,23 @@ pub struct BalancerSettings {
     pub client_stats_max_rate: f64,
 }
 
+/// What the BalanceLoad service reads and writes: the shared parts.
+pub struct BalancerParts {
+    /// Services and their published lists.
+    pub catalog: Arc<Catalog>,
+    /// Requested name → service.
+    pub names: Arc<NameMapper>,
+    /// The table of open streams.
+    pub sessions: Arc<Sessions>,
+    /// Per-client subsets.
+    pub subsets: Arc<Subsets>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
 /// The BalanceLoad service.
 pub struct Balancer {
-    catalog: Arc<Catalog>,
-    names: Arc<NameMapper>,
-    sessions: Arc<Sessions>,
-    subsets: Arc<Subsets>,
-    metrics: Arc<Metrics>,
+    parts: BalancerParts,
     settings: BalancerSettings,
     shutdown: CancellationToken,
     /// The `initial_response`, the same for every stream.
@@ -81,13 +91,9 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// A service answering from `catalog`; streams end when `shutdown` fires.
+    /// A service answering from `parts.catalog`; streams end when `shutdown` fires.
     pub fn new(
-        catalog: Arc<Catalog>,
-        names: Arc<NameMapper>,
-        sessions: Arc<Sessions>,
-        subsets: Arc<Subsets>,
-        metrics: Arc<Metrics>,
+        parts: BalancerParts,
         settings: BalancerSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -107,11 +113,7 @@ impl Balancer {
         .encode_to_vec()
         .into();
         Balancer {
-            catalog,
-            names,
-            sessions,
-            subsets,
-            metrics,
+            parts,
             settings,
             shutdown,
             initial_response,
@@ -124,7 +126,7 @@ impl Balancer {
             message = status.message(),
             "BalanceLoad stream refused"
         );
-        self.metrics.refuse(reason);
+        self.parts.metrics.refuse(reason);
         status
     }
 
@@ -168,14 +170,17 @@ impl Balancer {
                 )),
             ));
         }
-        let found = self.names.resolve(&name, |s| self.catalog.contains(s));
-        match found.and_then(|s| self.catalog.service(&s)) {
+        let found = self
+            .parts
+            .names
+            .resolve(&name, |s| self.parts.catalog.contains(s));
+        match found.and_then(|s| self.parts.catalog.service(&s)) {
             Some(entry) => Ok((name, entry)),
             None => Err(self.refuse(
                 "unknown_service",
                 Status::not_found(format!(
                     "unknown service {name:?} (tried {:?}); no backend of that name is registered",
-                    self.names.candidates(&name)
+                    self.parts.names.candidates(&name)
                 )),
             )),
         }
@@ -221,15 +226,15 @@ impl Balancer {
             service = entry.name(),
             "BalanceLoad stream accepted"
         );
-        let session = self.sessions.open(
-            self.metrics.clone(),
+        let session = self.parts.sessions.open(
+            self.parts.metrics.clone(),
             peer,
             name,
             entry.name().to_string(),
             client_id,
         );
-        let subset = self.subsets.enabled().then(|| {
-            let table = self.subsets.table(entry.name());
+        let subset = self.parts.subsets.enabled().then(|| {
+            let table = self.parts.subsets.table(entry.name());
             let s = session.session();
             Subset {
                 changes: table.subscribe(),
@@ -245,9 +250,9 @@ impl Balancer {
             inbound,
             inbound_done: false,
             finished: false,
-            catalog: self.catalog.clone(),
+            catalog: self.parts.catalog.clone(),
             entry,
-            metrics: self.metrics.clone(),
+            metrics: self.parts.metrics.clone(),
             session,
             shutdown: self.shutdown.clone(),
             shutdown_spread: self.settings.shutdown_spread,
