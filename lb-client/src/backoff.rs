@@ -54,6 +54,13 @@ impl Backoff {
         self
     }
 
+    /// Changes the cap (say, a longer one once an outage has lasted); the
+    /// current delay is kept within it.
+    pub fn set_max(&mut self, max: Duration) {
+        self.max = max.max(self.initial);
+        self.current = self.current.min(self.max);
+    }
+
     /// Marks the start of an attempt (a connect, a session).
     pub fn attempt(&mut self) {
         self.attempt_started = Some(Instant::now());

@@ -163,3 +163,76 @@ impl EtcdAccess {
         }
     }
 }
+
+/// Keys asked for per listing request.
+const PAGE: i64 = 1000;
+/// How long one page of a listing may take.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every key under `prefix`, listed in pages of 1,000 all read at the
+/// revision of the first, and that revision (to watch from). One answer
+/// for a registry of 100,000 keys would pass gRPC's 4 MiB message limit
+/// and the request timeout.
+pub async fn list_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(i64, Vec<etcd_client::KeyValue>), String> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let mut page = tokio::time::timeout(PAGE_TIMEOUT, client.get(from, Some(options)))
+            .await
+            .map_err(|_| format!("no page of the listing within {PAGE_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        if revision == 0 {
+            revision = page.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let more = page.more();
+        let got = page.take_kvs();
+        // The next page starts just after the last key of this one.
+        let next = got.last().filter(|_| more).map(|last| {
+            let mut key = last.key().to_vec();
+            key.push(0);
+            key
+        });
+        kvs.extend(got);
+        match next {
+            Some(key) => from = key,
+            None => return Ok((revision, kvs)),
+        }
+    }
+}
+
+/// The end of the key range holding every key that starts with `prefix`
+/// (etcd's rule: the prefix with its last byte below 0xff incremented; `\0`,
+/// the whole key space, when there is none).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_prefix_range_ends_where_etcd_says() {
+        assert_eq!(prefix_end(b"/services/"), b"/services0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

@@ -588,4 +588,20 @@ mod tests {
     fn bad_alias_is_refused() {
         assert!(Config::try_parse_from(["lb-server", "--alias", "nonsense"]).is_err());
     }
+
+    #[test]
+    fn an_embedded_config_ignores_the_environment() {
+        // A stray variable of the binary's flags must not reach an LB a
+        // program embeds (nor one a test starts).
+        std::env::set_var("LB_SUBSET_SIZE", "7");
+        let cfg = Config::with_addrs(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        std::env::remove_var("LB_SUBSET_SIZE");
+        assert_eq!(cfg.subset_size, 0);
+        assert!(cfg.admin_token.is_none() && cfg.etcd_password.is_none());
+        let secret = cfg.with_secrets(|name| (name == "LB_ADMIN_TOKEN").then(|| "t".repeat(20)));
+        assert_eq!(secret.admin_token.as_deref(), Some("t".repeat(20).as_str()));
+    }
 }

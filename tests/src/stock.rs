@@ -175,3 +175,41 @@ impl GrpclbClient {
             .unwrap_or_else(|e| panic!("{name}: bad output ({e}): {stdout}\n{stderr}"))
     }
 }
+
+/// Runs the stock gRPC C-core client (`tests/interop/grpclb_client.py`):
+/// it finds the LB at `lb` through DNS SRV for `host`, makes `calls` calls
+/// and stays `linger_s` seconds more. Returns its JSON summary.
+pub async fn grpcio_client(
+    lb: SocketAddr,
+    host: &str,
+    calls: u32,
+    linger_s: f64,
+) -> serde_json::Value {
+    let out = tokio::process::Command::new(python())
+        .arg(workspace().join("tests/interop/grpclb_client.py"))
+        .args(["--lb-port", &lb.port().to_string(), "--host", host])
+        .args([
+            "--calls",
+            &calls.to_string(),
+            "--linger",
+            &linger_s.to_string(),
+        ])
+        .env("GRPC_DNS_RESOLVER", "ares")
+        .env("GRPC_VERBOSITY", "ERROR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), out)
+        .await
+        .expect("python client did not finish within 90 s")
+        .expect("run python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}\n{stderr}"
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("bad output ({e}): {stdout}\n{stderr}"))
+}

@@ -154,10 +154,10 @@ async fn lb_restart_while_clients_run_loses_no_call() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, clients) = lb.get("/api/v1/clients");
     assert!(
-        lb_tests::wait_until(Duration::from_secs(5), || lb
-            .get("/api/v1/clients")
-            .1
-            .contains("\"service\":\"greeter\""))
+        lb_tests::wait_until(Duration::from_secs(5), || lb.json("/api/v1/clients")
+            ["clients"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["service"] == "greeter")))
         .await,
         "client did not reconnect to the restarted LB: {clients}"
     );

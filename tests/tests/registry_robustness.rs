@@ -257,3 +257,57 @@ async fn a_flapping_service_keeps_its_healthy_backends_and_floods_no_log() {
     assert!(lines <= 8 * 3 * 2, "{lines} log lines about flapping keys");
     assert_eq!(lb.get("/healthz").0, 200);
 }
+
+/// A registry larger than one etcd answer may carry: 12,000 keys of about
+/// 600 bytes each (7 MiB, past gRPC's 4 MiB message limit) are listed in
+/// pages, every one is in the catalog, and a change after the listing is
+/// seen (the watch starts at the listing's revision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_bigger_than_one_etcd_answer_is_listed_whole() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    let (services, per_service) = (120usize, 100usize);
+    let padding = "x".repeat(500);
+    let mut ops = Vec::new();
+    for i in 0..services * per_service {
+        let (s, b) = (i / per_service, i % per_service);
+        let key = format!("/services/svc-{s}/b{b}");
+        let value = serde_json::json!({
+            "Op": 0,
+            "Addr": format!("127.3.{}.{}:9", i / 256, i % 256),
+            "Metadata": {"pad": padding},
+        })
+        .to_string();
+        ops.push(etcd_client::TxnOp::put(key, value, None));
+        if ops.len() == 128 || i + 1 == services * per_service {
+            client
+                .txn(etcd_client::Txn::new().and_then(std::mem::take(&mut ops)))
+                .await
+                .unwrap();
+        }
+    }
+    let lb = Lb::start(&[
+        "--registry",
+        &etcd.registry_url(),
+        "--health-checks",
+        "false",
+        "--cluster",
+        "false",
+    ])
+    .await;
+    lb.wait_ready(Duration::from_secs(30)).await;
+    let total = || -> u64 {
+        lb.json("/api/v1/services")["services"]
+            .as_array()
+            .map(|all| all.iter().filter_map(|s| s["backends"].as_u64()).sum())
+            .unwrap_or(0)
+    };
+    assert_eq!(total(), (services * per_service) as u64);
+    etcd.put("/services/svc-0/late", "127.3.200.1:9").await;
+    assert!(
+        wait_until(Duration::from_secs(5), || total()
+            == (services * per_service) as u64 + 1)
+        .await,
+        "a put after the listing was missed"
+    );
+}

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, PutOptions, WatchOptions};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -126,12 +126,9 @@ impl Session {
         .await?;
         let (keeper, keep_alive) =
             timed("lease keep-alive", client.lease_keep_alive(lease)).await?;
-        let listing = timed(
-            "list cluster",
-            client.get(s.prefix.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let (revision, listing) = lb_client::etcd::list_prefix(&mut client, &s.prefix)
+            .await
+            .map_err(|e| format!("list cluster: {e}"))?;
         let mut session = Session {
             client: client.clone(),
             lease,
@@ -152,7 +149,7 @@ impl Session {
             replicas: BTreeMap::new(),
         };
         let mut seen = HashSet::new();
-        for kv in listing.kvs() {
+        for kv in &listing {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if let Some(k) = shared::parse_key(&s.prefix, &key) {
                 seen.insert(k.clone());

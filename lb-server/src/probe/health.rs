@@ -28,8 +28,10 @@
 //!
 //! Reconnects use the shared jittered backoff ([`lb_client::backoff`]),
 //! capped at one second so that a backend that comes back (SIGCONT, a
-//! restart on the same address) is listed again within about two seconds;
-//! every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
+//! restart on the same address) is listed again within about two seconds.
+//! After 30 s down the cap grows to 5 s: a zone of dead backends costs a
+//! fifth of the connects, and the log says it once per service (see the
+//! catalog). Every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
 //!
 //! With replicas ([`crate::cluster`]), a replica probes only the backends it
 //! owns; results go through a [`Reporter`], which also publishes them, and
@@ -38,7 +40,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_client::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
@@ -140,8 +142,16 @@ pub async fn run(
 
 /// First reconnect delay of a probe.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnect delay: a backend that returns is probed again soon.
+/// Longest reconnect delay while an outage is young: a backend that returns
+/// (a restart, a pause) is probed again soon.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// An outage this old is no blip: the backend, or its whole zone, is down.
+const LONG_OUTAGE: Duration = Duration::from_secs(30);
+/// Longest reconnect delay in a long outage. 100,000 dead backends retried
+/// every second would keep the LB's cores busy; every 5 s they cost a fifth
+/// of that, and a backend that returns after a long outage is listed again
+/// within about 5 s.
+const RECONNECT_MAX_LONG: Duration = Duration::from_secs(5);
 /// A session that lived this long resets the reconnect delay.
 const RECONNECT_RESET: Duration = Duration::from_secs(5);
 
@@ -155,12 +165,24 @@ async fn probe(
     let name = s.service_names.get(&service).cloned().unwrap_or_default();
     let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX).reset_after(RECONNECT_RESET);
     tracing::debug!(%service, %addr, health_service = %name, "probe started");
+    let mut down_since: Option<Instant> = None;
     loop {
         backoff.attempt();
+        let started = Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
             r = session(&reporter, &s, &service, addr, &name) => r,
         };
+        if started.elapsed() >= RECONNECT_RESET {
+            // It was up for a while: this is a new outage.
+            down_since = None;
+        }
+        let down_for = down_since.get_or_insert_with(Instant::now).elapsed();
+        backoff.set_max(if down_for >= LONG_OUTAGE {
+            RECONNECT_MAX_LONG
+        } else {
+            RECONNECT_MAX
+        });
         let detail = match result {
             Ok(()) => "health stream ended".to_string(),
             Err(e) => e,

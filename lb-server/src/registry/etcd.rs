@@ -8,11 +8,11 @@
 //! state, so an etcd outage changes nothing that clients see.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use lb_client::etcd::list_prefix;
 pub use lb_client::etcd::EtcdAccess;
 use tokio_util::sync::CancellationToken;
 
@@ -42,15 +42,11 @@ impl EtcdRegistry {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut client = self.access.connect().await?;
-        let listing = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("listing {:?} timed out", self.prefix))??;
-        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let (revision, kvs) = list_prefix(&mut client, &self.prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("listing {:?}: {e}", self.prefix))?;
         let mut instances: Vec<Instance> = Vec::new();
-        for kv in listing.kvs() {
+        for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             match entry::decode(&self.prefix, &key, kv.value()).await {
                 Ok(Decoded::Upsert(i)) => instances.push(i),

@@ -41,6 +41,7 @@ mod kill_removal;
 mod measure;
 mod procs;
 mod propagation;
+mod scale;
 mod slow_backend;
 mod soak;
 mod throughput;
@@ -115,6 +116,24 @@ enum Bench {
         /// List changes pushed.
         #[arg(long, default_value_t = 5)]
         samples: usize,
+        /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
+        #[arg(long = "lb-server")]
+        lb_servers: Vec<PathBuf>,
+    },
+    /// Cost that grows with the catalog: a zone of dead backends, and a big etcd catalog (builds side by side).
+    Scale {
+        /// Services.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Backends per service.
+        #[arg(long, default_value_t = 10)]
+        per_service: usize,
+        /// How long the dead zone is watched (from the LB's start).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Puts (then as many deletes) timed on each etcd catalog.
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
         /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
         #[arg(long = "lb-server")]
         lb_servers: Vec<PathBuf>,
@@ -253,6 +272,18 @@ async fn main() -> anyhow::Result<()> {
                 lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
             }
             idle::idle(lb_servers, &peers.peers(), settle, window).await?
+        }
+        Bench::Scale {
+            services,
+            per_service,
+            window,
+            changes,
+            mut lb_servers,
+        } => {
+            if lb_servers.is_empty() {
+                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
+            }
+            scale::scale(&lb_servers, services, per_service, window, changes).await?
         }
         Bench::Fanout {
             streams,

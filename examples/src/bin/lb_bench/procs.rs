@@ -212,6 +212,16 @@ impl LbProcess {
     /// Like [`LbProcess::start`], running the `lb-server` binary at `bin`
     /// (another build, to compare side by side).
     pub async fn start_bin(bin: &std::path::Path, registry: &str) -> anyhow::Result<LbProcess> {
+        Self::start_bin_with(bin, registry, "warn", &[]).await
+    }
+
+    /// Like [`LbProcess::start_bin`], logging at `log` and with `extra` flags.
+    pub async fn start_bin_with(
+        bin: &std::path::Path,
+        registry: &str,
+        log: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<LbProcess> {
         anyhow::ensure!(
             bin.exists(),
             "{} not found: build it (cargo build --release --bins)",
@@ -219,6 +229,7 @@ impl LbProcess {
         );
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let level = log;
         let log = std::env::temp_dir().join(format!(
             "lb-bench-lb-server-{}-{}.log",
             std::process::id(),
@@ -227,7 +238,8 @@ impl LbProcess {
         let child = std::process::Command::new(bin)
             .args(["--listen", &addr.to_string()])
             .args(["--admin-listen", &admin.to_string()])
-            .args(["--registry", registry, "--log", "warn"])
+            .args(["--registry", registry, "--log", level])
+            .args(extra)
             .args(["--max-connections-per-peer", "1000000"])
             .args(["--max-streams-per-peer", "1000000"])
             .stdout(std::process::Stdio::null())

@@ -1,0 +1,255 @@
+//! One etcd member ([`Etcd`]): start, kill, restart, put and delete; and
+//! an etcd with TLS and authentication ([`SecureEtcd`]).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::*;
+
+/// One etcd member on loopback with a temporary data dir.
+pub struct Etcd {
+    /// TLS and credentials, when this member serves clients over TLS.
+    pub secure: Option<SecureEtcd>,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    initial_cluster: String,
+}
+
+impl Etcd {
+    /// Starts a one-member etcd and waits until it answers.
+    pub async fn start() -> Etcd {
+        let mut etcd = Self::members(1).pop().expect("one member");
+        etcd.launch().await;
+        etcd
+    }
+
+    /// Starts a one-member etcd serving clients over TLS only, demanding a
+    /// client certificate signed by `pki`'s CA.
+    pub async fn start_secure(pki: &certs::Pki) -> Etcd {
+        let mut etcd = Self::members(1).pop().expect("one member");
+        etcd.secure = Some(SecureEtcd {
+            ca: pki.ca.clone(),
+            server_cert: pki.server_cert.clone(),
+            server_key: pki.server_key.clone(),
+            client_cert: pki.client_cert.clone(),
+            client_key: pki.client_key.clone(),
+            user: None,
+        });
+        etcd.launch().await;
+        etcd
+    }
+
+    /// Turns on etcd authentication with a `root` user of this password;
+    /// the harness's own client logs in from then on.
+    pub async fn enable_auth(&mut self, password: &str) {
+        let mut c = self.client().await;
+        c.user_add("root", password, None)
+            .await
+            .expect("add root user");
+        c.user_grant_role("root", "root")
+            .await
+            .expect("grant root role");
+        c.auth_enable().await.expect("enable auth");
+        if let Some(s) = &mut self.secure {
+            s.user = Some(("root".into(), password.into()));
+        }
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let s = self.secure.as_ref()?;
+        let read = |p: &PathBuf| std::fs::read(p).expect("read PEM");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&s.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&s.client_cert),
+                read(&s.client_key),
+            ));
+        let mut options = etcd_client::ConnectOptions::new().with_tls(tls);
+        if let Some((user, password)) = &s.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Some(options)
+    }
+
+    /// Starts an `n`-member etcd cluster and waits until every member answers.
+    pub async fn start_cluster(n: usize) -> Vec<Etcd> {
+        let mut members = Self::members(n);
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_up().await;
+        }
+        members
+    }
+
+    fn members(n: usize) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = (0..n)
+            .map(|i| Etcd {
+                proc: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                name: format!("m{i}"),
+                secure: None,
+                client_port: free_port(),
+                peer_port: free_port(),
+                initial_cluster: String::new(),
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+        }
+        members
+    }
+
+    /// The `--registry` value naming every member of a cluster.
+    pub fn cluster_url(members: &[Etcd]) -> String {
+        let endpoints: Vec<String> = members.iter().map(Etcd::endpoint).collect();
+        format!("etcd://{}", endpoints.join(","))
+    }
+
+    async fn launch(&mut self) {
+        self.spawn();
+        self.wait_up().await;
+    }
+
+    fn spawn(&mut self) {
+        let scheme = if self.secure.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd_bin());
+        cmd.args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &self.initial_cluster,
+                "--initial-cluster-token",
+                "lb-test",
+                "--log-level",
+                "warn",
+            ]);
+        if let Some(s) = &self.secure {
+            cmd.arg("--cert-file")
+                .arg(&s.server_cert)
+                .arg("--key-file")
+                .arg(&s.server_key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&s.ca);
+        }
+        self.proc = Some(Proc::spawn("etcd", cmd, false));
+    }
+
+    /// Waits until this member answers a read (which needs a quorum).
+    async fn wait_up(&self) {
+        let up = async {
+            loop {
+                if let Ok(mut c) =
+                    etcd_client::Client::connect([self.endpoint()], self.connect_options()).await
+                {
+                    if c.get("probe", None).await.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let log = self
+            .proc
+            .as_ref()
+            .map(|p| p.log.display().to_string())
+            .unwrap_or_default();
+        tokio::time::timeout(Duration::from_secs(20), up)
+            .await
+            .unwrap_or_else(|_| panic!("etcd did not come up within 20 s; see {log}"));
+    }
+
+    /// `host:port` of the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The `--registry` value for this etcd.
+    pub fn registry_url(&self) -> String {
+        format!("etcd://{}", self.endpoint())
+    }
+
+    /// SIGKILLs etcd (its data stays).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    /// A client.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], self.connect_options())
+            .await
+            .expect("connect etcd")
+    }
+
+    /// Writes `key = value`.
+    pub async fn put(&self, key: &str, value: &str) {
+        self.client()
+            .await
+            .put(key, value, None)
+            .await
+            .expect("etcd put");
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) {
+        self.client()
+            .await
+            .delete(key, None)
+            .await
+            .expect("etcd delete");
+    }
+}
+
+/// TLS material and credentials of a secure etcd member.
+#[derive(Debug, Clone)]
+pub struct SecureEtcd {
+    /// CA of servers and clients.
+    pub ca: PathBuf,
+    /// etcd's certificate.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// The certificate clients present.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// User and password once authentication is on.
+    pub user: Option<(String, String)>,
+}
