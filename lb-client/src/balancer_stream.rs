@@ -34,6 +34,7 @@ use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
 use crate::state::{ChannelState, ListEntry};
+use crate::task::AbortOnDrop;
 
 /// Settings of the LB connection.
 #[derive(Debug, Clone)]
@@ -55,7 +56,7 @@ pub struct LbSettings {
 }
 
 /// Metadata key naming the client to the LB.
-pub const CLIENT_ID: &str = "lb-client-id";
+pub use lb_proto::ext::CLIENT_ID_HEADER as CLIENT_ID;
 
 /// How one stream ended.
 struct Ended {
@@ -278,7 +279,7 @@ async fn stream(
         .filter(|d| !d.is_zero());
     let reporter =
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
-    let _reporter = AbortOnDrop(reporter);
+    let _reporter = reporter.map(AbortOnDrop::new);
     state.counters.lb_streams.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(lb = %addr, service = %state.service, ?interval, "load balancer stream open");
     *state.current_lb.lock().expect("lb lock") = addr.parse().ok();
@@ -321,16 +322,6 @@ async fn report_stats(
         };
         if tx.send(report).await.is_err() {
             return;
-        }
-    }
-}
-
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(h) = &self.0 {
-            h.abort();
         }
     }
 }

@@ -150,8 +150,11 @@ impl LbChannelBuilder {
             let config = settings.rustls()?;
             self.conn.tls = Some(crate::backends::BackendTls { settings, config });
         }
-        if self.service.is_empty() || self.service.len() > 255 {
-            return Err(Error::Config("service name must be 1 to 255 bytes".into()));
+        let max = lb_proto::ext::MAX_SERVICE_NAME_LEN;
+        if self.service.is_empty() || self.service.len() > max {
+            return Err(Error::Config(format!(
+                "service name must be 1 to {max} bytes"
+            )));
         }
         if self.lb.lb_addrs.is_empty() && self.fallback.is_empty() {
             return Err(Error::Config(

@@ -34,6 +34,7 @@
 //! | [`backoff`] | jittered exponential backoff, reset after a session that lasted |
 //! | `etcd` | etcd access: one member at a time, keep-alive within etcd's policy (feature `etcd`) |
 //! | [`tls`] | TLS settings of outgoing connections |
+//! | [`task`] | tasks that end with their owner |
 //!
 //! Features: `register` (registration in the embedded registry), `etcd`
 //! (etcd access and registration there), `orca` (backend load reporting),
@@ -53,6 +54,7 @@ pub mod picker;
 pub mod register;
 pub mod state;
 pub mod stats;
+pub mod task;
 pub mod tls;
 
 pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};

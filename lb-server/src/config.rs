@@ -2,7 +2,15 @@
 //!
 //! Every flag can also be given as an `LB_…` environment variable; `--help`
 //! documents them all. [`Config`] is plain data: [`crate::LbServer`] turns it
-//! into running parts.
+//! into running parts, handing each part its own section
+//! ([`RegistryFlags`] to the registry sources, [`ProbeFlags`] to the probes,
+//! [`PolicyFlags`] to the policy, [`GrpcFlags`] to the gRPC port, and so on),
+//! never the whole.
+//!
+//! The process environment is read by the binary's `main` alone: clap reads
+//! the `LB_*` flag variables when `main` parses, and [`Config::with_secrets`]
+//! takes the secrets that are never flags. [`Config::with_addrs`], for
+//! programs that embed the LB, reads no environment at all.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +35,49 @@ pub struct Config {
     #[arg(long, env = "LB_ADMIN_LISTEN", default_value = "127.0.0.1:7001")]
     pub admin_listen: SocketAddr,
 
+    /// A connection that has not sent its first bytes (HTTP/2 preface, TLS
+    /// hello, HTTP request) within this time is closed; so is a TLS
+    /// handshake, or an admin request's headers, taking longer.
+    #[arg(long, env = "LB_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Where backends are found: the registry URLs and what each kind of source needs.
+    #[command(flatten)]
+    pub registry: RegistryFlags,
+
+    /// Caps on what registries may put in the catalog.
+    #[command(flatten)]
+    pub catalog: CatalogFlags,
+
+    /// How each backend is probed: health checks and ORCA load reports.
+    #[command(flatten)]
+    pub probes: ProbeFlags,
+
+    /// How backends become a server list.
+    #[command(flatten)]
+    pub policy: PolicyFlags,
+
+    /// The gRPC port: names, streams, caps, TLS.
+    #[command(flatten)]
+    pub grpc: GrpcFlags,
+
+    /// The admin HTTP port: caps, token, TLS.
+    #[command(flatten)]
+    pub admin: AdminFlags,
+
+    /// Replicas sharing health checks through etcd.
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
+    #[arg(long, env = "LB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Where backends are found: the registry URLs and what each kind of source needs.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Registry sources")]
+pub struct RegistryFlags {
     /// Where backends are registered: `memory` (embedded, fed by the
     /// registration API), `etcd://host1:2379,host2:2379`,
     /// `file:///path/to/services.json`, `dns://[server:port]` (services named
@@ -94,6 +145,174 @@ pub struct Config {
     #[arg(long, env = "LB_ETCD_PREFIX", default_value = "/services/")]
     pub etcd_prefix: String,
 
+    /// Embedded registry: most live registrations.
+    #[arg(long, env = "LB_MAX_REGISTRATIONS", default_value_t = 10_000)]
+    pub max_registrations: usize,
+
+    /// Embedded registry: file holding the bearer token that registration
+    /// calls must carry (`authorization: Bearer …` metadata). Without it
+    /// (or LB_REGISTRATION_TOKEN), anyone reaching the gRPC port may
+    /// register.
+    #[arg(long, env = "LB_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<std::path::PathBuf>,
+
+    /// The registration token itself, from the `LB_REGISTRATION_TOKEN`
+    /// environment variable (never a flag).
+    #[arg(skip)]
+    pub registration_token: Option<String>,
+
+    /// Lease time to live given to embedded registrations that ask for none.
+    #[arg(long, env = "LB_DEFAULT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub default_ttl: Duration,
+
+    /// Talk to etcd over TLS, trusting this CA (PEM).
+    #[arg(long, env = "LB_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-cert authentication.
+    #[arg(long, env = "LB_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "LB_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+
+    /// etcd user name (etcd authentication); the password comes from
+    /// --etcd-password-file or LB_ETCD_PASSWORD.
+    #[arg(long, env = "LB_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password.
+    #[arg(long, env = "LB_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
+
+    /// The etcd password itself, from the `LB_ETCD_PASSWORD` environment
+    /// variable only (never a flag).
+    #[arg(skip)]
+    pub etcd_password: Option<String>,
+}
+
+/// Caps on what registries may put in the catalog.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Catalog")]
+pub struct CatalogFlags {
+    /// Most services the LB tracks; registry entries of further services
+    /// are rejected (reason `limit`).
+    #[arg(long, env = "LB_MAX_SERVICES", default_value_t = 10_000)]
+    pub max_services: usize,
+
+    /// Most backends one service may have; further registry entries are
+    /// rejected (reason `limit`).
+    #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = 10_000)]
+    pub max_backends_per_service: usize,
+}
+
+/// How each backend is probed: health checks and ORCA load reports.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Health and load probes")]
+pub struct ProbeFlags {
+    /// Actively health-check backends (`grpc.health.v1.Health/Watch`, or
+    /// periodic `Check` when Watch is unimplemented).
+    #[arg(long, env = "LB_HEALTH_CHECKS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub health_checks: bool,
+
+    /// Health service name checked for a service, `service=name` (repeatable /
+    /// comma-separated); default empty (the whole server).
+    #[arg(long = "health-service", env = "LB_HEALTH_SERVICES", value_delimiter = ',', value_parser = parse_alias)]
+    pub health_services: Vec<(String, String)>,
+
+    /// Interval of `Check` calls: the heartbeat beside each `Watch` stream
+    /// (a hung backend is out within interval + timeout), and the status
+    /// poll for backends without `Watch`. Health probes send no HTTP/2 PINGs:
+    /// stock gRPC servers allow one per 5 minutes.
+    #[arg(long, env = "LB_HEALTH_CHECK_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// Limit for connecting to a backend and for each health answer; a
+    /// heartbeat left unanswered this long marks the backend unreachable.
+    #[arg(long, env = "LB_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Subscribe to backends' ORCA load reports and weight lists by them.
+    #[arg(long, env = "LB_ORCA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub orca: bool,
+
+    /// ORCA report interval asked of backends.
+    #[arg(long, env = "LB_ORCA_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub orca_interval: Duration,
+
+    /// Health-check and load-report backends over TLS, trusting this CA
+    /// (PEM). Backends' certificates must name their registered IP address,
+    /// or --backend-tls-server-name.
+    #[arg(long, env = "LB_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to backends that require mutual TLS.
+    #[arg(long, env = "LB_BACKEND_TLS_CERT", requires_all = ["backend_tls_key", "backend_tls_ca"])]
+    pub backend_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --backend-tls-cert.
+    #[arg(long, env = "LB_BACKEND_TLS_KEY", requires = "backend_tls_cert")]
+    pub backend_tls_key: Option<std::path::PathBuf>,
+
+    /// Verify every backend's certificate against this name instead of its
+    /// IP address.
+    #[arg(long, env = "LB_BACKEND_TLS_SERVER_NAME", requires = "backend_tls_ca")]
+    pub backend_tls_server_name: Option<String>,
+}
+
+/// How backends become a server list.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "List policy")]
+pub struct PolicyFlags {
+    /// Longest server list sent (weights are expressed by repetition and are
+    /// scaled down to fit).
+    #[arg(long, env = "LB_MAX_LIST_LEN", default_value_t = 256)]
+    pub max_list_len: usize,
+
+    /// List backends before their first successful health check.
+    #[arg(long, env = "LB_LIST_UNCHECKED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub list_unchecked: bool,
+
+    /// How often weights (load, blackout, expiry, slow start) are recomputed.
+    #[arg(long, env = "LB_WEIGHT_UPDATE_PERIOD", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub weight_update_period: Duration,
+
+    /// A backend's load weight is ignored for this long after it first appears.
+    #[arg(long, env = "LB_WEIGHT_BLACKOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub weight_blackout: Duration,
+
+    /// A load report older than this is ignored.
+    #[arg(long, env = "LB_WEIGHT_EXPIRY", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub weight_expiry: Duration,
+
+    /// Weight penalty of errors (`eps/qps × penalty` is added to utilization).
+    #[arg(long, env = "LB_ERROR_PENALTY", default_value_t = 1.0)]
+    pub error_penalty: f64,
+
+    /// Window over which a newly healthy backend's weight ramps up (0 = off).
+    #[arg(long, env = "LB_SLOW_START", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub slow_start: Duration,
+
+    /// Panic mode: when fewer than this fraction of backends are healthy, list
+    /// all of them (0 = never).
+    #[arg(long, env = "LB_PANIC_THRESHOLD", default_value_t = 0.5)]
+    pub panic_threshold: f64,
+
+    /// Shed load (drop entries) when every backend's utilization is above
+    /// this (off unless set).
+    #[arg(long, env = "LB_SHED_UTILIZATION")]
+    pub shed_utilization: Option<f64>,
+
+    /// Largest fraction of calls shed.
+    #[arg(long, env = "LB_MAX_SHED", default_value_t = 0.5)]
+    pub max_shed: f64,
+}
+
+/// The gRPC port: names, streams, caps, TLS.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "gRPC port and BalanceLoad streams")]
+pub struct GrpcFlags {
     /// Extra names for services, `name=service` (repeatable, or
     /// comma-separated in the env var).
     #[arg(long = "alias", env = "LB_ALIASES", value_delimiter = ',', value_parser = parse_alias)]
@@ -140,12 +359,6 @@ pub struct Config {
     #[arg(long, env = "LB_MAX_CONNECTIONS_PER_PEER", default_value_t = 10_000)]
     pub max_connections_per_peer: usize,
 
-    /// A connection that has not sent its first bytes (HTTP/2 preface, TLS
-    /// hello, HTTP request) within this time is closed; so is a TLS
-    /// handshake, or an admin request's headers, taking longer.
-    #[arg(long, env = "LB_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub handshake_timeout: Duration,
-
     /// Largest gRPC message accepted on the gRPC port, in bytes (an initial
     /// request is < 300 bytes; client stats grow with drop tokens).
     #[arg(long, env = "LB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
@@ -156,153 +369,10 @@ pub struct Config {
     #[arg(long, env = "LB_CLIENT_STATS_MAX_RATE", default_value_t = 10.0)]
     pub client_stats_max_rate: f64,
 
-    /// Most connections open at once on the admin port.
-    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS", default_value_t = 256)]
-    pub admin_max_connections: usize,
-
-    /// Most connections open at once on the admin port from one IP address.
-    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
-    pub admin_max_connections_per_peer: usize,
-
-    /// Most services the LB tracks; registry entries of further services
-    /// are rejected (reason `limit`).
-    #[arg(long, env = "LB_MAX_SERVICES", default_value_t = 10_000)]
-    pub max_services: usize,
-
-    /// Most backends one service may have; further registry entries are
-    /// rejected (reason `limit`).
-    #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = 10_000)]
-    pub max_backends_per_service: usize,
-
-    /// Embedded registry: most live registrations.
-    #[arg(long, env = "LB_MAX_REGISTRATIONS", default_value_t = 10_000)]
-    pub max_registrations: usize,
-
-    /// Embedded registry: file holding the bearer token that registration
-    /// calls must carry (`authorization: Bearer …` metadata). Without it
-    /// (or LB_REGISTRATION_TOKEN), anyone reaching the gRPC port may
-    /// register.
-    #[arg(long, env = "LB_REGISTRATION_TOKEN_FILE")]
-    pub registration_token_file: Option<std::path::PathBuf>,
-
-    /// The registration token itself, from the `LB_REGISTRATION_TOKEN`
-    /// environment variable (never a flag).
-    #[arg(skip)]
-    pub registration_token: Option<String>,
-
-    /// Lease time to live given to embedded registrations that ask for none.
-    #[arg(long, env = "LB_DEFAULT_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub default_ttl: Duration,
-
-    /// Longest server list sent (weights are expressed by repetition and are
-    /// scaled down to fit).
-    #[arg(long, env = "LB_MAX_LIST_LEN", default_value_t = 256)]
-    pub max_list_len: usize,
-
     /// On shutdown, streams are closed spread over this window so that their
     /// clients do not reconnect to the other replicas all at once.
     #[arg(long, env = "LB_SHUTDOWN_SPREAD", default_value = "1s", value_parser = humantime::parse_duration)]
     pub shutdown_spread: Duration,
-
-    /// Actively health-check backends (`grpc.health.v1.Health/Watch`, or
-    /// periodic `Check` when Watch is unimplemented).
-    #[arg(long, env = "LB_HEALTH_CHECKS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub health_checks: bool,
-
-    /// Health service name checked for a service, `service=name` (repeatable /
-    /// comma-separated); default empty (the whole server).
-    #[arg(long = "health-service", env = "LB_HEALTH_SERVICES", value_delimiter = ',', value_parser = parse_alias)]
-    pub health_services: Vec<(String, String)>,
-
-    /// Interval of `Check` calls: the heartbeat beside each `Watch` stream
-    /// (a hung backend is out within interval + timeout), and the status
-    /// poll for backends without `Watch`. Health probes send no HTTP/2 PINGs:
-    /// stock gRPC servers allow one per 5 minutes.
-    #[arg(long, env = "LB_HEALTH_CHECK_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
-    pub health_check_interval: Duration,
-
-    /// Limit for connecting to a backend and for each health answer; a
-    /// heartbeat left unanswered this long marks the backend unreachable.
-    #[arg(long, env = "LB_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub health_timeout: Duration,
-
-    /// List backends before their first successful health check.
-    #[arg(long, env = "LB_LIST_UNCHECKED", default_value_t = false, action = clap::ArgAction::Set)]
-    pub list_unchecked: bool,
-
-    /// Subscribe to backends' ORCA load reports and weight lists by them.
-    #[arg(long, env = "LB_ORCA", default_value_t = true, action = clap::ArgAction::Set)]
-    pub orca: bool,
-
-    /// ORCA report interval asked of backends.
-    #[arg(long, env = "LB_ORCA_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub orca_interval: Duration,
-
-    /// How often weights (load, blackout, expiry, slow start) are recomputed.
-    #[arg(long, env = "LB_WEIGHT_UPDATE_PERIOD", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub weight_update_period: Duration,
-
-    /// A backend's load weight is ignored for this long after it first appears.
-    #[arg(long, env = "LB_WEIGHT_BLACKOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub weight_blackout: Duration,
-
-    /// A load report older than this is ignored.
-    #[arg(long, env = "LB_WEIGHT_EXPIRY", default_value = "3m", value_parser = humantime::parse_duration)]
-    pub weight_expiry: Duration,
-
-    /// Weight penalty of errors (`eps/qps × penalty` is added to utilization).
-    #[arg(long, env = "LB_ERROR_PENALTY", default_value_t = 1.0)]
-    pub error_penalty: f64,
-
-    /// Window over which a newly healthy backend's weight ramps up (0 = off).
-    #[arg(long, env = "LB_SLOW_START", default_value = "0s", value_parser = humantime::parse_duration)]
-    pub slow_start: Duration,
-
-    /// Panic mode: when fewer than this fraction of backends are healthy, list
-    /// all of them (0 = never).
-    #[arg(long, env = "LB_PANIC_THRESHOLD", default_value_t = 0.5)]
-    pub panic_threshold: f64,
-
-    /// Shed load (drop entries) when every backend's utilization is above
-    /// this (off unless set).
-    #[arg(long, env = "LB_SHED_UTILIZATION")]
-    pub shed_utilization: Option<f64>,
-
-    /// Largest fraction of calls shed.
-    #[arg(long, env = "LB_MAX_SHED", default_value_t = 0.5)]
-    pub max_shed: f64,
-
-    /// File holding the bearer token that admin mutations (drain, weight
-    /// override) require. Without a token, mutations are disabled.
-    #[arg(long, env = "LB_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<std::path::PathBuf>,
-
-    /// The admin token itself. Not a flag: a command line is visible to
-    /// every local user, so it is read from the `LB_ADMIN_TOKEN` environment
-    /// variable only (when `--admin-token-file` is not given).
-    #[arg(skip)]
-    pub admin_token: Option<String>,
-
-    /// With an etcd registry: share health checking with the other replicas
-    /// over the same etcd (each backend is checked by one replica and the
-    /// results are published), instead of every replica checking everything.
-    #[arg(long, env = "LB_CLUSTER", default_value_t = true, action = clap::ArgAction::Set)]
-    pub cluster: bool,
-
-    /// Key prefix of the replicas' own keys in etcd (membership, shared
-    /// health results).
-    #[arg(long, env = "LB_CLUSTER_PREFIX", default_value = "/lb-cluster/")]
-    pub cluster_prefix: String,
-
-    /// This replica's id in the cluster; default `<hostname>:<lb port>`.
-    /// A restarted replica keeping its id takes its backends back at once.
-    #[arg(long, env = "LB_REPLICA_ID")]
-    pub replica_id: Option<String>,
-
-    /// Lease time to live of a replica's membership: how long a dead
-    /// replica's backends go unchecked before the others take them over.
-    #[arg(long, env = "LB_REPLICA_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub replica_ttl: Duration,
 
     /// Give each client a subset of this many backends (0 = every backend).
     /// Subsets are balanced across the clients of a replica and change
@@ -323,6 +393,30 @@ pub struct Config {
     /// this CA (PEM): mutual TLS.
     #[arg(long, env = "LB_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+/// The admin HTTP port: caps, token, TLS.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Admin port")]
+pub struct AdminFlags {
+    /// Most connections open at once on the admin port.
+    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS", default_value_t = 256)]
+    pub admin_max_connections: usize,
+
+    /// Most connections open at once on the admin port from one IP address.
+    #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
+    pub admin_max_connections_per_peer: usize,
+
+    /// File holding the bearer token that admin mutations (drain, weight
+    /// override) require. Without a token, mutations are disabled.
+    #[arg(long, env = "LB_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
+    /// The admin token itself. Not a flag: a command line is visible to
+    /// every local user, so it is read from the `LB_ADMIN_TOKEN` environment
+    /// variable only (when `--admin-token-file` is not given).
+    #[arg(skip)]
+    pub admin_token: Option<String>,
 
     /// Serve the admin port over TLS (HTTPS, HTTP/2 or HTTP/1.1) with this
     /// certificate chain (PEM); needs --admin-tls-key.
@@ -337,69 +431,62 @@ pub struct Config {
     /// a certificate signed by this CA (PEM).
     #[arg(long, env = "LB_ADMIN_TLS_CLIENT_CA", requires = "admin_tls_cert")]
     pub admin_tls_client_ca: Option<std::path::PathBuf>,
+}
 
-    /// Health-check and load-report backends over TLS, trusting this CA
-    /// (PEM). Backends' certificates must name their registered IP address,
-    /// or --backend-tls-server-name.
-    #[arg(long, env = "LB_BACKEND_TLS_CA")]
-    pub backend_tls_ca: Option<std::path::PathBuf>,
+/// Replicas sharing health checks through etcd.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Replicas")]
+pub struct ClusterFlags {
+    /// With an etcd registry: share health checking with the other replicas
+    /// over the same etcd (each backend is checked by one replica and the
+    /// results are published), instead of every replica checking everything.
+    #[arg(long, env = "LB_CLUSTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cluster: bool,
 
-    /// Client certificate (PEM) presented to backends that require mutual TLS.
-    #[arg(long, env = "LB_BACKEND_TLS_CERT", requires_all = ["backend_tls_key", "backend_tls_ca"])]
-    pub backend_tls_cert: Option<std::path::PathBuf>,
+    /// Key prefix of the replicas' own keys in etcd (membership, shared
+    /// health results).
+    #[arg(long, env = "LB_CLUSTER_PREFIX", default_value = "/lb-cluster/")]
+    pub cluster_prefix: String,
 
-    /// Private key (PEM) of --backend-tls-cert.
-    #[arg(long, env = "LB_BACKEND_TLS_KEY", requires = "backend_tls_cert")]
-    pub backend_tls_key: Option<std::path::PathBuf>,
+    /// This replica's id in the cluster; default `<hostname>:<lb port>`.
+    /// A restarted replica keeping its id takes its backends back at once.
+    #[arg(long, env = "LB_REPLICA_ID")]
+    pub replica_id: Option<String>,
 
-    /// Verify every backend's certificate against this name instead of its
-    /// IP address.
-    #[arg(long, env = "LB_BACKEND_TLS_SERVER_NAME", requires = "backend_tls_ca")]
-    pub backend_tls_server_name: Option<String>,
-
-    /// Talk to etcd over TLS, trusting this CA (PEM).
-    #[arg(long, env = "LB_ETCD_CA")]
-    pub etcd_ca: Option<std::path::PathBuf>,
-
-    /// Client certificate (PEM) for etcd's client-cert authentication.
-    #[arg(long, env = "LB_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
-    pub etcd_cert: Option<std::path::PathBuf>,
-
-    /// Private key (PEM) of --etcd-cert.
-    #[arg(long, env = "LB_ETCD_KEY", requires = "etcd_cert")]
-    pub etcd_key: Option<std::path::PathBuf>,
-
-    /// etcd user name (etcd authentication); the password comes from
-    /// --etcd-password-file or LB_ETCD_PASSWORD.
-    #[arg(long, env = "LB_ETCD_USER")]
-    pub etcd_user: Option<String>,
-
-    /// File holding the etcd user's password.
-    #[arg(long, env = "LB_ETCD_PASSWORD_FILE", requires = "etcd_user")]
-    pub etcd_password_file: Option<std::path::PathBuf>,
-
-    /// The etcd password itself, from the `LB_ETCD_PASSWORD` environment
-    /// variable only (never a flag).
-    #[arg(skip)]
-    pub etcd_password: Option<String>,
-
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
-    #[arg(long, env = "LB_LOG", default_value = "info")]
-    pub log: String,
+    /// Lease time to live of a replica's membership: how long a dead
+    /// replica's backends go unchecked before the others take them over.
+    #[arg(long, env = "LB_REPLICA_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub replica_ttl: Duration,
 }
 
 impl Config {
-    /// The admin token, from `--admin-token-file` or `LB_ADMIN_TOKEN`;
-    /// `None` disables admin mutations.
-    pub fn load_admin_token(&self) -> anyhow::Result<Option<String>> {
-        load_token(
-            "admin",
-            "--admin-token-file",
-            self.admin_token_file.as_deref(),
-            self.admin_token.as_deref(),
-        )
+    /// Defaults of every flag, with the given listen addresses: handy for
+    /// embedding the LB in a program or a test. The process environment is
+    /// not read (stray `LB_*` variables do not leak into an embedded LB).
+    pub fn with_addrs(listen: SocketAddr, admin_listen: SocketAddr) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Config::command().mut_args(|a| a.env(None));
+        let matches = command.get_matches_from(["lb-server"]);
+        let mut cfg = Config::from_arg_matches(&matches).expect("the defaults parse");
+        cfg.listen = listen;
+        cfg.admin_listen = admin_listen;
+        cfg
     }
 
+    /// Fills the secrets that are never flags (a command line is visible to
+    /// every local user) from `lookup`, which the binary's `main` points at
+    /// the process environment: `LB_ADMIN_TOKEN`, `LB_REGISTRATION_TOKEN`,
+    /// `LB_CONSUL_TOKEN`, `LB_ETCD_PASSWORD`.
+    pub fn with_secrets(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        self.admin.admin_token = lookup("LB_ADMIN_TOKEN");
+        self.registry.registration_token = lookup("LB_REGISTRATION_TOKEN");
+        self.registry.consul_token = lookup("LB_CONSUL_TOKEN");
+        self.registry.etcd_password = lookup("LB_ETCD_PASSWORD");
+        self
+    }
+}
+
+impl RegistryFlags {
     /// The registration token, from `--registration-token-file` or
     /// `LB_REGISTRATION_TOKEN`; `None` leaves the embedded registry open.
     pub fn load_registration_token(&self) -> anyhow::Result<Option<String>> {
@@ -427,16 +514,12 @@ impl Config {
 
     /// The Consul ACL token, from `--consul-token-file` or `LB_CONSUL_TOKEN`.
     pub fn load_consul_token(&self) -> anyhow::Result<Option<String>> {
-        match (&self.consul_token_file, &self.consul_token) {
-            (Some(path), _) => Ok(Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("--consul-token-file {}: {e}", path.display()))?
-                    .trim()
-                    .to_string(),
-            )),
-            (None, Some(t)) => Ok(Some(t.trim().to_string())),
-            (None, None) => Ok(None),
-        }
+        let token = read_secret(
+            "--consul-token-file",
+            self.consul_token_file.as_deref(),
+            self.consul_token.as_deref(),
+        )?;
+        Ok(token.map(|t| t.trim().to_string()))
     }
 
     /// The `--registry` values as one line, for logs and messages.
@@ -459,24 +542,24 @@ impl Config {
         let user = match &self.etcd_user {
             None => None,
             Some(user) => {
-                let password = match (&self.etcd_password_file, &self.etcd_password) {
-                    (Some(path), _) => std::fs::read_to_string(path)
-                        .map_err(|e| {
-                            anyhow::anyhow!("--etcd-password-file {}: {e}", path.display())
-                        })?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string(),
-                    (None, Some(p)) => p.clone(),
-                    (None, None) => anyhow::bail!(
+                let password = read_secret(
+                    "--etcd-password-file",
+                    self.etcd_password_file.as_deref(),
+                    self.etcd_password.as_deref(),
+                )?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
                         "--etcd-user {user:?} needs a password: --etcd-password-file or LB_ETCD_PASSWORD"
-                    ),
-                };
+                    )
+                })?;
                 Some((user.clone(), password))
             }
         };
         Ok(crate::registry::etcd::EtcdAccess::new(endpoints, tls, user))
     }
+}
 
+impl PolicyFlags {
     /// The list-building policy these flags describe.
     pub fn policy(&self) -> crate::policy::Policy {
         crate::policy::Policy {
@@ -494,10 +577,25 @@ impl Config {
             max_shed: self.max_shed.clamp(0.0, 0.95),
         }
     }
+}
 
+impl AdminFlags {
+    /// The admin token, from `--admin-token-file` or `LB_ADMIN_TOKEN`;
+    /// `None` disables admin mutations.
+    pub fn load_admin_token(&self) -> anyhow::Result<Option<String>> {
+        load_token(
+            "admin",
+            "--admin-token-file",
+            self.admin_token_file.as_deref(),
+            self.admin_token.as_deref(),
+        )
+    }
+}
+
+impl ClusterFlags {
     /// This replica's cluster id: `--replica-id`, else `<hostname>:<port>`
     /// of the bound gRPC port.
-    pub fn replica_id(&self, lb_addr: SocketAddr) -> String {
+    pub fn id(&self, lb_addr: SocketAddr) -> String {
         if let Some(id) = self.replica_id.as_deref().filter(|s| !s.trim().is_empty()) {
             return id.trim().to_string();
         }
@@ -508,46 +606,36 @@ impl Config {
             .unwrap_or_else(|| "lb".to_string());
         format!("{host}:{}", lb_addr.port())
     }
+}
 
-    /// Defaults of every flag, with the given listen addresses: handy for
-    /// embedding the LB in a program or a test. The process environment is
-    /// not read (stray `LB_*` variables do not leak into an embedded LB).
-    pub fn with_addrs(listen: SocketAddr, admin_listen: SocketAddr) -> Self {
-        use clap::{CommandFactory, FromArgMatches};
-        let command = Config::command().mut_args(|a| a.env(None));
-        let matches = command.get_matches_from(["lb-server"]);
-        let mut cfg = Config::from_arg_matches(&matches).expect("the defaults parse");
-        cfg.listen = listen;
-        cfg.admin_listen = admin_listen;
-        cfg
-    }
-
-    /// Fills the secrets that are never flags (a command line is visible to
-    /// every local user) from `lookup`, which the binary's `main` points at
-    /// the process environment: `LB_ADMIN_TOKEN`, `LB_REGISTRATION_TOKEN`,
-    /// `LB_CONSUL_TOKEN`, `LB_ETCD_PASSWORD`.
-    pub fn with_secrets(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
-        self.admin_token = lookup("LB_ADMIN_TOKEN");
-        self.registration_token = lookup("LB_REGISTRATION_TOKEN");
-        self.consul_token = lookup("LB_CONSUL_TOKEN");
-        self.etcd_password = lookup("LB_ETCD_PASSWORD");
-        self
+/// A secret from its file (`flag` names the file's flag in errors) or,
+/// without one, the value the environment gave; a file's line end is not
+/// part of it.
+fn read_secret(
+    flag: &str,
+    file: Option<&std::path::Path>,
+    env_value: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    match (file, env_value) {
+        (Some(path), _) => Ok(Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        )),
+        (None, value) => Ok(value.map(str::to_string)),
     }
 }
 
-/// A bearer token from a file or an environment variable's value, trimmed;
-/// at least 16 characters.
+/// A bearer token (see [`read_secret`]), trimmed; at least 16 characters.
 fn load_token(
     what: &str,
     flag: &str,
     file: Option<&std::path::Path>,
     env_value: Option<&str>,
 ) -> anyhow::Result<Option<String>> {
-    let token = match (file, env_value) {
-        (Some(path), _) => std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?,
-        (None, Some(t)) => t.to_string(),
-        (None, None) => return Ok(None),
+    let Some(token) = read_secret(flag, file, env_value)? else {
+        return Ok(None);
     };
     let token = token.trim().to_string();
     anyhow::ensure!(
@@ -579,9 +667,9 @@ mod tests {
             "--domain-suffix",
             ".svc.test,.example",
         ]);
-        assert_eq!(cfg.aliases, vec![("hello".into(), "greeter".into())]);
-        assert_eq!(cfg.domain_suffixes, vec![".svc.test", ".example"]);
-        assert_eq!(cfg.client_stats_interval, Duration::from_secs(10));
+        assert_eq!(cfg.grpc.aliases, vec![("hello".into(), "greeter".into())]);
+        assert_eq!(cfg.grpc.domain_suffixes, vec![".svc.test", ".example"]);
+        assert_eq!(cfg.grpc.client_stats_interval, Duration::from_secs(10));
     }
 
     #[test]
@@ -599,9 +687,12 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
         );
         std::env::remove_var("LB_SUBSET_SIZE");
-        assert_eq!(cfg.subset_size, 0);
-        assert!(cfg.admin_token.is_none() && cfg.etcd_password.is_none());
+        assert_eq!(cfg.grpc.subset_size, 0);
+        assert!(cfg.admin.admin_token.is_none() && cfg.registry.etcd_password.is_none());
         let secret = cfg.with_secrets(|name| (name == "LB_ADMIN_TOKEN").then(|| "t".repeat(20)));
-        assert_eq!(secret.admin_token.as_deref(), Some("t".repeat(20).as_str()));
+        assert_eq!(
+            secret.admin.admin_token.as_deref(),
+            Some("t".repeat(20).as_str())
+        );
     }
 }

@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     server
-        .shutdown(cfg.shutdown_spread + Duration::from_secs(5))
+        .shutdown(cfg.grpc.shutdown_spread + Duration::from_secs(5))
         .await;
     Ok(())
 }

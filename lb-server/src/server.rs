@@ -71,20 +71,25 @@ impl LbServer {
     /// port (see [`LbServer::lb_addr`]).
     pub async fn start(cfg: Config) -> anyhow::Result<LbServer> {
         let metrics = Arc::new(Metrics::new());
-        let sources = registry::from_urls(&cfg.registry, &cfg)?;
+        let sources = registry::from_urls(&cfg.registry)?;
         let catalog = Arc::new(
-            Catalog::new(cfg.policy(), metrics.clone(), 1, cfg.health_checks)
-                .with_limits(CatalogLimits {
-                    max_services: cfg.max_services,
-                    max_backends_per_service: cfg.max_backends_per_service,
-                })
-                .with_source_order(sources.names()),
+            Catalog::new(
+                cfg.policy.policy(),
+                metrics.clone(),
+                1,
+                cfg.probes.health_checks,
+            )
+            .with_limits(CatalogLimits {
+                max_services: cfg.catalog.max_services,
+                max_backends_per_service: cfg.catalog.max_backends_per_service,
+            })
+            .with_source_order(sources.names()),
         );
         let lb_listener = bind(cfg.listen, "--listen").await?;
         let admin_listener = bind(cfg.admin_listen, "--admin-listen").await?;
         let (lb_addr, admin_addr) = (lb_listener.local_addr()?, admin_listener.local_addr()?);
         let mut parts = Parts {
-            subsets: Arc::new(Subsets::new(cfg.subset_size)),
+            subsets: Arc::new(Subsets::new(cfg.grpc.subset_size)),
             cfg,
             metrics,
             catalog: catalog.clone(),
@@ -106,7 +111,7 @@ impl LbServer {
             parts.shutdown.cancel();
             return Err(e);
         }
-        tracing::info!(%lb_addr, %admin_addr, registry = %parts.cfg.registry_line(), "lb-server listening");
+        tracing::info!(%lb_addr, %admin_addr, registry = %parts.cfg.registry.registry_line(), "lb-server listening");
         Ok(LbServer {
             lb_addr,
             admin_addr,
@@ -143,16 +148,19 @@ impl Parts {
         let cfg = &self.cfg;
         let first_etcd = cfg
             .registry
+            .registry
             .iter()
             .find_map(|u| registry::etcd_endpoints(u));
-        let Some(endpoints) = first_etcd.filter(|_| cfg.cluster && cfg.health_checks) else {
+        let Some(endpoints) =
+            first_etcd.filter(|_| cfg.cluster.cluster && cfg.probes.health_checks)
+        else {
             return Ok(None);
         };
         let settings = ClusterSettings {
-            etcd: cfg.etcd_access(endpoints)?,
-            prefix: cfg.cluster_prefix.clone(),
-            replica_id: cfg.replica_id(lb_addr),
-            ttl: cfg.replica_ttl,
+            etcd: cfg.registry.etcd_access(endpoints)?,
+            prefix: cfg.cluster.cluster_prefix.clone(),
+            replica_id: cfg.cluster.id(lb_addr),
+            ttl: cfg.cluster.replica_ttl,
             lb_addr,
             admin_addr,
         };
@@ -172,22 +180,23 @@ impl Parts {
     /// Health and load probes of every backend (this replica's share).
     fn probes(&mut self, cluster: Option<Arc<Cluster>>) -> anyhow::Result<()> {
         let cfg = &self.cfg;
-        if !cfg.health_checks {
+        if !cfg.probes.health_checks {
             return Ok(());
         }
         let settings = probe::health::HealthSettings {
-            service_names: cfg.health_services.iter().cloned().collect(),
-            check_interval: cfg.health_check_interval,
-            timeout: cfg.health_timeout,
-            orca: cfg.orca,
-            orca_interval: cfg.orca_interval,
+            service_names: cfg.probes.health_services.iter().cloned().collect(),
+            check_interval: cfg.probes.health_check_interval,
+            timeout: cfg.probes.health_timeout,
+            orca: cfg.probes.orca,
+            orca_interval: cfg.probes.orca_interval,
             tls: tls::client_config(
                 "--backend-tls-ca",
-                cfg.backend_tls_ca.as_deref(),
-                cfg.backend_tls_cert
+                cfg.probes.backend_tls_ca.as_deref(),
+                cfg.probes
+                    .backend_tls_cert
                     .as_deref()
-                    .zip(cfg.backend_tls_key.as_deref()),
-                cfg.backend_tls_server_name.as_deref(),
+                    .zip(cfg.probes.backend_tls_key.as_deref()),
+                cfg.probes.backend_tls_server_name.as_deref(),
             )?,
         };
         let run = probe::health::run(
@@ -204,7 +213,11 @@ impl Parts {
     /// and expiry, and slow start depend on time.
     fn refresh(&mut self) {
         let (catalog, shutdown) = (self.catalog.clone(), self.shutdown.clone());
-        let every = self.cfg.weight_update_period.max(Duration::from_millis(10));
+        let every = self
+            .cfg
+            .policy
+            .weight_update_period
+            .max(Duration::from_millis(10));
         self.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,8 +236,8 @@ impl Parts {
         let parts = BalancerParts {
             catalog: self.catalog.clone(),
             names: Arc::new(NameMapper::new(
-                cfg.aliases.clone(),
-                cfg.domain_suffixes.clone(),
+                cfg.grpc.aliases.clone(),
+                cfg.grpc.domain_suffixes.clone(),
             )),
             sessions: self.sessions.clone(),
             subsets: self.subsets.clone(),
@@ -233,22 +246,22 @@ impl Parts {
         let balancer = Balancer::new(
             parts,
             BalancerSettings {
-                client_stats_interval: cfg.client_stats_interval,
-                initial_request_timeout: cfg.initial_request_timeout,
-                shutdown_spread: cfg.shutdown_spread,
+                client_stats_interval: cfg.grpc.client_stats_interval,
+                initial_request_timeout: cfg.grpc.initial_request_timeout,
+                shutdown_spread: cfg.grpc.shutdown_spread,
                 streams: Quota::new(
                     "BalanceLoad streams",
-                    cfg.max_streams,
-                    cfg.max_streams_per_peer,
+                    cfg.grpc.max_streams,
+                    cfg.grpc.max_streams_per_peer,
                 ),
-                client_stats_max_rate: cfg.client_stats_max_rate,
+                client_stats_max_rate: cfg.grpc.client_stats_max_rate,
             },
             self.shutdown.clone(),
         );
         let registration = RegistrationApi::new(
             sources.memory.clone(),
-            cfg.registry_line(),
-            cfg.load_registration_token()?,
+            cfg.registry.registry_line(),
+            cfg.registry.load_registration_token()?,
             self.metrics.clone(),
         );
         let incoming = listener::guarded(
@@ -257,8 +270,8 @@ impl Parts {
                 port: "lb",
                 quota: Quota::new(
                     "connections to the gRPC port",
-                    cfg.max_connections,
-                    cfg.max_connections_per_peer,
+                    cfg.grpc.max_connections,
+                    cfg.grpc.max_connections_per_peer,
                 ),
                 handshake_timeout: cfg.handshake_timeout,
                 first_bytes: FirstBytes::Http2,
@@ -268,19 +281,22 @@ impl Parts {
         );
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = tls::server_config(
-            cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref()),
-            cfg.tls_client_ca.as_deref(),
+            cfg.grpc
+                .tls_cert
+                .as_deref()
+                .zip(cfg.grpc.tls_key.as_deref()),
+            cfg.grpc.tls_client_ca.as_deref(),
             cfg.handshake_timeout,
         )? {
             server = server
                 .tls_config(tls)
                 .map_err(|e| anyhow::anyhow!("--tls-cert / --tls-key: {e}"))?;
         }
-        let max_message = cfg.max_message_size;
+        let max_message = cfg.grpc.max_message_size;
         let serve = server
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .max_concurrent_streams(Some(cfg.max_streams_per_connection))
+            .max_concurrent_streams(Some(cfg.grpc.max_streams_per_connection))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
             .add_service(LoadBalancerService::new(
                 balancer,
@@ -310,15 +326,15 @@ impl Parts {
             subsets: self.subsets.clone(),
             cluster,
             metrics: self.metrics.clone(),
-            registry: cfg.registry_line(),
-            token: cfg.load_admin_token()?.map(Arc::from),
+            registry: cfg.registry.registry_line(),
+            token: cfg.admin.load_admin_token()?.map(Arc::from),
         });
         let settings = ListenerSettings {
             port: "admin",
             quota: Quota::new(
                 "connections to the admin port",
-                cfg.admin_max_connections,
-                cfg.admin_max_connections_per_peer,
+                cfg.admin.admin_max_connections,
+                cfg.admin.admin_max_connections_per_peer,
             ),
             handshake_timeout: cfg.handshake_timeout,
             first_bytes: FirstBytes::Any,
@@ -326,9 +342,10 @@ impl Parts {
             log: self.refusal_log.clone(),
         };
         let tls = match cfg
+            .admin
             .admin_tls_cert
             .as_deref()
-            .zip(cfg.admin_tls_key.as_deref())
+            .zip(cfg.admin.admin_tls_key.as_deref())
         {
             Some((cert, key)) => Some(tls::https_acceptor(
                 [
@@ -338,7 +355,7 @@ impl Parts {
                 ],
                 cert,
                 key,
-                cfg.admin_tls_client_ca.as_deref(),
+                cfg.admin.admin_tls_client_ca.as_deref(),
             )?),
             None => None,
         };

@@ -7,6 +7,16 @@
 //! - [`xds`]: ORCA load reports (`xds.data.orca.v3`) and the out-of-band
 //!   reporting service (`xds.service.orca.v3`).
 
+/// What this project adds to the grpclb protocol, the same at both ends.
+pub mod ext {
+    /// Request metadata naming the client, stable across its reconnects,
+    /// so that per-client subsetting gives it the same backends each time.
+    pub const CLIENT_ID_HEADER: &str = "lb-client-id";
+    /// Longest service name, in bytes: in a registry, in an initial request,
+    /// in a client's settings.
+    pub const MAX_SERVICE_NAME_LEN: usize = 255;
+}
+
 /// `grpc.lb.v1`: the grpclb protocol.
 pub mod grpc {
     /// `grpc.lb`

@@ -22,8 +22,10 @@
 //! | `stream` | one stream's life: lists out, client stats in |
 //! | `service` | the service as tonic's router takes it |
 //! | `codec` | pre-encoded responses, small buffers |
+//! | [`Refusal`] | why a stream was refused or closed |
 
 mod codec;
+mod refusal;
 mod service;
 mod stream;
 
@@ -49,7 +51,8 @@ use crate::net::limits::{Exceeded, Quota};
 use crate::streams::names::{NameMapper, MAX_NAME_LEN};
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::{self, Subsets};
-use stream::{stream_error_reason, StatsBudget, StreamState, Subset};
+pub use refusal::Refusal;
+use stream::{StatsBudget, StreamState, Subset};
 
 /// Settings of the BalanceLoad service.
 #[derive(Debug, Clone)]
@@ -120,13 +123,13 @@ impl Balancer {
         }
     }
 
-    fn refuse(&self, reason: &str, status: Status) -> Status {
+    fn refuse(&self, reason: Refusal, status: Status) -> Status {
         tracing::warn!(
-            reason,
+            reason = reason.as_str(),
             message = status.message(),
             "BalanceLoad stream refused"
         );
-        self.parts.metrics.refuse(reason);
+        self.parts.metrics.refuse(reason.as_str());
         status
     }
 
@@ -139,14 +142,14 @@ impl Balancer {
         let first = match tokio::time::timeout(timeout, inbound.message()).await {
             Err(_) => {
                 return Err(self.refuse(
-                    "initial_request_timeout",
+                    Refusal::InitialRequestTimeout,
                     Status::deadline_exceeded(format!("no initial_request within {timeout:?}")),
                 ))
             }
-            Ok(Err(status)) => return Err(self.refuse(stream_error_reason(&status), status)),
+            Ok(Err(status)) => return Err(self.refuse(Refusal::of_read_error(&status), status)),
             Ok(Ok(None)) => {
                 return Err(self.refuse(
-                    "no_initial_request",
+                    Refusal::NoInitialRequest,
                     Status::invalid_argument("stream closed before initial_request"),
                 ))
             }
@@ -156,14 +159,14 @@ impl Balancer {
             Some(LoadBalanceRequestType::InitialRequest(r)) => r.name,
             _ => {
                 return Err(self.refuse(
-                    "not_initial_request",
+                    Refusal::NotInitialRequest,
                     Status::invalid_argument("the first message must be initial_request"),
                 ))
             }
         };
         if name.len() > MAX_NAME_LEN {
             return Err(self.refuse(
-                "name_too_long",
+                Refusal::NameTooLong,
                 Status::invalid_argument(format!(
                     "name is {} bytes; the limit is {MAX_NAME_LEN}",
                     name.len()
@@ -177,7 +180,7 @@ impl Balancer {
         match found.and_then(|s| self.parts.catalog.service(&s)) {
             Some(entry) => Ok((name, entry)),
             None => Err(self.refuse(
-                "unknown_service",
+                Refusal::UnknownService,
                 Status::not_found(format!(
                     "unknown service {name:?} (tried {:?}); no backend of that name is registered",
                     self.parts.names.candidates(&name)
@@ -203,8 +206,8 @@ impl Balancer {
             .acquire(peer.map(|p| p.ip()))
             .map_err(|exceeded| {
                 let reason = match exceeded {
-                    Exceeded::Total => "too_many_streams",
-                    Exceeded::PerPeer => "too_many_streams_per_peer",
+                    Exceeded::Total => Refusal::TooManyStreams,
+                    Exceeded::PerPeer => Refusal::TooManyStreamsPerPeer,
                 };
                 let detail = self
                     .settings

@@ -19,6 +19,8 @@ use crate::snapshot::{encode_server_list, PublishedList};
 use crate::streams::sessions::{SessionGuard, StatsReport};
 use crate::streams::subsets;
 
+use super::Refusal;
+
 /// A stream's subset and what it last sent.
 pub(super) struct Subset {
     pub(super) member: subsets::Member,
@@ -43,15 +45,6 @@ pub(super) struct StreamState {
     pub(super) shutdown_spread: Duration,
     pub(super) stats_budget: StatsBudget,
     pub(super) _permit: Permit,
-}
-
-/// The reason label of a stream that failed while reading a request.
-pub(super) fn stream_error_reason(status: &Status) -> &'static str {
-    match status.code() {
-        // tonic's answer to a message over the decoding limit.
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "message_too_large",
-        _ => "stream_error",
-    }
 }
 
 /// Token bucket limiting the client-stats reports of one stream.
@@ -135,13 +128,13 @@ impl StreamState {
                     }
                     Ok(None) => self.inbound_done = true,
                     Err(status) => {
-                        let reason = stream_error_reason(&status);
-                        if reason == "stream_error" {
+                        let reason = Refusal::of_read_error(&status);
+                        if reason == Refusal::StreamError {
                             // The client went away: end quietly.
                             return None;
                         }
-                        tracing::warn!(session = self.session.session().id, reason, message = status.message(), "BalanceLoad stream closed");
-                        self.metrics.refuse(reason);
+                        tracing::warn!(session = self.session.session().id, reason = reason.as_str(), message = status.message(), "BalanceLoad stream closed");
+                        self.metrics.refuse(reason.as_str());
                         self.finished = true;
                         return Some((Err(status), self));
                     }
@@ -197,7 +190,7 @@ impl StreamState {
                             reason: "rate".into(),
                         })
                         .inc();
-                    self.metrics.refuse("client_stats_rate");
+                    self.metrics.refuse(Refusal::ClientStatsRate.as_str());
                     tracing::warn!(
                         session = id,
                         rate = self.stats_budget.rate,

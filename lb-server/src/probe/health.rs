@@ -29,8 +29,8 @@
 //! Reconnects use the shared jittered backoff ([`lb_client::backoff`]),
 //! capped at one second so that a backend that comes back (SIGCONT, a
 //! restart on the same address) is listed again within about two seconds.
-//! After 30 s down the cap grows to 5 s: a zone of dead backends costs a
-//! fifth of the connects, and the log says it once per service (see the
+//! After 30 s down the cap grows to 20 s: a zone of dead backends costs a
+//! twentieth of the connects, and the log says it once per service (see the
 //! catalog). Every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
 //!
 //! With replicas ([`crate::cluster`]), a replica probes only the backends it
@@ -53,6 +53,7 @@ use super::report::Reporter;
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
 use crate::model::HealthState;
+use lb_client::task::AbortOnDrop;
 
 /// Health-checking settings.
 #[derive(Debug, Clone)]
@@ -147,11 +148,11 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// An outage this old is no blip: the backend, or its whole zone, is down.
 const LONG_OUTAGE: Duration = Duration::from_secs(30);
-/// Longest reconnect delay in a long outage. 100,000 dead backends retried
-/// every second would keep the LB's cores busy; every 5 s they cost a fifth
-/// of that, and a backend that returns after a long outage is listed again
-/// within about 5 s.
-const RECONNECT_MAX_LONG: Duration = Duration::from_secs(5);
+/// Longest reconnect delay in a long outage. Each attempt is a socket, a
+/// connect and a close: 100,000 dead backends retried every second keep two
+/// cores busy, every 20 s about a tenth of one. A backend that returns
+/// after a long outage is listed again within about 20 s.
+const RECONNECT_MAX_LONG: Duration = Duration::from_secs(20);
 /// A session that lived this long resets the reconnect delay.
 const RECONNECT_RESET: Duration = Duration::from_secs(5);
 
@@ -171,7 +172,9 @@ async fn probe(
         let started = Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = session(&reporter, &s, &service, addr, &name) => r,
+            // Boxed: a probe waiting out its backoff keeps only a pointer,
+            // not the room of a whole connection attempt.
+            r = Box::pin(session(&reporter, &s, &service, addr, &name)) => r,
         };
         if started.elapsed() >= RECONNECT_RESET {
             // It was up for a while: this is a new outage.
@@ -226,7 +229,7 @@ async fn session(
             addr,
             s.orca_interval,
         ));
-        AbortOnDrop(task)
+        AbortOnDrop::new(task)
     });
     let mut client = HealthClient::new(channel);
     let request = HealthCheckRequest {
@@ -340,13 +343,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// Aborts a task when dropped.
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

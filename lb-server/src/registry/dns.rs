@@ -64,7 +64,7 @@ pub struct DnsSettings {
 impl DnsSettings {
     /// Settings from the part of a `dns://[server:port]` URL after the
     /// scheme and the `--dns-…` flags.
-    pub fn parse(rest: &str, cfg: &crate::config::Config) -> anyhow::Result<Self> {
+    pub fn parse(rest: &str, cfg: &crate::config::RegistryFlags) -> anyhow::Result<Self> {
         let rest = rest.trim_end_matches('/');
         let server = if rest.is_empty() {
             None

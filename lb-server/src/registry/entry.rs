@@ -21,7 +21,7 @@ pub const MAX_VALUE_LEN: usize = 16 * 1024;
 pub const MAX_KEY_LEN: usize = 1024;
 
 /// Longest service name accepted, in bytes.
-pub const MAX_SERVICE_LEN: usize = 255;
+pub const MAX_SERVICE_LEN: usize = lb_proto::ext::MAX_SERVICE_NAME_LEN;
 
 /// What a value asks for.
 #[derive(Debug, Clone, PartialEq)]

@@ -38,6 +38,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::config::RegistryFlags;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::model::Instance;
@@ -198,7 +199,8 @@ const FORMS: &str = "memory, etcd://host:port[,host:port…], file:///path, dns:
                      zk://host:port[,host:port…]/prefix, consul[+https]://host:port[?dc=…&tag=…]";
 
 /// Builds every registry source named by the `--registry` values.
-pub fn from_urls(urls: &[String], cfg: &crate::config::Config) -> anyhow::Result<Sources> {
+pub fn from_urls(cfg: &RegistryFlags) -> anyhow::Result<Sources> {
+    let urls = &cfg.registry;
     anyhow::ensure!(!urls.is_empty(), "--registry: give at least one of {FORMS}");
     let mut list: Vec<(&'static str, Arc<dyn Registry>)> = Vec::new();
     let mut memory = None;
@@ -233,7 +235,7 @@ enum Built {
 }
 
 /// Builds the registry source named by one `--registry` value.
-fn from_url(url: &str, cfg: &crate::config::Config) -> anyhow::Result<Built> {
+fn from_url(url: &str, cfg: &RegistryFlags) -> anyhow::Result<Built> {
     if url == "memory" || url == "memory://" {
         return Ok(Built::Memory(Arc::new(memory::MemoryRegistry::new(
             cfg.default_ttl,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 /// Longest name accepted in an initial request (the protocol's limit).
-pub const MAX_NAME_LEN: usize = 255;
+pub const MAX_NAME_LEN: usize = lb_proto::ext::MAX_SERVICE_NAME_LEN;
 
 /// Name → service mapping rules.
 #[derive(Debug, Clone, Default)]

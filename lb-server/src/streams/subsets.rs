@@ -34,7 +34,7 @@ use crate::snapshot::PublishedList;
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 
 /// The metadata key in which a client may name itself.
-pub const CLIENT_ID_HEADER: &str = "lb-client-id";
+pub use lb_proto::ext::CLIENT_ID_HEADER;
 
 /// Subset tables of every service.
 pub struct Subsets {

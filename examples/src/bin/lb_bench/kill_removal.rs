@@ -28,7 +28,7 @@ pub async fn kill_removal(samples: usize) -> anyhow::Result<serde_json::Value> {
     // Killed backends stay registered until their lease expires; at one kill
     // every few ms they soon outnumber the live ones, and panic mode (rightly)
     // lists everyone. Panic mode is off here so each kill is measured alone.
-    cfg.panic_threshold = 0.0;
+    cfg.policy.panic_threshold = 0.0;
     let lb = LbServer::start(cfg).await?;
     // Steady backends keep the service non-empty.
     let mut steady = Vec::new();

@@ -58,7 +58,7 @@ async fn picker_times(
 pub async fn propagation(clients: usize, samples: usize) -> anyhow::Result<serde_json::Value> {
     let (_etcd, endpoint) = start_etcd().await?;
     let mut cfg = Config::with_addrs("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
-    cfg.registry = vec![format!("etcd://{endpoint}")];
+    cfg.registry.registry = vec![format!("etcd://{endpoint}")];
     let lb = LbServer::start(cfg).await?;
     let mut etcd = etcd_client::Client::connect([&endpoint], None).await?;
 

@@ -19,11 +19,11 @@ pub async fn slow_backend(
 ) -> anyhow::Result<serde_json::Value> {
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let mut aware_cfg = Config::with_addrs(any, any);
-    aware_cfg.weight_blackout = Duration::from_secs(1);
-    aware_cfg.orca_interval = Duration::from_millis(200);
-    aware_cfg.weight_update_period = Duration::from_millis(200);
+    aware_cfg.policy.weight_blackout = Duration::from_secs(1);
+    aware_cfg.probes.orca_interval = Duration::from_millis(200);
+    aware_cfg.policy.weight_update_period = Duration::from_millis(200);
     let mut plain_cfg = aware_cfg.clone();
-    plain_cfg.orca = false;
+    plain_cfg.probes.orca = false;
     let aware = LbServer::start(aware_cfg).await?;
     let plain = LbServer::start(plain_cfg).await?;
     let lbs = [aware.lb_addr, plain.lb_addr];

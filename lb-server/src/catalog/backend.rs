@@ -1,0 +1,144 @@
+//! The data model: a backend as the catalog knows it, with what probes and
+//! operators have said about it.
+
+use std::hash::Hasher;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use crate::model::{HealthState, LoadSample};
+use crate::policy::{Decision, Load};
+
+/// A backend as the catalog knows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Backend {
+    /// Registry source that reported it.
+    pub source: &'static str,
+    /// Its key in that source.
+    pub key: String,
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// Registry weight.
+    pub weight: u32,
+    /// Load-balance token sent in lists (stable for a given service and address).
+    pub token: String,
+    /// Registry metadata.
+    pub metadata: Option<serde_json::Value>,
+    /// When it was first reported.
+    #[serde(with = "humantime_serde_compat")]
+    pub registered_at: SystemTime,
+    /// Health as last checked.
+    pub health: HealthState,
+    /// Since when the health has been what it is.
+    #[serde(with = "humantime_serde_compat")]
+    pub health_since: SystemTime,
+    /// Detail of the last health change (error text, status).
+    pub health_detail: String,
+    /// Health transitions in the last [`FLAP_WINDOW`] (the first check of a
+    /// new backend not counted): a flapping backend shows here at a glance.
+    #[serde(rename = "health_transitions_10m")]
+    pub recent_transitions: RecentTransitions,
+    /// Since when it has been serving (slow start).
+    #[serde(skip)]
+    pub serving_since: Option<Instant>,
+    /// Load as weighting uses it.
+    #[serde(skip)]
+    pub load: Option<Load>,
+    /// The last ORCA report, as received.
+    pub load_report: Option<LoadReport>,
+    /// Taken out of lists by an operator, kept registered.
+    pub drained: bool,
+    /// The policy's last decision about it.
+    pub decision: Decision,
+    /// Operator's weight override, replacing the registry weight until it expires.
+    pub weight_override: Option<WeightOverride>,
+}
+
+/// The window of [`Backend::recent_transitions`].
+pub const FLAP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// When a backend's recent health transitions happened (bounded: at most
+/// [`RecentTransitions::CAP`] are remembered). Serialized as their count
+/// within [`FLAP_WINDOW`].
+#[derive(Debug, Clone, Default)]
+pub struct RecentTransitions(std::collections::VecDeque<Instant>);
+
+impl RecentTransitions {
+    /// Most transitions remembered per backend.
+    pub const CAP: usize = 256;
+
+    pub(super) fn record(&mut self, now: Instant) {
+        self.forget_before(now);
+        if self.0.len() == Self::CAP {
+            self.0.pop_front();
+        }
+        self.0.push_back(now);
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > FLAP_WINDOW)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    /// Transitions within the window ending now.
+    pub fn count(&self) -> usize {
+        let now = Instant::now();
+        self.0
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) <= FLAP_WINDOW)
+            .count()
+    }
+}
+
+impl serde::Serialize for RecentTransitions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.count() as u64)
+    }
+}
+
+/// An operator's weight override.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WeightOverride {
+    /// The weight used instead of the registry weight.
+    pub weight: u32,
+    /// When it lapses.
+    #[serde(with = "humantime_serde_compat")]
+    pub until: SystemTime,
+    #[serde(skip)]
+    pub(super) expires: Instant,
+}
+
+/// The last load report of a backend, as shown to operators.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    /// What it said.
+    #[serde(flatten)]
+    pub sample: LoadSample,
+    /// When it arrived.
+    #[serde(with = "humantime_serde_compat")]
+    pub received_at: SystemTime,
+}
+
+/// The load-balance token of a backend: a short hash of service and
+/// address, so it is stable for as long as the address is listed, the same
+/// on every LB replica, and well under the protocol's 50-byte limit.
+pub fn token_for(service: &str, addr: SocketAddr) -> String {
+    let mut h = fnv::FnvHasher::default();
+    h.write(service.as_bytes());
+    h.write(b"|");
+    h.write(addr.to_string().as_bytes());
+    format!("{:016x}", h.finish())
+}
+
+/// Serializes `SystemTime` as RFC 3339 text.
+mod humantime_serde_compat {
+    use std::time::SystemTime;
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+    }
+}
