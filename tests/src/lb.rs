@@ -109,19 +109,15 @@ impl Lb {
 
     /// Starts it again on the same ports after it was killed.
     pub async fn relaunch(self) -> Lb {
-        let (addr, admin, tls, args, env) = (
-            self.addr,
-            self.admin,
-            self.admin_tls.clone(),
-            self.args.clone(),
-            self.env,
-        );
-        drop(self.proc);
-        Self::start_on(addr, admin, tls, args, env).await
+        self.again(false).await
     }
 
     /// Stops it gracefully and starts it again on the same ports.
     pub async fn restart(self) -> Lb {
+        self.again(true).await
+    }
+
+    async fn again(self, graceful: bool) -> Lb {
         let (addr, admin, tls, args, env) = (
             self.addr,
             self.admin,
@@ -130,7 +126,10 @@ impl Lb {
             self.env,
         );
         let mut proc = self.proc;
-        proc.terminate(Duration::from_secs(10));
+        if graceful {
+            proc.terminate(Duration::from_secs(10));
+        }
+        drop(proc);
         Self::start_on(addr, admin, tls, args, env).await
     }
 
