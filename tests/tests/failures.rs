@@ -101,10 +101,15 @@ async fn all_backends_down_fail_fast_then_resume() {
     for g in &mut greeters {
         g.proc.kill();
     }
-    assert!(
-        wait_backends(&ch, 0, Duration::from_secs(5)).await,
-        "dead backends still ready"
-    );
+    // Both channels must have seen every connection close: a call picked
+    // before its channel noticed would be sent and fail on the dead socket,
+    // which is UNAVAILABLE even for a wait-for-ready call.
+    for c in [&ch, &patient] {
+        assert!(
+            wait_backends(c, 0, Duration::from_secs(5)).await,
+            "dead backends still ready"
+        );
+    }
 
     let t = Instant::now();
     let err = say_hello(&ch, Duration::from_secs(10))
