@@ -4,9 +4,10 @@
 //! - `throughput`: unary echo calls/s through `LbChannel` (over 3 backends
 //!   and over 1) vs a plain tonic `Channel` to one backend, alternating
 //!   rounds so that machine noise hits both alike.
-//! - `propagation`: `put` of a new backend in etcd → first call a connected
-//!   client makes to it, next to the time etcd's own watch delivered the put.
-//!   Starts its own etcd (`etcd` on PATH or `$ETCD_BIN`) and an in-process LB.
+//! - `propagation`: `put` / `delete` of a backend in etcd → every connected
+//!   client's picker (clients in processes of their own), next to the time
+//!   etcd's own watch delivered it; `lb-server` builds side by side, each
+//!   over its own etcd (`etcd` on PATH or `$ETCD_BIN`).
 //! - `slow-backend`: four backends, one 20 ms slower and reporting high
 //!   utilization: client latency through a load-aware LB vs a plain round
 //!   robin LB over the same backends, alternating rounds.
@@ -78,14 +79,33 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// etcd put/delete → every client's picker, vs etcd's own watch delivery.
+    /// etcd put/delete → every client's picker, vs etcd's own watch delivery (builds side by side).
     Propagation {
         /// Connected clients (LbChannels, each with its own stream).
         #[arg(long, default_value_t = 1000)]
         clients: usize,
+        /// Client processes the clients are spread over.
+        #[arg(long, default_value_t = 4)]
+        processes: usize,
         /// Number of put/delete cycles.
         #[arg(long, default_value_t = 10)]
         samples: usize,
+        /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
+        #[arg(long = "lb-server")]
+        lb_servers: Vec<PathBuf>,
+    },
+    /// The client side of `propagation`, one process of several (started by it).
+    #[command(hide = true)]
+    PropagationClients {
+        /// The LB's gRPC address.
+        #[arg(long)]
+        lb: std::net::SocketAddr,
+        /// Channels in this process.
+        #[arg(long)]
+        clients: usize,
+        /// The backend whose arrival and departure are timed.
+        #[arg(long)]
+        backend: std::net::SocketAddr,
     },
     /// One slow, busy backend of four: load-aware lists vs plain round robin.
     SlowBackend {
@@ -224,8 +244,24 @@ async fn main() -> anyhow::Result<()> {
             round,
             rounds,
         } => throughput::throughput(concurrency, round, rounds).await?,
-        Bench::Propagation { clients, samples } => {
-            propagation::propagation(clients, samples).await?
+        Bench::Propagation {
+            clients,
+            processes,
+            samples,
+            mut lb_servers,
+        } => {
+            if lb_servers.is_empty() {
+                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
+            }
+            propagation::propagation(&lb_servers, clients, processes, samples).await?
+        }
+        Bench::PropagationClients {
+            lb,
+            clients,
+            backend,
+        } => {
+            propagation::clients(lb, clients, backend).await?;
+            return Ok(());
         }
         Bench::SlowBackend {
             concurrency,

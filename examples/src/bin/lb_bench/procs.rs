@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use lb_client::{Registration, RegistrationOptions};
 use lb_examples::greeter::{GreeterOptions, RunningGreeter};
-use tokio::net::TcpListener;
 
 /// An etcd process with a temporary data dir; killed when dropped.
 pub struct EtcdProcess {
@@ -334,7 +333,11 @@ pub async fn greeter_in(
     registry: Option<&str>,
     service: &str,
 ) -> anyhow::Result<RunningGreeter> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    // A deep accept queue: a benchmark's thousand clients connect at once,
+    // and an overflowing queue costs a SYN retransmit (1 s), not the LB.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let listener = socket.listen(4096)?;
     let mut refused = None;
     let g = RunningGreeter::start(listener, options, |addr| {
         let registry = registry?;

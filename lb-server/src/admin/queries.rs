@@ -1,0 +1,81 @@
+//! The read-only endpoints: readiness, metrics, services, clients, cluster.
+//!
+//! Each reads snapshots (the catalog's published lists and backend copies,
+//! the session table) and holds no lock across an await.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::refusal::Refusal;
+use super::views::{ClientView, ServiceDetail, ServiceSummary};
+use super::AdminState;
+
+/// `GET /readyz`: 200 once every registry source has been listed.
+pub async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.catalog.is_synced() {
+        return Json(json!({"ready": true})).into_response();
+    }
+    let detail = format!(
+        "registry {} has not been listed yet (waiting for: {})",
+        s.registry,
+        s.catalog.unsynced().join(", ")
+    );
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"ready": false, "detail": detail})),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/services`: every service, summarised.
+pub async fn services(State(s): State<AdminState>) -> Json<Value> {
+    let entries = s.catalog.services();
+    let all: Vec<ServiceSummary> = entries.iter().map(|e| ServiceSummary::of(e, &s)).collect();
+    Json(json!({ "services": all }))
+}
+
+/// `GET /api/v1/services/{name}`: one service in detail.
+pub async fn service(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Response, Refusal> {
+    let entry = s
+        .catalog
+        .service(&name)
+        .ok_or_else(|| Refusal::unknown_service(&name))?;
+    Ok(Json(ServiceDetail::of(&entry, &s)).into_response())
+}
+
+/// `GET /api/v1/clients`: connected BalanceLoad streams.
+pub async fn clients(State(s): State<AdminState>) -> Json<Value> {
+    let all: Vec<ClientView> = s
+        .sessions
+        .list()
+        .iter()
+        .map(|c| c.as_ref().into())
+        .collect();
+    Json(json!({ "clients": all }))
+}
+
+/// `GET /api/v1/cluster`: this replica's view of the cluster.
+pub async fn cluster(State(s): State<AdminState>) -> Json<Value> {
+    match &s.cluster {
+        Some(c) => Json(json!({ "clustered": true, "view": c.view() })),
+        None => Json(json!({ "clustered": false })),
+    }
+}
