@@ -16,41 +16,58 @@
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`model`] | the vocabulary: instances, rejections, health, load samples |
+//! | `model` | the vocabulary: instances, rejections, health, load samples |
 //! | [`config`] | flags and env vars |
-//! | [`registry`] | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul |
-//! | [`catalog`] | who exists, and what probes and operators say; publishes lists |
-//! | [`policy`] | backends → ordered, weighted server list, with reasons |
-//! | [`snapshot`] | published lists: versioned, immutable, encoded once |
-//! | [`probe`] | active health checks and ORCA load per backend |
-//! | [`cluster`] | replicas sharing health checks through etcd |
-//! | [`rendezvous`] | stable rendezvous hashing |
-//! | [`grpclb`] | the grpclb frontend (BalanceLoad streams) |
-//! | [`streams`] | name mapping, the session table, per-client subsets |
-//! | [`admin`] | admin HTTP endpoint |
-//! | [`metrics`] | Prometheus metrics |
-//! | [`net`] | listener caps, quotas, bearer tokens, TLS |
-//! | [`log_limit`] | rate limits for log lines outsiders can trigger |
+//! | `registry` | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul |
+//! | `catalog` | who exists, and what probes and operators say; publishes lists |
+//! | `policy` | backends → ordered, weighted server list, with reasons |
+//! | `snapshot` | published lists: versioned, immutable, encoded once |
+//! | `probe` | active health checks and ORCA load per backend |
+//! | `cluster` | replicas sharing health checks through etcd |
+//! | `rendezvous` | stable rendezvous hashing |
+//! | `grpclb` | the grpclb frontend (BalanceLoad streams) |
+//! | `streams` | name mapping, the session table, per-client subsets |
+//! | `admin` | admin HTTP endpoint |
+//! | `metrics` | Prometheus metrics |
+//! | `net` | listener caps, quotas, bearer tokens, TLS |
+//! | `log_limit` | rate limits for log lines outsiders can trigger |
 //!
 //! [`LbServer::start`] (in `server.rs`) assembles and runs them all.
 
-pub mod admin;
-pub mod catalog;
-pub mod cluster;
 pub mod config;
-pub mod grpclb;
-pub mod log_limit;
-pub mod metrics;
-pub mod model;
-pub mod net;
-pub mod policy;
-pub mod probe;
-pub mod registry;
-pub mod rendezvous;
-pub mod snapshot;
-pub mod streams;
+
+pub(crate) mod admin;
+pub(crate) mod catalog;
+pub(crate) mod cluster;
+pub(crate) mod grpclb;
+pub(crate) mod log_limit;
+pub(crate) mod metrics;
+pub(crate) mod model;
+pub(crate) mod net;
+pub(crate) mod policy;
+pub(crate) mod probe;
+pub(crate) mod registry;
+pub(crate) mod rendezvous;
+pub(crate) mod snapshot;
+pub(crate) mod streams;
+
+mod server;
 
 pub use config::Config;
 pub use server::LbServer;
 
-mod server;
+/// The parsers and parts that the fuzz targets and the test suite drive
+/// directly, so that hostile input reaches the exact code the server runs.
+/// Not an API: hidden from the docs, and free to change with the server.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::admin::{router, AdminState};
+    pub use crate::catalog::Catalog;
+    pub use crate::metrics::Metrics;
+    pub use crate::model::Instance;
+    pub use crate::net::tls::https_acceptor;
+    pub use crate::registry::entry::{parse_host_port, parse_key, parse_value, ValueOp};
+    pub use crate::registry::{consul, dns, zookeeper};
+    pub use crate::streams::names::{strip_port, NameMapper};
+    pub use crate::streams::subsets::Subsets;
+}

@@ -111,7 +111,7 @@ impl Pki {
     /// builder); with `verify_clients`, clients must present a certificate
     /// from the CA.
     pub fn https_acceptor(&self, verify_clients: bool) -> tokio_rustls::TlsAcceptor {
-        lb_server::net::tls::https_acceptor(
+        lb_server::internals::https_acceptor(
             ["server certificate", "server key", "CA"],
             &self.server_cert,
             &self.server_key,

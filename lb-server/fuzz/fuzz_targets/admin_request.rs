@@ -9,10 +9,7 @@ use std::sync::{Arc, OnceLock};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http_body_util::BodyExt;
-use lb_server::admin::{router, AdminState};
-use lb_server::catalog::Catalog;
-use lb_server::metrics::Metrics;
-use lb_server::model::Instance;
+use lb_server::internals::{router, AdminState, Catalog, Instance, Metrics};
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
 
@@ -44,7 +41,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, axum::Router) {
         let router = router(AdminState {
             catalog,
             sessions: Default::default(),
-            subsets: Arc::new(lb_server::streams::subsets::Subsets::new(0)),
+            subsets: Arc::new(lb_server::internals::Subsets::new(0)),
             cluster: None,
             metrics,
             registry: "memory".into(),

@@ -4,7 +4,7 @@
 //! or a configured alias.
 #![no_main]
 
-use lb_server::streams::names::{strip_port, NameMapper};
+use lb_server::internals::{strip_port, NameMapper};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|name: &str| {

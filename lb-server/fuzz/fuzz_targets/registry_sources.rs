@@ -4,7 +4,7 @@
 //! every address accepted has a host and a port 1-65535.
 #![no_main]
 
-use lb_server::registry::{consul, dns, zookeeper};
+use lb_server::internals::{consul, dns, zookeeper};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

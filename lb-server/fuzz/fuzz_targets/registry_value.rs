@@ -4,7 +4,7 @@
 //! 1-10000).
 #![no_main]
 
-use lb_server::registry::entry::{parse_host_port, parse_key, parse_value, ValueOp};
+use lb_server::internals::{parse_host_port, parse_key, parse_value, ValueOp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -31,7 +31,7 @@ mod ingest;
 mod observe;
 mod publish;
 
-pub use backend::{token_for, Backend, LoadReport, RecentTransitions, WeightOverride, FLAP_WINDOW};
+pub use backend::{token_for, Backend, LoadReport, WeightOverride};
 pub use calls::CallTotals;
 
 use std::collections::{BTreeMap, HashSet};

@@ -69,11 +69,13 @@ impl Quota {
     }
 
     /// Slots held now.
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
 
     /// Slots held now by `peer`.
+    #[cfg(test)]
     pub fn held_by(&self, peer: IpAddr) -> usize {
         self.per_peer.get(&peer).map(|n| *n).unwrap_or(0)
     }

@@ -77,11 +77,6 @@ impl RegistrySink {
         }
     }
 
-    /// The source's name.
-    pub fn source(&self) -> &'static str {
-        self.source
-    }
-
     /// Replaces everything this source had reported with `instances` (initial
     /// listing, or a re-list after a disconnect or compaction).
     pub fn snapshot(&self, instances: Vec<Instance>) {
