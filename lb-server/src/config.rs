@@ -233,6 +233,12 @@ pub struct ProbeFlags {
     #[arg(long, env = "LB_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_timeout: Duration,
 
+    /// Reconnect attempts per second, all health probes together (0: no
+    /// limit). A backend's first check is never held back; in a zone outage
+    /// the dead backends are retried in turn instead of taking every core.
+    #[arg(long, env = "LB_PROBE_RECONNECT_RATE", default_value_t = 2000)]
+    pub probe_reconnect_rate: u32,
+
     /// Subscribe to backends' ORCA load reports and weight lists by them.
     #[arg(long, env = "LB_ORCA", default_value_t = true, action = clap::ArgAction::Set)]
     pub orca: bool,

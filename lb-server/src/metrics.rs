@@ -321,9 +321,14 @@ impl Metrics {
 
     /// Counts one lost outgoing session of `kind` that is being reopened.
     pub fn upstream_reconnect(&self, kind: &str) {
+        self.upstream_reconnects_of(kind).inc();
+    }
+
+    /// The reconnect counter of `kind`, to keep where reconnects are hot.
+    pub fn upstream_reconnects_of(&self, kind: &str) -> Counter {
         self.upstream_reconnects
             .get_or_create(&KindLabels { kind: kind.into() })
-            .inc();
+            .clone()
     }
 
     /// Counts one health transition of a backend of `service` to `to`.
@@ -343,17 +348,13 @@ impl Metrics {
         service: &str,
         addr: std::net::SocketAddr,
         weight: f64,
-        health: crate::model::HealthState,
+        healthy: bool,
     ) {
         let labels = BackendLabels {
             service: service.into(),
             backend: addr.to_string(),
         };
         self.backend_weight.get_or_create(&labels).set(weight);
-        let healthy = matches!(
-            health,
-            crate::model::HealthState::Serving | crate::model::HealthState::Unchecked
-        );
         self.backend_healthy
             .get_or_create(&labels)
             .set(healthy as i64);

@@ -98,6 +98,13 @@ pub enum HealthState {
     Unchecked,
 }
 
+impl HealthState {
+    /// Serving, or not checked at all (which counts as serving).
+    pub fn is_healthy(self) -> bool {
+        matches!(self, HealthState::Serving | HealthState::Unchecked)
+    }
+}
+
 /// One load report of a backend (ORCA's fields that weighting and operators
 /// use), whichever way it arrived: from the backend's own stream or from the
 /// replica that probes it.

@@ -189,6 +189,7 @@ impl Parts {
             timeout: cfg.probes.health_timeout,
             orca: cfg.probes.orca,
             orca_interval: cfg.probes.orca_interval,
+            reconnect_rate: cfg.probes.probe_reconnect_rate,
             tls: tls::client_config(
                 "--backend-tls-ca",
                 cfg.probes.backend_tls_ca.as_deref(),

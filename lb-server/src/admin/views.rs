@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::catalog::{Backend, ServiceEntry};
-use crate::model::HealthState;
 use crate::streams::sessions::{Session, StatsReport};
 
 /// One service in `GET /api/v1/services`.
@@ -98,10 +97,7 @@ pub struct ClientView {
 }
 
 fn counts(backends: &[Backend]) -> (usize, usize) {
-    let healthy = backends
-        .iter()
-        .filter(|b| matches!(b.health, HealthState::Serving | HealthState::Unchecked))
-        .count();
+    let healthy = backends.iter().filter(|b| b.health.is_healthy()).count();
     let listed = backends.iter().filter(|b| b.decision.listed).count();
     (healthy, listed)
 }

@@ -51,6 +51,17 @@ pub struct Backend {
     pub decision: Decision,
     /// Operator's weight override, replacing the registry weight until it expires.
     pub weight_override: Option<WeightOverride>,
+    /// The weight and health last written to its `/metrics` gauges.
+    #[serde(skip)]
+    pub exported_gauges: Option<(f64, bool)>,
+}
+
+impl Backend {
+    /// Whether the policy's view of it can change with time alone: a load
+    /// report (blackout, expiry), a slow start, an override (expiry).
+    pub fn changes_with_time(&self) -> bool {
+        self.load.is_some() || self.serving_since.is_some() || self.weight_override.is_some()
+    }
 }
 
 /// The window of [`Backend::recent_transitions`].

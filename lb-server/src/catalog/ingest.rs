@@ -186,14 +186,24 @@ impl Catalog {
             let mut backends = entry.backends.lock().expect("catalog lock");
             let keep: HashSet<String> = fresh.iter().map(|i| i.key.clone()).collect();
             let before = backends.len();
+            let mut gone = Vec::new();
             backends.retain(|(src, key), b| {
                 let retained = *src != source || keep.contains(key);
                 if !retained {
-                    self.metrics.forget_backend(&service, b.addr);
+                    gone.push(b.addr);
                     self.index_drop(source, key, &service);
                 }
                 retained
             });
+            for addr in gone {
+                // Another record of the same address (another source or
+                // key) keeps the gauges; it writes them again on publish.
+                let mut shared = backends.values_mut().filter(|b| b.addr == addr).peekable();
+                if shared.peek().is_none() {
+                    self.metrics.forget_backend(&service, addr);
+                }
+                shared.for_each(|b| b.exported_gauges = None);
+            }
             let removed = before - backends.len();
             let mut upserted = 0;
             for i in fresh {
@@ -292,6 +302,7 @@ impl Catalog {
                 drained: false,
                 weight_override: None,
                 decision: Decision::default(),
+                exported_gauges: None,
             },
         );
         true

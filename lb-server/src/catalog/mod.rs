@@ -212,12 +212,17 @@ impl Catalog {
         self.members.send_modify(|g| *g += 1);
     }
 
-    /// Recomputes every service's list (time-dependent inputs: load
-    /// reports, blackout and expiry, slow start). Publishes only changes.
+    /// Recomputes the lists that time can change (load reports, their
+    /// blackout and expiry, slow start, expiring overrides). Publishes only
+    /// changes. A service with none of those inputs gives the same list as
+    /// at its last change and is skipped: a zone of dead backends costs the
+    /// refresh nothing.
     pub fn refresh_all(&self) {
         for entry in self.services() {
             let mut backends = entry.backends.lock().expect("catalog lock");
-            self.publish(&entry, &mut backends);
+            if backends.values().any(Backend::changes_with_time) {
+                self.publish(&entry, &mut backends);
+            }
         }
     }
 

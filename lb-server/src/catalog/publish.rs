@@ -123,8 +123,14 @@ impl Catalog {
                     reason: conflict.clone().unwrap_or_default(),
                 }
             };
-            self.metrics
-                .set_backend(&entry.name, b.addr, d.weight, b.health);
+            // Gauges only when they change: a refresh of 100,000 unchanged
+            // backends must not format and look up 200,000 label sets.
+            let gauges = (d.weight, b.health.is_healthy());
+            if b.exported_gauges != Some(gauges) {
+                self.metrics
+                    .set_backend(&entry.name, b.addr, gauges.0, gauges.1);
+                b.exported_gauges = Some(gauges);
+            }
             b.decision = d;
         }
         let labels = ServiceLabels {

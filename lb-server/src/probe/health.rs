@@ -31,7 +31,10 @@
 //! restart on the same address) is listed again within about two seconds.
 //! After 30 s down the cap grows to 20 s: a zone of dead backends costs a
 //! twentieth of the connects, and the log says it once per service (see the
-//! catalog). Every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
+//! catalog). All reconnects together also wait for a turn of one shared
+//! budget ([`super::pace`]), so that a zone outage cannot take every core.
+//! Connects are made bare (a TCP connect, then the channel over it): a
+//! refused one costs a socket, not a channel's setup. Every reconnect is counted (`lb_upstream_reconnects_total{kind="health"}`).
 //!
 //! With replicas ([`crate::cluster`]), a replica probes only the backends it
 //! owns; results go through a [`Reporter`], which also publishes them, and
@@ -49,6 +52,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::pace::Pace;
 use super::report::Reporter;
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
@@ -70,6 +74,8 @@ pub struct HealthSettings {
     pub orca: bool,
     /// ORCA report interval asked of backends.
     pub orca_interval: Duration,
+    /// Reconnect attempts per second, all probes together (0: no limit).
+    pub reconnect_rate: u32,
     /// TLS towards backends, when they serve it.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
@@ -83,6 +89,7 @@ pub async fn run(
 ) {
     let settings = Arc::new(settings);
     let reporter = Arc::new(Reporter::new(catalog.clone(), cluster.clone()));
+    let pace = Pace::per_second(settings.reconnect_rate).map(Arc::new);
     let mut members = catalog.subscribe_members();
     let mut view = cluster.as_ref().map(|c| c.subscribe());
     let mut probes: HashMap<(String, SocketAddr), CancellationToken> = HashMap::new();
@@ -126,6 +133,7 @@ pub async fn run(
             tokio::spawn(probe(
                 reporter.clone(),
                 settings.clone(),
+                pace.clone(),
                 key.0,
                 key.1,
                 cancel,
@@ -159,6 +167,7 @@ const RECONNECT_RESET: Duration = Duration::from_secs(5);
 async fn probe(
     reporter: Arc<Reporter>,
     s: Arc<HealthSettings>,
+    pace: Option<Arc<Pace>>,
     service: String,
     addr: SocketAddr,
     cancel: CancellationToken,
@@ -167,14 +176,23 @@ async fn probe(
     let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX).reset_after(RECONNECT_RESET);
     tracing::debug!(%service, %addr, health_service = %name, "probe started");
     let mut down_since: Option<Instant> = None;
+    // Whether the catalog already has this backend as unreachable: a refused
+    // connect in a long outage then touches nothing but the counter.
+    let mut reported_down = false;
     loop {
         backoff.attempt();
         let started = Instant::now();
+        let attempt = async {
+            let tcp = connect(addr, s.timeout).await?;
+            // Boxed: a probe waiting out its backoff keeps only a pointer,
+            // not the room of a whole session.
+            Box::pin(session(tcp, &reporter, &s, &service, addr, &name))
+                .await
+                .map_err(|e| (true, e))
+        };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            // Boxed: a probe waiting out its backoff keeps only a pointer,
-            // not the room of a whole connection attempt.
-            r = Box::pin(session(&reporter, &s, &service, addr, &name)) => r,
+            r = attempt => r,
         };
         if started.elapsed() >= RECONNECT_RESET {
             // It was up for a while: this is a new outage.
@@ -186,21 +204,32 @@ async fn probe(
         } else {
             RECONNECT_MAX
         });
-        let detail = match result {
-            Ok(()) => "health stream ended".to_string(),
+        let (connected, detail) = match result {
+            Ok(()) => (true, "health stream ended".to_string()),
             Err(e) => e,
         };
-        reporter.health(&service, addr, HealthState::Unreachable, &detail);
-        reporter.clear_load(&service, addr);
+        if connected || !reported_down {
+            reporter.health(&service, addr, HealthState::Unreachable, &detail);
+            reported_down = true;
+        }
+        if connected {
+            reporter.clear_load(&service, addr);
+        }
         reporter.reconnect();
         if !backoff.wait(&cancel).await {
             return;
+        }
+        if let Some(pace) = &pace {
+            if !pace.turn(&cancel).await {
+                return;
+            }
         }
     }
 }
 
 /// One connection to the backend: health (and load) until it breaks.
 async fn session(
+    tcp: tokio::net::TcpStream,
     reporter: &Arc<Reporter>,
     s: &HealthSettings,
     service: &str,
@@ -215,10 +244,20 @@ async fn session(
             .tls_config(tls.clone())
             .map_err(|e| format!("TLS settings: {e}"))?;
     }
+    // The channel gets this one connection and no other: when it breaks,
+    // the session ends and the probe's own backoff decides when to retry.
+    let once = std::sync::Mutex::new(Some(tcp));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let io = once.lock().expect("connection slot").take();
+        async move {
+            io.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "probe connection closed")
+            })
+        }
+    });
     let channel: Channel = endpoint
         .connect_timeout(s.timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
     let _load = s.orca.then(|| {
@@ -263,6 +302,23 @@ async fn session(
             }
         }
     }
+}
+
+/// A TCP connection to `addr` within `timeout`. Made bare, before any
+/// gRPC machinery: a refused connect (a dead backend, a zone of them) then
+/// costs a socket and a syscall, not the setup of a whole channel.
+/// Fails with `(false, why)`: not connected.
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, (bool, String)> {
+    let failed = |why: String| (false, format!("connect: {why}"));
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
+    tcp.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
+    Ok(tcp)
 }
 
 /// `Check` every `every` beside an open `Watch`; returns why the backend

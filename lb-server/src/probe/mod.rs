@@ -11,7 +11,9 @@
 //! | [`health`] | one probe task per backend address, started and stopped as membership changes |
 //! | [`load`] | the ORCA out-of-band stream of one backend |
 //! | [`report`] | where probes put what they learn |
+//! | [`pace`] | one budget for reconnects, shared by every probe |
 
 pub mod health;
 pub mod load;
+pub mod pace;
 pub mod report;

@@ -154,6 +154,9 @@ enum Bench {
         /// Puts (then as many deletes) timed on each etcd catalog.
         #[arg(long, default_value_t = 1000)]
         changes: usize,
+        /// Only the dead zone (no etcd catalogs).
+        #[arg(long)]
+        dead_zone_only: bool,
         /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
         #[arg(long = "lb-server")]
         lb_servers: Vec<PathBuf>,
@@ -314,12 +317,21 @@ async fn main() -> anyhow::Result<()> {
             per_service,
             window,
             changes,
+            dead_zone_only,
             mut lb_servers,
         } => {
             if lb_servers.is_empty() {
                 lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
             }
-            scale::scale(&lb_servers, services, per_service, window, changes).await?
+            scale::scale(
+                &lb_servers,
+                services,
+                per_service,
+                window,
+                changes,
+                dead_zone_only,
+            )
+            .await?
         }
         Bench::Fanout {
             streams,

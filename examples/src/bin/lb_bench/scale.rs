@@ -38,6 +38,22 @@ async fn ready(lb: &LbProcess, t0: Instant, limit: Duration) -> anyhow::Result<D
     anyhow::bail!("lb-server not ready within {limit:?}")
 }
 
+/// TCP connects this machine has attempted so far (`ActiveOpens` of
+/// `/proc/net/snmp`): in the dead zone, the LB's probes are nearly all of them.
+fn tcp_active_opens() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ActiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn log_line_count(lb: &LbProcess) -> usize {
     std::fs::read_to_string(&lb.log)
         .map(|t| t.lines().count())
@@ -58,6 +74,7 @@ async fn dead_zone(
     let t0 = Instant::now();
     let lb = LbProcess::start_bin_with(bin, &registry, "info", &[]).await?;
     let pid = lb.child.id();
+    let started = (Duration::ZERO, Duration::ZERO, 0, tcp_active_opens());
     let ready_in = ready(&lb, t0, Duration::from_secs(120)).await?;
     let early = Duration::from_secs(30).min(window);
     let late = window.saturating_sub(Duration::from_secs(20)).max(early);
@@ -72,7 +89,12 @@ async fn dead_zone(
             serde_json::from_str::<serde_json::Value>(&body).is_ok(),
             "the admin port answered {path} with no JSON"
         );
-        let sample = (t0.elapsed(), process_cpu(pid), log_line_count(&lb));
+        let sample = (
+            t0.elapsed(),
+            process_cpu(pid),
+            log_line_count(&lb),
+            tcp_active_opens(),
+        );
         if at_early.is_none() && sample.0 >= early {
             at_early = Some(sample);
         }
@@ -81,25 +103,36 @@ async fn dead_zone(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let end = (t0.elapsed(), process_cpu(pid), log_line_count(&lb));
+    let end = (
+        t0.elapsed(),
+        process_cpu(pid),
+        log_line_count(&lb),
+        tcp_active_opens(),
+    );
     let first = at_early.unwrap_or(end);
     let last = at_late.unwrap_or(first);
-    let rate = |a: (Duration, Duration, usize), b: (Duration, Duration, usize)| {
+    type Sample = (Duration, Duration, usize, u64);
+    let rate = |a: Sample, b: Sample| {
         let secs = (b.0 - a.0).as_secs_f64().max(1e-3);
         (
             b.1.saturating_sub(a.1).as_secs_f64() / secs,
             b.2.saturating_sub(a.2) as f64 * 30.0 / secs,
+            b.3.saturating_sub(a.3) as f64 / secs,
         )
     };
-    let start = (Duration::ZERO, Duration::ZERO, 0);
-    let (cores_early, lines_early) = rate(start, first);
-    let (cores_late, lines_late) = rate(last, end);
+    let (cores_early, lines_early, connects_early) = rate(started, first);
+    let (cores_late, lines_late, connects_late) = rate(last, end);
+    let cpu_us_per_connect = |cores: f64, connects: f64| cores * 1e6 / connects.max(1.0);
     let worst = admin_ms.iter().cloned().fold(0.0, f64::max);
     Ok(json!({
         "ready_s": ready_in.as_secs_f64(),
         "rss_kib": rss_kib(pid),
         "cores_busy_first_30s": cores_early,
         "cores_busy_last_20s": cores_late,
+        "connects_per_s_first_30s": connects_early,
+        "connects_per_s_last_20s": connects_late,
+        "cpu_us_per_connect_first_30s": cpu_us_per_connect(cores_early, connects_early),
+        "cpu_us_per_connect_last_20s": cpu_us_per_connect(cores_late, connects_late),
         "log_lines_first_30s": lines_early,
         "log_lines_per_30s_later": lines_late,
         "admin_median_ms": median(admin_ms),
@@ -220,6 +253,7 @@ pub async fn scale(
     per_service: usize,
     window: Duration,
     changes: usize,
+    dead_zone_only: bool,
 ) -> anyhow::Result<serde_json::Value> {
     raise_fd_limit();
     let backends = services * per_service;
@@ -234,19 +268,28 @@ pub async fn scale(
         .collect();
     std::fs::write(&file, serde_json::to_vec(&zone)?)?;
 
-    let (_etcd_proc, endpoint) = start_etcd().await?;
-    let mut etcd = etcd_client::Client::connect([&endpoint], None).await?;
-    eprintln!("scale: writing {backends} keys to etcd");
-    load_etcd(&mut etcd, "/big/", services, per_service).await?;
-    load_etcd(&mut etcd, "/small/", 10, per_service).await?;
+    let etcd = if dead_zone_only {
+        None
+    } else {
+        let (etcd_proc, endpoint) = start_etcd().await?;
+        let mut etcd = etcd_client::Client::connect([&endpoint], None).await?;
+        eprintln!("scale: writing {backends} keys to etcd");
+        load_etcd(&mut etcd, "/big/", services, per_service).await?;
+        load_etcd(&mut etcd, "/small/", 10, per_service).await?;
+        Some((etcd_proc, endpoint))
+    };
 
     let mut runs = Vec::new();
     for bin in bins {
         eprintln!("scale: dead zone with {}", bin.display());
         let dead = dead_zone(bin, &file, services, window).await?;
+        let Some((_, endpoint)) = &etcd else {
+            runs.push(json!({ "dead_zone": dead }));
+            continue;
+        };
         eprintln!("scale: etcd catalogs with {}", bin.display());
-        let big = etcd_catalog(bin, &endpoint, "/big/", services, changes).await?;
-        let small = etcd_catalog(bin, &endpoint, "/small/", 10, changes).await?;
+        let big = etcd_catalog(bin, endpoint, "/big/", services, changes).await?;
+        let small = etcd_catalog(bin, endpoint, "/small/", 10, changes).await?;
         runs.push(json!({"dead_zone": dead, "etcd_big": big, "etcd_small": small}));
     }
     let _ = std::fs::remove_file(&file);
@@ -257,7 +300,7 @@ pub async fn scale(
         header.join(" | ")
     );
     println!("|---|{}", "---:|".repeat(bins.len()));
-    let rows: [(&str, &str, &str, &str); 14] = [
+    let rows: [(&str, &str, &str, &str); 18] = [
         ("dead zone: start → ready", "dead_zone", "ready_s", "s"),
         ("dead zone: RSS at the end", "dead_zone", "rss_kib", "KiB"),
         (
@@ -271,6 +314,30 @@ pub async fn scale(
             "dead_zone",
             "cores_busy_last_20s",
             "",
+        ),
+        (
+            "dead zone: probe connects per s, first 30 s",
+            "dead_zone",
+            "connects_per_s_first_30s",
+            "",
+        ),
+        (
+            "dead zone: probe connects per s, last 20 s",
+            "dead_zone",
+            "connects_per_s_last_20s",
+            "",
+        ),
+        (
+            "dead zone: LB CPU per probe connect, first 30 s",
+            "dead_zone",
+            "cpu_us_per_connect_first_30s",
+            "µs",
+        ),
+        (
+            "dead zone: LB CPU per probe connect, last 20 s",
+            "dead_zone",
+            "cpu_us_per_connect_last_20s",
+            "µs",
         ),
         (
             "dead zone: log lines, first 30 s",
@@ -333,6 +400,7 @@ pub async fn scale(
             .iter()
             .map(|r| match r[part][key].as_f64() {
                 Some(v) => format!("{v:.3} {unit}"),
+                None if r.get(part).is_none() => "not run".to_string(),
                 None => "never ready".to_string(),
             })
             .collect();
