@@ -237,6 +237,14 @@ impl StockPeerArgs {
     }
 }
 
+/// The `--lb-server` builds to compare, or this build's own `lb-server`.
+fn builds_or_this(mut builds: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
+    if builds.is_empty() {
+        builds.push(std::env::current_exe()?.with_file_name("lb-server"));
+    }
+    Ok(builds)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -251,11 +259,9 @@ async fn main() -> anyhow::Result<()> {
             clients,
             processes,
             samples,
-            mut lb_servers,
+            lb_servers,
         } => {
-            if lb_servers.is_empty() {
-                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
-            }
+            let lb_servers = builds_or_this(lb_servers)?;
             propagation::propagation(&lb_servers, clients, processes, samples).await?
         }
         Bench::PropagationClients {
@@ -302,14 +308,12 @@ async fn main() -> anyhow::Result<()> {
             .await?
         }
         Bench::Idle {
-            mut lb_servers,
+            lb_servers,
             settle,
             window,
             peers,
         } => {
-            if lb_servers.is_empty() {
-                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
-            }
+            let lb_servers = builds_or_this(lb_servers)?;
             idle::idle(lb_servers, &peers.peers(), settle, window).await?
         }
         Bench::Scale {
@@ -318,11 +322,9 @@ async fn main() -> anyhow::Result<()> {
             window,
             changes,
             dead_zone_only,
-            mut lb_servers,
+            lb_servers,
         } => {
-            if lb_servers.is_empty() {
-                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
-            }
+            let lb_servers = builds_or_this(lb_servers)?;
             scale::scale(
                 &lb_servers,
                 services,
@@ -337,11 +339,9 @@ async fn main() -> anyhow::Result<()> {
             streams,
             per_connection,
             samples,
-            mut lb_servers,
+            lb_servers,
         } => {
-            if lb_servers.is_empty() {
-                lb_servers.push(std::env::current_exe()?.with_file_name("lb-server"));
-            }
+            let lb_servers = builds_or_this(lb_servers)?;
             fanout::fanout(&lb_servers, streams, per_connection, samples).await?
         }
     };
