@@ -152,9 +152,26 @@ impl Proc {
     }
 }
 
+/// Lines of a process's log shown when a test fails.
+const LOG_TAIL_ON_FAILURE: usize = 25;
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what its processes said last: CI keeps the
+        // test's output, not the log files.
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- last {} lines of {} ({}) ---\n{}",
+                tail.len(),
+                self.name,
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 

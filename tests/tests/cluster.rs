@@ -273,10 +273,18 @@ async fn etcd_member_and_quorum_loss_change_nothing_for_clients() {
     let lost_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let newcomer = channel("greeter", &lbs);
-    assert!(
-        wait_backends(&newcomer, 4, Duration::from_secs(5)).await,
-        "a new client got no cached list without quorum"
-    );
+    if !wait_backends(&newcomer, 4, Duration::from_secs(5)).await {
+        let views: Vec<String> = [&lb1, &lb2]
+            .iter()
+            .map(|lb| lb.get("/api/v1/services/greeter").1)
+            .collect();
+        panic!(
+            "a new client got no cached list without quorum: listed {:?}, ready {:?}, counters {:?}; the LBs say {views:#?}",
+            lb_tests::listed(&newcomer),
+            newcomer.ready_backends(),
+            newcomer.counters(),
+        );
+    }
     let tally = lb_tests::call_n(&newcomer, 40).await;
     assert_eq!(tally.failed(), 0, "{:?}", tally.failures);
     let rest = Duration::from_secs(30).saturating_sub(lost_at.elapsed());
