@@ -12,14 +12,13 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::catalog::{Backend, ServiceEntry};
+use crate::snapshot::PublishedList;
 use crate::streams::sessions::{Session, StatsReport};
 
-/// One service in `GET /api/v1/services`.
+/// What both views of a service say about it.
 #[derive(Serialize)]
-pub struct ServiceSummary<'a> {
+struct ServiceFigures<'a> {
     name: &'a str,
-    /// Backends known (listed or not).
-    backends: usize,
     /// Backends serving or not yet checked.
     healthy: usize,
     /// Backends the policy listed.
@@ -32,17 +31,21 @@ pub struct ServiceSummary<'a> {
     clients: usize,
 }
 
+/// One service in `GET /api/v1/services`.
+#[derive(Serialize)]
+pub struct ServiceSummary<'a> {
+    #[serde(flatten)]
+    figures: ServiceFigures<'a>,
+    /// Backends known (listed or not).
+    backends: usize,
+}
+
 /// `GET /api/v1/services/{name}`: the summary's figures, each backend with
 /// the policy's decision, and the calls clients reported.
 #[derive(Serialize)]
 pub struct ServiceDetail<'a> {
-    name: &'a str,
-    healthy: usize,
-    listed: usize,
-    list_version: u64,
-    panic: bool,
-    conflict: Option<String>,
-    clients: usize,
+    #[serde(flatten)]
+    figures: ServiceFigures<'a>,
     shed_fraction: f64,
     subset_size: usize,
     backends: Vec<BackendRow>,
@@ -96,27 +99,32 @@ pub struct ClientView {
     subset: Option<Vec<std::net::SocketAddr>>,
 }
 
-fn counts(backends: &[Backend]) -> (usize, usize) {
-    let healthy = backends.iter().filter(|b| b.health.is_healthy()).count();
-    let listed = backends.iter().filter(|b| b.decision.listed).count();
-    (healthy, listed)
+impl<'a> ServiceFigures<'a> {
+    fn of(
+        entry: &'a ServiceEntry,
+        list: &PublishedList,
+        backends: &[Backend],
+        s: &AdminState,
+    ) -> Self {
+        ServiceFigures {
+            name: entry.name(),
+            healthy: backends.iter().filter(|b| b.health.is_healthy()).count(),
+            listed: backends.iter().filter(|b| b.decision.listed).count(),
+            list_version: list.version,
+            panic: list.panic,
+            conflict: entry.conflict(),
+            clients: s.sessions.count_for(entry.name()),
+        }
+    }
 }
 
 impl<'a> ServiceSummary<'a> {
     /// The summary of `entry`.
     pub fn of(entry: &'a ServiceEntry, s: &AdminState) -> Self {
-        let list = entry.current_list();
         let backends = entry.backends();
-        let (healthy, listed) = counts(&backends);
         ServiceSummary {
-            name: entry.name(),
+            figures: ServiceFigures::of(entry, &entry.current_list(), &backends, s),
             backends: backends.len(),
-            healthy,
-            listed,
-            list_version: list.version,
-            panic: list.panic,
-            conflict: entry.conflict(),
-            clients: s.sessions.count_for(entry.name()),
         }
     }
 }
@@ -126,7 +134,7 @@ impl<'a> ServiceDetail<'a> {
     pub fn of(entry: &'a ServiceEntry, s: &AdminState) -> Self {
         let list = entry.current_list();
         let backends = entry.backends();
-        let (healthy, listed) = counts(&backends);
+        let figures = ServiceFigures::of(entry, &list, &backends, s);
         let total = list.servers.len().max(1) as f64;
         let subset_counts = s.subsets.enabled().then(|| s.subsets.counts(entry.name()));
         let view = s.cluster.as_ref().map(|c| c.view());
@@ -156,13 +164,7 @@ impl<'a> ServiceDetail<'a> {
             .collect();
         let calls = &entry.calls;
         ServiceDetail {
-            name: entry.name(),
-            healthy,
-            listed,
-            list_version: list.version,
-            panic: list.panic,
-            conflict: entry.conflict(),
-            clients: s.sessions.count_for(entry.name()),
+            figures,
             shed_fraction: list.shed_fraction,
             subset_size: s.subsets.size(),
             backends: rows,
