@@ -317,7 +317,7 @@ pub struct PolicyFlags {
 
 /// The gRPC port: names, streams, caps, TLS.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "gRPC port and BalanceLoad streams")]
+#[command(next_help_heading = "gRPC port: BalanceLoad and ADS streams")]
 pub struct GrpcFlags {
     /// Extra names for services, `name=service` (repeatable, or
     /// comma-separated in the env var).
@@ -374,6 +374,18 @@ pub struct GrpcFlags {
     /// twice that pass); a faster stream is closed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "LB_CLIENT_STATS_MAX_RATE", default_value_t = 10.0)]
     pub client_stats_max_rate: f64,
+
+    /// Most resource names one ADS stream may subscribe to in one request
+    /// (all types together); a request naming more closes the stream with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LB_XDS_MAX_RESOURCE_NAMES", default_value_t = 10_000)]
+    pub xds_max_resource_names: usize,
+
+    /// Most xDS requests (ADS) or load reports (LRS) one stream may send per
+    /// second (bursts of twice that pass); a faster stream is closed with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LB_XDS_REQUEST_MAX_RATE", default_value_t = 100.0)]
+    pub xds_request_max_rate: f64,
 
     /// On shutdown, streams are closed spread over this window so that their
     /// clients do not reconnect to the other replicas all at once.

@@ -8,9 +8,9 @@
 //! Data flows one way, one folder per step:
 //!
 //! ```text
-//! registry ──► catalog ──► policy ──► snapshot ──► grpclb ──► clients
-//!                 ▲                      │
-//!   probe (health, load)                 └──► admin (HTTP: JSON, /metrics)
+//! registry ──► catalog ──► policy ──► snapshot ──┬─► grpclb ──► clients
+//!                 ▲                              ├─► xds ────► clients, Envoy
+//!   probe (health, load)                         └─► admin (HTTP: JSON, /metrics)
 //!   cluster (probe results shared between replicas)
 //! ```
 //!
@@ -26,6 +26,7 @@
 //! | `cluster` | replicas sharing health checks through etcd |
 //! | `rendezvous` | stable rendezvous hashing |
 //! | `grpclb` | the grpclb frontend (BalanceLoad streams) |
+//! | `xds` | the xDS frontend (ADS state of the world, LRS) |
 //! | `streams` | name mapping, the session table, per-client subsets |
 //! | `admin` | admin HTTP endpoint |
 //! | `metrics` | Prometheus metrics |
@@ -50,6 +51,7 @@ pub(crate) mod registry;
 pub(crate) mod rendezvous;
 pub(crate) mod snapshot;
 pub(crate) mod streams;
+pub(crate) mod xds;
 
 mod server;
 

@@ -125,7 +125,119 @@ pub struct Metrics {
     /// steady state this does not move: a rising count is a peer closing
     /// connections (for instance over its keep-alive policy).
     pub upstream_reconnects: Family<KindLabels, Counter>,
+    /// The xDS frontend's streams, responses, ACKs and NACKs.
+    pub xds: XdsMetrics,
 }
+
+/// Labels naming an xDS resource type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// `lds`, `rds`, `cds` or `eds`.
+    pub r#type: String,
+}
+
+/// What the xDS frontend counts (`lb_xds_*`).
+pub struct XdsMetrics {
+    /// ADS streams open now.
+    pub streams_open: Gauge,
+    /// ADS streams accepted.
+    pub streams_total: Counter,
+    /// ADS and LRS streams refused or closed, and requests ignored, by reason.
+    pub refused: Family<ReasonLabels, Counter>,
+    /// Responses written, per resource type.
+    pub responses: Family<TypeLabels, Counter>,
+    /// Responses the client accepted, per resource type.
+    pub acks: Family<TypeLabels, Counter>,
+    /// Responses the client rejected, per resource type.
+    pub nacks: Family<TypeLabels, Counter>,
+    /// Time from a catalog change to a stream writing the new assignment.
+    pub push_seconds: Histogram,
+    /// LRS load reports folded into the client stats.
+    pub load_reports: Counter,
+}
+
+impl XdsMetrics {
+    fn new() -> Self {
+        XdsMetrics {
+            streams_open: Gauge::default(),
+            streams_total: Counter::default(),
+            refused: Family::default(),
+            responses: Family::default(),
+            acks: Family::default(),
+            nacks: Family::default(),
+            push_seconds: Histogram::new(PUSH_BUCKETS),
+            load_reports: Counter::default(),
+        }
+    }
+
+    /// Counts one refusal (or ignored request) for `reason`.
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// The counter of `family` for resource type `kind`.
+    pub fn of<'a>(
+        family: &'a Family<TypeLabels, Counter>,
+        kind: &str,
+    ) -> impl std::ops::Deref<Target = Counter> + 'a {
+        family.get_or_create(&TypeLabels {
+            r#type: kind.into(),
+        })
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("xds");
+        r.register(
+            "streams_open",
+            "ADS streams open now",
+            self.streams_open.clone(),
+        );
+        r.register(
+            "streams",
+            "ADS streams accepted",
+            self.streams_total.clone(),
+        );
+        r.register(
+            "refused",
+            "ADS and LRS streams refused or closed, and requests ignored, by reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "responses",
+            "xDS responses written, per resource type",
+            self.responses.clone(),
+        );
+        r.register(
+            "acks",
+            "xDS responses accepted by the client, per resource type",
+            self.acks.clone(),
+        );
+        r.register(
+            "nacks",
+            "xDS responses rejected by the client, per resource type",
+            self.nacks.clone(),
+        );
+        r.register(
+            "push_seconds",
+            "Time from a catalog change to an ADS stream writing the new assignment",
+            self.push_seconds.clone(),
+        );
+        r.register(
+            "load_reports",
+            "LRS load reports folded into the client stats",
+            self.load_reports.clone(),
+        );
+    }
+}
+
+/// Buckets of the push-latency histograms (seconds).
+const PUSH_BUCKETS: [f64; 11] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -136,9 +248,7 @@ impl Metrics {
             streams_total: Counter::default(),
             streams_refused: Family::default(),
             lists_sent: Counter::default(),
-            list_push_seconds: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            ]),
+            list_push_seconds: Histogram::new(PUSH_BUCKETS),
             registry_events: Family::default(),
             registry_rejects: Family::default(),
             backends: Family::default(),
@@ -155,6 +265,7 @@ impl Metrics {
             registrations_refused: Family::default(),
             registry_conflicts: Family::default(),
             upstream_reconnects: Family::default(),
+            xds: XdsMetrics::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -262,6 +373,7 @@ impl Metrics {
             "Outgoing sessions (health probes, registry and cluster sessions) lost and opened again, per kind",
             m.upstream_reconnects.clone(),
         );
+        m.xds.register(&mut registry);
         registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }

@@ -25,7 +25,10 @@ use crate::registry::{self, RegistrySink, Sources};
 use crate::streams::names::NameMapper;
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::Subsets;
+use crate::xds;
 use crate::{admin, probe};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 
 /// Largest HTTP/2 header block accepted on the gRPC port (gRPC clients send
 /// a few hundred bytes; hyper's default would be 16 MiB).
@@ -234,12 +237,40 @@ impl Parts {
     /// The gRPC port: the grpclb frontend and the registration API.
     fn grpc(&mut self, listener: TcpListener, sources: &Sources) -> anyhow::Result<()> {
         let cfg = &self.cfg;
+        let names = Arc::new(NameMapper::new(
+            cfg.grpc.aliases.clone(),
+            cfg.grpc.domain_suffixes.clone(),
+        ));
+        // One cap on streams: BalanceLoad, ADS and LRS streams together.
+        let streams = Quota::new(
+            "streams (BalanceLoad, ADS, LRS)",
+            cfg.grpc.max_streams,
+            cfg.grpc.max_streams_per_peer,
+        );
+        let ads = xds::Ads::new(
+            xds::XdsParts {
+                catalog: self.catalog.clone(),
+                names: names.clone(),
+                sessions: self.sessions.clone(),
+                subsets: self.subsets.clone(),
+                metrics: self.metrics.clone(),
+            },
+            xds::XdsSettings {
+                streams: streams.clone(),
+                max_resource_names: cfg.grpc.xds_max_resource_names,
+                request_max_rate: cfg.grpc.xds_request_max_rate,
+                shutdown_spread: cfg.grpc.shutdown_spread,
+                load_report_interval: cfg.grpc.client_stats_interval,
+                resources: xds::resources::ResourceSettings {
+                    lrs: !cfg.grpc.client_stats_interval.is_zero(),
+                    connect_timeout: Duration::from_secs(1),
+                },
+            },
+            self.shutdown.clone(),
+        );
         let parts = BalancerParts {
             catalog: self.catalog.clone(),
-            names: Arc::new(NameMapper::new(
-                cfg.grpc.aliases.clone(),
-                cfg.grpc.domain_suffixes.clone(),
-            )),
+            names,
             sessions: self.sessions.clone(),
             subsets: self.subsets.clone(),
             metrics: self.metrics.clone(),
@@ -250,11 +281,7 @@ impl Parts {
                 client_stats_interval: cfg.grpc.client_stats_interval,
                 initial_request_timeout: cfg.grpc.initial_request_timeout,
                 shutdown_spread: cfg.grpc.shutdown_spread,
-                streams: Quota::new(
-                    "BalanceLoad streams",
-                    cfg.grpc.max_streams,
-                    cfg.grpc.max_streams_per_peer,
-                ),
+                streams,
                 client_stats_max_rate: cfg.grpc.client_stats_max_rate,
             },
             self.shutdown.clone(),
@@ -304,6 +331,17 @@ impl Parts {
                 max_message,
                 MAX_ENCODED_MESSAGE,
             ))
+            .add_service(
+                // An ADS request may name every service (Envoy's EDS), so
+                // it may be as large as the largest response.
+                AggregatedDiscoveryServiceServer::new(xds::AdsService(ads.clone()))
+                    .max_decoding_message_size(MAX_ENCODED_MESSAGE.max(max_message))
+                    .max_encoding_message_size(MAX_ENCODED_MESSAGE),
+            )
+            .add_service(
+                LoadReportingServiceServer::new(xds::LoadReporting(ads))
+                    .max_decoding_message_size(max_message),
+            )
             .add_service(RegistryServer::new(registration).max_decoding_message_size(max_message))
             .serve_with_incoming_shutdown(incoming, self.shutdown.clone().cancelled_owned());
         self.spawn(async move {

@@ -56,6 +56,20 @@ impl Lb {
         .await
     }
 
+    /// Starts an LB whose gRPC port is `addr` (for replicas sharing a port
+    /// on different loopback addresses).
+    pub async fn start_at(addr: SocketAddr, args: &[&str]) -> Lb {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(
+            addr,
+            admin,
+            None,
+            args.iter().map(|s| s.to_string()).collect(),
+            Vec::new(),
+        )
+        .await
+    }
+
     async fn start_on(
         addr: SocketAddr,
         admin: SocketAddr,

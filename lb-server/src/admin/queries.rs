@@ -10,7 +10,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::refusal::Refusal;
-use super::views::{ClientView, ServiceDetail, ServiceSummary};
+use super::views::{ClientView, ServiceDetail, ServiceSummary, XdsClientView};
 use super::AdminState;
 
 /// `GET /readyz`: 200 once every registry source has been listed.
@@ -61,7 +61,8 @@ pub async fn service(
     Ok(Json(ServiceDetail::of(&entry, &s)).into_response())
 }
 
-/// `GET /api/v1/clients`: connected BalanceLoad streams.
+/// `GET /api/v1/clients`: connected BalanceLoad streams (`clients`) and
+/// ADS streams (`xds_clients`).
 pub async fn clients(State(s): State<AdminState>) -> Json<Value> {
     let all: Vec<ClientView> = s
         .sessions
@@ -69,7 +70,13 @@ pub async fn clients(State(s): State<AdminState>) -> Json<Value> {
         .iter()
         .map(|c| c.as_ref().into())
         .collect();
-    Json(json!({ "clients": all }))
+    let xds: Vec<XdsClientView> = s
+        .sessions
+        .list_xds()
+        .iter()
+        .map(|c| c.as_ref().into())
+        .collect();
+    Json(json!({ "clients": all, "xds_clients": xds }))
 }
 
 /// `GET /api/v1/cluster`: this replica's view of the cluster.

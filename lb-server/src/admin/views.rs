@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::AdminState;
 use crate::catalog::{Backend, ServiceEntry};
 use crate::snapshot::PublishedList;
-use crate::streams::sessions::{Session, StatsReport};
+use crate::streams::sessions::{Session, StatsReport, XdsNode, XdsSession, XdsTypeStatus};
 
 /// What both views of a service say about it.
 #[derive(Serialize)]
@@ -193,6 +193,32 @@ impl From<&Session> for ClientView {
             last_stats: c.last_stats.lock().expect("stats lock").clone(),
             client_id: c.client_id.clone(),
             subset: c.subset.lock().expect("subset lock").clone(),
+        }
+    }
+}
+
+/// One ADS stream, as `/api/v1/clients` shows it.
+#[derive(Serialize)]
+pub struct XdsClientView {
+    id: u64,
+    peer: Option<String>,
+    since: String,
+    node: XdsNode,
+    responses_sent: u64,
+    /// Per type (`lds`, `rds`, `cds`, `eds`): subscribed names, versions
+    /// sent and accepted, the last rejection.
+    types: std::collections::BTreeMap<&'static str, XdsTypeStatus>,
+}
+
+impl From<&XdsSession> for XdsClientView {
+    fn from(c: &XdsSession) -> Self {
+        XdsClientView {
+            id: c.id,
+            peer: c.peer.map(|p| p.to_string()),
+            since: humantime::format_rfc3339_millis(c.since).to_string(),
+            node: c.node.lock().expect("node lock").clone(),
+            responses_sent: c.responses_sent.load(Ordering::Relaxed),
+            types: c.types.lock().expect("types lock").clone(),
         }
     }
 }

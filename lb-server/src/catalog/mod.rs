@@ -82,6 +82,11 @@ impl ServiceEntry {
         rx
     }
 
+    /// Watches published lists from now on (the current one counts as seen).
+    pub fn watch(&self) -> watch::Receiver<Arc<PublishedList>> {
+        self.list.subscribe()
+    }
+
     /// A copy of the backends now known.
     pub fn backends(&self) -> Vec<Backend> {
         self.backends

@@ -47,12 +47,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::Metrics;
-use crate::net::limits::{Exceeded, Quota};
+use crate::net::limits::{Exceeded, Quota, RateBudget};
 use crate::streams::names::{NameMapper, MAX_NAME_LEN};
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::{self, Subsets};
 pub use refusal::Refusal;
-use stream::{StatsBudget, StreamState, Subset};
+use stream::{StreamState, Subset};
 
 /// Settings of the BalanceLoad service.
 #[derive(Debug, Clone)]
@@ -259,7 +259,7 @@ impl Balancer {
             session,
             shutdown: self.shutdown.clone(),
             shutdown_spread: self.settings.shutdown_spread,
-            stats_budget: StatsBudget::new(self.settings.client_stats_max_rate),
+            stats_budget: RateBudget::new(self.settings.client_stats_max_rate),
             _permit: permit,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(

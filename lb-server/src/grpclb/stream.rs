@@ -14,7 +14,7 @@ use tonic::{Status, Streaming};
 
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::net::limits::Permit;
+use crate::net::limits::{Permit, RateBudget};
 use crate::snapshot::{encode_server_list, PublishedList};
 use crate::streams::sessions::{SessionGuard, StatsReport};
 use crate::streams::subsets;
@@ -43,43 +43,8 @@ pub(super) struct StreamState {
     pub(super) session: SessionGuard,
     pub(super) shutdown: CancellationToken,
     pub(super) shutdown_spread: Duration,
-    pub(super) stats_budget: StatsBudget,
+    pub(super) stats_budget: RateBudget,
     pub(super) _permit: Permit,
-}
-
-/// Token bucket limiting the client-stats reports of one stream.
-pub(super) struct StatsBudget {
-    pub(super) rate: f64,
-    tokens: f64,
-    at: tokio::time::Instant,
-}
-
-impl StatsBudget {
-    pub(super) fn new(rate: f64) -> Self {
-        let rate = rate.max(0.01);
-        StatsBudget {
-            rate,
-            tokens: Self::burst(rate),
-            at: tokio::time::Instant::now(),
-        }
-    }
-
-    fn burst(rate: f64) -> f64 {
-        (rate * 2.0).max(2.0)
-    }
-
-    /// Spends one report; false when the stream is over its rate.
-    fn spend(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.at = now;
-        self.tokens = (self.tokens + earned).min(Self::burst(self.rate));
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
 }
 
 impl StreamState {

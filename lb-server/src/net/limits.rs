@@ -5,7 +5,7 @@
 //! A [`Quota`] hands out [`Permit`]s; a permit gives its slot back when it is
 //! dropped, however the connection or stream ends. Refusals say which cap was
 //! hit ([`Exceeded`]) so that callers can answer with a clear status and
-//! count the reason.
+//! count the reason. A [`RateBudget`] caps how often one stream may send.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,6 +111,45 @@ impl Drop for Permit {
             });
         }
         self.quota.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A token bucket limiting how often one stream may send something (client
+/// stats, xDS requests, load reports): `rate` per second, bursts of twice
+/// that (at least 2).
+pub struct RateBudget {
+    /// Messages allowed per second.
+    pub rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl RateBudget {
+    /// A full bucket for `rate` messages per second.
+    pub fn new(rate: f64) -> Self {
+        let rate = rate.max(0.01);
+        RateBudget {
+            rate,
+            tokens: Self::burst(rate),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn burst(rate: f64) -> f64 {
+        (rate * 2.0).max(2.0)
+    }
+
+    /// Spends one message; false when the stream is over its rate.
+    pub fn spend(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.at = now;
+        self.tokens = (self.tokens + earned).min(Self::burst(self.rate));
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 

@@ -1,6 +1,7 @@
-//! The table of connected BalanceLoad streams ("clients"), for the admin API
-//! and metrics. Each stream holds a [`SessionGuard`] that removes its row
-//! when the stream ends, however it ends.
+//! The table of connected streams ("clients"), for the admin API and
+//! metrics: BalanceLoad streams ([`Session`]) and ADS streams
+//! ([`XdsSession`]). Each stream holds a guard that removes its row when the
+//! stream ends, however it ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,11 +65,68 @@ pub struct Session {
     pub last_stats: Mutex<Option<StatsReport>>,
 }
 
+/// Who an ADS client says it is (the `node` of its first request).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct XdsNode {
+    /// `node.id` from the bootstrap.
+    pub id: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// `node.locality` as `region/zone/sub_zone` parts.
+    pub region: String,
+    /// The locality's zone.
+    pub zone: String,
+    /// The locality's sub-zone.
+    pub sub_zone: String,
+    /// `user_agent_name` and `user_agent_version`.
+    pub user_agent: String,
+}
+
+/// What one resource type of an ADS stream stands at.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct XdsTypeStatus {
+    /// The names subscribed to (`["*"]` for a wildcard).
+    pub subscribed: Vec<String>,
+    /// The version last sent.
+    pub sent_version: String,
+    /// The version the client last accepted.
+    pub acked_version: Option<String>,
+    /// The version the client last rejected, and its error.
+    pub last_nack: Option<XdsNack>,
+}
+
+/// A rejected xDS response.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct XdsNack {
+    /// The version rejected.
+    pub version: String,
+    /// The client's `error_detail` message.
+    pub error: String,
+}
+
+/// One connected ADS stream.
+#[derive(Debug)]
+pub struct XdsSession {
+    /// Unique within this process (shared with BalanceLoad sessions).
+    pub id: u64,
+    /// The client's address, when known.
+    pub peer: Option<SocketAddr>,
+    /// When the stream was accepted.
+    pub since: SystemTime,
+    /// Its node, once its first request has arrived.
+    pub node: Mutex<XdsNode>,
+    /// Per resource type (`lds`, `rds`, `cds`, `eds`).
+    pub types: Mutex<std::collections::BTreeMap<&'static str, XdsTypeStatus>>,
+    /// Responses written to it.
+    pub responses_sent: AtomicU64,
+}
+
 /// All connected streams.
 #[derive(Default)]
 pub struct Sessions {
     next_id: AtomicU64,
     open: DashMap<u64, Arc<Session>>,
+    xds: DashMap<u64, Arc<XdsSession>>,
 }
 
 impl Sessions {
@@ -106,19 +164,64 @@ impl Sessions {
         }
     }
 
-    /// Every open stream, oldest first.
+    /// Registers a new ADS stream; the returned guard unregisters it on drop.
+    pub fn open_xds(
+        self: &Arc<Self>,
+        metrics: Arc<Metrics>,
+        peer: Option<SocketAddr>,
+    ) -> XdsSessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let session = Arc::new(XdsSession {
+            id,
+            peer,
+            since: SystemTime::now(),
+            node: Mutex::new(XdsNode::default()),
+            types: Mutex::new(Default::default()),
+            responses_sent: AtomicU64::new(0),
+        });
+        self.xds.insert(id, session.clone());
+        metrics.xds.streams_open.inc();
+        metrics.xds.streams_total.inc();
+        XdsSessionGuard {
+            sessions: self.clone(),
+            session,
+            metrics,
+        }
+    }
+
+    /// Every open ADS stream, oldest first.
+    pub fn list_xds(&self) -> Vec<Arc<XdsSession>> {
+        let mut all: Vec<_> = self.xds.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    /// Every open BalanceLoad stream, oldest first.
     pub fn list(&self) -> Vec<Arc<Session>> {
         let mut all: Vec<_> = self.open.iter().map(|e| e.value().clone()).collect();
         all.sort_by_key(|s| s.id);
         all
     }
 
-    /// Number of open streams for `service`.
+    /// Number of open streams for `service`: BalanceLoad streams mapped to
+    /// it and ADS streams subscribed to its assignment.
     pub fn count_for(&self, service: &str) -> usize {
-        self.open
+        let grpclb = self
+            .open
             .iter()
             .filter(|e| e.value().service == service)
-            .count()
+            .count();
+        let xds = self
+            .xds
+            .iter()
+            .filter(|e| {
+                let types = e.value().types.lock().expect("types lock");
+                types
+                    .get("eds")
+                    .is_some_and(|t| t.subscribed.iter().any(|n| n == service || n == "*"))
+            })
+            .count();
+        grpclb + xds
     }
 }
 
@@ -140,5 +243,26 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.sessions.open.remove(&self.session.id);
         self.metrics.streams_open.dec();
+    }
+}
+
+/// Keeps an ADS session row alive for as long as its stream runs.
+pub struct XdsSessionGuard {
+    sessions: Arc<Sessions>,
+    session: Arc<XdsSession>,
+    metrics: Arc<Metrics>,
+}
+
+impl XdsSessionGuard {
+    /// The session.
+    pub fn session(&self) -> &XdsSession {
+        &self.session
+    }
+}
+
+impl Drop for XdsSessionGuard {
+    fn drop(&mut self) {
+        self.sessions.xds.remove(&self.session.id);
+        self.metrics.xds.streams_open.dec();
     }
 }

@@ -1,0 +1,128 @@
+//! Load reports in: `envoy.service.load_stats.v3.LoadReportingService`.
+//!
+//! C-core opens this stream when a Cluster names an LRS server (ours do:
+//! `lrs_server: {self: {}}`). The LB answers the first request with "report
+//! every cluster, every `--client-stats-interval`", then folds each report
+//! into the service's call totals, the same counters grpclb client stats
+//! feed: issued calls are `started`, successes and errors `finished`,
+//! successes `known_received`, and drops `dropped` (by category, as grpclb
+//! drops are by token).
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
+use envoy_types::pb::envoy::service::load_stats::v3::{
+    load_reporting_service_server::LoadReportingService, LoadStatsRequest, LoadStatsResponse,
+};
+use lb_proto::grpc::lb::v1::{ClientStats, ClientStatsPerToken};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Ads, Responses};
+use crate::net::limits::RateBudget;
+
+/// The LRS service, sharing the ADS service's parts and limits.
+#[derive(Clone)]
+pub struct LoadReporting(pub Arc<Ads>);
+
+#[tonic::async_trait]
+impl LoadReportingService for LoadReporting {
+    type StreamLoadStatsStream = Responses<LoadStatsResponse>;
+
+    async fn stream_load_stats(
+        &self,
+        request: Request<Streaming<LoadStatsRequest>>,
+    ) -> Result<Response<Self::StreamLoadStatsStream>, Status> {
+        let ads = self.0.clone();
+        let interval = ads.settings.load_report_interval;
+        if interval.is_zero() {
+            return Err(ads.refuse(
+                "lrs_off",
+                Status::unimplemented("load reports are off (--client-stats-interval 0)"),
+            ));
+        }
+        let permit = ads.permit(request.remote_addr())?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut budget = RateBudget::new(ads.settings.request_max_rate);
+            let mut answered = false;
+            loop {
+                let message = tokio::select! {
+                    _ = ads.shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    m = inbound.message() => m,
+                };
+                let report = match message {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(_) => return,
+                };
+                if !budget.spend() {
+                    let status = ads.refuse(
+                        "lrs_rate",
+                        Status::resource_exhausted(format!(
+                            "load reports sent faster than {} per second",
+                            budget.rate
+                        )),
+                    );
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                for cluster in &report.cluster_stats {
+                    fold(&ads, cluster);
+                }
+                if !answered {
+                    answered = true;
+                    let response = LoadStatsResponse {
+                        send_all_clusters: true,
+                        load_reporting_interval: Some(
+                            envoy_types::pb::google::protobuf::Duration {
+                                seconds: interval.as_secs() as i64,
+                                nanos: interval.subsec_nanos() as i32,
+                            },
+                        ),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Adds one cluster's report to its service's call totals.
+fn fold(ads: &Ads, cluster: &ClusterStats) {
+    let Some(entry) = ads.parts.catalog.service(&cluster.cluster_name) else {
+        ads.parts.metrics.xds.refuse("lrs_unknown_cluster");
+        return;
+    };
+    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let (mut issued, mut ok, mut errors) = (0u64, 0u64, 0u64);
+    for l in &cluster.upstream_locality_stats {
+        issued = issued.saturating_add(l.total_issued_requests);
+        ok = ok.saturating_add(l.total_successful_requests);
+        errors = errors.saturating_add(l.total_error_requests);
+    }
+    let stats = ClientStats {
+        num_calls_started: clamp(issued),
+        num_calls_finished: clamp(ok.saturating_add(errors)),
+        num_calls_finished_known_received: clamp(ok),
+        calls_finished_with_drop: cluster
+            .dropped_requests
+            .iter()
+            .take(16)
+            .map(|d| ClientStatsPerToken {
+                load_balance_token: d.category.clone(),
+                num_calls: clamp(d.dropped_count),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    ads.parts.catalog.record_client_stats(&entry, &stats);
+    ads.parts.metrics.xds.load_reports.inc();
+}

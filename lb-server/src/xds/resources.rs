@@ -1,0 +1,370 @@
+//! The four resources a proxyless gRPC client asks for, built from a
+//! service name and its published list.
+//!
+//! A client dialing `xds:///NAME` walks a chain, each link by name:
+//!
+//! ```text
+//! Listener NAME ──RDS──► RouteConfiguration NAME ──► Cluster SERVICE ──EDS──► ClusterLoadAssignment SERVICE
+//! ```
+//!
+//! The Listener and RouteConfiguration keep the name the client dialed (with
+//! or without a port), so that the route's virtual host matches the
+//! authority the client sends; the Cluster and its assignment are named by
+//! the service the name maps to, so that every alias of one service shares
+//! them.
+//!
+//! The assignment says what the policy decided, in the form proxyless round
+//! robin honours: round robin ignores endpoint weights but weights
+//! *localities*, so each listed backend is its own locality (named by its
+//! address in `sub_zone`) whose `load_balancing_weight` is the number of
+//! entries the policy gave it in the grpclb list. Envoy weights endpoints,
+//! so the endpoint carries the same weight. Load shedding becomes a
+//! `drop_overloads` entry.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+    Cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Http2ProtocolOptions, Locality,
+    SelfConfigSource, SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    cluster_load_assignment::{policy::DropOverload, Policy},
+    lb_endpoint::HostIdentifier,
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, http_filter::ConfigType, HttpConnectionManager,
+    HttpFilter, Rds,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    },
+    HttpProtocolOptions,
+};
+use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::util::pack_any;
+use lb_proto::grpc::lb::v1::Server;
+
+use crate::streams::names::strip_port;
+
+/// The resource types served, in the order a client asks for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// LDS: `envoy.config.listener.v3.Listener`.
+    Listener,
+    /// RDS: `envoy.config.route.v3.RouteConfiguration`.
+    Route,
+    /// CDS: `envoy.config.cluster.v3.Cluster`.
+    Cluster,
+    /// EDS: `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+    Endpoint,
+}
+
+impl Kind {
+    /// Every kind, in chain order.
+    pub const ALL: [Kind; 4] = [Kind::Listener, Kind::Route, Kind::Cluster, Kind::Endpoint];
+
+    /// The type URL on the wire.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            Kind::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            Kind::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            Kind::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            Kind::Endpoint => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        }
+    }
+
+    /// The kind of a type URL, if it is one served here.
+    pub fn of_type_url(url: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.type_url() == url)
+    }
+
+    /// Short name for metrics and the admin API (`lds`, `rds`, `cds`, `eds`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Listener => "lds",
+            Kind::Route => "rds",
+            Kind::Cluster => "cds",
+            Kind::Endpoint => "eds",
+        }
+    }
+
+    /// Whether every response carries the whole requested set (LDS, CDS), so
+    /// that a name left out of one means the resource does not exist.
+    pub fn full_state(self) -> bool {
+        matches!(self, Kind::Listener | Kind::Cluster)
+    }
+}
+
+/// Settings the built resources carry.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceSettings {
+    /// Whether Clusters name this server as their LRS server
+    /// (`lrs_server: {self: {}}`), so that C-core reports load back.
+    pub lrs: bool,
+    /// The Cluster's `connect_timeout` (Envoy uses it; gRPC ignores it).
+    pub connect_timeout: Duration,
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Listener `name`: an `api_listener` whose HttpConnectionManager takes its
+/// routes by RDS over ADS, with the router as its one (terminal) filter.
+pub fn listener(name: &str) -> Any {
+    let manager = HttpConnectionManager {
+        stat_prefix: "lb".into(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    pack_any(Listener {
+        name: name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(manager)),
+        }),
+        ..Default::default()
+    })
+}
+
+/// RouteConfiguration `name`: one virtual host matching the name with and
+/// without its port, every path to cluster `service`.
+pub fn route(name: &str, service: &str) -> Any {
+    let mut domains = vec![name.to_string()];
+    if strip_port(name) != name {
+        domains.push(strip_port(name).to_string());
+    }
+    pack_any(RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: service.to_string(),
+            domains,
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix(String::new())),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(service.to_string())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// Cluster `service`: EDS over ADS, round robin, HTTP/2 upstream (Envoy
+/// needs it said; gRPC always speaks HTTP/2), and this server for LRS.
+pub fn cluster(service: &str, settings: &ResourceSettings) -> Any {
+    let http2 = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    pack_any(Cluster {
+        name: service.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(duration(settings.connect_timeout)),
+        typed_extension_protocol_options: HashMap::from([(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+            pack_any(http2),
+        )]),
+        lrs_server: settings.lrs.then(|| ConfigSource {
+            config_source_specifier: Some(
+                ConfigSourceSpecifier::Self_(SelfConfigSource::default()),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The drop category of load shedding, as clients report it back in LRS.
+pub const SHED_CATEGORY: &str = "lb_shed";
+
+/// ClusterLoadAssignment `service` from a published list (or a stream's
+/// subset of it): one locality per backend, weighted by its entries.
+pub fn assignment(service: &str, servers: &[Server], shed_fraction: f64) -> Any {
+    let mut order: Vec<SocketAddr> = Vec::new();
+    let mut entries: HashMap<SocketAddr, u32> = HashMap::new();
+    for s in servers.iter().filter(|s| !s.drop) {
+        let Some(addr) = socket_addr(s) else { continue };
+        let n = entries.entry(addr).or_insert(0);
+        if *n == 0 {
+            order.push(addr);
+        }
+        *n += 1;
+    }
+    let endpoints = order
+        .into_iter()
+        .map(|addr| {
+            let weight = Some(UInt32Value {
+                value: entries[&addr],
+            });
+            LocalityLbEndpoints {
+                locality: Some(Locality {
+                    sub_zone: addr.to_string(),
+                    ..Default::default()
+                }),
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(Address {
+                            address: Some(address::Address::SocketAddress(SocketAddress {
+                                address: addr.ip().to_string(),
+                                port_specifier: Some(PortSpecifier::PortValue(addr.port() as u32)),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    health_status: HealthStatus::Healthy as i32,
+                    load_balancing_weight: weight,
+                    ..Default::default()
+                }],
+                load_balancing_weight: weight,
+                priority: 0,
+                ..Default::default()
+            }
+        })
+        .collect();
+    let ppm = (shed_fraction.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
+    pack_any(ClusterLoadAssignment {
+        cluster_name: service.to_string(),
+        endpoints,
+        policy: (ppm > 0).then(|| Policy {
+            drop_overloads: vec![DropOverload {
+                category: SHED_CATEGORY.into(),
+                drop_percentage: Some(FractionalPercent {
+                    numerator: ppm,
+                    denominator: DenominatorType::Million as i32,
+                }),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A grpclb server entry's address.
+fn socket_addr(s: &Server) -> Option<SocketAddr> {
+    let ip: IpAddr = match s.ip_address.len() {
+        4 => <[u8; 4]>::try_from(&s.ip_address[..]).ok()?.into(),
+        16 => <[u8; 16]>::try_from(&s.ip_address[..]).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::try_from(s.port).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn server(last: u8, port: i32) -> Server {
+        Server {
+            ip_address: vec![127, 0, 0, last],
+            port,
+            load_balance_token: String::new(),
+            drop: false,
+        }
+    }
+
+    #[test]
+    fn repeated_entries_become_locality_weights() {
+        let servers = vec![server(1, 10), server(2, 20), server(1, 10), server(1, 10)];
+        let any = assignment("greeter", &servers, 0.0);
+        let cla = ClusterLoadAssignment::decode(&any.value[..]).unwrap();
+        let weights: Vec<(String, u32)> = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                let loc = l.locality.as_ref().unwrap().sub_zone.clone();
+                (loc, l.load_balancing_weight.unwrap().value)
+            })
+            .collect();
+        assert_eq!(
+            weights,
+            vec![("127.0.0.1:10".into(), 3), ("127.0.0.2:20".into(), 1)]
+        );
+        assert!(cla.policy.is_none());
+    }
+
+    #[test]
+    fn shedding_becomes_a_drop_overload() {
+        let mut servers = vec![server(1, 10)];
+        servers.push(Server {
+            drop: true,
+            ..Default::default()
+        });
+        let any = assignment("greeter", &servers, 0.25);
+        let cla = ClusterLoadAssignment::decode(&any.value[..]).unwrap();
+        assert_eq!(cla.endpoints.len(), 1);
+        let drop = &cla.policy.unwrap().drop_overloads[0];
+        assert_eq!(drop.drop_percentage.unwrap().numerator, 250_000);
+    }
+
+    #[test]
+    fn a_route_matches_the_name_with_and_without_its_port() {
+        let any = route("greeter.svc.example:8443", "greeter");
+        let rc = RouteConfiguration::decode(&any.value[..]).unwrap();
+        assert_eq!(
+            rc.virtual_hosts[0].domains,
+            vec!["greeter.svc.example:8443", "greeter.svc.example"]
+        );
+    }
+
+    #[test]
+    fn type_urls_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::of_type_url(k.type_url()), Some(k));
+        }
+        assert_eq!(Kind::of_type_url("type.googleapis.com/foo"), None);
+    }
+}
