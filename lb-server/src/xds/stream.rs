@@ -15,9 +15,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures::{Stream, StreamExt};
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -35,7 +35,7 @@ use crate::streams::sessions::{XdsNack, XdsNode, XdsSessionGuard, XdsTypeStatus}
 use crate::streams::subsets::Member;
 
 /// What a stream's task writes to tonic's response body.
-pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+pub(super) type Outbound = mpsc::Sender<Result<Bytes, Status>>;
 
 /// What wakes a stream besides its client.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -66,6 +66,8 @@ pub(super) struct AdsStream {
     /// which: a wildcard CDS of 10,000 clusters is not rebuilt for every
     /// list change).
     dirty: [bool; 4],
+    /// What to watch may have changed (names subscribed, services known).
+    rewatch: bool,
     budget: RateBudget,
     /// Reasons already logged on this stream (each is logged once).
     logged: HashSet<&'static str>,
@@ -85,6 +87,7 @@ impl AdsStream {
             sent_versions: HashMap::new(),
             wakes: StreamMap::new(),
             dirty: [false; 4],
+            rewatch: false,
             budget,
             logged: HashSet::new(),
             _permit: permit,
@@ -100,6 +103,9 @@ impl AdsStream {
     pub(super) async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>, out: Outbound) {
         let mut inbound_done = false;
         loop {
+            if std::mem::take(&mut self.rewatch) {
+                self.sync_wakes();
+            }
             for kind in Kind::ALL {
                 if !std::mem::take(&mut self.dirty[kind as usize]) {
                     continue;
@@ -123,7 +129,11 @@ impl AdsStream {
                 Some((woke, ())) = self.wakes.next(), if !self.wakes.is_empty() => match woke {
                     // A list or subset moved: only assignments can change.
                     Watch::List(_) | Watch::Subset(_) => self.dirty[Kind::Endpoint as usize] = true,
-                    Watch::Members => self.dirty = [true; 4],
+                    Watch::Members => {
+                        // Names may resolve now, and a wildcard has more.
+                        self.dirty = [true; 4];
+                        self.rewatch = true;
+                    }
                 },
                 message = inbound.message(), if !inbound_done => match message {
                     Ok(Some(request)) => {
@@ -206,7 +216,11 @@ impl AdsStream {
         }
         let error = request.error_detail.map(|e| e.message);
         let sub = &mut self.subs[kind as usize];
+        let before = sub.requested().cloned();
         let answer = sub.on_request(&request.response_nonce, error, names);
+        if sub.requested() != before.as_ref() {
+            self.rewatch = true;
+        }
         let metrics = &self.ads.parts.metrics.xds;
         match &answer {
             Answer::Ack => {
@@ -228,7 +242,6 @@ impl AdsStream {
         if answer != Answer::Stale {
             self.dirty[kind as usize] = true;
             self.record(kind);
-            self.sync_wakes();
         }
         Ok(())
     }
@@ -364,7 +377,7 @@ impl AdsStream {
     }
 
     /// The response of type `kind` due now, if any.
-    fn plan(&mut self, kind: Kind) -> Option<DiscoveryResponse> {
+    fn plan(&mut self, kind: Kind) -> Option<Bytes> {
         let requested = self.subs[kind as usize].requested()?.clone();
         let current = self.current(kind, &requested);
         let mut nonce = self.next_nonce;
@@ -383,15 +396,12 @@ impl AdsStream {
             .responses_sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.record(kind);
-        // A wildcard's services, or a name resolved since, may need watching.
-        self.sync_wakes();
-        Some(DiscoveryResponse {
-            version_info: planned.version,
-            resources: planned.resources,
-            type_url: kind.type_url().to_string(),
-            nonce: planned.nonce,
-            ..Default::default()
-        })
+        Some(resources::response(
+            &planned.version,
+            &planned.resources,
+            kind.type_url(),
+            &planned.nonce,
+        ))
     }
 
     /// Observes the push latency of assignments newer than the last sent.
@@ -420,7 +430,7 @@ impl AdsStream {
     }
 
     /// Every resource of type `kind` that exists for `requested`.
-    fn current(&mut self, kind: Kind, requested: &Requested) -> BTreeMap<String, Any> {
+    fn current(&mut self, kind: Kind, requested: &Requested) -> BTreeMap<String, Bytes> {
         let catalog = self.ads.parts.catalog.clone();
         let names: Vec<String> = match requested {
             Requested::Names(n) => n.iter().cloned().collect(),
@@ -453,7 +463,7 @@ impl AdsStream {
     }
 
     /// The assignment of `service` as this client sees it.
-    fn assignment(&mut self, service: &str) -> Option<Any> {
+    fn assignment(&mut self, service: &str) -> Option<Bytes> {
         let entry = self.ads.parts.catalog.service(service)?;
         let list = entry.current_list();
         if !self.ads.parts.subsets.enabled() {

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
-use envoy_types::pb::google::protobuf::Any;
+use bytes::Bytes;
 
 use super::resources::Kind;
 
@@ -50,7 +50,8 @@ pub enum Answer {
     Stale,
 }
 
-/// A response to write: version, nonce and resources.
+/// A response to write: version, nonce and resources (each an encoded
+/// `google.protobuf.Any`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planned {
     /// The type's new version.
@@ -58,7 +59,7 @@ pub struct Planned {
     /// The response's nonce.
     pub nonce: String,
     /// The resources it carries.
-    pub resources: Vec<Any>,
+    pub resources: Vec<Bytes>,
 }
 
 /// One type's state on one stream.
@@ -164,7 +165,7 @@ impl Subscription {
     /// `nonce` is used only when a response is due.
     pub fn plan(
         &mut self,
-        current: &BTreeMap<String, Any>,
+        current: &BTreeMap<String, Bytes>,
         nonce: impl FnOnce() -> String,
     ) -> Option<Planned> {
         if self.awaiting {
@@ -192,7 +193,7 @@ impl Subscription {
         if changed.is_empty() && !gone {
             return None;
         }
-        let resources: Vec<Any> = if self.kind.full_state() {
+        let resources: Vec<Bytes> = if self.kind.full_state() {
             now.keys()
                 .filter_map(|n| current.get(*n).cloned())
                 .collect()
@@ -230,10 +231,9 @@ impl Subscription {
     }
 }
 
-fn fingerprint(a: &Any) -> u64 {
+fn fingerprint(a: &Bytes) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    a.type_url.hash(&mut h);
-    a.value.hash(&mut h);
+    a.hash(&mut h);
     h.finish()
 }
 
@@ -241,14 +241,11 @@ fn fingerprint(a: &Any) -> u64 {
 mod tests {
     use super::*;
 
-    fn any(v: &str) -> Any {
-        Any {
-            type_url: "t".into(),
-            value: v.as_bytes().to_vec(),
-        }
+    fn any(v: &str) -> Bytes {
+        Bytes::copy_from_slice(v.as_bytes())
     }
 
-    fn current(pairs: &[(&str, &str)]) -> BTreeMap<String, Any> {
+    fn current(pairs: &[(&str, &str)]) -> BTreeMap<String, Bytes> {
         pairs.iter().map(|(n, v)| (n.to_string(), any(v))).collect()
     }
 

@@ -1,7 +1,9 @@
-//! Fan-out and footprint: N idle BalanceLoad streams on one `lb-server`
-//! process. Reports the LB's resident memory per stream, and the time from
-//! one list change (a backend's health flips) until every stream has
-//! received the new list.
+//! Fan-out and footprint: N idle streams on one `lb-server` process,
+//! BalanceLoad streams (`--protocol grpclb`) or ADS streams subscribed to
+//! the service's ClusterLoadAssignment, each answering with an ACK as
+//! proxyless gRPC does (`--protocol xds`). Reports the LB's resident memory
+//! per stream, and the time from one list change (a backend's health flips,
+//! so the published list changes) until every stream has received it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +31,75 @@ impl Arrivals {
     }
 }
 
+/// Which frontend the streams use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// `grpc.lb.v1.LoadBalancer/BalanceLoad`.
+    Grpclb,
+    /// ADS, subscribed to the ClusterLoadAssignment `greeter`.
+    Xds,
+}
+
+/// Opens stream `i` and records what it receives until it ends.
+async fn open_any(
+    protocol: Protocol,
+    channel: tonic::transport::Channel,
+    i: usize,
+    arrivals: Arc<Arrivals>,
+) -> anyhow::Result<()> {
+    match protocol {
+        Protocol::Grpclb => open_stream(channel, i, arrivals).await,
+        Protocol::Xds => open_ads_stream(channel, i, arrivals).await,
+    }
+}
+
+/// Opens ADS stream `i`: asks for the assignment of `greeter`, records each
+/// response and ACKs it.
+async fn open_ads_stream(
+    channel: tonic::transport::Channel,
+    i: usize,
+    arrivals: Arc<Arrivals>,
+) -> anyhow::Result<()> {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    };
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: format!("bench-{i}"),
+            ..Default::default()
+        }),
+        type_url: EDS.into(),
+        resource_names: vec!["greeter".into()],
+        ..Default::default()
+    })
+    .await?;
+    let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            let ns = arrivals.base.elapsed().as_nanos() as u64;
+            arrivals.at[i].store(ns, Ordering::Relaxed);
+            arrivals.count[i].fetch_add(1, Ordering::Release);
+            let ack = DiscoveryRequest {
+                version_info: m.version_info,
+                response_nonce: m.nonce,
+                type_url: EDS.into(),
+                resource_names: vec!["greeter".into()],
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Opens stream `i` on `channel` and records its lists until it ends.
 async fn open_stream(
     channel: tonic::transport::Channel,
@@ -53,23 +124,27 @@ async fn open_stream(
 /// sizes, one after the other in one run) and prints them side by side.
 pub async fn fanout(
     bins: &[std::path::PathBuf],
+    protocols: &[Protocol],
     streams: usize,
     per_connection: usize,
     samples: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let mut runs = Vec::new();
+    let mut header = Vec::new();
     for bin in bins {
-        eprintln!("fan-out with {}", bin.display());
-        runs.push(fanout_one(bin, streams, per_connection, samples).await?);
+        for &protocol in protocols {
+            eprintln!("fan-out with {} ({protocol:?})", bin.display());
+            runs.push(fanout_one(bin, protocol, streams, per_connection, samples).await?);
+            header.push(format!("{} ({protocol:?})", bin.display()));
+        }
     }
     let cell = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    let header: Vec<String> = bins.iter().map(|b| b.display().to_string()).collect();
     println!(
         "| measure ({streams} streams, {per_connection} per connection, {samples} changes) | {} |",
         header.join(" | ")
     );
-    println!("|---|{}", "---:|".repeat(bins.len()));
-    let rows: [(&str, &str, f64, &str); 6] = [
+    println!("|---|{}", "---:|".repeat(runs.len()));
+    let rows: [(&str, &str, f64, &str); 7] = [
         ("LB RSS before the streams", "rss_before_kib", 1.0, "KiB"),
         ("LB RSS with the streams open", "rss_after_kib", 1.0, "KiB"),
         (
@@ -81,6 +156,12 @@ pub async fn fanout(
         (
             "one change → half of the streams have it (median over changes)",
             "push_half_ms",
+            1.0,
+            "ms",
+        ),
+        (
+            "one change → 99 % of the streams have it (median over changes)",
+            "push_p99_ms",
             1.0,
             "ms",
         ),
@@ -110,6 +191,7 @@ pub async fn fanout(
 /// One build's fan-out run.
 async fn fanout_one(
     bin: &std::path::Path,
+    protocol: Protocol,
     streams: usize,
     per_connection: usize,
     samples: usize,
@@ -142,7 +224,7 @@ async fn fanout_one(
                 for s in 0..per_connection {
                     let i = c * per_connection + s;
                     if i < streams {
-                        open_stream(channel.clone(), i, arrivals.clone()).await?;
+                        open_any(protocol, channel.clone(), i, arrivals.clone()).await?;
                     }
                 }
                 anyhow::Ok(())
@@ -169,6 +251,7 @@ async fn fanout_one(
 
     let mut last_ms = Vec::new();
     let mut median_ms = Vec::new();
+    let mut p99_ms = Vec::new();
     for k in 0..samples {
         let serving = k % 2 == 1;
         let t0 = arrivals.base.elapsed().as_nanos() as u64;
@@ -189,19 +272,21 @@ async fn fanout_one(
             .collect();
         ms.sort_by(|a, b| a.total_cmp(b));
         median_ms.push(pct(&ms, 0.5));
+        p99_ms.push(pct(&ms, 0.99));
         last_ms.push(ms[ms.len() - 1]);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     last_ms.sort_by(|a, b| a.total_cmp(b));
     median_ms.sort_by(|a, b| a.total_cmp(b));
+    p99_ms.sort_by(|a, b| a.total_cmp(b));
     drop(lb);
     for g in greeters {
         g.shutdown(Duration::ZERO).await;
     }
     Ok(json!({
-        "bench": "fanout", "streams": streams, "per_connection": per_connection, "samples": samples,
+        "bench": "fanout", "protocol": format!("{protocol:?}"), "streams": streams, "per_connection": per_connection, "samples": samples,
         "rss_before_kib": rss_before, "rss_after_kib": rss_after, "rss_per_stream_bytes": per_stream,
-        "push_half_ms": pct(&median_ms, 0.5), "push_all_ms": pct(&last_ms, 0.5),
+        "push_half_ms": pct(&median_ms, 0.5), "push_p99_ms": pct(&p99_ms, 0.5), "push_all_ms": pct(&last_ms, 0.5),
         "push_all_worst_ms": last_ms[last_ms.len() - 1],
     }))
 }

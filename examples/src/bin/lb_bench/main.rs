@@ -136,6 +136,10 @@ enum Bench {
         /// List changes pushed.
         #[arg(long, default_value_t = 5)]
         samples: usize,
+        /// Stream protocol (repeat to compare BalanceLoad and ADS streams
+        /// side by side on the same build).
+        #[arg(long = "protocol", value_enum, default_values_t = [fanout::Protocol::Grpclb])]
+        protocols: Vec<fanout::Protocol>,
         /// An `lb-server` binary to run (repeat to compare builds; default: this build's).
         #[arg(long = "lb-server")]
         lb_servers: Vec<PathBuf>,
@@ -339,10 +343,11 @@ async fn main() -> anyhow::Result<()> {
             streams,
             per_connection,
             samples,
+            protocols,
             lb_servers,
         } => {
             let lb_servers = builds_or_this(lb_servers)?;
-            fanout::fanout(&lb_servers, streams, per_connection, samples).await?
+            fanout::fanout(&lb_servers, &protocols, streams, per_connection, samples).await?
         }
     };
     if let Some(path) = args.json {

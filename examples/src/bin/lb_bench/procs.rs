@@ -1,5 +1,5 @@
-//! What benchmarks run against: an etcd process, lb-server processes, and
-//! in-process greeters.
+//! What benchmarks run against: an etcd process, lb-server processes,
+//! in-process greeters, and the proxies (nginx, Envoy) of the baselines.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use lb_client::{Registration, RegistrationOptions};
 use lb_examples::greeter::{GreeterOptions, RunningGreeter};
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use tonic::transport::Endpoint;
 
 /// An etcd process with a temporary data dir; killed when dropped.
 pub struct EtcdProcess {
@@ -468,6 +470,84 @@ impl Nginx {
     }
 
     /// The master's PID (workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A real Envoy proxying gRPC to `greeter`'s backends, its clusters and
+/// endpoints fed by the LB's xDS; stopped when dropped.
+pub struct Envoy {
+    child: std::process::Child,
+    dir: PathBuf,
+    /// Where it listens (HTTP/2 cleartext).
+    pub addr: SocketAddr,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Envoy {
+    /// Starts Envoy fed by the LB at `lb`; waits until its listener routes
+    /// calls to `expect` backends.
+    pub async fn start(lb: SocketAddr, expect: usize) -> anyhow::Result<Envoy> {
+        let bin = lb_examples::envoy::binary()?;
+        let dir = std::env::temp_dir().join(format!("lb-bench-envoy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let (listen, admin) = (free_port()?, free_port()?);
+        std::fs::write(
+            dir.join("envoy.yaml"),
+            lb_examples::envoy::bootstrap(listen, admin, lb, "greeter"),
+        )?;
+        let log = std::fs::File::create(dir.join("envoy.log"))?;
+        let child = std::process::Command::new(&bin)
+            .arg("-c")
+            .arg(dir.join("envoy.yaml"))
+            .args(["--log-level", "warn", "--disable-hot-restart", "--base-id"])
+            .arg(listen.to_string())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
+        let envoy = Envoy {
+            child,
+            dir,
+            addr: format!("127.0.0.1:{listen}").parse()?,
+        };
+        let channel = Endpoint::from_shared(format!("http://{}", envoy.addr))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut seen = std::collections::HashSet::new();
+            if let Ok(ch) = channel.connect().await {
+                let mut client = GreeterClient::new(ch);
+                for _ in 0..30 {
+                    if let Ok(r) = client
+                        .say_hello(HelloRequest {
+                            name: "warm".into(),
+                        })
+                        .await
+                    {
+                        seen.insert(r.into_inner().message);
+                    }
+                }
+            }
+            if seen.len() >= expect {
+                return Ok(envoy);
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(envoy.dir.join("envoy.log")).unwrap_or_default();
+                anyhow::bail!("Envoy never routed to {expect} backends: {log}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Envoy's PID (one process; its workers are threads).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

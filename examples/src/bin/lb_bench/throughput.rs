@@ -3,8 +3,11 @@
 //! (a) `lb-client` `LbChannel` (lists from an in-process LB),
 //! (b) tonic `Channel::balance_list` over the same backends,
 //! (c) nginx `grpc_pass` round robin over the same backends (a proxy hop),
-//! (d) one plain tonic `Channel` to one backend.
-//! CPU per call counts this process (client, LB and backends) plus nginx.
+//! (d) one plain tonic `Channel` to one backend,
+//! (e) Envoy round robin over the same backends, its clusters and endpoints
+//!     fed by the LB's xDS (the proxy users pick today).
+//! CPU per call counts this process (client, LB and backends) plus the
+//! proxies.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,7 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::measure::{children_of, load, median, process_cpu};
-use crate::procs::{greeter_with, Nginx};
+use crate::procs::{greeter_with, Envoy, Nginx};
 
 /// One contender's client.
 enum Contender {
@@ -24,14 +27,14 @@ enum Contender {
     Tonic(Channel),
 }
 
-/// CPU used so far by this process and by nginx (master and workers).
-fn cpu_now(nginx: &Nginx) -> Duration {
+/// CPU used so far by this process, nginx (master and workers) and Envoy.
+fn cpu_now(nginx: &Nginx, envoy: &Envoy) -> Duration {
     let mut total = process_cpu(std::process::id());
     total += process_cpu(nginx.pid());
     for child in children_of(nginx.pid()) {
         total += process_cpu(child);
     }
-    total
+    total + process_cpu(envoy.pid())
 }
 
 /// Runs the throughput benchmark.
@@ -51,6 +54,7 @@ pub async fn throughput(
     }
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let nginx = Nginx::start(&addrs).await?;
+    let envoy = Envoy::start(lb.lb_addr, addrs.len()).await?;
 
     let lb3 = LbChannel::builder("greeter")
         .lb(lb.lb_addr.to_string())
@@ -77,6 +81,7 @@ pub async fn throughput(
     );
     let proxied = endpoint(nginx.addr)?.connect().await?;
     let single = endpoint(addrs[0])?.connect().await?;
+    let via_envoy = endpoint(envoy.addr)?.connect().await?;
 
     let contenders = [
         ("(a) lb-client LbChannel, 3 backends", Contender::Lb(lb3)),
@@ -89,6 +94,10 @@ pub async fn throughput(
             Contender::Tonic(proxied),
         ),
         ("(d) tonic Channel, 1 backend", Contender::Tonic(single)),
+        (
+            "(e) Envoy round robin (fed by the LB's xDS), 3 backends",
+            Contender::Tonic(via_envoy),
+        ),
     ];
     // Per contender: (calls/s, p50, p99, p99.9, CPU µs per call) per round.
     let mut results: Vec<Vec<[f64; 5]>> = vec![Vec::new(); contenders.len()];
@@ -102,11 +111,11 @@ pub async fn throughput(
     for r in 0..rounds {
         let mut line = Vec::new();
         for (i, (_, c)) in contenders.iter().enumerate() {
-            let cpu0 = cpu_now(&nginx);
+            let cpu0 = cpu_now(&nginx, &envoy);
             let t0 = Instant::now();
             let (cps, p50, p99, p999) = run(c, concurrency, round).await;
             let calls = cps * t0.elapsed().as_secs_f64();
-            let cpu = (cpu_now(&nginx) - cpu0).as_secs_f64() * 1e6 / calls.max(1.0);
+            let cpu = (cpu_now(&nginx, &envoy) - cpu0).as_secs_f64() * 1e6 / calls.max(1.0);
             results[i].push([cps, p50 as f64, p99 as f64, p999 as f64, cpu]);
             line.push(format!("{cps:.0}"));
         }
@@ -114,25 +123,29 @@ pub async fn throughput(
     }
     let med = |i: usize, k: usize| median(results[i].iter().map(|x| x[k]).collect());
     let (tonic_cps, nginx_cps, nginx_p99) = (med(1, 0), med(2, 0), med(2, 2));
-    println!("| contender | calls/s | p50 µs | p99 µs | p99.9 µs | CPU µs/call | calls/s vs (b) | calls/s vs (c) | p99 vs (c) |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let (envoy_cps, envoy_p99) = (med(4, 0), med(4, 2));
+    println!("| contender | calls/s | p50 µs | p99 µs | p99.9 µs | CPU µs/call | calls/s vs (b) | calls/s vs (c) | p99 vs (c) | calls/s vs (e) | p99 vs (e) |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut rows = Vec::new();
     for (i, (name, _)) in contenders.iter().enumerate() {
         let (cps, p50, p99, p999, cpu) = (med(i, 0), med(i, 1), med(i, 2), med(i, 3), med(i, 4));
         println!(
-            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {p999:.0} | {cpu:.1} | {:.2}x | {:.2}x | {:.2}x |",
+            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {p999:.0} | {cpu:.1} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
             cps / tonic_cps,
             cps / nginx_cps,
-            p99 / nginx_p99
+            p99 / nginx_p99,
+            cps / envoy_cps,
+            p99 / envoy_p99
         );
         rows.push(json!({
             "contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99, "p999_us": p999,
             "cpu_us_per_call": cpu, "vs_balance_list": cps / tonic_cps, "vs_nginx": cps / nginx_cps,
-            "p99_vs_nginx": p99 / nginx_p99,
+            "p99_vs_nginx": p99 / nginx_p99, "vs_envoy": cps / envoy_cps, "p99_vs_envoy": p99 / envoy_p99,
         }));
     }
     drop(contenders);
     drop(nginx);
+    drop(envoy);
     for b in backends {
         b.shutdown(Duration::ZERO).await;
     }

@@ -1,14 +1,16 @@
-//! The BalanceLoad codec: requests are decoded with prost; responses are
-//! already encoded (a snapshot's bytes, shared by every stream on it) and
+//! The codec of the LB's streaming frontends: requests are decoded with
+//! prost; responses are already encoded (a snapshot's bytes, shared by
+//! every stream on it, or a response assembled from cached resources) and
 //! only copied into the gRPC frame.
 //!
-//! Buffers start small. A server list is a few hundred bytes and a stream
-//! is idle nearly all its life, so tonic's default of 8 KiB per direction
-//! and stream would be most of an idle stream's memory; a larger message
-//! simply grows the buffer for that write.
+//! Buffers start small. A server list or an assignment is a few hundred
+//! bytes and a stream is idle nearly all its life, so tonic's default of
+//! 8 KiB per direction and stream would be most of an idle stream's
+//! memory; a larger message simply grows the buffer for that write.
+
+use std::marker::PhantomData;
 
 use bytes::{BufMut, Bytes};
-use lb_proto::grpc::lb::v1::LoadBalanceRequest;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::ProstDecoder;
@@ -22,15 +24,21 @@ fn settings() -> BufferSettings {
     BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
 }
 
-/// Decodes `LoadBalanceRequest`s, writes pre-encoded `LoadBalanceResponse`s.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FrameCodec;
+/// Decodes requests of type `Req`, writes pre-encoded responses.
+#[derive(Debug)]
+pub struct FrameCodec<Req>(PhantomData<fn() -> Req>);
 
-impl Codec for FrameCodec {
+impl<Req> Default for FrameCodec<Req> {
+    fn default() -> Self {
+        FrameCodec(PhantomData)
+    }
+}
+
+impl<Req: prost::Message + Default + Send + 'static> Codec for FrameCodec<Req> {
     type Encode = Bytes;
-    type Decode = LoadBalanceRequest;
+    type Decode = Req;
     type Encoder = FrameEncoder;
-    type Decoder = ProstDecoder<LoadBalanceRequest>;
+    type Decoder = ProstDecoder<Req>;
 
     fn encoder(&mut self) -> FrameEncoder {
         FrameEncoder
