@@ -66,6 +66,9 @@ pub(super) struct AdsStream {
     /// which: a wildcard CDS of 10,000 clusters is not rebuilt for every
     /// list change).
     dirty: [bool; 4],
+    /// Types with a change held back while the client had a response
+    /// unanswered.
+    held: [bool; 4],
     /// What to watch may have changed (names subscribed, services known).
     rewatch: bool,
     budget: RateBudget,
@@ -87,6 +90,7 @@ impl AdsStream {
             sent_versions: HashMap::new(),
             wakes: StreamMap::new(),
             dirty: [false; 4],
+            held: [false; 4],
             rewatch: false,
             budget,
             logged: HashSet::new(),
@@ -108,6 +112,11 @@ impl AdsStream {
             }
             for kind in Kind::ALL {
                 if !std::mem::take(&mut self.dirty[kind as usize]) {
+                    continue;
+                }
+                if self.subs[kind as usize].is_awaiting() {
+                    // Planned when the client answers the response it has.
+                    self.held[kind as usize] = true;
                     continue;
                 }
                 if let Some(response) = self.plan(kind) {
@@ -218,7 +227,8 @@ impl AdsStream {
         let sub = &mut self.subs[kind as usize];
         let before = sub.requested().cloned();
         let answer = sub.on_request(&request.response_nonce, error, names);
-        if sub.requested() != before.as_ref() {
+        let renamed = sub.requested() != before.as_ref();
+        if renamed {
             self.rewatch = true;
         }
         let metrics = &self.ads.parts.metrics.xds;
@@ -240,7 +250,10 @@ impl AdsStream {
             Answer::Stale | Answer::Subscribe => {}
         };
         if answer != Answer::Stale {
-            self.dirty[kind as usize] = true;
+            // A plain ACK of an unchanged state plans nothing: the common
+            // case, once per push and stream.
+            let held = std::mem::take(&mut self.held[kind as usize]);
+            self.dirty[kind as usize] |= held || renamed || answer == Answer::Subscribe;
             self.record(kind);
         }
         Ok(())

@@ -101,6 +101,11 @@ impl Subscription {
         self.kind
     }
 
+    /// Whether the last response is still unanswered.
+    pub fn is_awaiting(&self) -> bool {
+        self.awaiting
+    }
+
     /// How many names it holds (0 for a wildcard).
     pub fn names_len(&self) -> usize {
         match &self.requested {
