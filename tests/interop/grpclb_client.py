@@ -19,6 +19,7 @@ import grpc
 from dnslib import QTYPE, RR, A, SRV
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
+import greeter_calls
 import hello_codec
 
 
@@ -69,35 +70,19 @@ def main():
 
     # Wait until the first call succeeds through the LB (the channel resolves
     # SRV, opens the BalanceLoad stream and connects to backends).
-    deadline = time.time() + args.ready_timeout
-    last_error = None
-    while time.time() < deadline:
-        try:
-            say_hello(hello_codec.encode("warmup"), timeout=2, wait_for_ready=True)
-            break
-        except grpc.RpcError as e:
-            last_error = "%s: %s" % (e.code(), e.details())
-            time.sleep(0.2)
-    else:
-        print(json.dumps({"error": "never became ready: %s" % last_error}))
+    error = greeter_calls.warm_up(say_hello, args.ready_timeout)
+    if error:
+        print(json.dumps({"error": "never became ready: %s" % error}))
         return 1
 
     per_backend, tokens, failures = {}, {}, []
-    if args.duration > 0:
-        # Paced: one call every --interval until --duration has passed.
-        end = time.time() + args.duration
-        schedule = iter(lambda: time.time() < end, False)
-    else:
-        schedule = (True for _ in range(args.calls))
     calls = 0
-    for i, _ in enumerate(schedule):
-        if args.duration > 0:
-            time.sleep(args.interval)
+    for i in greeter_calls.schedule(args.calls, args.duration, args.interval):
         calls += 1
         try:
             raw, call = say_hello.with_call(hello_codec.encode("call-%d" % i), timeout=5)
         except grpc.RpcError as e:
-            failures.append("%s %s: %s" % (time.strftime("%H:%M:%S"), e.code(), e.details()))
+            failures.append(greeter_calls.failure(e))
             continue
         backend = hello_codec.decode(raw).rsplit(" from ", 1)[-1]
         per_backend[backend] = per_backend.get(backend, 0) + 1

@@ -28,6 +28,9 @@ def main():
     p.add_argument("--interval", type=float, default=0.02, help="seconds between calls with --duration")
     p.add_argument("--linger", type=float, default=0.0, help="seconds to keep the channel open after the calls")
     p.add_argument("--expect-failure", action="store_true", help="time how long until the first call fails")
+    p.add_argument("--load-seconds", type=float, default=0.0, help="closed-loop load for this long; prints calls/s and latency")
+    p.add_argument("--concurrency", type=int, default=32, help="calls in flight with --load-seconds")
+    p.add_argument("--target", default="", help="dial this instead of xds:///<name> (e.g. a proxy's host:port)")
     args = p.parse_args()
 
     bootstrap = {
@@ -37,7 +40,9 @@ def main():
     os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = json.dumps(bootstrap)
     import grpc  # after the bootstrap is set: C-core reads it at channel creation
 
-    channel = grpc.insecure_channel("xds:///" + args.name)
+    import greeter_calls
+
+    channel = grpc.insecure_channel(args.target or "xds:///" + args.name)
     say_hello = channel.unary_unary("/helloworld.Greeter/SayHello")
 
     if args.expect_failure:
@@ -49,34 +54,24 @@ def main():
             print(json.dumps({"failed_after": time.time() - start, "code": str(e.code()), "details": e.details()}))
         return 0
 
-    deadline = time.time() + args.ready_timeout
-    last_error = None
-    while time.time() < deadline:
-        try:
-            say_hello(hello_codec.encode("warmup"), timeout=2, wait_for_ready=True)
-            break
-        except grpc.RpcError as e:
-            last_error = "%s: %s" % (e.code(), e.details())
-            time.sleep(0.2)
-    else:
-        print(json.dumps({"error": "never became ready: %s" % last_error}))
+    error = greeter_calls.warm_up(say_hello, args.ready_timeout)
+    if error:
+        print(json.dumps({"error": "never became ready: %s" % error}))
         return 1
 
+    if args.load_seconds > 0:
+        print(json.dumps(load(say_hello, args.load_seconds, args.concurrency)))
+        channel.close()
+        return 0
+
     per_backend, failures = {}, []
-    if args.duration > 0:
-        end = time.time() + args.duration
-        schedule = iter(lambda: time.time() < end, False)
-    else:
-        schedule = (True for _ in range(args.calls))
     calls = 0
-    for i, _ in enumerate(schedule):
-        if args.duration > 0:
-            time.sleep(args.interval)
+    for i in greeter_calls.schedule(args.calls, args.duration, args.interval):
         calls += 1
         try:
             raw = say_hello(hello_codec.encode("call-%d" % i), timeout=5)
         except grpc.RpcError as e:
-            failures.append("%s %s: %s" % (time.strftime("%H:%M:%S"), e.code(), e.details()))
+            failures.append(greeter_calls.failure(e))
             continue
         backend = hello_codec.decode(raw).rsplit(" from ", 1)[-1]
         per_backend[backend] = per_backend.get(backend, 0) + 1
@@ -84,6 +79,45 @@ def main():
     print(json.dumps({"calls": calls, "per_backend": per_backend, "failures": failures, "grpc": grpc.__version__}))
     channel.close()
     return 0
+
+
+def load(say_hello, seconds, concurrency):
+    """Closed loop: `concurrency` calls in flight (futures), for `seconds`."""
+    import threading
+
+    lock = threading.Lock()
+    done = threading.Event()
+    latencies, failures = [], [0]
+    end = time.time() + seconds
+    request = hello_codec.encode("load")
+
+    def start():
+        t0 = time.perf_counter()
+        future = say_hello.future(request, timeout=5)
+        future.add_done_callback(lambda f: finished(f, t0))
+
+    def finished(future, t0):
+        elapsed = time.perf_counter() - t0
+        with lock:
+            if future.exception() is None:
+                latencies.append(elapsed)
+            else:
+                failures[0] += 1
+        if time.time() < end:
+            start()
+        elif threading.active_count() and len(latencies) + failures[0] > 0:
+            done.set()
+
+    t_start = time.time()
+    for _ in range(concurrency):
+        start()
+    done.wait(seconds + 10)
+    wall = time.time() - t_start
+    time.sleep(0.5)  # the last calls in flight
+    with lock:
+        lat = sorted(latencies)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6 if lat else float("nan")
+    return {"calls_per_s": len(lat) / wall, "p50_us": pct(0.5), "p99_us": pct(0.99), "failures": failures[0]}
 
 
 if __name__ == "__main__":

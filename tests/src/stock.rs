@@ -142,8 +142,7 @@ impl StockClient {
         let mut cmd = tokio::process::Command::new(python());
         cmd.arg(workspace().join("tests/interop/grpclb_client.py"))
             .args(["--lb-port", &lb.port().to_string(), "--host", host])
-            .args(["--duration", &duration.as_secs_f64().to_string()])
-            .args(["--interval", &interval.as_secs_f64().to_string()])
+            .args(paced(duration, interval))
             .env("GRPC_DNS_RESOLVER", "ares")
             .env("GRPC_VERBOSITY", "ERROR");
         Self::spawn("grpcio grpclb client", cmd)
@@ -163,8 +162,7 @@ impl StockClient {
         let mut cmd = tokio::process::Command::new(python());
         cmd.arg(workspace().join("tests/interop/xds_client.py"))
             .args(["--lb", lb, "--name", name, "--node-id", node])
-            .args(["--duration", &duration.as_secs_f64().to_string()])
-            .args(["--interval", &interval.as_secs_f64().to_string()])
+            .args(paced(duration, interval))
             .env("GRPC_DNS_RESOLVER", "ares")
             .env("GRPC_VERBOSITY", "ERROR");
         Self::spawn("grpcio xDS client", cmd)
@@ -181,8 +179,7 @@ impl StockClient {
     ) -> Self {
         let mut cmd = node_command();
         cmd.args(["--lb", lb, "--name", name, "--node-id", node])
-            .args(["--duration", &duration.as_secs_f64().to_string()])
-            .args(["--interval", &interval.as_secs_f64().to_string()])
+            .args(paced(duration, interval))
             // grpc-js asks the DNS server named in a `dns://server/` target
             // only with its alternative resolver (c-ares) switched on.
             .env("GRPC_NODE_USE_ALTERNATIVE_RESOLVER", "true");
@@ -252,6 +249,17 @@ pub async fn grpcio_client(
     );
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("bad output ({e}): {stdout}\n{stderr}"))
+}
+
+/// The flags of the Python and Node clients' paced mode: one call every
+/// `interval` for `duration`.
+fn paced(duration: Duration, interval: Duration) -> [String; 4] {
+    [
+        "--duration".into(),
+        duration.as_secs_f64().to_string(),
+        "--interval".into(),
+        interval.as_secs_f64().to_string(),
+    ]
 }
 
 /// Which stock xDS client to run.

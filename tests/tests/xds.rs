@@ -55,18 +55,23 @@ async fn wait_lb_lists(lb: &Lb, service: &str, want: &[SocketAddr]) -> bool {
     .await
 }
 
+/// A fresh etcd, an LB over it, and `n` greeters registered there (30 s
+/// leases, 500 ms drain), all listed.
+async fn listed_cluster(n: usize) -> (Etcd, Lb, Vec<Greeter>, Vec<SocketAddr>) {
+    let (etcd, lb, gs) = lb_tests::etcd_cluster(n, &["--ttl", "30s", "--drain", "500ms"]).await;
+    let addrs: Vec<SocketAddr> = gs.iter().map(|g| g.addr).collect();
+    assert!(wait_lb_lists(&lb, "greeter", &addrs).await);
+    (etcd, lb, gs, addrs)
+}
+
 /// Both stock xDS clients spread calls evenly over three backends in etcd,
 /// then keep calling with no failure while one backend stops gracefully,
 /// one is SIGKILLed and one turns NOT_SERVING; afterwards every call goes
 /// to the two left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_xds_clients_balance_and_move_off_removed_backends() {
-    let etcd = Etcd::start().await;
-    let lb = Lb::start(&["--registry", &etcd.registry_url()]).await;
+    let (etcd, lb, mut gs, addrs) = listed_cluster(3).await;
     let reg = etcd.registry_url();
-    let mut gs = greeters(3, &reg, &["--ttl", "30s", "--drain", "500ms"]).await;
-    let addrs: Vec<SocketAddr> = gs.iter().map(|g| g.addr).collect();
-    assert!(wait_lb_lists(&lb, "greeter", &addrs).await);
     let server = lb.addr.to_string();
 
     for kind in [XdsClientKind::Grpcio, XdsClientKind::GrpcJs] {
@@ -253,12 +258,8 @@ async fn load_reports_fold_into_call_totals_and_nodes_get_subsets() {
 /// leaving, with no failed call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_balances_through_the_lbs_xds_and_follows_changes() {
-    let etcd = Etcd::start().await;
-    let lb = Lb::start(&["--registry", &etcd.registry_url()]).await;
+    let (etcd, lb, mut gs, addrs) = listed_cluster(3).await;
     let reg = etcd.registry_url();
-    let mut gs = greeters(3, &reg, &["--ttl", "30s", "--drain", "500ms"]).await;
-    let addrs: Vec<SocketAddr> = gs.iter().map(|g| g.addr).collect();
-    assert!(wait_lb_lists(&lb, "greeter", &addrs).await);
     let envoy = Envoy::start(lb.addr, "greeter").await;
     let want = |gs: &[Greeter]| {
         let mut v: Vec<String> = gs.iter().map(|g| g.addr.to_string()).collect();

@@ -8,6 +8,11 @@
 //!     fed by the LB's xDS (the proxy users pick today).
 //! CPU per call counts this process (client, LB and backends) plus the
 //! proxies.
+//!
+//! A second table puts a stock xDS client on both paths, in the same
+//! alternating rounds: gRPC C-core (Python grpcio, `tests/interop/xds_client.py`,
+//! closed loop with futures) dialing `xds:///greeter` with the LB as its
+//! xDS server, and the same client calling through Envoy.
 
 use std::time::{Duration, Instant};
 
@@ -108,7 +113,12 @@ pub async fn throughput(
         // Warm-up, unmeasured (connections, nginx upstream keep-alive pool).
         run(c, concurrency, Duration::from_millis(300)).await;
     }
+    let mut stock: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
+    let stock_targets = [String::new(), envoy.addr.to_string()];
     for r in 0..rounds {
+        for (k, target) in stock_targets.iter().enumerate() {
+            stock[k].push(grpcio_load(lb.lb_addr, target, concurrency.min(32), round).await?);
+        }
         let mut line = Vec::new();
         for (i, (_, c)) in contenders.iter().enumerate() {
             let cpu0 = cpu_now(&nginx, &envoy);
@@ -143,6 +153,30 @@ pub async fn throughput(
             "p99_vs_nginx": p99 / nginx_p99, "vs_envoy": cps / envoy_cps, "p99_vs_envoy": p99 / envoy_p99,
         }));
     }
+    let smed = |k: usize, i: usize| median(stock[k].iter().map(|x| x[i]).collect());
+    let (e_cps, e_p99) = (smed(1, 0), smed(1, 2));
+    println!();
+    println!("| stock client (grpcio, {} in flight) | calls/s | p50 µs | p99 µs | calls/s vs Envoy | p99 vs Envoy |", concurrency.min(32));
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut stock_rows = Vec::new();
+    for (k, name) in [
+        "(f) grpcio xds:///greeter, direct to 3 backends",
+        "(g) grpcio through Envoy (fed by the LB's xDS)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (cps, p50, p99) = (smed(k, 0), smed(k, 1), smed(k, 2));
+        println!(
+            "| {name} | {cps:.0} | {p50:.0} | {p99:.0} | {:.2}x | {:.2}x |",
+            cps / e_cps,
+            p99 / e_p99
+        );
+        stock_rows.push(
+            json!({"contender": name, "calls_per_s": cps, "p50_us": p50, "p99_us": p99,
+            "vs_envoy": cps / e_cps, "p99_vs_envoy": p99 / e_p99}),
+        );
+    }
     drop(contenders);
     drop(nginx);
     drop(envoy);
@@ -152,7 +186,7 @@ pub async fn throughput(
     lb.shutdown(Duration::from_secs(2)).await;
     Ok(json!({
         "bench": "throughput", "concurrency": concurrency, "round_s": round.as_secs_f64(),
-        "rounds": rounds, "rows": rows,
+        "rounds": rounds, "rows": rows, "stock_rows": stock_rows,
     }))
 }
 
@@ -161,4 +195,44 @@ async fn run(c: &Contender, concurrency: usize, d: Duration) -> (f64, u64, u64, 
         Contender::Lb(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
         Contender::Tonic(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
     }
+}
+
+/// One closed-loop round of the stock C-core client: `xds:///greeter`
+/// through the LB at `lb` when `target` is empty, else straight to
+/// `target`. Returns (calls/s, p50 µs, p99 µs).
+async fn grpcio_load(
+    lb: std::net::SocketAddr,
+    target: &str,
+    concurrency: usize,
+    round: Duration,
+) -> anyhow::Result<[f64; 3]> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing: run scripts/setup (it makes the .venv with grpcio)",
+        python.display()
+    );
+    let out = tokio::process::Command::new(python)
+        .arg(root.join("tests/interop/xds_client.py"))
+        .args(["--lb", &lb.to_string(), "--target", target])
+        .args(["--load-seconds", &round.as_secs_f64().to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .env("GRPC_VERBOSITY", "ERROR")
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
+        anyhow::anyhow!(
+            "grpcio load: {e}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    anyhow::ensure!(
+        v["failures"].as_u64() == Some(0),
+        "grpcio load had failed calls: {v}"
+    );
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok([f("calls_per_s"), f("p50_us"), f("p99_us")])
 }
