@@ -381,6 +381,13 @@ pub struct GrpcFlags {
     #[arg(long, env = "LB_XDS_MAX_RESOURCE_NAMES", default_value_t = 10_000)]
     pub xds_max_resource_names: usize,
 
+    /// xDS clients retry a call that failed UNAVAILABLE (its backend died
+    /// or its connection broke mid-call) this many times on another backend
+    /// (the routes' `retry_policy`; 0 = never, for services whose calls must
+    /// not run twice).
+    #[arg(long, env = "LB_XDS_RETRIES", default_value_t = 1)]
+    pub xds_retries: u32,
+
     /// Most xDS requests (ADS) or load reports (LRS) one stream may send per
     /// second (bursts of twice that pass); a faster stream is closed with
     /// RESOURCE_EXHAUSTED.

@@ -264,6 +264,7 @@ impl Parts {
                 resources: xds::resources::ResourceSettings {
                     lrs: !cfg.grpc.client_stats_interval.is_zero(),
                     connect_timeout: Duration::from_secs(1),
+                    retries: cfg.grpc.xds_retries,
                 },
             },
             self.shutdown.clone(),

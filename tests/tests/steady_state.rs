@@ -6,13 +6,15 @@
 //! with default settings (grpc-go 1.33 and C-core through grpcio) beside
 //! the project's greeter; registrations are kept by the registration
 //! helpers, so their sessions are under test too. Stock grpclb clients
-//! (grpc-go, and C-core through DNS SRV) and an `LbChannel` call all along;
+//! (grpc-go, and C-core through DNS SRV), stock xDS clients (C-core and
+//! grpc-js, `xds:///greeter`) and an `LbChannel` call all along;
 //! a second `LbChannel` makes a few calls and then sits idle.
 //!
 //! Over a window of [`WINDOW`] in which nothing changes, the test demands:
 //! 0 health transitions, 0 reconnects of any kind (LB → backends, registry
 //! and cluster sessions, clients → LB, clients → backends as counted by the
-//! grpc-go backends and by `LbChannel`), at most 2 lists per stream, 0 WARN
+//! grpc-go backends and by `LbChannel`, no new ADS stream), at most 2 lists
+//! per BalanceLoad stream and 2 responses per ADS stream, 0 WARN
 //! lines, 0 failed calls. Then the idle channel calls at once on the
 //! connections it already had, and a hung backend (SIGSTOP) leaves the
 //! lists within 2 s and returns within 2 s of SIGCONT.
@@ -39,6 +41,10 @@ struct Reading {
     streams: f64,
     /// Lists sent per BalanceLoad stream id.
     lists: BTreeMap<u64, u64>,
+    /// ADS streams accepted.
+    xds_streams: f64,
+    /// Responses sent per ADS stream id.
+    xds_responses: BTreeMap<u64, u64>,
     /// Connections accepted per grpc-go backend.
     backend_conns: Vec<Option<usize>>,
     warn_lines: usize,
@@ -58,7 +64,20 @@ fn read(lb: &Lb, backends: &[&StockBackend]) -> Reading {
             )
         })
         .collect();
+    let xds_responses = clients["xds_clients"]
+        .as_array()
+        .expect("xds_clients array")
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().expect("id"),
+                c["responses_sent"].as_u64().expect("responses_sent"),
+            )
+        })
+        .collect();
     Reading {
+        xds_streams: lb.metric_sum("lb_xds_streams_total"),
+        xds_responses,
         transitions: lb.metric_sum("lb_health_transitions_total"),
         reconnects: lb.metric_sum("lb_upstream_reconnects_total"),
         streams: lb.metric_sum("lb_streams_total"),
@@ -151,6 +170,16 @@ async fn nothing_changes_so_nothing_moves_with_stock_peers() {
         client_time,
         Duration::from_millis(50),
     );
+    let pace = Duration::from_millis(50);
+    let core_xds = StockClient::xds_grpcio(
+        &lb.addr.to_string(),
+        "greeter",
+        "core-xds",
+        client_time,
+        pace,
+    );
+    let js_xds =
+        StockClient::xds_grpc_js(&lb.addr.to_string(), "greeter", "js-xds", client_time, pace);
     let caller = Caller::start(&calling, 2, Duration::from_millis(20));
     // Settle: every client has its stream and its connections; ORCA weights
     // are past their blackout.
@@ -163,6 +192,13 @@ async fn nothing_changes_so_nothing_moves_with_stock_peers() {
     })
     .await;
     assert!(all_streams, "clients: {}", lb.get("/api/v1/clients").1);
+    let xds_streams = wait_until(Duration::from_secs(20), || {
+        lb.json("/api/v1/clients")["xds_clients"]
+            .as_array()
+            .is_some_and(|a| a.len() >= 2)
+    })
+    .await;
+    assert!(xds_streams, "xDS clients: {}", lb.get("/api/v1/clients").1);
     tokio::time::sleep(Duration::from_secs(12)).await;
 
     let watched = [&go_a, &go_b, &core_a, &go_zk, &core_consul];
@@ -205,6 +241,19 @@ async fn nothing_changes_so_nothing_moves_with_stock_peers() {
         after.streams, before.streams,
         "new BalanceLoad streams (a client reconnected to the LB)"
     );
+    assert_eq!(
+        after.xds_streams, before.xds_streams,
+        "new ADS streams (an xDS client reconnected to the LB)"
+    );
+    for (id, sent) in &after.xds_responses {
+        let was = before.xds_responses.get(id).copied().unwrap_or(0);
+        assert!(
+            sent - was <= 2,
+            "ADS stream {id} was sent {} responses in the steady window; clients: {}",
+            sent - was,
+            lb.get("/api/v1/clients").1
+        );
+    }
     assert_eq!(
         after.backend_conns, before.backend_conns,
         "connections accepted by the grpc-go backends (someone reconnected)"
@@ -266,24 +315,26 @@ async fn nothing_changes_so_nothing_moves_with_stock_peers() {
         calls.failures
     );
     for (name, summary) in [
-        ("grpc-go", go_client.finish(Duration::from_secs(60)).await),
-        ("grpcio", core_client.finish(Duration::from_secs(60)).await),
+        (
+            "grpc-go grpclb",
+            go_client.finish(Duration::from_secs(60)).await,
+        ),
+        (
+            "grpcio grpclb",
+            core_client.finish(Duration::from_secs(60)).await,
+        ),
+        ("grpcio xDS", core_xds.finish(Duration::from_secs(60)).await),
+        ("grpc-js xDS", js_xds.finish(Duration::from_secs(60)).await),
     ] {
         let failures = summary["failures"].as_array().expect("failures");
-        assert!(
-            failures.is_empty(),
-            "{name} grpclb client failures: {summary}"
-        );
+        assert!(failures.is_empty(), "{name} client failures: {summary}");
         let per_backend = summary["per_backend"].as_object().expect("per_backend");
         for addr in greeter {
             let n = per_backend
                 .get(&addr.to_string())
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0);
-            assert!(
-                n > 50,
-                "{name} grpclb client: {addr} got {n} calls: {summary}"
-            );
+            assert!(n > 50, "{name} client: {addr} got {n} calls: {summary}");
         }
     }
 

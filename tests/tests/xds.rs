@@ -122,6 +122,17 @@ async fn stock_xds_clients_balance_and_move_off_removed_backends() {
             "{kind:?}: calls went to removed backends: {summary}"
         );
     }
+    // Both stock clients accepted every resource they were sent.
+    let nacks: f64 = ["lds", "rds", "cds", "eds"]
+        .iter()
+        .map(|t| metric(&lb, &format!("lb_xds_nacks_total{{type=\"{t}\"}}")))
+        .sum();
+    assert_eq!(
+        nacks,
+        0.0,
+        "stock clients rejected resources: {}",
+        lb.get("/metrics").1
+    );
     drop((stopped, killed, sick));
 }
 

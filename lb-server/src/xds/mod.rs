@@ -34,6 +34,7 @@ mod stream;
 
 pub use lrs::LoadReporting;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,6 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures::Stream;
-use std::pin::Pin;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};

@@ -42,8 +42,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
-    RouteConfiguration, RouteMatch, VirtualHost,
+    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -154,6 +154,10 @@ pub struct ResourceSettings {
     pub lrs: bool,
     /// The Cluster's `connect_timeout` (Envoy uses it; gRPC ignores it).
     pub connect_timeout: Duration,
+    /// Retries of a call that failed UNAVAILABLE (its backend died or its
+    /// connection broke mid-call), on another backend; 0 = none. Said in
+    /// the route (`retry_policy`, gRFC A44), as service meshes do by default.
+    pub retries: u32,
 }
 
 fn ads() -> ConfigSource {
@@ -197,8 +201,9 @@ pub fn listener(name: &str) -> Bytes {
 }
 
 /// RouteConfiguration `name`: one virtual host matching the name with and
-/// without its port, every path to cluster `service`.
-pub fn route(name: &str, service: &str) -> Bytes {
+/// without its port, every path to cluster `service`, retrying UNAVAILABLE
+/// `settings.retries` times.
+pub fn route(name: &str, service: &str, settings: &ResourceSettings) -> Bytes {
     let mut domains = vec![name.to_string()];
     if strip_port(name) != name {
         domains.push(strip_port(name).to_string());
@@ -215,6 +220,13 @@ pub fn route(name: &str, service: &str) -> Bytes {
                 }),
                 action: Some(Action::Route(RouteAction {
                     cluster_specifier: Some(ClusterSpecifier::Cluster(service.to_string())),
+                    retry_policy: (settings.retries > 0).then(|| RetryPolicy {
+                        retry_on: "unavailable".into(),
+                        num_retries: Some(UInt32Value {
+                            value: settings.retries,
+                        }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -404,11 +416,23 @@ mod tests {
 
     #[test]
     fn a_route_matches_the_name_with_and_without_its_port() {
-        let any = route("greeter.svc.example:8443", "greeter");
+        let settings = ResourceSettings {
+            lrs: false,
+            connect_timeout: Duration::from_secs(1),
+            retries: 1,
+        };
+        let any = route("greeter.svc.example:8443", "greeter", &settings);
         let rc: RouteConfiguration = unpack(&any);
         assert_eq!(
             rc.virtual_hosts[0].domains,
             vec!["greeter.svc.example:8443", "greeter.svc.example"]
+        );
+        let Some(Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("no route action");
+        };
+        assert_eq!(
+            action.retry_policy.as_ref().unwrap().retry_on,
+            "unavailable"
         );
     }
 

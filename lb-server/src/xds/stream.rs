@@ -462,7 +462,9 @@ impl AdsStream {
         for name in names {
             let resource = match kind {
                 Kind::Listener => self.resolve(&name).map(|_| resources::listener(&name)),
-                Kind::Route => self.resolve(&name).map(|s| resources::route(&name, &s)),
+                Kind::Route => self
+                    .resolve(&name)
+                    .map(|s| resources::route(&name, &s, &self.ads.settings.resources)),
                 Kind::Cluster => catalog
                     .contains(&name)
                     .then(|| resources::cluster(&name, &self.ads.settings.resources)),
