@@ -72,7 +72,7 @@ pub struct XdsNode {
     pub id: String,
     /// `node.cluster`.
     pub cluster: String,
-    /// `node.locality` as `region/zone/sub_zone` parts.
+    /// The locality's region (`node.locality`).
     pub region: String,
     /// The locality's zone.
     pub zone: String,
