@@ -14,6 +14,7 @@
 //! | [`lb`] | one `lb-server` process and its admin endpoint |
 //! | [`greeter`] | `greeter-server` processes |
 //! | [`calls`] | calls in the background, counting where each went; waits on lists |
+//! | [`fleet`] | an LB weighting by load, with three calm backends and a busy one |
 //! | [`http`] | a minimal HTTP GET for the admin port |
 //! | [`certs`] | a CA and certificates made at test time |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
@@ -26,6 +27,7 @@ pub mod certs;
 pub mod consul;
 pub mod dns;
 pub mod etcd;
+pub mod fleet;
 pub mod greeter;
 pub mod http;
 pub mod lb;

@@ -139,12 +139,9 @@ impl StockClient {
     /// C-core's grpclb policy (Python grpcio), the LB found through DNS SRV
     /// for `host`: one call every `interval` for `duration`.
     pub fn grpcio(lb: SocketAddr, host: &str, duration: Duration, interval: Duration) -> Self {
-        let mut cmd = tokio::process::Command::new(python());
-        cmd.arg(workspace().join("tests/interop/grpclb_client.py"))
-            .args(["--lb-port", &lb.port().to_string(), "--host", host])
-            .args(paced(duration, interval))
-            .env("GRPC_DNS_RESOLVER", "ares")
-            .env("GRPC_VERBOSITY", "ERROR");
+        let mut cmd = python_client("grpclb_client.py");
+        cmd.args(["--lb-port", &lb.port().to_string(), "--host", host])
+            .args(paced(duration, interval));
         Self::spawn("grpcio grpclb client", cmd)
     }
 
@@ -159,12 +156,9 @@ impl StockClient {
         duration: Duration,
         interval: Duration,
     ) -> Self {
-        let mut cmd = tokio::process::Command::new(python());
-        cmd.arg(workspace().join("tests/interop/xds_client.py"))
-            .args(["--lb", lb, "--name", name, "--node-id", node])
-            .args(paced(duration, interval))
-            .env("GRPC_DNS_RESOLVER", "ares")
-            .env("GRPC_VERBOSITY", "ERROR");
+        let mut cmd = python_client("xds_client.py");
+        cmd.args(["--lb", lb, "--name", name, "--node-id", node])
+            .args(paced(duration, interval));
         Self::spawn("grpcio xDS client", cmd)
     }
 
@@ -222,8 +216,7 @@ pub async fn grpcio_client(
     calls: u32,
     linger_s: f64,
 ) -> serde_json::Value {
-    let out = tokio::process::Command::new(python())
-        .arg(workspace().join("tests/interop/grpclb_client.py"))
+    let out = python_client("grpclb_client.py")
         .args(["--lb-port", &lb.port().to_string(), "--host", host])
         .args([
             "--calls",
@@ -231,8 +224,6 @@ pub async fn grpcio_client(
             "--linger",
             &linger_s.to_string(),
         ])
-        .env("GRPC_DNS_RESOLVER", "ares")
-        .env("GRPC_VERBOSITY", "ERROR")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -249,6 +240,17 @@ pub async fn grpcio_client(
     );
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("bad output ({e}): {stdout}\n{stderr}"))
+}
+
+/// `python tests/interop/<script>` in the test venv, as the stock C-core
+/// clients run: c-ares DNS (so a `dns://server/` target asks that server),
+/// errors only in their logs.
+fn python_client(script: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(python());
+    cmd.arg(workspace().join("tests/interop").join(script))
+        .env("GRPC_DNS_RESOLVER", "ares")
+        .env("GRPC_VERBOSITY", "ERROR");
+    cmd
 }
 
 /// The flags of the Python and Node clients' paced mode: one call every
@@ -306,12 +308,7 @@ pub async fn xds_client_with(
     flags: &[&str],
 ) -> serde_json::Value {
     let mut cmd = match kind {
-        XdsClientKind::Grpcio => {
-            let mut cmd = tokio::process::Command::new(python());
-            cmd.arg(workspace().join("tests/interop/xds_client.py"))
-                .env("GRPC_VERBOSITY", "ERROR");
-            cmd
-        }
+        XdsClientKind::Grpcio => python_client("xds_client.py"),
         XdsClientKind::GrpcJs => node_command(),
     };
     cmd.args(["--lb", lb, "--name", name]).args(flags);

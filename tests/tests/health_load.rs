@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use lb_tests::fleet::BusyFleet;
 use lb_tests::{
     call_n, channel, etcd_cluster, greeters, wait_backends, wait_until, Caller, Greeter, Lb,
     ListWatcher,
@@ -10,16 +11,7 @@ use lb_tests::{
 
 /// An LB with the embedded registry and fast load-weighting settings.
 async fn fast_lb(extra: &[&str]) -> Lb {
-    let mut args = vec![
-        "--weight-blackout",
-        "1s",
-        "--orca-interval",
-        "200ms",
-        "--weight-update-period",
-        "100ms",
-        "--health-check-interval",
-        "200ms",
-    ];
+    let mut args = lb_tests::fleet::FAST_LOAD_FLAGS.to_vec();
     args.extend_from_slice(extra);
     Lb::embedded(&args).await
 }
@@ -162,24 +154,13 @@ async fn check_only_backends_are_polled() {
 /// share), through lb-client and through Python grpcio (gRPC C-core).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_backend_gets_less_traffic_with_lb_client_and_grpcio() {
-    let lb = fast_lb(&[]).await;
-    let calm = greeters(3, &registry(&lb), &["--capacity", "400"]).await;
-    let busy = Greeter::start(&registry(&lb), &["--capacity", "100"]).await;
-    assert!(busy.wait_registered(Duration::from_secs(10)).await);
-    let ch = channel("greeter", &[lb.addr]);
-    assert!(wait_backends(&ch, 4, Duration::from_secs(10)).await);
-    let caller = Caller::start(&ch, 4, Duration::from_millis(1));
-    // Weights need traffic (qps) and the 1 s blackout.
+    let BusyFleet {
+        lb,
+        calm,
+        busy,
+        caller,
+    } = BusyFleet::start().await;
     let busy_addr = busy.addr.to_string();
-    let weighted = wait_until(Duration::from_secs(10), || {
-        lb.get("/api/v1/services/greeter").1.contains("load weight")
-    })
-    .await;
-    assert!(
-        weighted,
-        "load weights never applied: {}",
-        lb.get("/api/v1/services/greeter").1
-    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -16,8 +16,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::dns::{self, ZoneServer};
+use lb_tests::fleet::BusyFleet;
 use lb_tests::stock::{xds_client, xds_client_with, Envoy, StockClient, XdsClientKind};
-use lb_tests::{channel, greeters, wait_backends, wait_until, Caller, Etcd, Greeter, Lb};
+use lb_tests::{greeters, wait_until, Etcd, Greeter, Lb};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -123,10 +124,7 @@ async fn stock_xds_clients_balance_and_move_off_removed_backends() {
         );
     }
     // Both stock clients accepted every resource they were sent.
-    let nacks: f64 = ["lds", "rds", "cds", "eds"]
-        .iter()
-        .map(|t| metric(&lb, &format!("lb_xds_nacks_total{{type=\"{t}\"}}")))
-        .sum();
+    let nacks = lb.metric_sum("lb_xds_nacks_total");
     assert_eq!(
         nacks,
         0.0,
@@ -170,32 +168,12 @@ async fn policy_weights_reach_stock_xds_clients() {
 
     // Load: each backend reports utilization = its qps / its capacity; the
     // busy one has a quarter of the others' capacity.
-    let lb = Lb::embedded(&[
-        "--weight-blackout",
-        "1s",
-        "--orca-interval",
-        "200ms",
-        "--weight-update-period",
-        "100ms",
-    ])
-    .await;
-    let reg = format!("lb://{}", lb.addr);
-    let calm = greeters(3, &reg, &["--capacity", "400"]).await;
-    let busy = Greeter::start(&reg, &["--capacity", "100"]).await;
-    assert!(busy.wait_registered(Duration::from_secs(10)).await);
-    let ch = channel("greeter", &[lb.addr]);
-    assert!(wait_backends(&ch, 4, Duration::from_secs(10)).await);
-    // Traffic for the backends to measure (the xDS clients add theirs).
-    let caller = Caller::start(&ch, 4, Duration::from_millis(1));
-    let weighted = wait_until(Duration::from_secs(10), || {
-        lb.get("/api/v1/services/greeter").1.contains("load weight")
-    })
-    .await;
-    assert!(
-        weighted,
-        "load weights never applied: {}",
-        lb.get("/api/v1/services/greeter").1
-    );
+    let BusyFleet {
+        lb,
+        calm,
+        busy,
+        caller,
+    } = BusyFleet::start().await;
     for kind in [XdsClientKind::Grpcio, XdsClientKind::GrpcJs] {
         let summary = xds_client(kind, &lb.addr.to_string(), "greeter", 400).await;
         assert_no_failures(&summary);
@@ -260,7 +238,7 @@ async fn load_reports_fold_into_call_totals_and_nodes_get_subsets() {
         "LRS reports did not reach the call totals: {}",
         service["calls"]
     );
-    assert!(metric(&lb, "lb_xds_load_reports_total") >= 1.0);
+    assert!(lb.metric("lb_xds_load_reports_total") >= 1.0);
     drop(gs);
 }
 
@@ -290,13 +268,7 @@ async fn envoy_balances_through_the_lbs_xds_and_follows_changes() {
         .expect("connect to Envoy");
     let mut counts = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..300 {
-        let reply = client
-            .say_hello(HelloRequest {
-                name: format!("envoy-{i}"),
-            })
-            .await
-            .expect("call through Envoy");
-        let backend = lb_examples::greeter::backend_of(&reply.into_inner().message).to_string();
+        let backend = backend_called(&mut client, format!("envoy-{i}")).await;
         *counts.entry(backend).or_default() += 1;
     }
     eprintln!("through Envoy: {counts:?}");
@@ -354,13 +326,7 @@ async fn envoy_balances_through_the_lbs_xds_and_follows_changes() {
         "the new backend got no call through Envoy: {seen:?}"
     );
     for i in 0..60 {
-        let reply = client
-            .say_hello(HelloRequest {
-                name: format!("after-{i}"),
-            })
-            .await
-            .expect("call");
-        let b = lb_examples::greeter::backend_of(&reply.into_inner().message).to_string();
+        let b = backend_called(&mut client, format!("after-{i}")).await;
         assert_ne!(
             b,
             leaving.addr.to_string(),
@@ -372,6 +338,18 @@ async fn envoy_balances_through_the_lbs_xds_and_follows_changes() {
         clients.contains("envoy-test"),
         "Envoy's ADS stream is not in /api/v1/clients: {clients}"
     );
+}
+
+/// One call through `client` (Envoy); the backend that answered it.
+async fn backend_called(
+    client: &mut GreeterClient<tonic::transport::Channel>,
+    name: String,
+) -> String {
+    let reply = client
+        .say_hello(HelloRequest { name })
+        .await
+        .expect("call through Envoy");
+    lb_examples::greeter::backend_of(&reply.into_inner().message).to_string()
 }
 
 /// A raw ADS stream driven by the test.
@@ -429,16 +407,6 @@ impl RawAds {
             .ok()?
             .transpose()
     }
-}
-
-fn metric(lb: &Lb, line_start: &str) -> f64 {
-    lb.get("/metrics")
-        .1
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Unknown type URLs, a client that NACKs everything, one that never ACKs,
@@ -576,7 +544,7 @@ async fn hostile_ads_streams_are_bounded_and_leave_others_alone() {
         ("lb_xds_nacks_total{type=\"eds\"}", 1.0),
         ("lb_xds_nacks_total{type=\"cds\"}", 1.0),
     ] {
-        let v = metric(&lb, line);
+        let v = lb.metric(line);
         assert!(v >= at_least, "{line} is {v}");
     }
     let clients = lb.json("/api/v1/clients");
