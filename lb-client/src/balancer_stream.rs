@@ -43,6 +43,9 @@ pub struct LbSettings {
     pub lb_addrs: Vec<String>,
     /// Sent to the LB as `lb-client-id`: seeds this client's subset.
     pub client_id: String,
+    /// Sent to the LB as `lb-client-zone`: the LB keeps this client's calls
+    /// in its zone as far as the zone's backends can take them.
+    pub zone: Option<String>,
     /// Time allowed for connecting to one LB and receiving `initial_response`.
     pub connect_timeout: Duration,
     /// Reconnect backoff after failed attempts: first delay.
@@ -57,6 +60,9 @@ pub struct LbSettings {
 
 /// Metadata key naming the client to the LB.
 pub use lb_proto::ext::CLIENT_ID_HEADER as CLIENT_ID;
+
+/// Metadata key naming the client's zone to the LB.
+pub use lb_proto::ext::CLIENT_ZONE_HEADER as CLIENT_ZONE;
 
 /// How one stream ended.
 struct Ended {
@@ -245,6 +251,9 @@ async fn stream(
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Ok(id) = settings.client_id.parse() {
             request.metadata_mut().insert(CLIENT_ID, id);
+        }
+        if let Some(Ok(zone)) = settings.zone.as_deref().map(str::parse) {
+            request.metadata_mut().insert(CLIENT_ZONE, zone);
         }
         let mut inbound = LoadBalancerClient::new(channel)
             .balance_load(request)

@@ -65,6 +65,15 @@ impl LbChannelBuilder {
         self
     }
 
+    /// Names this client's zone to the LB (`lb-client-zone`), e.g.
+    /// `eu-west-1a`: the LB then gives it a list that keeps its calls in
+    /// that zone as far as the zone's backends can take them, and spills
+    /// the rest to other zones. Default: none (the service's whole list).
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.lb.zone = Some(zone.into()).filter(|z| !z.is_empty());
+        self
+    }
+
     /// Adds several LB addresses.
     pub fn lbs<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
         self.lb.lb_addrs.extend(addrs.into_iter().map(Into::into));
@@ -215,6 +224,7 @@ impl LbChannel {
             lb: LbSettings {
                 lb_addrs: Vec::new(),
                 client_id: format!("{:016x}", rand::random::<u64>()),
+                zone: None,
                 connect_timeout: Duration::from_secs(3),
                 backoff_initial: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(10),

@@ -65,6 +65,10 @@ pub struct Config {
     #[command(flatten)]
     pub admin: AdminFlags,
 
+    /// Zone-aware lists: where zones come from and how far a zone may be loaded.
+    #[command(flatten)]
+    pub zones: ZoneFlags,
+
     /// Replicas sharing health checks through etcd.
     #[command(flatten)]
     pub cluster: ClusterFlags,
@@ -601,6 +605,60 @@ impl PolicyFlags {
             shed_utilization: self.shed_utilization,
             max_shed: self.max_shed.clamp(0.0, 0.95),
         }
+    }
+}
+
+/// Zone-aware lists: where zones come from and how far a zone may be loaded.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Zones")]
+pub struct ZoneFlags {
+    /// Give clients of known zone a list that keeps their calls in their
+    /// zone as far as its backends' capacity allows (backends' zones come
+    /// from `zone`/`region` in their registry metadata).
+    #[arg(long, env = "LB_ZONE_AWARE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub zone_aware: bool,
+
+    /// How far above its share of the service's capacity a zone may be
+    /// loaded by keeping calls local (0.1 = 10 %).
+    #[arg(long, env = "LB_ZONE_OVERLOAD_TOLERANCE", default_value_t = 0.1)]
+    pub zone_overload_tolerance: f64,
+
+    /// A zone with fewer healthy backends than this keeps none of its
+    /// clients' calls: they all go to other zones.
+    #[arg(long, env = "LB_ZONE_MIN_HEALTHY", default_value_t = 1)]
+    pub zone_min_healthy: usize,
+
+    /// The zone of clients connecting from an address range, for clients
+    /// that do not say theirs (stock grpclb clients): `CIDR=ZONE` or
+    /// `CIDR=REGION/ZONE` (repeatable / comma-separated; the longest prefix
+    /// wins).
+    #[arg(long = "client-zone", env = "LB_CLIENT_ZONES", value_delimiter = ',')]
+    pub client_zones: Vec<String>,
+}
+
+impl ZoneFlags {
+    /// The zone settings these flags describe, with the list length and
+    /// client-stats interval they work with.
+    pub fn settings(
+        &self,
+        max_list_len: usize,
+        stats_interval: Duration,
+    ) -> anyhow::Result<crate::zones::ZoneSettings> {
+        anyhow::ensure!(
+            (0.0..=10.0).contains(&self.zone_overload_tolerance),
+            "--zone-overload-tolerance {} is not between 0 and 10",
+            self.zone_overload_tolerance
+        );
+        Ok(crate::zones::ZoneSettings {
+            enabled: self.zone_aware,
+            plan: crate::zones::PlanSettings {
+                tolerance: self.zone_overload_tolerance,
+                min_healthy: self.zone_min_healthy,
+            },
+            peers: crate::zones::PeerZones::parse(&self.client_zones)?,
+            max_list_len: max_list_len.max(1),
+            stats_interval,
+        })
     }
 }
 

@@ -8,9 +8,9 @@
 //! Data flows one way, one folder per step:
 //!
 //! ```text
-//! registry ──► catalog ──► policy ──► snapshot ──┬─► grpclb ──► clients
-//!                 ▲                              ├─► xds ────► clients, Envoy
-//!   probe (health, load)                         └─► admin (HTTP: JSON, /metrics)
+//! registry ──► catalog ──► policy ──► snapshot ──► zones ──┬─► grpclb ──► clients
+//!                 ▲                                         ├─► xds ────► clients, Envoy
+//!   probe (health, load)                                    └─► admin (HTTP: JSON, /metrics)
 //!   cluster (probe results shared between replicas)
 //! ```
 //!
@@ -22,6 +22,7 @@
 //! | `catalog` | who exists, and what probes and operators say; publishes lists |
 //! | `policy` | backends → ordered, weighted server list, with reasons |
 //! | `snapshot` | published lists: versioned, immutable, encoded once |
+//! | `zones` | per-client-zone lists from demand and capacity per zone |
 //! | `probe` | active health checks and ORCA load per backend |
 //! | `cluster` | replicas sharing health checks through etcd |
 //! | `rendezvous` | stable rendezvous hashing |
@@ -52,6 +53,7 @@ pub(crate) mod rendezvous;
 pub(crate) mod snapshot;
 pub(crate) mod streams;
 pub(crate) mod xds;
+pub(crate) mod zones;
 
 mod server;
 

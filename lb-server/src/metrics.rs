@@ -127,6 +127,11 @@ pub struct Metrics {
     pub upstream_reconnects: Family<KindLabels, Counter>,
     /// The xDS frontend's streams, responses, ACKs and NACKs.
     pub xds: XdsMetrics,
+    /// Fraction of the zoned clients' calls the zone plan sends across
+    /// zones, per service (present once a client of known zone connected).
+    pub zone_cross_fraction: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Zone plans published, per service.
+    pub zone_plans: Family<ServiceLabels, Counter>,
 }
 
 /// Labels naming an xDS resource type.
@@ -253,6 +258,8 @@ impl Metrics {
             registry_rejects: Family::default(),
             backends: Family::default(),
             list_version: Family::default(),
+            zone_cross_fraction: Family::default(),
+            zone_plans: Family::default(),
             client_calls: Family::default(),
             health_transitions: Family::default(),
             backend_weight: Family::default(),
@@ -312,6 +319,16 @@ impl Metrics {
             "list_version",
             "Current list version, per service",
             m.list_version.clone(),
+        );
+        registry.register(
+            "zone_cross_fraction",
+            "Fraction of zoned clients' calls the zone plan sends across zones, per service",
+            m.zone_cross_fraction.clone(),
+        );
+        registry.register(
+            "zone_plans",
+            "Zone plans published, per service",
+            m.zone_plans.clone(),
         );
         registry.register(
             "client_calls",

@@ -31,6 +31,58 @@ pub struct Instance {
     pub registered_at: SystemTime,
 }
 
+/// Where a backend or a client runs: its zone and, optionally, region.
+/// Empty strings mean unknown.
+///
+/// Backends get theirs from registry metadata (`{"zone": "eu-west-1a",
+/// "region": "eu-west-1"}` in every source that carries metadata), clients
+/// from what they say (`lb-client-zone`, the xDS node's locality) or from
+/// the LB's map of peer addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Locality {
+    /// The region, e.g. `eu-west-1`; empty when unknown.
+    pub region: String,
+    /// The zone, e.g. `eu-west-1a`; empty when unknown.
+    pub zone: String,
+}
+
+impl Locality {
+    /// Longest zone or region name kept (longer ones are cut).
+    pub const MAX_LEN: usize = 64;
+
+    /// A locality of `zone` in `region`, each cut to [`Self::MAX_LEN`] bytes
+    /// of printable ASCII.
+    pub fn new(region: &str, zone: &str) -> Self {
+        Locality {
+            region: clean(region),
+            zone: clean(zone),
+        }
+    }
+
+    /// The `zone` and `region` strings of registry metadata, if any.
+    pub fn of_metadata(metadata: Option<&serde_json::Value>) -> Self {
+        let field = |k: &str| {
+            metadata
+                .and_then(|m| m.get(k))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+        };
+        Locality::new(field("region"), field("zone"))
+    }
+
+    /// Whether the zone is known.
+    pub fn is_known(&self) -> bool {
+        !self.zone.is_empty()
+    }
+}
+
+fn clean(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(Locality::MAX_LEN)
+        .collect()
+}
+
 /// Why an entry was rejected (also the `reason` label of the rejects metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {

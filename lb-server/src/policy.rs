@@ -276,22 +276,14 @@ impl Policy {
                 relative * c.weight.max(1) as f64 * self.slow_start_factor(c.serving_since, now)
             })
             .collect();
-        let resolution =
-            (self.max_list_len as f64 / chosen.len() as f64).clamp(1.0, MAX_RESOLUTION);
-        let ints = to_integers(&weights, resolution);
-        let ints = scale_weights(&ints, self.max_list_len);
-
-        // Order by token, then smooth weighted round robin.
-        let mut order: Vec<usize> = (0..chosen.len()).collect();
-        order.sort_by(|&a, &b| {
-            let (ca, cb) = (&candidates[chosen[a]], &candidates[chosen[b]]);
-            ca.token.cmp(cb.token).then(ca.addr.cmp(&cb.addr))
-        });
-        let sorted_weights: Vec<u32> = order.iter().map(|&k| ints[k]).collect();
-        let mut servers: Vec<Server> = smooth_order(&sorted_weights)
-            .into_iter()
-            .map(|j| server(&candidates[chosen[order[j]]]))
-            .collect();
+        let ints = entries(&weights, self.max_list_len);
+        let mut servers = ordered(
+            chosen
+                .iter()
+                .zip(&ints)
+                .map(|(&i, &n)| (server(&candidates[i]), n))
+                .collect(),
+        );
 
         for (k, &i) in chosen.iter().enumerate() {
             let c = &candidates[i];
@@ -359,26 +351,59 @@ impl Policy {
         }
         // Remove the share of calls that brings utilization back to the threshold.
         let fraction = (1.0 - threshold / min_util).min(self.max_shed);
-        let n = servers.len();
-        let drops = ((n as f64 * fraction / (1.0 - fraction)).round() as usize).max(1);
-        let mut out = Vec::with_capacity(n + drops);
-        let mut placed = 0;
-        for (k, s) in servers.drain(..).enumerate() {
-            out.push(s);
-            // Spread the drops evenly through the list.
-            while placed < drops && (placed + 1) * n <= (k + 1) * drops {
-                out.push(Server {
-                    ip_address: Vec::new(),
-                    port: 0,
-                    load_balance_token: SHED_TOKEN.into(),
-                    drop: true,
-                });
-                placed += 1;
-            }
-        }
-        *servers = out;
-        drops as f64 / servers.len() as f64
+        with_drops(servers, fraction);
+        servers.iter().filter(|s| s.drop).count() as f64 / servers.len() as f64
     }
+}
+
+/// Spreads drop entries evenly through `servers` so that `fraction` of the
+/// list drops (at least one entry).
+pub(crate) fn with_drops(servers: &mut Vec<Server>, fraction: f64) {
+    let n = servers.len();
+    let fraction = fraction.clamp(0.0, 0.99);
+    let drops = ((n as f64 * fraction / (1.0 - fraction)).round() as usize).max(1);
+    let mut out = Vec::with_capacity(n + drops);
+    let mut placed = 0;
+    for (k, s) in servers.drain(..).enumerate() {
+        out.push(s);
+        while placed < drops && (placed + 1) * n <= (k + 1) * drops {
+            out.push(Server {
+                ip_address: Vec::new(),
+                port: 0,
+                load_balance_token: SHED_TOKEN.into(),
+                drop: true,
+            });
+            placed += 1;
+        }
+    }
+    *servers = out;
+}
+
+/// Relative weights as list entries (step 4): integers, at least 1 each,
+/// summing to at most `max_len` (or one per weight, if more).
+pub(crate) fn entries(weights: &[f64], max_len: usize) -> Vec<u32> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let resolution = (max_len as f64 / weights.len() as f64).clamp(1.0, MAX_RESOLUTION);
+    scale_weights(&to_integers(weights, resolution), max_len)
+}
+
+/// One cycle of `servers`, each repeated its number of entries, sorted by
+/// token (then address) and spread by smooth weighted round robin, so that
+/// every replica builds the same order and no backend comes in bursts.
+pub(crate) fn ordered(mut servers: Vec<(Server, u32)>) -> Vec<Server> {
+    servers.sort_by(|(a, _), (b, _)| {
+        a.load_balance_token
+            .cmp(&b.load_balance_token)
+            .then_with(|| a.ip_address.cmp(&b.ip_address))
+            .then(a.port.cmp(&b.port))
+    });
+    let weights: Vec<u32> = servers.iter().map(|(_, n)| *n).collect();
+    smooth_order(&weights)
+        .into_iter()
+        .map(|j| servers[j].0.clone())
+        .collect()
 }
 
 /// gRPC weighted round robin's weight, or `None` when there is no signal.

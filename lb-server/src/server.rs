@@ -27,6 +27,7 @@ use crate::streams::service::StreamingService;
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::Subsets;
 use crate::xds;
+use crate::zones::{ZoneSettings, Zones};
 use crate::{admin, probe};
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer;
 
@@ -57,6 +58,7 @@ struct Parts {
     catalog: Arc<Catalog>,
     sessions: Arc<Sessions>,
     subsets: Arc<Subsets>,
+    zones: Arc<Zones>,
     refusal_log: Arc<LogLimiter>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -91,8 +93,19 @@ impl LbServer {
         let lb_listener = bind(cfg.listen, "--listen").await?;
         let admin_listener = bind(cfg.admin_listen, "--admin-listen").await?;
         let (lb_addr, admin_addr) = (lb_listener.local_addr()?, admin_listener.local_addr()?);
+        let zone_settings = cfg
+            .zones
+            .settings(cfg.policy.max_list_len, cfg.grpc.client_stats_interval)?;
         let mut parts = Parts {
             subsets: Arc::new(Subsets::new(cfg.grpc.subset_size)),
+            zones: Arc::new(Zones::new(
+                ZoneSettings {
+                    // Subsets and zone lists are not combined.
+                    enabled: zone_settings.enabled && cfg.grpc.subset_size == 0,
+                    ..zone_settings
+                },
+                metrics.clone(),
+            )),
             cfg,
             metrics,
             catalog: catalog.clone(),
@@ -253,6 +266,7 @@ impl Parts {
                 names: names.clone(),
                 sessions: self.sessions.clone(),
                 subsets: self.subsets.clone(),
+                zones: self.zones.clone(),
                 metrics: self.metrics.clone(),
             },
             xds::XdsSettings {
@@ -274,6 +288,7 @@ impl Parts {
             names,
             sessions: self.sessions.clone(),
             subsets: self.subsets.clone(),
+            zones: self.zones.clone(),
             metrics: self.metrics.clone(),
         };
         let balancer = Balancer::new(
@@ -366,6 +381,7 @@ impl Parts {
             catalog: self.catalog.clone(),
             sessions: self.sessions.clone(),
             subsets: self.subsets.clone(),
+            zones: self.zones.clone(),
             cluster,
             metrics: self.metrics.clone(),
             registry: cfg.registry.registry_line(),

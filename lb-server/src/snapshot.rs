@@ -10,7 +10,15 @@
 //! A snapshot carries its grpclb message already encoded ([`PublishedList::grpclb`]):
 //! a change to a service with 10,000 streams is encoded once, and the same
 //! bytes are written to every stream that shows the whole list.
+//!
+//! A list also says where its backends are ([`PublishedList::localities`]):
+//! the zone views ([`crate::zones`]) are built from it, and are
+//! `PublishedList`s themselves, one per client zone, with the service's
+//! other backends as their [`PublishedList::failover`].
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,6 +26,8 @@ use lb_proto::grpc::lb::v1::{
     load_balance_response::LoadBalanceResponseType, LoadBalanceResponse, Server, ServerList,
 };
 use prost::Message;
+
+use crate::model::Locality;
 
 /// One service's server list, as published to streams.
 #[derive(Debug)]
@@ -32,9 +42,19 @@ pub struct PublishedList {
     pub panic: bool,
     /// Fraction of drop entries (load shedding).
     pub shed_fraction: f64,
+    /// The zone and region of every backend listed (unknown ones absent).
+    pub localities: Arc<BTreeMap<SocketAddr, Locality>>,
+    /// A zone view's fallback: the service's listed backends that are not
+    /// in `servers`, as the service's list weights them (xDS priority 1).
+    /// Empty for the service's own list.
+    pub failover: Vec<Server>,
+    /// Unique in this process: caches of what is built from a list key on it.
+    pub id: u64,
     /// `servers` as an encoded grpclb `LoadBalanceResponse`.
     grpclb: Bytes,
 }
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl PublishedList {
     /// A snapshot of `servers`, encoded for every frontend.
@@ -46,8 +66,23 @@ impl PublishedList {
             changed_at: Instant::now(),
             panic,
             shed_fraction,
+            localities: Arc::default(),
+            failover: Vec::new(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             grpclb,
         }
+    }
+
+    /// The same list, saying where its backends are.
+    pub fn with_localities(mut self, localities: Arc<BTreeMap<SocketAddr, Locality>>) -> Self {
+        self.localities = localities;
+        self
+    }
+
+    /// The same list with a failover set (a zone view).
+    pub fn with_failover(mut self, failover: Vec<Server>) -> Self {
+        self.failover = failover;
+        self
     }
 
     /// The list before any backend appeared.

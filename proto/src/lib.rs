@@ -12,6 +12,9 @@ pub mod ext {
     /// Request metadata naming the client, stable across its reconnects,
     /// so that per-client subsetting gives it the same backends each time.
     pub const CLIENT_ID_HEADER: &str = "lb-client-id";
+    /// Request metadata naming the client's zone, so that the LB can keep
+    /// its calls in that zone (as far as the zone's backends can take them).
+    pub const CLIENT_ZONE_HEADER: &str = "lb-client-zone";
     /// Longest service name, in bytes: in a registry, in an initial request,
     /// in a client's settings.
     pub const MAX_SERVICE_NAME_LEN: usize = 255;

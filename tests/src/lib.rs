@@ -18,6 +18,7 @@
 //! | [`http`] | a minimal HTTP GET for the admin port |
 //! | [`certs`] | a CA and certificates made at test time |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
+//! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
 //! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
@@ -32,6 +33,7 @@ pub mod greeter;
 pub mod http;
 pub mod lb;
 pub mod proc;
+pub mod relay;
 pub mod stock;
 pub mod zookeeper;
 

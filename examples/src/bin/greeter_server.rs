@@ -51,6 +51,12 @@ struct Args {
     /// Weight stored in the registration metadata.
     #[arg(long)]
     weight: Option<u32>,
+    /// Zone stored in the registration metadata (zone-aware lists).
+    #[arg(long)]
+    zone: Option<String>,
+    /// Region stored in the registration metadata.
+    #[arg(long)]
+    region: Option<String>,
     /// Time between deregistering and stopping, for clients to move away.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -110,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let options = RegistrationOptions {
         ttl: args.ttl,
-        metadata: args.weight.map(serde_json_weight),
+        metadata: metadata(&args),
         plain_value: args.plain,
         etcd_prefix: args.etcd_prefix.clone(),
         lb_tls: client_tls(args.lb_ca.as_deref(), &args)?,
@@ -252,6 +258,17 @@ fn client_tls(
     lb_examples::client_tls(ca, args.client_cert.as_deref(), args.client_key.as_deref())
 }
 
-fn serde_json_weight(w: u32) -> serde_json::Value {
-    serde_json::json!({ "weight": w })
+/// The registration metadata: weight, zone and region, those given.
+fn metadata(args: &Args) -> Option<serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    if let Some(w) = args.weight {
+        m.insert("weight".into(), w.into());
+    }
+    if let Some(z) = &args.zone {
+        m.insert("zone".into(), z.clone().into());
+    }
+    if let Some(r) = &args.region {
+        m.insert("region".into(), r.clone().into());
+    }
+    (!m.is_empty()).then_some(serde_json::Value::Object(m))
 }

@@ -59,6 +59,8 @@ pub struct AdminState {
     pub sessions: Arc<Sessions>,
     /// Per-client subsets.
     pub subsets: Arc<crate::streams::subsets::Subsets>,
+    /// Per-client-zone lists.
+    pub zones: Arc<crate::zones::Zones>,
     /// Cluster membership, when replicas share health checks.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Metrics.

@@ -14,6 +14,7 @@ use super::AdminState;
 use crate::catalog::{Backend, ServiceEntry};
 use crate::snapshot::PublishedList;
 use crate::streams::sessions::{Session, StatsReport, XdsNode, XdsSession, XdsTypeStatus};
+use crate::zones::ZoneReport;
 
 /// What both views of a service say about it.
 #[derive(Serialize)]
@@ -50,6 +51,11 @@ pub struct ServiceDetail<'a> {
     subset_size: usize,
     backends: Vec<BackendRow>,
     calls: CallsView,
+    /// Per zone: clients, demand, capacity, local share and where the rest
+    /// goes (the spill matrix); absent until a client connected with zone
+    /// lists on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zones: Option<ZoneReport>,
 }
 
 /// One backend of a service's detail.
@@ -97,6 +103,8 @@ pub struct ClientView {
     last_stats: Option<StatsReport>,
     client_id: String,
     subset: Option<Vec<std::net::SocketAddr>>,
+    /// The client's zone ("" = unknown: it gets the service's list).
+    zone: String,
 }
 
 impl<'a> ServiceFigures<'a> {
@@ -176,6 +184,7 @@ impl<'a> ServiceDetail<'a> {
                 dropped: calls.dropped.load(Ordering::Relaxed),
                 dropped_by_token: calls.dropped_by_token.lock().expect("drops lock").clone(),
             },
+            zones: s.zones.report(entry.name()),
         }
     }
 }
@@ -193,6 +202,7 @@ impl From<&Session> for ClientView {
             last_stats: c.last_stats.lock().expect("stats lock").clone(),
             client_id: c.client_id.clone(),
             subset: c.subset.lock().expect("subset lock").clone(),
+            zone: c.zone.lock().expect("zone lock").clone(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
-use crate::model::{HealthState, LoadSample};
+use crate::model::{HealthState, LoadSample, Locality};
 use crate::policy::{Decision, Load};
 
 /// A backend as the catalog knows it.
@@ -23,6 +23,8 @@ pub struct Backend {
     pub token: String,
     /// Registry metadata.
     pub metadata: Option<serde_json::Value>,
+    /// Its zone and region, from the metadata (empty when unknown).
+    pub locality: Locality,
     /// When it was first reported.
     #[serde(with = "humantime_serde_compat")]
     pub registered_at: SystemTime,

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use super::{token_for, Backend, CallTotals, Catalog, ServiceEntry};
-use crate::model::{Instance, RejectReason, Rejected};
+use crate::model::{Instance, Locality, RejectReason, Rejected};
 use crate::policy::Decision;
 use crate::snapshot::PublishedList;
 
@@ -255,6 +255,7 @@ impl Catalog {
                     tracing::info!(service = %i.service, key = ?i.key, weight = i.weight, repeats_not_logged = repeats, "backend updated");
                 }
                 b.weight = i.weight;
+                b.locality = Locality::of_metadata(i.metadata.as_ref());
                 b.metadata = i.metadata;
                 return true;
             }
@@ -281,6 +282,7 @@ impl Catalog {
                 key: i.key,
                 addr: i.addr,
                 weight: i.weight,
+                locality: Locality::of_metadata(i.metadata.as_ref()),
                 metadata: i.metadata,
                 registered_at,
                 health: sibling.as_ref().map(|b| b.health).unwrap_or(initial_health),

@@ -4,11 +4,13 @@
 //! too is a conflict, reported, and its backends are left out.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Backend, Catalog, ServiceEntry};
 use crate::metrics::ServiceLabels;
+use crate::model::Locality;
 use crate::policy::{Candidate, Decision};
 use crate::snapshot::PublishedList;
 
@@ -142,8 +144,16 @@ impl Catalog {
             .set(backends.len() as i64);
         let (servers, panic, shed_fraction) =
             (outcome.servers, outcome.panic, outcome.shed_fraction);
+        let localities: BTreeMap<SocketAddr, Locality> = backends
+            .values()
+            .filter(|b| b.decision.listed && b.locality.is_known())
+            .map(|b| (b.addr, b.locality.clone()))
+            .collect();
         entry.list.send_if_modified(|current| {
-            if current.servers == servers && current.panic == panic {
+            if current.servers == servers
+                && current.panic == panic
+                && *current.localities == localities
+            {
                 return false;
             }
             let version = current.version + 1;
@@ -151,7 +161,10 @@ impl Catalog {
                 tracing::info!(service = %entry.name, version, servers = servers.len(), panic, changes_not_logged = repeats, "list changed");
             }
             self.metrics.list_version.get_or_create(&labels).set(version as i64);
-            *current = Arc::new(PublishedList::new(version, servers, panic, shed_fraction));
+            *current = Arc::new(
+                PublishedList::new(version, servers, panic, shed_fraction)
+                    .with_localities(Arc::new(localities)),
+            );
             true
         });
     }

@@ -10,7 +10,9 @@
 //!
 //! With subsets on ([`crate::streams::subsets`]), each stream gets the
 //! service's list filtered to its client's subset, and is re-sent it when
-//! the subset changes.
+//! the subset changes. Otherwise a client of known zone (`lb-client-zone`
+//! metadata, or its address in `--client-zone`) gets its zone's list
+//! ([`crate::zones`]), and its client stats count as its zone's demand.
 //!
 //! Lists are written as the snapshot's bytes ([`crate::snapshot`]): encoded
 //! once per change, whatever the number of streams (a subset, which is the
@@ -42,11 +44,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::metrics::Metrics;
+use crate::model::Locality;
 use crate::net::limits::{Exceeded, Quota, RateBudget};
 use crate::streams::names::{NameMapper, MAX_NAME_LEN};
 use crate::streams::service::{ResponseStream, StreamingMethod};
 use crate::streams::sessions::Sessions;
 use crate::streams::subsets::{self, Subsets};
+use crate::zones::{Zones, CLIENT_ZONE_HEADER};
 pub use refusal::Refusal;
 use stream::{StreamState, Subset};
 
@@ -76,6 +80,8 @@ pub struct BalancerParts {
     pub sessions: Arc<Sessions>,
     /// Per-client subsets.
     pub subsets: Arc<Subsets>,
+    /// Per-client-zone lists.
+    pub zones: Arc<Zones>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -227,6 +233,12 @@ impl Balancer {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= subsets::MAX_CLIENT_ID_LEN)
             .map(str::to_string);
+        let said_zone = request
+            .metadata()
+            .get(CLIENT_ZONE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|z| Locality::new("", z))
+            .unwrap_or_default();
         let mut inbound = request.into_inner();
         let (name, entry) = self.accept(&mut inbound).await?;
         tracing::debug!(
@@ -251,9 +263,27 @@ impl Balancer {
                 last_sent: None,
             }
         });
+        let zone = match subset {
+            Some(_) => None,
+            None => {
+                let locality = self.parts.zones.client_zone(said_zone, peer);
+                session
+                    .session()
+                    .zone
+                    .lock()
+                    .expect("zone lock")
+                    .clone_from(&locality.zone);
+                self.parts.zones.join(&entry, &locality)
+            }
+        };
+        let lists = zone
+            .as_ref()
+            .and_then(|z| z.lists())
+            .unwrap_or_else(|| entry.subscribe());
         let state = StreamState {
             initial: Some(self.initial_response.clone()),
-            lists: entry.subscribe(),
+            lists,
+            zone,
             last_version: None,
             subset,
             inbound,

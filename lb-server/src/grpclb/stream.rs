@@ -18,6 +18,7 @@ use crate::net::limits::{Permit, RateBudget};
 use crate::snapshot::{encode_server_list, PublishedList};
 use crate::streams::sessions::{SessionGuard, StatsReport};
 use crate::streams::subsets;
+use crate::zones::ZoneMember;
 
 use super::Refusal;
 
@@ -34,6 +35,8 @@ pub(super) struct StreamState {
     pub(super) lists: watch::Receiver<Arc<PublishedList>>,
     pub(super) last_version: Option<u64>,
     pub(super) subset: Option<Subset>,
+    /// The stream's place in its service's zone table (zone lists on).
+    pub(super) zone: Option<ZoneMember>,
     pub(super) inbound: Streaming<LoadBalanceRequest>,
     pub(super) inbound_done: bool,
     pub(super) finished: bool,
@@ -167,6 +170,9 @@ impl StreamState {
                     )));
                 }
                 self.catalog.record_client_stats(&self.entry, &stats);
+                if let Some(zone) = &self.zone {
+                    zone.record_calls(stats.num_calls_started);
+                }
                 *self
                     .session
                     .session()

@@ -143,6 +143,8 @@ struct Node {
     node: String,
     #[serde(default)]
     address: String,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,9 +223,21 @@ async fn decode(service: &str, e: &HealthEntry) -> Result<Instance, (String, Rej
         key,
         addr,
         weight,
-        metadata: e.service.meta.as_ref().map(|m| serde_json::json!(m)),
+        metadata: metadata_of(e),
         registered_at: SystemTime::now(),
     })
+}
+
+/// An instance's metadata: its node's `Meta` overlaid with its service's
+/// (so `zone` may be set once per node, or per service instance).
+fn metadata_of(e: &HealthEntry) -> Option<serde_json::Value> {
+    let (node, service) = (e.node.meta.as_ref(), e.service.meta.as_ref());
+    if node.is_none() && service.is_none() {
+        return None;
+    }
+    let mut merged = node.cloned().unwrap_or_default();
+    merged.extend(service.cloned().unwrap_or_default());
+    Some(serde_json::json!(merged))
 }
 
 /// Reads services from Consul.

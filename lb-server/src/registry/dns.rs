@@ -16,6 +16,10 @@
 //! Records that cannot be used (port 0, a target without addresses, an
 //! unspecified or multicast address) are rejected one by one, counted, and
 //! the rest of the answer is used.
+//!
+//! A name may say the zone of its backends: `service=name[:port]?zone=a`
+//! (and `&region=r`). A service may be named several times (one name per
+//! zone, say): its backends are the union of its names' answers.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -32,7 +36,7 @@ use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
 use super::{Registry, RegistrySink};
-use crate::model::{Instance, RejectReason, Rejected};
+use crate::model::{Instance, Locality, RejectReason, Rejected};
 
 /// One service and the DNS name it is found under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct DnsService {
     pub name: String,
     /// Port of A/AAAA answers (SRV answers carry their own).
     pub port: Option<u16>,
+    /// The zone and region of the backends under this name (`?zone=…&region=…`).
+    pub locality: Locality,
 }
 
 /// How the DNS source resolves.
@@ -101,8 +107,19 @@ fn parse_server(s: &str) -> anyhow::Result<SocketAddr> {
     anyhow::bail!("dns://{s}: the name server must be an IP address, with an optional :port")
 }
 
-/// Parses one `--dns-service service=name[:port]` value.
+/// Parses one `--dns-service service=name[:port][?zone=…&region=…]` value.
 pub fn parse_service(service: &str, name: &str) -> anyhow::Result<DnsService> {
+    let (name, query) = name.split_once('?').unwrap_or((name, ""));
+    let mut locality = Locality::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("zone", z)) => locality.zone = Locality::new("", z).zone,
+            Some(("region", r)) => locality.region = Locality::new(r, "").region,
+            _ => anyhow::bail!(
+                "--dns-service {service}={name}?{query}: {pair:?} is not zone=… or region=…"
+            ),
+        }
+    }
     let (host, port) = match name.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => {
             let port: u16 = p
@@ -126,6 +143,7 @@ pub fn parse_service(service: &str, name: &str) -> anyhow::Result<DnsService> {
         service: service.to_string(),
         name: host.to_string(),
         port,
+        locality,
     })
 }
 
@@ -203,7 +221,14 @@ impl Answer {
             key,
             addr: SocketAddr::new(ip, port),
             weight: weight.clamp(1, 10_000),
-            metadata: Some(serde_json::json!({ "dns": via })),
+            metadata: Some(match service.locality.is_known() {
+                true => serde_json::json!({
+                    "dns": via,
+                    "zone": service.locality.zone,
+                    "region": service.locality.region,
+                }),
+                false => serde_json::json!({ "dns": via }),
+            }),
             registered_at: SystemTime::now(),
         });
     }
@@ -325,6 +350,7 @@ impl Registry for DnsRegistry {
                 }
             };
             let pending = Arc::new(AtomicUsize::new(self.settings.services.len()));
+            let answers = Answers::default();
             let watches: Vec<_> = self
                 .settings
                 .services
@@ -337,6 +363,7 @@ impl Registry for DnsRegistry {
                         self.settings.clone(),
                         sink.clone(),
                         pending.clone(),
+                        answers.clone(),
                         shutdown.clone(),
                     )
                 })
@@ -347,6 +374,24 @@ impl Registry for DnsRegistry {
     }
 }
 
+/// The last good answer of every name, per service: a service named more
+/// than once is the union of its names' answers.
+#[derive(Clone, Default)]
+struct Answers(Arc<std::sync::Mutex<BTreeMap<String, NameAnswers>>>);
+
+/// One service's instances per DNS name.
+type NameAnswers = BTreeMap<String, Vec<Instance>>;
+
+impl Answers {
+    /// Records `service.name`'s answer; returns the service's union.
+    fn set(&self, service: &DnsService, instances: Vec<Instance>) -> Vec<Instance> {
+        let mut all = self.0.lock().expect("answers lock");
+        let names = all.entry(service.service.clone()).or_default();
+        names.insert(service.name.clone(), instances);
+        names.values().flatten().cloned().collect()
+    }
+}
+
 /// Resolves one service on its TTL schedule until `shutdown`.
 async fn watch(
     resolver: TokioResolver,
@@ -354,6 +399,7 @@ async fn watch(
     s: DnsSettings,
     sink: RegistrySink,
     pending: Arc<AtomicUsize>,
+    answers: Answers,
     shutdown: CancellationToken,
 ) {
     let mut first = true;
@@ -387,7 +433,8 @@ async fn watch(
                             backends = now.len(), "DNS answer changed");
                         last = now;
                     }
-                    sink.replace_service(&service.service, answer.instances);
+                    let union = answers.set(&service, answer.instances);
+                    sink.replace_service(&service.service, union);
                     answer.ttl.unwrap_or(s.max_ttl).clamp(s.min_ttl, s.max_ttl)
                 }
             }
@@ -428,9 +475,14 @@ mod tests {
             DnsService {
                 service: "greeter".into(),
                 name: "greeter.svc.test".into(),
-                port: Some(50051)
+                port: Some(50051),
+                locality: Locality::default(),
             }
         );
+        let zoned = parse_service("g", "g-a.example:80?zone=a&region=eu").unwrap();
+        assert_eq!(zoned.locality, Locality::new("eu", "a"));
+        assert_eq!(zoned.name, "g-a.example");
+        assert!(parse_service("g", "g.example:80?color=red").is_err());
         assert_eq!(parse_service("g", "g.example.").unwrap().port, None);
         assert!(parse_service("g", "bad name:1").is_err());
         assert!(parse_service("g", "g.example:0").is_err());

@@ -270,7 +270,13 @@ fn address_in_name(
                     )
                 })?,
         };
-        let metadata = serde_json::json!({ "url": decoded });
+        // Dubbo URLs say where a provider runs as parameters.
+        let mut metadata = serde_json::json!({ "url": decoded });
+        for (k, v) in url.query_pairs() {
+            if k == "zone" || k == "region" {
+                metadata[k.as_ref()] = serde_json::Value::String(v.into_owned());
+            }
+        }
         return Ok(Some((hp, weight, Some(metadata))));
     }
     Ok(entry::parse_host_port(&decoded)

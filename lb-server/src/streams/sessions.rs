@@ -63,6 +63,8 @@ pub struct Session {
     pub list_version: AtomicU64,
     /// Its latest client-stats report.
     pub last_stats: Mutex<Option<StatsReport>>,
+    /// The client's zone, as it said or as its address maps to ("" = unknown).
+    pub zone: Mutex<String>,
 }
 
 /// Who an ADS client says it is (the `node` of its first request).
@@ -153,6 +155,7 @@ impl Sessions {
             lists_sent: AtomicU64::new(0),
             list_version: AtomicU64::new(0),
             last_stats: Mutex::new(None),
+            zone: Mutex::new(String::new()),
         });
         self.open.insert(id, session.clone());
         metrics.streams_open.inc();

@@ -6,8 +6,10 @@
 //! into the service's call totals, the same counters grpclb client stats
 //! feed: issued calls are `started`, successes and errors `finished`,
 //! successes `known_received`, and drops `dropped` (by category, as grpclb
-//! drops are by token).
+//! drops are by token). The calls issued also count as demand of the
+//! reporting node's zone ([`crate::zones`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
@@ -20,7 +22,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Ads, Responses};
+use crate::model::Locality;
 use crate::net::limits::RateBudget;
+use crate::zones::ZoneMember;
 
 /// The LRS service, sharing the ADS service's parts and limits.
 #[derive(Clone)]
@@ -42,13 +46,15 @@ impl LoadReportingService for LoadReporting {
                 Status::unimplemented("load reports are off (--client-stats-interval 0)"),
             ));
         }
-        let permit = ads.permit(request.remote_addr())?;
+        let peer = request.remote_addr();
+        let permit = ads.permit(peer)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
             let _permit = permit;
             let mut budget = RateBudget::new(ads.settings.request_max_rate);
             let mut answered = false;
+            let mut reporter = Reporter::default();
             loop {
                 let message = tokio::select! {
                     _ = ads.shutdown.cancelled() => return,
@@ -70,8 +76,15 @@ impl LoadReportingService for LoadReporting {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
+                if let Some(node) = &report.node {
+                    let zone = node.locality.clone().unwrap_or_default();
+                    reporter.locality = ads
+                        .parts
+                        .zones
+                        .client_zone(Locality::new(&zone.region, &zone.zone), peer);
+                }
                 for cluster in &report.cluster_stats {
-                    fold(&ads, cluster);
+                    fold(&ads, cluster, &mut reporter);
                 }
                 if !answered {
                     answered = true;
@@ -95,8 +108,20 @@ impl LoadReportingService for LoadReporting {
     }
 }
 
-/// Adds one cluster's report to its service's call totals.
-fn fold(ads: &Ads, cluster: &ClusterStats) {
+/// Most clusters one LRS stream's calls are counted for, per zone.
+const MAX_REPORTED_CLUSTERS: usize = 1024;
+
+/// Who reports on one LRS stream: its node's zone, and its place in the
+/// zone table of each cluster it reported.
+#[derive(Default)]
+struct Reporter {
+    locality: Locality,
+    members: HashMap<String, ZoneMember>,
+}
+
+/// Adds one cluster's report to its service's call totals, and to the
+/// demand of the reporter's zone.
+fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
     let Some(entry) = ads.parts.catalog.service(&cluster.cluster_name) else {
         ads.parts.metrics.xds.refuse("lrs_unknown_cluster");
         return;
@@ -125,4 +150,14 @@ fn fold(ads: &Ads, cluster: &ClusterStats) {
     };
     ads.parts.catalog.record_client_stats(&entry, &stats);
     ads.parts.metrics.xds.load_reports.inc();
+    if !reporter.members.contains_key(&cluster.cluster_name)
+        && reporter.members.len() < MAX_REPORTED_CLUSTERS
+    {
+        if let Some(m) = ads.parts.zones.join_reporter(&entry, &reporter.locality) {
+            reporter.members.insert(cluster.cluster_name.clone(), m);
+        }
+    }
+    if let Some(m) = reporter.members.get(&cluster.cluster_name) {
+        m.record_calls(stats.num_calls_started);
+    }
 }

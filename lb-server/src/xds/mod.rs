@@ -84,6 +84,8 @@ pub struct XdsParts {
     pub sessions: Arc<Sessions>,
     /// Per-client subsets.
     pub subsets: Arc<Subsets>,
+    /// Per-client-zone lists.
+    pub zones: Arc<crate::zones::Zones>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -136,18 +138,20 @@ impl Ads {
 /// Each service's assignment, encoded once per published list version and
 /// shared by every stream that sees the whole list.
 #[derive(Default)]
-struct Assignments(DashMap<String, (u64, Bytes)>);
+struct Assignments(DashMap<(String, String), (u64, Bytes)>);
 
 impl Assignments {
-    fn get(&self, service: &str, list: &PublishedList) -> Bytes {
-        if let Some(hit) = self.0.get(service) {
-            if hit.0 == list.version {
+    /// The assignment of `service` for clients of `zone` ("" = the
+    /// service's own list) from `list`, encoded once per list.
+    fn get(&self, service: &str, zone: &str, list: &PublishedList) -> Bytes {
+        let key = (service.to_string(), zone.to_string());
+        if let Some(hit) = self.0.get(&key) {
+            if hit.0 == list.id {
                 return hit.1.clone();
             }
         }
-        let any = resources::assignment(service, &list.servers, list.shed_fraction);
-        self.0
-            .insert(service.to_string(), (list.version, any.clone()));
+        let any = resources::assignment(service, &list.servers, list);
+        self.0.insert(key, (list.id, any.clone()));
         any
     }
 }

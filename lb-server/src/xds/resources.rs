@@ -15,11 +15,14 @@
 //!
 //! The assignment says what the policy decided, in the form proxyless round
 //! robin honours: round robin ignores endpoint weights but weights
-//! *localities*, so each listed backend is its own locality (named by its
-//! address in `sub_zone`) whose `load_balancing_weight` is the number of
-//! entries the policy gave it in the grpclb list. Envoy weights endpoints,
-//! so the endpoint carries the same weight. Load shedding becomes a
-//! `drop_overloads` entry.
+//! *localities*, so each listed backend is its own locality (its zone and
+//! region, and its address in `sub_zone`) whose `load_balancing_weight` is
+//! the number of entries the policy gave it in the grpclb list. Envoy
+//! weights endpoints, so the endpoint carries the same weight. Load
+//! shedding becomes a `drop_overloads` entry. A client of known zone gets
+//! its zone's list ([`crate::zones`]) at priority 0 and the service's other
+//! backends at priority 1: a client whose zone list fails entirely fails
+//! over by itself before the LB has said anything.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +66,7 @@ use lb_proto::grpc::lb::v1::Server;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
 
+use crate::snapshot::PublishedList;
 use crate::streams::names::strip_port;
 
 /// The resource types served, in the order a client asks for them.
@@ -276,9 +280,34 @@ pub fn cluster(service: &str, settings: &ResourceSettings) -> Bytes {
 /// The drop category of load shedding, as clients report it back in LRS.
 pub const SHED_CATEGORY: &str = "lb_shed";
 
-/// ClusterLoadAssignment `service` from a published list (or a stream's
-/// subset of it): one locality per backend, weighted by its entries.
-pub fn assignment(service: &str, servers: &[Server], shed_fraction: f64) -> Bytes {
+/// ClusterLoadAssignment `service` from `servers` (a published list, or a
+/// stream's subset of it) and what `list` says of them: one locality per
+/// backend (its zone and region, and its address as `sub_zone`), weighted
+/// by its entries; `list`'s failover backends (a zone view's other zones)
+/// at priority 1, used only when priority 0 fails; shedding as a drop.
+pub fn assignment(service: &str, servers: &[Server], list: &PublishedList) -> Bytes {
+    let mut endpoints = localities(servers, 0, list);
+    endpoints.extend(localities(&list.failover, 1, list));
+    let ppm = (list.shed_fraction.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
+    pack(ClusterLoadAssignment {
+        cluster_name: service.to_string(),
+        endpoints,
+        policy: (ppm > 0).then(|| Policy {
+            drop_overloads: vec![DropOverload {
+                category: SHED_CATEGORY.into(),
+                drop_percentage: Some(FractionalPercent {
+                    numerator: ppm,
+                    denominator: DenominatorType::Million as i32,
+                }),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// One locality per backend of `servers`, weighted by its entries.
+fn localities(servers: &[Server], priority: u32, list: &PublishedList) -> Vec<LocalityLbEndpoints> {
     let mut order: Vec<SocketAddr> = Vec::new();
     let mut entries: HashMap<SocketAddr, u32> = HashMap::new();
     for s in servers.iter().filter(|s| !s.drop) {
@@ -289,16 +318,18 @@ pub fn assignment(service: &str, servers: &[Server], shed_fraction: f64) -> Byte
         }
         *n += 1;
     }
-    let endpoints = order
+    order
         .into_iter()
         .map(|addr| {
             let weight = Some(UInt32Value {
                 value: entries[&addr],
             });
+            let zone = list.localities.get(&addr);
             LocalityLbEndpoints {
                 locality: Some(Locality {
+                    region: zone.map(|z| z.region.clone()).unwrap_or_default(),
+                    zone: zone.map(|z| z.zone.clone()).unwrap_or_default(),
                     sub_zone: addr.to_string(),
-                    ..Default::default()
                 }),
                 lb_endpoints: vec![LbEndpoint {
                     host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
@@ -316,27 +347,11 @@ pub fn assignment(service: &str, servers: &[Server], shed_fraction: f64) -> Byte
                     ..Default::default()
                 }],
                 load_balancing_weight: weight,
-                priority: 0,
+                priority,
                 ..Default::default()
             }
         })
-        .collect();
-    let ppm = (shed_fraction.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
-    pack(ClusterLoadAssignment {
-        cluster_name: service.to_string(),
-        endpoints,
-        policy: (ppm > 0).then(|| Policy {
-            drop_overloads: vec![DropOverload {
-                category: SHED_CATEGORY.into(),
-                drop_percentage: Some(FractionalPercent {
-                    numerator: ppm,
-                    denominator: DenominatorType::Million as i32,
-                }),
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+        .collect()
 }
 
 /// A grpclb server entry's address.
@@ -383,7 +398,8 @@ mod tests {
     #[test]
     fn repeated_entries_become_locality_weights() {
         let servers = vec![server(1, 10), server(2, 20), server(1, 10), server(1, 10)];
-        let any = assignment("greeter", &servers, 0.0);
+        let list = PublishedList::new(1, servers.clone(), false, 0.0);
+        let any = assignment("greeter", &servers, &list);
         let cla: ClusterLoadAssignment = unpack(&any);
         let weights: Vec<(String, u32)> = cla
             .endpoints
@@ -401,13 +417,48 @@ mod tests {
     }
 
     #[test]
+    fn a_zone_view_says_zones_and_puts_its_failover_at_priority_1() {
+        use crate::model::Locality;
+        let (a, b) = (server(1, 10), server(2, 20));
+        let localities = std::collections::BTreeMap::from([
+            (socket_addr(&a).unwrap(), Locality::new("eu", "a")),
+            (socket_addr(&b).unwrap(), Locality::new("eu", "b")),
+        ]);
+        let view = PublishedList::new(3, vec![a.clone(), a], false, 0.0)
+            .with_localities(std::sync::Arc::new(localities))
+            .with_failover(vec![b]);
+        let cla: ClusterLoadAssignment = unpack(&assignment("greeter", &view.servers, &view));
+        let seen: Vec<(String, String, u32, u32)> = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                let loc = l.locality.as_ref().unwrap();
+                (
+                    loc.region.clone(),
+                    loc.zone.clone(),
+                    l.priority,
+                    l.load_balancing_weight.unwrap().value,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("eu".into(), "a".into(), 0, 2),
+                ("eu".into(), "b".into(), 1, 1)
+            ]
+        );
+    }
+
+    #[test]
     fn shedding_becomes_a_drop_overload() {
         let mut servers = vec![server(1, 10)];
         servers.push(Server {
             drop: true,
             ..Default::default()
         });
-        let any = assignment("greeter", &servers, 0.25);
+        let list = PublishedList::new(1, servers.clone(), false, 0.25);
+        let any = assignment("greeter", &servers, &list);
         let cla: ClusterLoadAssignment = unpack(&any);
         assert_eq!(cla.endpoints.len(), 1);
         let drop = &cla.policy.unwrap().drop_overloads[0];

@@ -29,10 +29,12 @@ use super::resources::{self, Kind};
 use super::subscription::{Answer, Requested, Subscription};
 use super::Ads;
 use crate::metrics::XdsMetrics;
+use crate::model::Locality;
 use crate::net::limits::{Permit, RateBudget};
 use crate::streams::names::MAX_NAME_LEN;
 use crate::streams::sessions::{XdsNack, XdsNode, XdsSessionGuard, XdsTypeStatus};
 use crate::streams::subsets::Member;
+use crate::zones::ZoneMember;
 
 /// What a stream's task writes to tonic's response body.
 pub(super) type Outbound = mpsc::Sender<Result<Bytes, Status>>;
@@ -59,6 +61,11 @@ pub(super) struct AdsStream {
     client_id: Option<String>,
     /// Per service, this client's subset (subsetting on only).
     members: HashMap<String, Member>,
+    /// The client's zone (its node's locality, else its address's).
+    locality: Locality,
+    /// Per service subscribed by EDS, this stream's place in its zone
+    /// table (zone lists on).
+    zone_members: HashMap<String, ZoneMember>,
     /// Per service, the list version last sent in an assignment.
     sent_versions: HashMap<String, u64>,
     wakes: Wakes,
@@ -87,6 +94,8 @@ impl AdsStream {
             next_nonce: 0,
             client_id: None,
             members: HashMap::new(),
+            locality: Locality::default(),
+            zone_members: HashMap::new(),
             sent_versions: HashMap::new(),
             wakes: StreamMap::new(),
             dirty: [false; 4],
@@ -190,6 +199,17 @@ impl AdsStream {
         }
         if self.client_id.is_none() {
             self.client_id = Some(self.note_node(request.node.as_ref()));
+            let node = self
+                .session
+                .session()
+                .node
+                .lock()
+                .expect("node lock")
+                .clone();
+            self.locality = self.ads.parts.zones.client_zone(
+                Locality::new(&node.region, &node.zone),
+                self.session.session().peer,
+            );
         }
         let Some(kind) = Kind::of_type_url(&request.type_url) else {
             let status = Status::invalid_argument(format!(
@@ -324,6 +344,7 @@ impl AdsStream {
     /// Watches what the subscriptions depend on, and nothing else.
     fn sync_wakes(&mut self) {
         let mut want: HashSet<Watch> = HashSet::new();
+        let mut eds: HashSet<String> = HashSet::new();
         let catalog = self.ads.parts.catalog.clone();
         for sub in &self.subs {
             match (sub.kind(), sub.requested()) {
@@ -346,6 +367,7 @@ impl AdsStream {
                                 if self.ads.parts.subsets.enabled() {
                                     want.insert(Watch::Subset(s.clone()));
                                 }
+                                eds.insert(s.clone());
                                 want.insert(Watch::List(s));
                             }
                             Some(_) => {}
@@ -359,7 +381,22 @@ impl AdsStream {
             Some(Requested::Wildcard)
         ) {
             for e in catalog.services() {
+                eds.insert(e.name().to_string());
                 want.insert(Watch::List(e.name().to_string()));
+            }
+        }
+        self.zone_members.retain(|s, _| eds.contains(s));
+        for s in &eds {
+            if self.zone_members.contains_key(s) {
+                continue;
+            }
+            let Some(entry) = catalog.service(s) else {
+                continue;
+            };
+            if let Some(member) = self.ads.parts.zones.join(&entry, &self.locality) {
+                // Its lists replace the service's as what wakes the stream.
+                self.wakes.remove(&Watch::List(s.clone()));
+                self.zone_members.insert(s.clone(), member);
             }
         }
         let have: Vec<Watch> = self.wakes.keys().cloned().collect();
@@ -376,9 +413,15 @@ impl AdsStream {
                 Watch::Members => {
                     Box::pin(WatchStream::from_changes(catalog.subscribe_members()).map(|_| ()))
                 }
-                Watch::List(s) => match catalog.service(s) {
-                    Some(entry) => Box::pin(WatchStream::from_changes(entry.watch()).map(|_| ())),
-                    None => continue,
+                Watch::List(s) => match (
+                    self.zone_members.get(s).and_then(ZoneMember::lists),
+                    catalog.service(s),
+                ) {
+                    (Some(view), _) => Box::pin(WatchStream::from_changes(view).map(|_| ())),
+                    (None, Some(entry)) => {
+                        Box::pin(WatchStream::from_changes(entry.watch()).map(|_| ()))
+                    }
+                    (None, None) => continue,
                 },
                 Watch::Subset(s) => Box::pin(
                     WatchStream::from_changes(self.ads.parts.subsets.table(s).subscribe())
@@ -428,7 +471,11 @@ impl AdsStream {
             let Some(entry) = catalog.service(&name) else {
                 continue;
             };
-            let list = entry.current_list();
+            let list = self
+                .zone_members
+                .get(&name)
+                .and_then(ZoneMember::current)
+                .unwrap_or_else(|| entry.current_list());
             match self.sent_versions.insert(name, list.version) {
                 Some(v) if v < list.version => self
                     .ads
@@ -480,9 +527,14 @@ impl AdsStream {
     /// The assignment of `service` as this client sees it.
     fn assignment(&mut self, service: &str) -> Option<Bytes> {
         let entry = self.ads.parts.catalog.service(service)?;
+        if let Some(member) = self.zone_members.get(service) {
+            if let Some(view) = member.current() {
+                return Some(self.ads.assignments.get(service, member.zone(), &view));
+            }
+        }
         let list = entry.current_list();
         if !self.ads.parts.subsets.enabled() {
-            return Some(self.ads.assignments.get(service, &list));
+            return Some(self.ads.assignments.get(service, "", &list));
         }
         let client_id = self.client_id.clone().unwrap_or_default();
         let session_id = self.session.session().id;
@@ -492,7 +544,7 @@ impl AdsStream {
             .entry(service.to_string())
             .or_insert_with(|| subsets.table(service).join(session_id, &client_id, &list));
         let (servers, _) = member.filter(&list);
-        Some(resources::assignment(service, &servers, list.shed_fraction))
+        Some(resources::assignment(service, &servers, &list))
     }
 }
 
