@@ -17,12 +17,14 @@
 //! | [`fleet`] | an LB weighting by load, with three calm backends and a busy one |
 //! | [`http`] | a minimal HTTP GET for the admin port |
 //! | [`certs`] | a CA and certificates made at test time |
+//! | [`browser`] | headless Chromium: a page's DOM or a screenshot |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
 //! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
 //! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
 
+pub mod browser;
 pub mod calls;
 pub mod certs;
 pub mod consul;

@@ -175,6 +175,22 @@ async fn builder_zones_stay_local_when_balanced_and_spill_just_enough_when_skewe
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(8)).await;
+    // The dashboard draws the matrix: zone a's row keeps some local and
+    // spills to b and c.
+    let url = format!("http://{}/", lb.admin);
+    let dom = lb_tests::browser::render(&url, None).await;
+    let start = dom
+        .find("data-zone=\"a\"")
+        .unwrap_or_else(|| panic!("no zone matrix on the dashboard: {dom}"));
+    let row = &dom[start..start + dom[start..].find("</tr>").unwrap_or(0)];
+    assert_eq!(row.matches("class=\"spill\"").count(), 3, "{row}");
+    assert!(
+        dom.contains("cross-zone 2"),
+        "cross-zone fraction not shown"
+    );
+    let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-logs/dashboard-zones.png");
+    lb_tests::browser::render(&url, Some(&shot)).await;
     let mut cross = 0usize;
     let mut total = 0usize;
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
