@@ -110,6 +110,31 @@ fn assert_no_failures(summary: &serde_json::Value) {
     );
 }
 
+/// 100 calls from zone c by each stock client: the grpcio grpclb client
+/// (reaching the LB from 127.0.0.3 through `relay`) and the grpcio xDS
+/// client (bootstrap locality c); per destination zone, none failed.
+async fn stock_calls_from_c(
+    relay: &Relay,
+    server: &str,
+    zone_of: &BTreeMap<String, String>,
+) -> [(&'static str, BTreeMap<String, u64>); 2] {
+    let grpclb = grpcio_client(relay.addr, "greeter.svc.test", 100, 0.0).await;
+    let xds = xds_client_with(
+        XdsClientKind::Grpcio,
+        server,
+        "greeter",
+        &["--zone", "c", "--calls", "100"],
+    )
+    .await;
+    eprintln!("from zone c: grpclb {grpclb}\nxDS {xds}");
+    assert_no_failures(&grpclb);
+    assert_no_failures(&xds);
+    [
+        ("the grpclb client", summary_by_zone(&grpclb, zone_of)),
+        ("the xDS client", summary_by_zone(&xds, zone_of)),
+    ]
+}
+
 /// The `zones` block of the service's detail.
 fn zones_report(lb: &Lb) -> serde_json::Value {
     lb.json("/api/v1/services/greeter")["zones"].clone()
@@ -272,25 +297,10 @@ async fn clients_of_every_kind_follow_their_zone_and_leave_it_when_it_empties() 
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let t0 = Instant::now();
-    let grpclb = grpcio_client(relay.addr, "greeter.svc.test", 100, 0.0).await;
-    eprintln!("grpcio grpclb in c: {grpclb}");
-    assert_no_failures(&grpclb);
-    let local = local_fraction(&summary_by_zone(&grpclb, &zone_of), "c");
-    assert!(
-        local >= 0.95,
-        "the grpclb client kept {local:.3} in c: {grpclb}"
-    );
-    let xds = xds_client_with(
-        XdsClientKind::Grpcio,
-        &server,
-        "greeter",
-        &["--zone", "c", "--calls", "100"],
-    )
-    .await;
-    eprintln!("grpcio xDS in c: {xds}");
-    assert_no_failures(&xds);
-    let local = local_fraction(&summary_by_zone(&xds, &zone_of), "c");
-    assert!(local >= 0.95, "the xDS client kept {local:.3} in c: {xds}");
+    for (client, counts) in stock_calls_from_c(&relay, &server, &zone_of).await {
+        let local = local_fraction(&counts, "c");
+        assert!(local >= 0.95, "{client} kept {local:.3} in c: {counts:?}");
+    }
     let counts: BTreeMap<String, u64> = by_zone(&c_caller.snapshot(), &zone_of, t0)
         .into_iter()
         .map(|(k, v)| (k, v as u64))
@@ -341,20 +351,9 @@ async fn clients_of_every_kind_follow_their_zone_and_leave_it_when_it_empties() 
     assert_no_failures(&xds);
 
     // Afterwards nothing goes to zone c.
-    let grpclb = grpcio_client(relay.addr, "greeter.svc.test", 100, 0.0).await;
-    assert_no_failures(&grpclb);
-    let counts = summary_by_zone(&grpclb, &zone_of);
-    assert_eq!(counts.get("c"), None, "grpclb after the loss: {counts:?}");
-    let xds = xds_client_with(
-        XdsClientKind::Grpcio,
-        &server,
-        "greeter",
-        &["--zone", "c", "--calls", "100"],
-    )
-    .await;
-    assert_no_failures(&xds);
-    let counts = summary_by_zone(&xds, &zone_of);
-    assert_eq!(counts.get("c"), None, "xDS after the loss: {counts:?}");
+    for (client, counts) in stock_calls_from_c(&relay, &server, &zone_of).await {
+        assert_eq!(counts.get("c"), None, "{client} after the loss: {counts:?}");
+    }
     let calls = c_caller.stop().await;
     assert!(
         calls.failures.is_empty(),

@@ -21,6 +21,10 @@
 //! - `idle`: what LBs do when nothing happens, several `lb-server` builds
 //!   side by side (each over its own etcd, two stock backends): etcd
 //!   requests, health transitions and WARN lines per minute (all 0 is right).
+//! - `zones`: skewed demand over three zones (60/30/10 % of the calls from
+//!   zones with equal numbers of clients and backends): cross-zone traffic,
+//!   max/mean backend load and client p99 for plain round robin, strict
+//!   same-zone, Envoy-style host-count weighting and the LB's plan.
 //! - `soak`: one LB over a real etcd under steady churn for a bounded time
 //!   (streams, calling clients, a backend replaced every second, stock
 //!   grpc-go and C-core backends kept throughout): no failed call, RSS flat
@@ -33,7 +37,7 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle`, `zones` |
 
 mod failover;
 mod fanout;
@@ -46,6 +50,7 @@ mod scale;
 mod slow_backend;
 mod soak;
 mod throughput;
+mod zones;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -165,6 +170,18 @@ enum Bench {
         #[arg(long = "lb-server")]
         lb_servers: Vec<PathBuf>,
     },
+    /// Skewed demand over three zones: cross-zone traffic and backend load, four list strategies side by side.
+    Zones {
+        /// Length of one measured round.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        round: Duration,
+        /// Rounds per contender (alternated).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Calls before each round's measurement (the plan measures demand).
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+    },
     /// Kill one of two LB replicas: time until its clients are on the survivor.
     Failover {
         /// Connected clients (LbChannels, each with its own stream).
@@ -281,6 +298,11 @@ async fn main() -> anyhow::Result<()> {
             round,
             rounds,
         } => slow_backend::slow_backend(concurrency, round, rounds).await?,
+        Bench::Zones {
+            round,
+            rounds,
+            warmup,
+        } => zones::zones(round, rounds, warmup).await?,
         Bench::KillRemoval { samples } => kill_removal::kill_removal(samples).await?,
         Bench::Failover { clients } => failover::failover(clients).await?,
         Bench::Soak {

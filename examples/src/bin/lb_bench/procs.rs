@@ -335,6 +335,16 @@ pub async fn greeter_in(
     registry: Option<&str>,
     service: &str,
 ) -> anyhow::Result<RunningGreeter> {
+    greeter_registered(options, registry, service, RegistrationOptions::default()).await
+}
+
+/// Like [`greeter_in`], registered with `registration` (metadata, TTL).
+pub async fn greeter_registered(
+    options: GreeterOptions,
+    registry: Option<&str>,
+    service: &str,
+    registration: RegistrationOptions,
+) -> anyhow::Result<RunningGreeter> {
     // A deep accept queue: a benchmark's thousand clients connect at once,
     // and an overflowing queue costs a SYN retransmit (1 s), not the LB.
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -343,14 +353,9 @@ pub async fn greeter_in(
     let mut refused = None;
     let g = RunningGreeter::start(listener, options, |addr| {
         let registry = registry?;
-        Registration::start(
-            registry,
-            service,
-            &addr.to_string(),
-            RegistrationOptions::default(),
-        )
-        .map_err(|e| refused = Some(e))
-        .ok()
+        Registration::start(registry, service, &addr.to_string(), registration.clone())
+            .map_err(|e| refused = Some(e))
+            .ok()
     })
     .await?;
     if let Some(e) = refused {
