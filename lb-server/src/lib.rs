@@ -74,4 +74,5 @@ pub mod internals {
     pub use crate::registry::{consul, dns, zookeeper};
     pub use crate::streams::names::{strip_port, NameMapper};
     pub use crate::streams::subsets::Subsets;
+    pub use crate::zones::Zones;
 }

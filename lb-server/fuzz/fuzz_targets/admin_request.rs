@@ -42,6 +42,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, axum::Router) {
             catalog,
             sessions: Default::default(),
             subsets: Arc::new(lb_server::internals::Subsets::new(0)),
+            zones: Arc::new(lb_server::internals::Zones::disabled(metrics.clone())),
             cluster: None,
             metrics,
             registry: "memory".into(),

@@ -91,6 +91,23 @@ impl Zones {
         }
     }
 
+    /// Zone lists off: every client gets its service's list.
+    pub fn disabled(metrics: Arc<Metrics>) -> Self {
+        Zones::new(
+            ZoneSettings {
+                enabled: false,
+                plan: PlanSettings {
+                    tolerance: 0.1,
+                    min_healthy: 1,
+                },
+                peers: PeerZones::default(),
+                max_list_len: 256,
+                stats_interval: Duration::from_secs(10),
+            },
+            metrics,
+        )
+    }
+
     /// Whether zone lists are made.
     pub fn enabled(&self) -> bool {
         self.settings.enabled
