@@ -7,8 +7,29 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), below the kernel's
+/// ephemeral range (32768 and up): the outgoing connections of the
+/// processes a test runs take their ports from that range, so one of them
+/// cannot take this port between its release and the process binding it.
+/// Successive calls walk the range from a random start, so two picks of one
+/// test binary never collide either.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")
         .local_addr()
