@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogLimits};
 use crate::cluster::{Cluster, ClusterSettings};
+use crate::config::reload::Reload;
 use crate::config::Config;
 use crate::grpclb::{Balancer, BalancerParts, BalancerSettings};
 use crate::log_limit::LogLimiter;
@@ -47,6 +48,7 @@ pub struct LbServer {
     pub admin_addr: SocketAddr,
     /// The catalog (for embedding programs and tests).
     pub catalog: Arc<Catalog>,
+    names: Arc<NameMapper>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -56,6 +58,7 @@ struct Parts {
     cfg: Config,
     metrics: Arc<Metrics>,
     catalog: Arc<Catalog>,
+    names: Arc<NameMapper>,
     sessions: Arc<Sessions>,
     subsets: Arc<Subsets>,
     zones: Arc<Zones>,
@@ -106,6 +109,10 @@ impl LbServer {
                 },
                 metrics.clone(),
             )),
+            names: Arc::new(NameMapper::new(
+                cfg.grpc.aliases.clone(),
+                cfg.grpc.domain_suffixes.clone(),
+            )),
             cfg,
             metrics,
             catalog: catalog.clone(),
@@ -132,9 +139,23 @@ impl LbServer {
             lb_addr,
             admin_addr,
             catalog,
+            names: parts.names,
             shutdown: parts.shutdown,
             tasks: parts.tasks,
         })
+    }
+
+    /// Applies what `reload` found changed in `cfg` that a running LB can
+    /// take (see [`crate::config::reload`]): name mapping and the list
+    /// policy. The log filter belongs to the program that installed it.
+    pub fn reload(&self, cfg: &Config, reload: &Reload) {
+        if reload.names_changed() {
+            self.names
+                .replace(cfg.grpc.aliases.clone(), cfg.grpc.domain_suffixes.clone());
+        }
+        if reload.policy_changed() {
+            self.catalog.set_policy(cfg.policy.policy());
+        }
     }
 
     /// Stops serving: streams are closed (spread over the shutdown window),
@@ -250,10 +271,7 @@ impl Parts {
     /// The gRPC port: the grpclb frontend and the registration API.
     fn grpc(&mut self, listener: TcpListener, sources: &Sources) -> anyhow::Result<()> {
         let cfg = &self.cfg;
-        let names = Arc::new(NameMapper::new(
-            cfg.grpc.aliases.clone(),
-            cfg.grpc.domain_suffixes.clone(),
-        ));
+        let names = self.names.clone();
         // One cap on streams: BalanceLoad, ADS and LRS streams together.
         let streams = Quota::new(
             "streams (BalanceLoad, ADS, LRS)",

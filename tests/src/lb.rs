@@ -27,7 +27,8 @@ impl Lb {
         Self::start_with_env(args, &[]).await
     }
 
-    /// Like [`Lb::start`], with extra environment variables.
+    /// Like [`Lb::start`], with extra environment variables (an empty
+    /// value removes the variable).
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Lb {
         Self::start_full(args, env, None).await
     }
@@ -82,9 +83,16 @@ impl Lb {
             .arg(addr.to_string())
             .arg("--admin-listen")
             .arg(admin.to_string());
-        cmd.args(&args)
-            .env("LB_LOG", "info,lb_server=debug")
-            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.args(&args).env("LB_LOG", "info,lb_server=debug");
+        // An empty value removes the variable (e.g. `LB_LOG`, to let a
+        // config file's setting through).
+        for (k, v) in &env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
         let proc = Proc::spawn("lb-server", cmd, false);
         let lb = Lb {
             proc,

@@ -101,7 +101,8 @@ impl ServiceEntry {
 /// All services.
 pub struct Catalog {
     services: DashMap<String, Arc<ServiceEntry>>,
-    policy: Policy,
+    /// The list policy; replaced whole by [`Catalog::set_policy`].
+    policy: arc_swap::ArcSwap<Policy>,
     metrics: Arc<Metrics>,
     synced: Mutex<HashSet<&'static str>>,
     sources: usize,
@@ -159,7 +160,7 @@ impl Catalog {
     ) -> Self {
         Catalog {
             services: DashMap::new(),
-            policy,
+            policy: arc_swap::ArcSwap::from_pointee(policy),
             metrics,
             synced: Mutex::new(HashSet::new()),
             sources,
@@ -228,6 +229,16 @@ impl Catalog {
             if backends.values().any(Backend::changes_with_time) {
                 self.publish(&entry, &mut backends);
             }
+        }
+    }
+
+    /// Replaces the list policy (a configuration reload) and rebuilds every
+    /// service's list with it; a list that comes out the same is not sent.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+        for entry in self.services() {
+            let mut backends = entry.backends.lock().expect("catalog lock");
+            self.publish(&entry, &mut backends);
         }
     }
 

@@ -70,10 +70,11 @@ impl Catalog {
     pub fn set_load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
         let now = Instant::now();
         let utilization = report.utilization();
-        let penalty = self.policy.weights.error_penalty;
+        let policy = self.policy.load();
+        let penalty = policy.weights.error_penalty;
         let usable =
             crate::policy::raw_weight(report.qps, report.eps, utilization, penalty).is_some();
-        let expiry = self.policy.weights.expiry;
+        let expiry = policy.weights.expiry;
         self.update_backends(service, addr, true, |b| {
             let previous = b
                 .load

@@ -111,7 +111,7 @@ impl Catalog {
                     drained: b.drained,
                 })
                 .collect();
-            self.policy.build(&candidates, now)
+            self.policy.load().build(&candidates, now)
         };
         let mut decisions = outcome.decisions.into_iter();
         for b in backends.values_mut() {

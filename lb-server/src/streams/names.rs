@@ -3,16 +3,26 @@
 //! Stock gRPC clients send the dial target's authority as written, port
 //! included (`greeter.svc.test:8443`). The mapping tries, in order: the name
 //! without its port, a configured alias of it, the name with a configured
-//! domain suffix removed, and an alias of that.
+//! domain suffix removed, and an alias of that. The rules can be replaced
+//! while streams run (a configuration reload); each lookup sees one set.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 /// Longest name accepted in an initial request (the protocol's limit).
 pub const MAX_NAME_LEN: usize = lb_proto::ext::MAX_SERVICE_NAME_LEN;
 
-/// Name → service mapping rules.
-#[derive(Debug, Clone, Default)]
+/// Name → service mapping rules, replaceable at run time.
+#[derive(Debug, Default)]
 pub struct NameMapper {
+    rules: ArcSwap<Rules>,
+}
+
+/// One set of rules.
+#[derive(Debug, Default)]
+struct Rules {
     aliases: HashMap<String, String>,
     suffixes: Vec<String>,
 }
@@ -20,6 +30,36 @@ pub struct NameMapper {
 impl NameMapper {
     /// Rules from configured aliases (`name → service`) and domain suffixes.
     pub fn new(
+        aliases: impl IntoIterator<Item = (String, String)>,
+        suffixes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        NameMapper {
+            rules: ArcSwap::from_pointee(Rules::new(aliases, suffixes)),
+        }
+    }
+
+    /// Replaces the rules; lookups from now on use the new ones.
+    pub fn replace(
+        &self,
+        aliases: impl IntoIterator<Item = (String, String)>,
+        suffixes: impl IntoIterator<Item = String>,
+    ) {
+        self.rules.store(Arc::new(Rules::new(aliases, suffixes)));
+    }
+
+    /// The candidate service names for `name`, most specific first.
+    pub fn candidates(&self, name: &str) -> Vec<String> {
+        self.rules.load().candidates(name)
+    }
+
+    /// The first candidate for which `exists` holds.
+    pub fn resolve(&self, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
+        self.candidates(name).into_iter().find(|c| exists(c))
+    }
+}
+
+impl Rules {
+    fn new(
         aliases: impl IntoIterator<Item = (String, String)>,
         suffixes: impl IntoIterator<Item = String>,
     ) -> Self {
@@ -36,14 +76,13 @@ impl NameMapper {
             .collect();
         // Longest first, so `.svc.cluster.local` wins over `.local`.
         suffixes.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        NameMapper {
+        Rules {
             aliases: aliases.into_iter().collect(),
             suffixes,
         }
     }
 
-    /// The candidate service names for `name`, most specific first.
-    pub fn candidates(&self, name: &str) -> Vec<String> {
+    fn candidates(&self, name: &str) -> Vec<String> {
         let host = strip_port(name.trim());
         let mut out = vec![host.to_string()];
         if let Some(a) = self.aliases.get(host) {
@@ -58,11 +97,6 @@ impl NameMapper {
             }
         }
         out
-    }
-
-    /// The first candidate for which `exists` holds.
-    pub fn resolve(&self, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
-        self.candidates(name).into_iter().find(|c| exists(c))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Command-line and environment configuration of an `lb-server` process.
 //!
-//! Every flag can also be given as an `LB_…` environment variable; `--help`
-//! documents them all. [`Config`] is plain data: [`crate::LbServer`] turns it
+//! Every flag can also be given as an `LB_…` environment variable or in the
+//! config file (`--config lb.toml`, see [`file`]); `--help` documents them
+//! all, each section of it headed by its section of the file. [`Config`] is plain data: [`crate::LbServer`] turns it
 //! into running parts, handing each part its own section
 //! ([`RegistryFlags`] to the registry sources, [`ProbeFlags`] to the probes,
 //! [`PolicyFlags`] to the policy, [`GrpcFlags`] to the gRPC port, and so on),
@@ -17,6 +18,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub mod file;
+pub mod reload;
+
 /// Configuration of one LB replica.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -26,6 +30,17 @@ use clap::Parser;
     long_about = None
 )]
 pub struct Config {
+    /// Read settings from this TOML file (sections as headed below, keys
+    /// the flags' long names). Command-line flags win over `LB_…`
+    /// variables, which win over the file, which wins over the defaults.
+    #[arg(long, env = "LB_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Print the effective configuration (flags, environment and file) as
+    /// a config file that starts the same LB, and exit. Secrets are left out.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Address of the gRPC port: grpc.lb.v1.LoadBalancer and the embedded
     /// registry's registration API.
     #[arg(long, env = "LB_LISTEN", default_value = "127.0.0.1:7000")]
@@ -40,6 +55,11 @@ pub struct Config {
     /// handshake, or an admin request's headers, taking longer.
     #[arg(long, env = "LB_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "LB_LOG", default_value = "info")]
+    pub log: String,
 
     /// Where backends are found: the registry URLs and what each kind of source needs.
     #[command(flatten)]
@@ -72,15 +92,11 @@ pub struct Config {
     /// Replicas sharing health checks through etcd.
     #[command(flatten)]
     pub cluster: ClusterFlags,
-
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,lb_server=debug`.
-    #[arg(long, env = "LB_LOG", default_value = "info")]
-    pub log: String,
 }
 
 /// Where backends are found: the registry URLs and what each kind of source needs.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Registry sources")]
+#[command(next_help_heading = "Registry sources [registry]")]
 pub struct RegistryFlags {
     /// Where backends are registered: `memory` (embedded, fed by the
     /// registration API), `etcd://host1:2379,host2:2379`,
@@ -198,7 +214,7 @@ pub struct RegistryFlags {
 
 /// Caps on what registries may put in the catalog.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Catalog")]
+#[command(next_help_heading = "Catalog [catalog]")]
 pub struct CatalogFlags {
     /// Most services the LB tracks; registry entries of further services
     /// are rejected (reason `limit`).
@@ -213,7 +229,7 @@ pub struct CatalogFlags {
 
 /// How each backend is probed: health checks and ORCA load reports.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Health and load probes")]
+#[command(next_help_heading = "Health and load probes [probes]")]
 pub struct ProbeFlags {
     /// Actively health-check backends (`grpc.health.v1.Health/Watch`, or
     /// periodic `Check` when Watch is unimplemented).
@@ -273,7 +289,7 @@ pub struct ProbeFlags {
 
 /// How backends become a server list.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "List policy")]
+#[command(next_help_heading = "List policy [policy]")]
 pub struct PolicyFlags {
     /// Longest server list sent (weights are expressed by repetition and are
     /// scaled down to fit).
@@ -321,7 +337,7 @@ pub struct PolicyFlags {
 
 /// The gRPC port: names, streams, caps, TLS.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "gRPC port: BalanceLoad and ADS streams")]
+#[command(next_help_heading = "gRPC port: BalanceLoad and ADS streams [grpc]")]
 pub struct GrpcFlags {
     /// Extra names for services, `name=service` (repeatable, or
     /// comma-separated in the env var).
@@ -426,7 +442,7 @@ pub struct GrpcFlags {
 
 /// The admin HTTP port: caps, token, TLS.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Admin port")]
+#[command(next_help_heading = "Admin port [admin]")]
 pub struct AdminFlags {
     /// Most connections open at once on the admin port.
     #[arg(long, env = "LB_ADMIN_MAX_CONNECTIONS", default_value_t = 256)]
@@ -464,7 +480,7 @@ pub struct AdminFlags {
 
 /// Replicas sharing health checks through etcd.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Replicas")]
+#[command(next_help_heading = "Replicas [cluster]")]
 pub struct ClusterFlags {
     /// With an etcd registry: share health checking with the other replicas
     /// over the same etcd (each backend is checked by one replica and the
@@ -610,7 +626,7 @@ impl PolicyFlags {
 
 /// Zone-aware lists: where zones come from and how far a zone may be loaded.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Zones")]
+#[command(next_help_heading = "Zones [zones]")]
 pub struct ZoneFlags {
     /// Give clients of known zone a list that keeps their calls in their
     /// zone as far as its backends' capacity allows (backends' zones come

@@ -1,0 +1,229 @@
+//! The config file, run as an operator runs it: `lb-server --config
+//! lb.toml`, the order of flags, environment and file, `--print-config`
+//! starting the same LB, a misspelt key refused with the nearest valid
+//! one, and SIGHUP applying what can change and naming what needs a
+//! restart, on a live LB with clients.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lb_tests::{bin, call_n, channel, greeters, wait_backends, wait_until, Lb};
+
+/// `lb-server ARGS` with only the environment `env`: (status, stdout, stderr).
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin("lb-server"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run lb-server");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn line<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(&format!("{key} = ")))
+}
+
+#[test]
+fn flags_beat_environment_beat_file_beat_defaults_and_printed_config_starts_the_same_lb() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.toml");
+    std::fs::write(
+        &file,
+        "log = \"warn\"\n\
+         [policy]\nslow-start = \"30s\"\nmax-shed = 0.3\n\
+         [grpc]\nmax-streams = 77\nalias = [\"hello=greeter\"]\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) = run(
+        &["--config", path, "--print-config", "--max-streams", "88"],
+        &[("LB_MAX_SHED", "0.4")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        line(&out, "max-streams"),
+        Some("max-streams = 88"),
+        "flag over file"
+    );
+    assert_eq!(
+        line(&out, "max-shed"),
+        Some("max-shed = 0.4"),
+        "environment over file"
+    );
+    assert_eq!(
+        line(&out, "slow-start"),
+        Some("slow-start = \"30s\""),
+        "file over default"
+    );
+    assert_eq!(
+        line(&out, "max-list-len"),
+        Some("max-list-len = 256"),
+        "default"
+    );
+    assert_eq!(line(&out, "alias"), Some("alias = [\"hello=greeter\"]"));
+    assert_eq!(line(&out, "log"), Some("log = \"warn\""));
+    assert!(
+        out.contains("\n[policy]\n") && out.contains("\n[zones]\n"),
+        "{out}"
+    );
+
+    // The printed file alone (no flags, no environment) gives the same
+    // effective configuration.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out).unwrap();
+    let (code, again, err) = run(
+        &["--config", printed.to_str().unwrap(), "--print-config"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again, out);
+
+    // LB_CONFIG names the file as well.
+    let (code, by_env, err) = run(
+        &["--print-config"],
+        &[("LB_CONFIG", printed.to_str().unwrap())],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(by_env, out);
+}
+
+#[test]
+fn a_misspelt_or_misplaced_key_is_refused_naming_the_nearest_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.toml");
+    for (text, want) in [
+        (
+            "[zones]\nzone-overload-tolerence = 0.2\n",
+            "unknown key `zone-overload-tolerence` in [zones]; the nearest valid key is `zone-overload-tolerance` in [zones]",
+        ),
+        (
+            "[policy]\nhealth-timeout = \"2s\"\n",
+            "`health-timeout` in [policy] is in the wrong section: it belongs in `health-timeout` in [probes]",
+        ),
+        ("[prob]\nhealth-timeout = \"2s\"\n", "unknown section [prob]; the nearest valid one is [probes]"),
+        ("[probes]\nhealth-timeout = \"soon\"\n", "`health-timeout` in [probes]: \"soon\": invalid value"),
+        ("[probes\n", "lb.toml"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let (code, out, err) = run(&["--config", file.to_str().unwrap()], &[]);
+        assert_eq!(code, 2, "{text:?} must be refused: {out}{err}");
+        assert!(err.contains(want), "{text:?}: want {want:?} in: {err}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_names_policy_and_log_level_and_names_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lb.toml");
+    let path = file.to_str().unwrap().to_string();
+    std::fs::write(
+        &file,
+        "log = \"warn\"\n[registry]\nregistry = [\"memory\"]\n[grpc]\nmax-streams = 1000\n",
+    )
+    .unwrap();
+    // Without the harness's LB_LOG, the file's log filter applies.
+    let lb = Lb::start_with_env(&["--config", &path], &[("LB_LOG", "")]).await;
+    let _gs = greeters(2, &format!("lb://{}", lb.addr), &[]).await;
+    let direct = channel("greeter", &[lb.addr]);
+    assert!(wait_backends(&direct, 2, Duration::from_secs(10)).await);
+    let log = || std::fs::read_to_string(&lb.proc.log).unwrap_or_default();
+    assert!(
+        !log().contains(" INFO "),
+        "the file's `warn` filter applies: {}",
+        log()
+    );
+
+    // Not yet an alias: `hello` is no service.
+    let hello = channel("hello", &[lb.addr]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(call_n(&hello, 3).await.ok(), 0);
+
+    std::fs::write(
+        &file,
+        "log = \"info\"\n[registry]\nregistry = [\"memory\"]\n\
+         [grpc]\nmax-streams = 5\nalias = [\"hello=greeter\"]\n\
+         [policy]\npanic-threshold = 0.9\n",
+    )
+    .unwrap();
+    lb.proc.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || log()
+            .contains("SIGHUP: configuration reloaded"))
+        .await,
+        "no reload line: {}",
+        log()
+    );
+    let text = log();
+    let reloaded = text
+        .lines()
+        .find(|l| l.contains("SIGHUP: configuration reloaded"))
+        .unwrap();
+    assert!(
+        reloaded.contains("\"log\"")
+            && reloaded.contains("\"alias\"")
+            && reloaded.contains("\"panic-threshold\""),
+        "{reloaded}"
+    );
+    assert!(
+        reloaded.contains("needs_restart=[\"max-streams\"]"),
+        "{reloaded}"
+    );
+    assert!(
+        lb.log_lines("WARN")
+            .iter()
+            .any(|l| l.contains("after a restart") && l.contains("max-streams")),
+        "{text}"
+    );
+    // The alias works now, on the same LB process and its running clients.
+    assert!(wait_backends(&hello, 2, Duration::from_secs(10)).await);
+    assert_eq!(call_n(&hello, 20).await.ok(), 20);
+    assert_eq!(call_n(&direct, 20).await.ok(), 20);
+
+    // A broken file on SIGHUP: reported, the running configuration kept.
+    std::fs::write(&file, "[grpc]\nalias = [\"hello=greeter\"\n").unwrap();
+    lb.proc.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || log()
+            .contains("configuration not reloaded"))
+        .await,
+        "{}",
+        log()
+    );
+    assert_eq!(call_n(&hello, 10).await.ok(), 10);
+
+    // A reload with nothing changed applies nothing and warns of nothing.
+    std::fs::write(
+        &file,
+        "log = \"info\"\n[registry]\nregistry = [\"memory\"]\n\
+         [grpc]\nmax-streams = 5\nalias = [\"hello=greeter\"]\n\
+         [policy]\npanic-threshold = 0.9\n",
+    )
+    .unwrap();
+    let warns = lb.log_lines("WARN").len();
+    lb.proc.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || log()
+            .matches("SIGHUP: configuration reloaded")
+            .count()
+            >= 2)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = log()
+        .lines()
+        .rfind(|l| l.contains("SIGHUP: configuration reloaded"))
+        .unwrap()
+        .to_string();
+    // max-streams still differs from what runs (1000): still named.
+    assert!(last.contains("applied=[]"), "{last}");
+    assert_eq!(
+        lb.log_lines("WARN").len(),
+        warns + 1,
+        "one restart warning again"
+    );
+}
