@@ -69,7 +69,7 @@ pub mod internals {
     pub use crate::catalog::Catalog;
     pub use crate::metrics::Metrics;
     pub use crate::model::Instance;
-    pub use crate::net::tls::https_acceptor;
+    pub use crate::net::tls::{http_client_config, https_acceptor};
     pub use crate::registry::entry::{parse_host_port, parse_key, parse_value, ValueOp};
     pub use crate::registry::{consul, dns, zookeeper};
     pub use crate::streams::names::{strip_port, NameMapper};
