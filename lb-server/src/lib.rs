@@ -25,6 +25,7 @@
 //! | `zones` | per-client-zone lists from demand and capacity per zone |
 //! | `probe` | active health checks and ORCA load per backend |
 //! | `cluster` | replicas sharing health checks through etcd |
+//! | `history` | the last hour of samples and events, for the dashboard |
 //! | `rendezvous` | stable rendezvous hashing |
 //! | `grpclb` | the grpclb frontend (BalanceLoad streams) |
 //! | `xds` | the xDS frontend (ADS state of the world, LRS) |
@@ -42,6 +43,7 @@ pub(crate) mod admin;
 pub(crate) mod catalog;
 pub(crate) mod cluster;
 pub(crate) mod grpclb;
+pub(crate) mod history;
 pub(crate) mod log_limit;
 pub(crate) mod metrics;
 pub(crate) mod model;
@@ -67,6 +69,7 @@ pub use server::LbServer;
 pub mod internals {
     pub use crate::admin::{router, AdminState};
     pub use crate::catalog::Catalog;
+    pub use crate::history::{History, HistorySettings};
     pub use crate::metrics::Metrics;
     pub use crate::model::Instance;
     pub use crate::net::tls::{http_client_config, https_acceptor};

@@ -16,6 +16,7 @@ use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::reload::Reload;
 use crate::config::Config;
 use crate::grpclb::{Balancer, BalancerParts, BalancerSettings};
+use crate::history::History;
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::limits::Quota;
@@ -62,6 +63,7 @@ struct Parts {
     sessions: Arc<Sessions>,
     subsets: Arc<Subsets>,
     zones: Arc<Zones>,
+    history: Arc<History>,
     refusal_log: Arc<LogLimiter>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -109,6 +111,9 @@ impl LbServer {
                 },
                 metrics.clone(),
             )),
+            history: Arc::new(History::new(
+                cfg.history.settings(cfg.grpc.client_stats_interval)?,
+            )),
             names: Arc::new(NameMapper::new(
                 cfg.grpc.aliases.clone(),
                 cfg.grpc.domain_suffixes.clone(),
@@ -126,6 +131,7 @@ impl LbServer {
             parts.sources(&sources);
             parts.probes(cluster.clone())?;
             parts.refresh();
+            parts.history();
             parts.grpc(lb_listener, &sources)?;
             parts.admin(admin_listener, cluster)
         })();
@@ -268,6 +274,15 @@ impl Parts {
         });
     }
 
+    /// History: samples of the catalog and its journal, for the dashboard.
+    fn history(&mut self) {
+        let task = self
+            .history
+            .clone()
+            .run(self.catalog.clone(), self.shutdown.clone());
+        self.spawn(task);
+    }
+
     /// The gRPC port: the grpclb frontend and the registration API.
     fn grpc(&mut self, listener: TcpListener, sources: &Sources) -> anyhow::Result<()> {
         let cfg = &self.cfg;
@@ -400,6 +415,7 @@ impl Parts {
             sessions: self.sessions.clone(),
             subsets: self.subsets.clone(),
             zones: self.zones.clone(),
+            history: self.history.clone(),
             cluster,
             metrics: self.metrics.clone(),
             registry: cfg.registry.registry_line(),

@@ -43,6 +43,16 @@ fn setup() -> &'static (tokio::runtime::Runtime, axum::Router) {
             sessions: Default::default(),
             subsets: Arc::new(lb_server::internals::Subsets::new(0)),
             zones: Arc::new(lb_server::internals::Zones::disabled(metrics.clone())),
+            history: Arc::new(lb_server::internals::History::new(
+                lb_server::internals::HistorySettings {
+                    interval: std::time::Duration::from_secs(10),
+                    window: std::time::Duration::from_secs(60),
+                    events: 16,
+                    max_services: 4,
+                    max_backends: 16,
+                    rate_window: std::time::Duration::from_secs(20),
+                },
+            )),
             cluster: None,
             metrics,
             registry: "memory".into(),

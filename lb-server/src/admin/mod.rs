@@ -8,6 +8,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/v1/services` | every service, summarised |
 //! | `GET /api/v1/services/{name}` | one service: backends, health, load, weights, reasons |
+//! | `GET /api/v1/services/{name}/history` | its last hour: samples and the event timeline |
 //! | `GET /api/v1/clients` | connected BalanceLoad streams |
 //! | `POST /api/v1/services/{name}/backends/{addr}/drain` | take out of lists, keep registered |
 //! | `POST /api/v1/services/{name}/backends/{addr}/undrain` | put back |
@@ -61,6 +62,8 @@ pub struct AdminState {
     pub subsets: Arc<crate::streams::subsets::Subsets>,
     /// Per-client-zone lists.
     pub zones: Arc<crate::zones::Zones>,
+    /// The last hour of samples and events.
+    pub history: Arc<crate::history::History>,
     /// Cluster membership, when replicas share health checks.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Metrics.
@@ -98,6 +101,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(queries::metrics))
         .route("/api/v1/services", get(queries::services))
         .route("/api/v1/services/{name}", get(queries::service))
+        .route("/api/v1/services/{name}/history", get(queries::history))
         .route("/api/v1/clients", get(queries::clients))
         .route("/api/v1/cluster", get(queries::cluster))
         .merge(mutations)

@@ -61,6 +61,34 @@ pub async fn service(
     Ok(Json(ServiceDetail::of(&entry, &s)).into_response())
 }
 
+/// `GET /api/v1/services/{name}/history`: the service's samples and event
+/// timeline; 404 for an unknown service, and for one past the history's
+/// service cap (saying so).
+pub async fn history(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Response, Refusal> {
+    if s.catalog.service(&name).is_none() {
+        return Err(Refusal::unknown_service(&name));
+    }
+    let view = s.history.view(&name).ok_or_else(|| {
+        Refusal::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "no_history",
+            format!("{name:?} has no history yet (it is sampled every --history-interval; past --history-max-services, services have none)"),
+        )
+    })?;
+    let (services, backends, events) = s.history.untracked();
+    let mut json = serde_json::to_value(view).unwrap_or_default();
+    json["untracked"] = serde_json::json!({
+        "services": services,
+        "backends": backends,
+        "events_lost": events,
+        "budget_bytes": s.history.budget_bytes(),
+    });
+    Ok(Json(json).into_response())
+}
+
 /// `GET /api/v1/clients`: connected BalanceLoad streams (`clients`) and
 /// ADS streams (`xds_clients`).
 pub async fn clients(State(s): State<AdminState>) -> Json<Value> {

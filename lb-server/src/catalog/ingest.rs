@@ -3,6 +3,7 @@
 //! key; an index of which services hold each key keeps it from touching the
 //! others.
 
+use super::journal::Change;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -94,6 +95,8 @@ impl Catalog {
             if let Some(gone) = backends.remove(&(source, key.to_string())) {
                 if !backends.values().any(|b| b.addr == gone.addr) {
                     self.metrics.forget_backend(&entry.name, gone.addr);
+                    self.journal
+                        .record(&entry.name, Some(gone.addr), Change::Removed);
                 }
                 if let Some(repeats) = self.log_change(format_args!("{}|{key}|removed", entry.name))
                 {
@@ -201,6 +204,7 @@ impl Catalog {
                 let mut shared = backends.values_mut().filter(|b| b.addr == addr).peekable();
                 if shared.peek().is_none() {
                     self.metrics.forget_backend(&service, addr);
+                    self.journal.record(&service, Some(addr), Change::Removed);
                 }
                 shared.for_each(|b| b.exported_gauges = None);
             }
@@ -268,6 +272,10 @@ impl Catalog {
             .map(|b| b.registered_at)
             .unwrap_or(i.registered_at);
         self.index_add(source, &i.key, &i.service);
+        if sibling.is_none() {
+            self.journal
+                .record(&i.service, Some(i.addr), Change::Registered);
+        }
         if let Some(repeats) = log
             .then(|| self.log_change(format_args!("{}|{}|registered", i.service, i.key)))
             .flatten()

@@ -20,6 +20,7 @@
 //! | `observe` | what probes and operators say |
 //! | `publish` | policy → snapshot, source priority and conflicts |
 //! | `calls` | client stats, summed per service |
+//! | `journal` | each change, as an event, for history |
 //!
 //! A service, once seen, stays known for the life of the process (with an
 //! empty list when it has no backends), so that clients of a service whose
@@ -28,6 +29,7 @@
 mod backend;
 mod calls;
 mod ingest;
+pub mod journal;
 mod observe;
 mod publish;
 
@@ -115,6 +117,8 @@ pub struct Catalog {
     /// The services each (source, key) is in, so that a removal, which
     /// names only the key, touches those services and no other.
     index: DashMap<(&'static str, String), Vec<String>>,
+    /// Each change, for history.
+    journal: journal::Journal,
 }
 
 /// Caps on what registries may put in the catalog.
@@ -175,6 +179,7 @@ impl Catalog {
             log: LogLimiter::new(CHANGE_LOG_INTERVAL),
             source_order: Vec::new(),
             index: DashMap::new(),
+            journal: journal::Journal::default(),
         }
     }
 
@@ -230,6 +235,11 @@ impl Catalog {
                 self.publish(&entry, &mut backends);
             }
         }
+    }
+
+    /// Every change from now on, as events (see [`journal`]).
+    pub fn journal(&self) -> tokio::sync::broadcast::Receiver<journal::Event> {
+        self.journal.subscribe()
     }
 
     /// Replaces the list policy (a configuration reload) and rebuilds every

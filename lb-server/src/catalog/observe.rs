@@ -2,6 +2,7 @@
 //! once, with the slow-start rule), load (folded in at the next refresh),
 //! drains and weight overrides.
 
+use super::journal::Change;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
@@ -53,6 +54,15 @@ impl Catalog {
                 tracing::info!(service, %addr, from = ?b.health, to = ?health, detail, changes_not_logged = repeats, "health changed");
             }
             metrics.health_transition(service, health);
+            self.journal.record(
+                service,
+                Some(addr),
+                Change::Health {
+                    from: b.health,
+                    to: health,
+                    detail: detail.to_string(),
+                },
+            );
             if b.health != HealthState::Unknown {
                 b.recent_transitions.record(now);
             }
@@ -112,10 +122,15 @@ impl Catalog {
     /// Takes a backend out of lists (or puts it back), keeping it registered.
     /// Returns false when no such backend exists.
     pub fn set_drained(&self, service: &str, addr: SocketAddr, drained: bool) -> bool {
-        self.update_backends(service, addr, false, |b| {
+        let found = self.update_backends(service, addr, false, |b| {
             b.drained = drained;
             true
-        })
+        });
+        if found {
+            self.journal
+                .record(service, Some(addr), Change::Drained { drained });
+        }
+        found
     }
 
     /// Sets (or with `None` clears) an operator's weight override of a
@@ -126,13 +141,19 @@ impl Catalog {
         addr: SocketAddr,
         over: Option<(u32, std::time::Duration)>,
     ) -> bool {
-        self.update_backends(service, addr, false, |b| {
+        let found = self.update_backends(service, addr, false, |b| {
             b.weight_override = over.map(|(weight, ttl)| WeightOverride {
                 weight: weight.max(1),
                 until: SystemTime::now() + ttl,
                 expires: Instant::now() + ttl,
             });
             true
-        })
+        });
+        if found {
+            let weight = over.map(|(w, _)| w.max(1));
+            self.journal
+                .record(service, Some(addr), Change::WeightOverride { weight });
+        }
+        found
     }
 }

@@ -3,6 +3,7 @@
 //! first in `--registry` order that defines it; another source defining it
 //! too is a conflict, reported, and its backends are left out.
 
+use super::journal::Change;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -161,6 +162,15 @@ impl Catalog {
                 tracing::info!(service = %entry.name, version, servers = servers.len(), panic, changes_not_logged = repeats, "list changed");
             }
             self.metrics.list_version.get_or_create(&labels).set(version as i64);
+            self.journal.record(
+                &entry.name,
+                None,
+                Change::List {
+                    version,
+                    servers: servers.len(),
+                    panic,
+                },
+            );
             *current = Arc::new(
                 PublishedList::new(version, servers, panic, shed_fraction)
                     .with_localities(Arc::new(localities)),

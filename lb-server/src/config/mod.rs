@@ -92,6 +92,10 @@ pub struct Config {
     /// Replicas sharing health checks through etcd.
     #[command(flatten)]
     pub cluster: ClusterFlags,
+
+    /// The in-memory history the dashboard draws.
+    #[command(flatten)]
+    pub history: HistoryFlags,
 }
 
 /// Where backends are found: the registry URLs and what each kind of source needs.
@@ -502,6 +506,56 @@ pub struct ClusterFlags {
     /// replica's backends go unchecked before the others take them over.
     #[arg(long, env = "LB_REPLICA_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub replica_ttl: Duration,
+}
+
+/// The in-memory history the dashboard draws
+/// (`/api/v1/services/{name}/history`).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "History [history]")]
+pub struct HistoryFlags {
+    /// Time between samples of each service and backend.
+    #[arg(long, env = "LB_HISTORY_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub history_interval: Duration,
+
+    /// How far back samples go.
+    #[arg(long, env = "LB_HISTORY_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub history_window: Duration,
+
+    /// Events (health changes, registrations, drains, lists) kept per service.
+    #[arg(long, env = "LB_HISTORY_EVENTS", default_value_t = 256)]
+    pub history_events: usize,
+
+    /// Services with history (the first ones seen); others have none.
+    #[arg(long, env = "LB_HISTORY_MAX_SERVICES", default_value_t = 500)]
+    pub history_max_services: usize,
+
+    /// Backends with series, all services together. With the defaults the
+    /// history takes at most about 40 MB.
+    #[arg(long, env = "LB_HISTORY_MAX_BACKENDS", default_value_t = 5000)]
+    pub history_max_backends: usize,
+}
+
+impl HistoryFlags {
+    /// The history settings these flags describe, for clients reporting
+    /// stats every `stats_interval`.
+    pub fn settings(
+        &self,
+        stats_interval: Duration,
+    ) -> anyhow::Result<crate::history::HistorySettings> {
+        anyhow::ensure!(
+            self.history_interval >= Duration::from_millis(100),
+            "--history-interval {:?} is below 100ms",
+            self.history_interval
+        );
+        Ok(crate::history::HistorySettings {
+            interval: self.history_interval,
+            window: self.history_window.max(self.history_interval),
+            events: self.history_events.max(1),
+            max_services: self.history_max_services,
+            max_backends: self.history_max_backends,
+            rate_window: (2 * stats_interval).max(self.history_interval),
+        })
+    }
 }
 
 impl Config {
