@@ -10,7 +10,25 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Registers metric families and remembers each one's full name and type,
+/// so that the set the LB exports can be listed (dashboards built on the
+/// metrics are checked against it).
+struct Registrar<'a> {
+    registry: &'a mut Registry,
+    prefix: &'static str,
+    families: &'a mut Vec<(String, MetricType)>,
+}
+
+impl Registrar<'_> {
+    fn add<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
+        self.families
+            .push((format!("{}_{name}", self.prefix), M::TYPE));
+        self.registry.register(name, help, metric);
+    }
+}
 
 /// Labels naming a registry source and what happened.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,6 +98,8 @@ pub struct KindLabels {
 /// Every metric the LB exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every family registered (full name, type), for [`Metrics::families`].
+    families: Vec<(String, MetricType)>,
     /// BalanceLoad streams open now.
     pub streams_open: Gauge,
     /// BalanceLoad streams accepted since start.
@@ -194,44 +214,48 @@ impl XdsMetrics {
         })
     }
 
-    fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("xds");
-        r.register(
+    fn register(&self, parent: &mut Registrar<'_>) {
+        let mut r = Registrar {
+            registry: parent.registry.sub_registry_with_prefix("xds"),
+            prefix: "lb_xds",
+            families: parent.families,
+        };
+        r.add(
             "streams_open",
             "ADS streams open now",
             self.streams_open.clone(),
         );
-        r.register(
+        r.add(
             "streams",
             "ADS streams accepted",
             self.streams_total.clone(),
         );
-        r.register(
+        r.add(
             "refused",
             "ADS and LRS streams refused or closed, and requests ignored, by reason",
             self.refused.clone(),
         );
-        r.register(
+        r.add(
             "responses",
             "xDS responses written, per resource type",
             self.responses.clone(),
         );
-        r.register(
+        r.add(
             "acks",
             "xDS responses accepted by the client, per resource type",
             self.acks.clone(),
         );
-        r.register(
+        r.add(
             "nacks",
             "xDS responses rejected by the client, per resource type",
             self.nacks.clone(),
         );
-        r.register(
+        r.add(
             "push_seconds",
             "Time from a catalog change to an ADS stream writing the new assignment",
             self.push_seconds.clone(),
         );
-        r.register(
+        r.add(
             "load_reports",
             "LRS load reports folded into the client stats",
             self.load_reports.clone(),
@@ -274,125 +298,158 @@ impl Metrics {
             upstream_reconnects: Family::default(),
             xds: XdsMetrics::new(),
             registry: Registry::default(),
+            families: Vec::new(),
         };
-        registry.register(
+        let mut families = Vec::new();
+        let mut reg = Registrar {
+            registry: &mut registry,
+            prefix: "lb",
+            families: &mut families,
+        };
+        reg.add(
             "streams_open",
             "BalanceLoad streams open now",
             m.streams_open.clone(),
         );
-        registry.register(
+        reg.add(
             "streams",
             "BalanceLoad streams accepted",
             m.streams_total.clone(),
         );
-        registry.register(
+        reg.add(
             "streams_refused",
             "BalanceLoad streams refused, by reason",
             m.streams_refused.clone(),
         );
-        registry.register(
+        reg.add(
             "lists_sent",
             "Server lists written to streams",
             m.lists_sent.clone(),
         );
-        registry.register(
+        reg.add(
             "list_push_seconds",
             "Time from a catalog change to a stream writing the new list",
             m.list_push_seconds.clone(),
         );
-        registry.register(
+        reg.add(
             "registry_events",
             "Registry events applied, by source and kind",
             m.registry_events.clone(),
         );
-        registry.register(
+        reg.add(
             "registry_rejects",
             "Registry entries rejected, by source and reason",
             m.registry_rejects.clone(),
         );
-        registry.register(
+        reg.add(
             "backends",
             "Backends registered, per service",
             m.backends.clone(),
         );
-        registry.register(
+        reg.add(
             "list_version",
             "Current list version, per service",
             m.list_version.clone(),
         );
-        registry.register(
+        reg.add(
             "zone_cross_fraction",
             "Fraction of zoned clients' calls the zone plan sends across zones, per service",
             m.zone_cross_fraction.clone(),
         );
-        registry.register(
+        reg.add(
             "zone_plans",
             "Zone plans published, per service",
             m.zone_plans.clone(),
         );
-        registry.register(
+        reg.add(
             "client_calls",
             "Calls reported in client stats, per service and kind",
             m.client_calls.clone(),
         );
-        registry.register(
+        reg.add(
             "health_transitions",
             "Health transitions, per service and new state",
             m.health_transitions.clone(),
         );
-        registry.register(
+        reg.add(
             "backend_weight",
             "Relative weight of each backend in its list (0 = not listed)",
             m.backend_weight.clone(),
         );
-        registry.register(
+        reg.add(
             "backend_healthy",
             "1 when a backend's health check says it serves",
             m.backend_healthy.clone(),
         );
-        registry.register(
+        reg.add(
             "admin_mutations",
             "Admin mutations applied, by action",
             m.admin_mutations.clone(),
         );
-        registry.register(
+        reg.add(
             "admin_errors",
             "Admin requests refused, by reason",
             m.admin_errors.clone(),
         );
-        registry.register(
+        reg.add(
             "connections_open",
             "Connections open now, per port",
             m.connections_open.clone(),
         );
-        registry.register(
+        reg.add(
             "connections_refused",
             "Connections refused or closed by a guard (limits, handshake deadline), per port and reason",
             m.connections_refused.clone(),
         );
-        registry.register(
+        reg.add(
             "client_stats_refused",
             "Client-stats reports refused, by reason",
             m.client_stats_refused.clone(),
         );
-        registry.register(
+        reg.add(
             "registrations_refused",
             "Embedded-registry calls refused, by reason",
             m.registrations_refused.clone(),
         );
-        registry.register(
+        reg.add(
             "registry_conflicts",
             "Registry sources that define a service another source (earlier in --registry) defines",
             m.registry_conflicts.clone(),
         );
-        registry.register(
+        reg.add(
             "upstream_reconnects",
             "Outgoing sessions (health probes, registry and cluster sessions) lost and opened again, per kind",
             m.upstream_reconnects.clone(),
         );
-        m.xds.register(&mut registry);
+        m.xds.register(&mut reg);
+        families.extend(
+            ProcessCollector::FAMILIES
+                .iter()
+                .map(|name| (name.to_string(), MetricType::Gauge)),
+        );
         registry.register_collector(Box::new(ProcessCollector));
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            families,
+            ..m
+        }
+    }
+
+    /// The name of every sample the LB can export (counters with their
+    /// `_total`, histograms' `_bucket`, `_sum` and `_count`), whether or
+    /// not it has a value yet.
+    pub fn sample_names(&self) -> Vec<String> {
+        self.families
+            .iter()
+            .flat_map(|(name, kind)| match kind {
+                MetricType::Counter => vec![format!("{name}_total")],
+                MetricType::Histogram => ["bucket", "sum", "count"]
+                    .iter()
+                    .map(|s| format!("{name}_{s}"))
+                    .collect(),
+                _ => vec![name.clone()],
+            })
+            .collect()
     }
 
     /// Counts one registry entry rejected by `source` for `reason`.
@@ -518,6 +575,15 @@ impl Default for Metrics {
 /// descriptors and resident memory. A leak shows here first.
 #[derive(Debug)]
 struct ProcessCollector;
+
+impl ProcessCollector {
+    /// The gauges it writes.
+    const FAMILIES: [&'static str; 3] = [
+        "lb_runtime_tasks",
+        "lb_process_open_fds",
+        "lb_process_resident_memory_bytes",
+    ];
+}
 
 impl prometheus_client::collector::Collector for ProcessCollector {
     fn encode(

@@ -191,3 +191,210 @@ fn compose_file_describes_the_cluster_and_every_command_parses() {
         );
     }
 }
+
+/// The Kubernetes manifests: each file `kubernetes-validate --strict`
+/// accepts against the API's schemas, and the wiring between them holds.
+#[test]
+fn kubernetes_manifests_validate_and_hang_together() {
+    let dir = workspace().join("examples/deploy/kubernetes");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let load = |f: &str| {
+        YamlLoader::load_from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+    };
+
+    // kustomization.yaml lists every manifest, and only those.
+    let kustomization = &load("kustomization.yaml")[0];
+    let mut listed = strings(&kustomization["resources"]);
+    listed.sort();
+    let manifests: Vec<String> = files
+        .iter()
+        .filter(|f| *f != "kustomization.yaml")
+        .cloned()
+        .collect();
+    assert_eq!(listed, manifests);
+
+    // Strict schema validation (unknown fields are errors).
+    let validate = lb_tests::python().with_file_name("kubernetes-validate");
+    assert!(
+        validate.exists(),
+        "{} not found: run scripts/setup (it installs kubernetes-validate from tests/interop/requirements.txt)",
+        validate.display()
+    );
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .args(manifests.iter().map(|f| dir.join(f)))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubernetes-validate: {text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 9, "{text}");
+
+    let docs: Vec<Yaml> = manifests.iter().flat_map(|f| load(f)).collect();
+    let by_kind = |kind: &str| -> Vec<&Yaml> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .collect()
+    };
+    let deployment = by_kind("Deployment")[0];
+    assert!(deployment["spec"]["replicas"].as_i64().unwrap() >= 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    let account = pod["serviceAccountName"].as_str().unwrap();
+    assert_eq!(
+        by_kind("ServiceAccount")[0]["metadata"]["name"].as_str(),
+        Some(account)
+    );
+    let binding = by_kind("ClusterRoleBinding")[0];
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some(account));
+    let role = by_kind("ClusterRole")[0];
+    let rule = role["rules"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|r| strings(&r["resources"]).contains(&"endpointslices".to_string()))
+        .expect("a rule for EndpointSlices");
+    assert_eq!(strings(&rule["apiGroups"]), ["discovery.k8s.io"]);
+    assert_eq!(strings(&rule["verbs"]), ["get", "list", "watch"]);
+    let labels = &pod["metadata"]["labels"];
+    let pdb = by_kind("PodDisruptionBudget")[0];
+    let selector = &by_kind("Service")[0]["spec"];
+    for matcher in [
+        &pdb["spec"]["selector"]["matchLabels"],
+        &selector["selector"],
+    ] {
+        assert_eq!(
+            matcher["app.kubernetes.io/name"],
+            deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"],
+            "{labels:?}"
+        );
+    }
+    // Headless, with the port name stock clients' SRV lookup needs
+    // (_grpclb._tcp.<service>).
+    assert_eq!(selector["clusterIP"].as_str(), Some("None"));
+    let grpclb = selector["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("grpclb"))
+        .expect("port grpclb");
+    assert_eq!(grpclb["targetPort"].as_str(), Some("grpc"));
+
+    // The config in the ConfigMap starts an LB (unknown keys would fail),
+    // and its token file is where the Secret is mounted.
+    let config = by_kind("ConfigMap")[0]["data"]["lb.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("lb.toml");
+    std::fs::write(&file, &config).unwrap();
+    let out = Command::new(bin("lb-server"))
+        .args(["--config", file.to_str().unwrap(), "--print-config"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("listen = \"0.0.0.0:7000\""), "{printed}");
+    let mounts = container["volumeMounts"].as_vec().unwrap();
+    let secret_mount = mounts
+        .iter()
+        .find(|m| m["name"].as_str() == Some("admin-token"))
+        .unwrap();
+    let token_path = format!(
+        "{}/admin-token",
+        secret_mount["mountPath"].as_str().unwrap()
+    );
+    assert!(
+        config.contains(&format!("admin-token-file = \"{token_path}\"")),
+        "{config}"
+    );
+    let config_mount = mounts
+        .iter()
+        .find(|m| m["name"].as_str() == Some("config"))
+        .unwrap();
+    assert_eq!(
+        strings(&container["args"]),
+        [
+            "--config".to_string(),
+            format!("{}/lb.toml", config_mount["mountPath"].as_str().unwrap())
+        ]
+    );
+    assert!(
+        by_kind("Secret")[0]["stringData"]["admin-token"]
+            .as_str()
+            .unwrap()
+            .len()
+            >= 16
+    );
+}
+
+/// The Grafana dashboard: every query names only metrics the LB exports.
+#[test]
+fn grafana_dashboard_queries_name_only_exported_metrics() {
+    let path = workspace().join("examples/deploy/grafana/lookaside-lb.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exported: BTreeSet<String> = lb_server::internals::Metrics::new()
+        .sample_names()
+        .into_iter()
+        .collect();
+    let mut queries = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("panel without targets: {panel}"));
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        queries.extend(
+            targets
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string()),
+        );
+    }
+    for var in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"].as_str().filter(|q| q.contains("lb_")) {
+            queries.push(q.to_string());
+        }
+    }
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    let mut named = BTreeSet::new();
+    for q in &queries {
+        let mut rest = q.as_str();
+        while let Some(i) = rest.find("lb_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            named.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    let unknown: Vec<&String> = named.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "queries name metrics the LB does not export: {unknown:?}"
+    );
+    // Most of what the LB exports is on the dashboard.
+    assert!(named.len() >= 20, "{named:?}");
+}
