@@ -125,7 +125,7 @@ pub struct StockClient {
 
 impl StockClient {
     /// grpc-go's grpclb policy, balancer address from the resolver state,
-    /// dialing `lbtest:///<service>`: one call every `interval` for `duration`.
+    /// dialing `lb:///<service>`: one call every `interval` for `duration`.
     pub fn go(lb: SocketAddr, service: &str, duration: Duration, interval: Duration) -> Self {
         let mut cmd = tokio::process::Command::new(go_bins().join("grpclb_client"));
         cmd.arg("-lb")

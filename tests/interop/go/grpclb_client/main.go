@@ -31,22 +31,27 @@ type summary struct {
 
 func main() {
 	lb := flag.String("lb", "", "the LB's host:port")
-	service := flag.String("service", "greeter", "the name asked of the LB (the dial target's authority)")
+	name := flag.String("service", "greeter", "the name asked of the LB (the dial target's authority)")
 	duration := flag.Duration("duration", 10*time.Second, "how long to call")
 	interval := flag.Duration("interval", 50*time.Millisecond, "time between calls")
 	ready := flag.Duration("ready-timeout", 20*time.Second, "time allowed for the first call")
 	flag.Parse()
 
-	r := manual.NewBuilderWithScheme("lbtest")
-	state := grpclbstate.Set(resolver.State{}, &grpclbstate.State{
-		BalancerAddresses: []resolver.Address{{Addr: *lb, ServerName: "lb"}},
-	})
-	r.InitialState(state)
-	cc, err := grpc.Dial("lbtest:///"+*service,
-		grpc.WithInsecure(),
+	lbAddr, service := *lb, *name
+	// readme:begin grpc-go (README.md "Stock gRPC clients" shows this region)
+	// The balancer's address reaches the grpclb policy in the resolver
+	// state (grpc-go does no SRV lookups of its own); the policy is chosen
+	// by the service config. The target's authority is the name the LB maps.
+	r := manual.NewBuilderWithScheme("lb")
+	r.InitialState(grpclbstate.Set(resolver.State{}, &grpclbstate.State{
+		BalancerAddresses: []resolver.Address{{Addr: lbAddr, ServerName: "lb"}},
+	}))
+	cc, err := grpc.Dial("lb:///"+service,
+		grpc.WithInsecure(), // or grpc.WithTransportCredentials(...)
 		grpc.WithResolvers(r),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"grpclb":{}}]}`),
 	)
+	// readme:end
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dial:", err)
 		os.Exit(1)
