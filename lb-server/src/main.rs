@@ -73,8 +73,16 @@ fn load() -> Loaded {
     }
 }
 
+/// The log filter of `--log`. The Kubernetes client's own warnings (a
+/// watch body cut by an outage) repeat what the Kubernetes source reports
+/// itself, so they are shown only when the filter names `kube`.
 fn parse_filter(log: &str) -> anyhow::Result<EnvFilter> {
-    EnvFilter::try_new(log).map_err(|e| anyhow::anyhow!("--log {log:?}: {e}"))
+    let spec = if log.contains("kube") {
+        log.to_string()
+    } else {
+        format!("{log},kube_client=error")
+    };
+    EnvFilter::try_new(&spec).map_err(|e| anyhow::anyhow!("--log {log:?}: {e}"))
 }
 
 /// SIGHUP: reads the configuration again (the same flags and environment,

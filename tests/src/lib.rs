@@ -33,6 +33,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod greeter;
 pub mod http;
+pub mod kube_api;
 pub mod lb;
 pub mod proc;
 pub mod relay;

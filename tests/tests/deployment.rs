@@ -314,6 +314,9 @@ fn kubernetes_manifests_validate_and_hang_together() {
     );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("listen = \"0.0.0.0:7000\""), "{printed}");
+    // It reads EndpointSlices, which the RBAC above allows, and nothing else.
+    assert!(printed.contains("registry = [\"k8s://\"]"), "{printed}");
+    assert_eq!(role["rules"].as_vec().unwrap().len(), 1);
     let mounts = container["volumeMounts"].as_vec().unwrap();
     let secret_mount = mounts
         .iter()

@@ -106,7 +106,9 @@ pub struct RegistryFlags {
     /// registration API), `etcd://host1:2379,host2:2379`,
     /// `file:///path/to/services.json`, `dns://[server:port]` (services named
     /// by --dns-service), `zk://host1:2181,host2:2181/prefix`, or
-    /// `consul[+https]://host:8500[?dc=…&tag=…]`. Repeat (or space-separate in the
+    /// `consul[+https]://host:8500[?dc=…&tag=…]`, or `k8s://[namespace]`
+    /// (Kubernetes EndpointSlices; services are `<service>.<namespace>`).
+    /// Repeat (or space-separate in the
     /// env var) to combine sources; each service must come from one source
     /// (a service two sources define is served from the first one given,
     /// and the conflict is reported).
@@ -163,6 +165,11 @@ pub struct RegistryFlags {
     /// Consul registry: how long one blocking query may wait for a change.
     #[arg(long, env = "LB_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub consul_wait: Duration,
+
+    /// Kubernetes registry: the name of the gRPC port in the services'
+    /// EndpointSlices (default: their only port).
+    #[arg(long, env = "LB_K8S_PORT", default_value = "")]
+    pub k8s_port: String,
 
     /// Key prefix of service instances in etcd: keys are
     /// `<prefix><service>/<instance>`.

@@ -1,7 +1,8 @@
 //! Registry sources: who exists.
 //!
 //! A registry source watches one discovery system (etcd, the embedded
-//! in-memory registry, a static file, DNS, ZooKeeper, Consul) and reports
+//! in-memory registry, a static file, DNS, ZooKeeper, Consul, Kubernetes)
+//! and reports
 //! what it sees through a
 //! [`RegistrySink`]: full snapshots, single upserts and removals, and rejected
 //! entries. The sink writes into the [`Catalog`]; sources never read it.
@@ -16,6 +17,7 @@
 //! | [`dns`] | A/AAAA and SRV records, re-resolved as their TTLs run out |
 //! | [`zookeeper`] | Dubbo-style provider znodes, watched recursively |
 //! | [`consul`] | Consul's health API with blocking queries |
+//! | [`k8s`] | Kubernetes EndpointSlices, listed then watched |
 //! | [`retry`] | sessions one after another, with backoff |
 //!
 //! Several sources can feed one LB (`--registry` repeated); each service
@@ -27,6 +29,7 @@ pub mod dns;
 pub mod entry;
 pub mod etcd;
 pub mod file;
+pub mod k8s;
 pub mod memory;
 pub mod resolve;
 pub mod retry;
@@ -191,7 +194,8 @@ pub fn etcd_endpoints(url: &str) -> Option<Vec<String>> {
 
 /// What `--registry` accepts, for error messages.
 const FORMS: &str = "memory, etcd://host:port[,host:port…], file:///path, dns://[server:port], \
-                     zk://host:port[,host:port…]/prefix, consul[+https]://host:port[?dc=…&tag=…]";
+                     zk://host:port[,host:port…]/prefix, consul[+https]://host:port[?dc=…&tag=…], \
+                     k8s://[namespace]";
 
 /// Builds every registry source named by the `--registry` values.
 pub fn from_urls(cfg: &RegistryFlags) -> anyhow::Result<Sources> {
@@ -273,6 +277,11 @@ fn from_url(url: &str, cfg: &RegistryFlags) -> anyhow::Result<Built> {
                 cfg.consul_tls()?,
             )?,
         )?)));
+    }
+    if let Some(rest) = url.strip_prefix("k8s://") {
+        return Ok(Built::Other(Arc::new(k8s::K8sRegistry::new(
+            k8s::K8sSettings::parse(rest, &cfg.k8s_port)?,
+        ))));
     }
     anyhow::bail!("--registry {url:?} is not one of: {FORMS}")
 }
