@@ -17,8 +17,8 @@
 //! | module | job |
 //! | --- | --- |
 //! | `model` | the vocabulary: instances, rejections, health, load samples |
-//! | [`config`] | flags and env vars |
-//! | `registry` | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul |
+//! | [`config`] | flags, env vars and the config file; what SIGHUP may change |
+//! | `registry` | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul, Kubernetes |
 //! | `catalog` | who exists, and what probes and operators say; publishes lists |
 //! | `policy` | backends → ordered, weighted server list, with reasons |
 //! | `snapshot` | published lists: versioned, immutable, encoded once |
