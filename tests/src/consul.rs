@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::standin::StandIn;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -26,7 +27,6 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// One service instance as the agent knows it.
 #[derive(Debug, Clone)]
@@ -79,8 +79,7 @@ pub struct FakeConsul {
     /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<CancellationToken>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: StandIn,
 }
 
 impl FakeConsul {
@@ -104,87 +103,39 @@ impl FakeConsul {
             changes: watch::channel(10).0,
             token: token.map(str::to_string),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut consul = FakeConsul {
-            addr,
-            shared,
-            stop: None,
-            tls,
-        };
-        consul.serve(listener);
-        consul
-    }
-
-    /// `consul://host:port` of this agent (`consul+https://` over TLS).
-    pub fn url(&self) -> String {
-        match self.tls {
-            None => format!("consul://{}", self.addr),
-            Some(_) => format!("consul+https://localhost:{}", self.addr.port()),
-        }
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let stop = CancellationToken::new();
         let app = Router::new()
             .route("/v1/catalog/services", get(catalog))
             .route("/v1/health/service/{name}", get(health))
             .route("/v1/agent/service/register", put(register))
             .route("/v1/agent/service/deregister/{id}", put(deregister))
             .route("/v1/agent/service/{id}", get(agent_service))
-            .route_layer(axum::middleware::from_fn_with_state(
-                self.shared.clone(),
-                acl,
-            ))
-            .with_state(self.shared.clone());
-        let token = stop.clone();
-        let tls = self.tls.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = token.cancelled() => return,
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                };
-                let (app, token) = (app.clone(), token.clone());
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    // Stopping drops the connection: an outage, not a drain.
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = async {
-                            match tls {
-                                None => serve_http(tcp, app).await,
-                                Some(tls) => {
-                                    if let Ok(stream) = tls.accept(tcp).await {
-                                        serve_http(stream, app).await;
-                                    }
-                                }
-                            }
-                        } => {}
-                    }
-                });
-            }
-        });
-        self.stop = Some(stop);
+            .route_layer(axum::middleware::from_fn_with_state(shared.clone(), acl))
+            .with_state(shared.clone());
+        let server = StandIn::start(app, tls).await;
+        FakeConsul {
+            addr: server.addr,
+            shared,
+            server,
+        }
+    }
+
+    /// `consul://host:port` of this agent (`consul+https://` over TLS).
+    pub fn url(&self) -> String {
+        if self.server.is_tls() {
+            format!("consul+https://localhost:{}", self.addr.port())
+        } else {
+            format!("consul://{}", self.addr)
+        }
     }
 
     /// Stops answering: the port is closed and open connections dropped.
     pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
-        }
+        self.server.stop();
     }
 
     /// Starts again on the same port, with the same data.
     pub async fn restart(&mut self) {
-        self.stop();
-        let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        self.serve(listener);
+        self.server.restart().await;
     }
 
     fn change(&self, f: impl FnOnce(&mut Inner)) {
@@ -265,30 +216,11 @@ impl FakeConsul {
     }
 }
 
-impl Drop for FakeConsul {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[derive(serde::Deserialize)]
 struct Blocking {
     index: Option<u64>,
     wait: Option<String>,
     passing: Option<String>,
-}
-
-/// Serves `app` on one connection until it closes.
-async fn serve_http<I>(io: I, app: Router)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let _ = builder
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
-        .await;
 }
 
 fn parse_wait(w: Option<&str>) -> Duration {

@@ -35,7 +35,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+
+use crate::standin::StandIn;
 
 /// The bearer token the kubeconfig carries.
 pub const TOKEN: &str = "stand-in-service-account-token";
@@ -106,7 +107,7 @@ pub struct KubeApi {
     /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<CancellationToken>,
+    server: StandIn,
 }
 
 impl KubeApi {
@@ -122,15 +123,22 @@ impl KubeApi {
             kick: watch::channel(0).0,
             bookmark_every,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut api = KubeApi {
-            addr,
+        let app = Router::new()
+            .route(
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                get(all_namespaces),
+            )
+            .route(
+                "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
+                get(one_namespace),
+            )
+            .with_state(shared.clone());
+        let server = StandIn::start(app, None).await;
+        KubeApi {
+            addr: server.addr,
             shared,
-            stop: None,
-        };
-        api.serve(listener);
-        api
+            server,
+        }
     }
 
     /// Writes a kubeconfig pointing at this server into `dir`; returns its path.
@@ -147,58 +155,14 @@ impl KubeApi {
         path
     }
 
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let stop = CancellationToken::new();
-        let app = Router::new()
-            .route(
-                "/apis/discovery.k8s.io/v1/endpointslices",
-                get(all_namespaces),
-            )
-            .route(
-                "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
-                get(one_namespace),
-            )
-            .with_state(self.shared.clone());
-        let token = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = token.cancelled() => return,
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                };
-                let (app, token) = (app.clone(), token.clone());
-                tokio::spawn(async move {
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service) => {}
-                    }
-                });
-            }
-        });
-        self.stop = Some(stop);
-    }
-
     /// Stops answering: the port is closed and open connections dropped.
     pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
-        }
+        self.server.stop();
     }
 
     /// Starts again on the same port, with the same data.
     pub async fn restart(&mut self) {
-        self.stop();
-        let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
-        self.serve(listener);
+        self.server.restart().await;
     }
 
     /// Creates or replaces the slice `ns/name` of Service `service`.
@@ -210,9 +174,6 @@ impl KubeApi {
         endpoints: &[Ep],
         ports: &[(&str, u16)],
     ) {
-        let mut inner = self.shared.inner.lock().unwrap();
-        inner.rv += 1;
-        let rv = inner.rv;
         let object = json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -220,7 +181,6 @@ impl KubeApi {
                 "name": name,
                 "namespace": ns,
                 "uid": format!("uid-{ns}-{name}"),
-                "resourceVersion": rv.to_string(),
                 "labels": {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
             },
             "addressType": "IPv4",
@@ -233,19 +193,11 @@ impl KubeApi {
             })).collect::<Vec<_>>(),
             "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"})).collect::<Vec<_>>(),
         });
-        let key = (ns.to_string(), name.to_string());
-        let kind = if inner.slices.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        inner.slices.insert(key, object.clone());
-        inner.history.push_back((rv, kind, object));
-        drop(inner);
-        self.shared.changes.send_replace(rv);
+        self.put_raw(ns, name, object);
     }
 
-    /// Puts a slice with a body given as is (for malformed ones).
+    /// Puts a slice with a body given as is (for malformed ones); its name,
+    /// namespace and resource version are set here.
     pub fn put_raw(&self, ns: &str, name: &str, mut object: Value) {
         let mut inner = self.shared.inner.lock().unwrap();
         inner.rv += 1;
@@ -302,12 +254,6 @@ impl KubeApi {
     /// The current resource version.
     pub fn resource_version(&self) -> u64 {
         self.shared.inner.lock().unwrap().rv
-    }
-}
-
-impl Drop for KubeApi {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -22,6 +22,8 @@
 //! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
+//! | [`kube_api`] | a stand-in for the Kubernetes API server's EndpointSlices |
+//! | [`standin`] | the HTTP server under the stand-ins: stop, restart on the same port |
 //! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
 
 pub mod browser;
@@ -37,6 +39,7 @@ pub mod kube_api;
 pub mod lb;
 pub mod proc;
 pub mod relay;
+pub mod standin;
 pub mod stock;
 pub mod zookeeper;
 

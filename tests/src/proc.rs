@@ -196,6 +196,39 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `cmd` to its end: (exit status, stdout, stderr); -1 when killed
+/// by a signal.
+pub fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.get_program()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A secret written to a file in a directory of its own, removed on drop
+/// (`--admin-token-file` and the like).
+pub struct SecretFile {
+    dir: tempfile::TempDir,
+}
+
+impl SecretFile {
+    /// Writes `secret` (with a line end, as editors leave one).
+    pub fn new(secret: &str) -> SecretFile {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), format!("{secret}\n")).unwrap();
+        SecretFile { dir }
+    }
+
+    /// Its path, as a flag value.
+    pub fn path(&self) -> String {
+        self.dir.path().join("secret").display().to_string()
+    }
+}
+
 /// Workspace root.
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

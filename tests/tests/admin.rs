@@ -7,23 +7,23 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_tests::browser::render;
-use lb_tests::{channel, greeters, http_request, wait_backends, wait_until, Greeter, Lb};
+use lb_tests::{
+    channel, greeters, http_request, wait_backends, wait_until, Greeter, Lb, SecretFile,
+};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
 /// An LB (embedded registry) whose admin token is read from a file.
-async fn lb_with_token() -> (Lb, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+async fn lb_with_token() -> (Lb, SecretFile) {
+    let token_file = SecretFile::new(TOKEN);
     let lb = Lb::start(&[
         "--registry",
         "memory",
         "--admin-token-file",
-        token_file.to_str().unwrap(),
+        &token_file.path(),
     ])
     .await;
-    (lb, dir)
+    (lb, token_file)
 }
 
 fn json(body: &str) -> serde_json::Value {

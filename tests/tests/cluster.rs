@@ -266,6 +266,16 @@ async fn etcd_member_and_quorum_loss_change_nothing_for_clients() {
         wait_backends(&ch, 4, Duration::from_secs(10)).await,
         "new backend not listed with one etcd member down"
     );
+    // Both replicas, not just the one this channel streams from, must have
+    // it before quorum goes: a new client may land on either.
+    for lb in [&lb1, &lb2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || lb
+                .knows_backend("greeter", fourth.addr))
+            .await,
+            "a replica never listed the new backend with one etcd member down"
+        );
+    }
     backends.push(fourth);
 
     // Quorum lost for 30 s.

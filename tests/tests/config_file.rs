@@ -7,22 +7,23 @@
 use std::process::Command;
 use std::time::Duration;
 
-use lb_tests::{bin, call_n, channel, greeters, wait_backends, wait_until, Lb};
+use lb_tests::{bin, call_n, channel, greeters, output, wait_backends, wait_until, Lb};
 
 /// `lb-server ARGS` with only the environment `env`: (status, stdout, stderr).
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(bin("lb-server"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .output()
-        .expect("run lb-server");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        Command::new(bin("lb-server"))
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied()),
     )
 }
+
+/// The file of the SIGHUP test after its edit: a new log level, an alias
+/// and a policy knob (applied) and a stream cap (needs a restart).
+const EDITED: &str = "log = \"info\"\n[registry]\nregistry = [\"memory\"]\n\
+     [grpc]\nmax-streams = 5\nalias = [\"hello=greeter\"]\n\
+     [policy]\npanic-threshold = 0.9\n";
 
 fn line<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find(|l| l.starts_with(&format!("{key} = ")))
@@ -143,13 +144,7 @@ async fn sighup_applies_names_policy_and_log_level_and_names_what_needs_a_restar
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(call_n(&hello, 3).await.ok(), 0);
 
-    std::fs::write(
-        &file,
-        "log = \"info\"\n[registry]\nregistry = [\"memory\"]\n\
-         [grpc]\nmax-streams = 5\nalias = [\"hello=greeter\"]\n\
-         [policy]\npanic-threshold = 0.9\n",
-    )
-    .unwrap();
+    std::fs::write(&file, EDITED).unwrap();
     lb.proc.signal(libc::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(5), || log()
@@ -197,13 +192,7 @@ async fn sighup_applies_names_policy_and_log_level_and_names_what_needs_a_restar
     assert_eq!(call_n(&hello, 10).await.ok(), 10);
 
     // A reload with nothing changed applies nothing and warns of nothing.
-    std::fs::write(
-        &file,
-        "log = \"info\"\n[registry]\nregistry = [\"memory\"]\n\
-         [grpc]\nmax-streams = 5\nalias = [\"hello=greeter\"]\n\
-         [policy]\npanic-threshold = 0.9\n",
-    )
-    .unwrap();
+    std::fs::write(&file, EDITED).unwrap();
     let warns = lb.log_lines("WARN").len();
     lb.proc.signal(libc::SIGHUP);
     assert!(

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_tests::browser::render;
-use lb_tests::{channel, greeters, http_request, wait_backends, wait_until, Caller, Lb};
+use lb_tests::{
+    channel, greeters, http_request, wait_backends, wait_until, Caller, Lb, SecretFile,
+};
 
 const TOKEN: &str = "history-test-token-0123456789";
 
@@ -29,14 +31,12 @@ fn last(v: &serde_json::Value) -> &serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_and_a_kill_show_in_the_history_and_on_the_dashboard() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
+    let token_file = SecretFile::new(TOKEN);
     let lb = Lb::start(&[
         "--registry",
         "memory",
         "--admin-token-file",
-        token_file.to_str().unwrap(),
+        &token_file.path(),
         // Two client-stats reports per sample: steady call rates.
         "--client-stats-interval",
         "250ms",

@@ -6,25 +6,22 @@
 use std::process::Command;
 use std::time::Duration;
 
-use lb_tests::{bin, channel, greeters, listed, wait_backends, wait_until, Etcd, Lb};
+use lb_tests::{
+    bin, channel, greeters, listed, output, wait_backends, wait_until, Etcd, Lb, SecretFile,
+};
 
 const TOKEN: &str = "lbctl-test-token-0123456789";
 
 /// `lbctl ARGS` against `lb` with `env`: (status, stdout, stderr).
 fn lbctl(lb: &Lb, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(bin("lbctl"))
-        .arg("--admin")
-        .arg(format!("http://{}", lb.admin))
-        .args(args)
-        .env_remove("LB_ADMIN_TOKEN")
-        .env_remove("LB_ADMIN_TOKEN_FILE")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run lbctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        Command::new(bin("lbctl"))
+            .arg("--admin")
+            .arg(format!("http://{}", lb.admin))
+            .args(args)
+            .env_remove("LB_ADMIN_TOKEN")
+            .env_remove("LB_ADMIN_TOKEN_FILE")
+            .envs(env.iter().copied()),
     )
 }
 
@@ -49,16 +46,9 @@ fn row(table: &str, first: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn tables_json_and_mutations_against_a_live_lb() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let lb = Lb::start(&[
-        "--registry",
-        "memory",
-        "--admin-token-file",
-        token_file.to_str().unwrap(),
-    ])
-    .await;
+    let token_file = SecretFile::new(TOKEN);
+    let file = token_file.path();
+    let lb = Lb::start(&["--registry", "memory", "--admin-token-file", &file]).await;
     let gs = greeters(2, &format!("lb://{}", lb.addr), &[]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
@@ -127,17 +117,16 @@ async fn tables_json_and_mutations_against_a_live_lb() {
     );
 
     // Undrain and a weight override (token from a file, as the server reads it).
-    let file = token_file.to_str().unwrap();
     ok(
         &lb,
         &["undrain", "greeter", &a],
-        &[("LB_ADMIN_TOKEN_FILE", file)],
+        &[("LB_ADMIN_TOKEN_FILE", &file)],
     );
     let out = ok(
         &lb,
         &[
             "--token-file",
-            file,
+            &file,
             "weight",
             "greeter",
             &a,
@@ -165,7 +154,7 @@ async fn tables_json_and_mutations_against_a_live_lb() {
     );
     ok(
         &lb,
-        &["--token-file", file, "weight", "greeter", &a, "--clear"],
+        &["--token-file", &file, "weight", "greeter", &a, "--clear"],
         &[],
     );
     let service = ok(&lb, &["service", "greeter"], &[]);
@@ -177,7 +166,7 @@ async fn tables_json_and_mutations_against_a_live_lb() {
     assert!(err.contains("404 unknown_service"), "{err}");
     let (code, _, err) = lbctl(
         &lb,
-        &["--token-file", file, "weight", "greeter", &a, "0"],
+        &["--token-file", &file, "weight", "greeter", &a, "0"],
         &[],
     );
     assert_eq!(code, 1);
