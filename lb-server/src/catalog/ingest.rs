@@ -3,13 +3,13 @@
 //! key; an index of which services hold each key keeps it from touching the
 //! others.
 
-use super::journal::Change;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use super::journal::Change;
 use super::{token_for, Backend, CallTotals, Catalog, ServiceEntry};
 use crate::model::{Instance, Locality, RejectReason, Rejected};
 use crate::policy::Decision;

@@ -2,10 +2,10 @@
 //! once, with the slow-start rule), load (folded in at the next refresh),
 //! drains and weight overrides.
 
-use super::journal::Change;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
+use super::journal::Change;
 use super::{Backend, Catalog, LoadReport, WeightOverride, STARTUP_GRACE};
 use crate::model::{HealthState, LoadSample};
 use crate::policy::Load;

@@ -3,12 +3,12 @@
 //! first in `--registry` order that defines it; another source defining it
 //! too is a conflict, reported, and its backends are left out.
 
-use super::journal::Change;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::journal::Change;
 use super::{Backend, Catalog, ServiceEntry};
 use crate::metrics::ServiceLabels;
 use crate::model::Locality;

@@ -169,14 +169,14 @@ impl History {
                 .settings
                 .max_backends
                 .saturating_sub(self.backends.load(Ordering::Relaxed));
-            h.sample(&entry, now, room);
+            let skipped = h.sample(&entry, now, room);
             let after = h.backends();
             if after >= before {
                 self.backends.fetch_add(after - before, Ordering::Relaxed);
             } else {
                 self.backends.fetch_sub(before - after, Ordering::Relaxed);
             }
-            backends_left_out += entry.backends().len().saturating_sub(after) as u64;
+            backends_left_out += skipped as u64;
         }
         self.untracked_services
             .store(services_left_out, Ordering::Relaxed);

@@ -110,7 +110,8 @@ impl ServiceHistory {
     }
 
     /// Takes a sample of `entry` at `now`. `room` is how many more backend
-    /// series may be started (the memory cap); returns how many were.
+    /// series may be started (the memory cap); returns how many of its
+    /// backends were left without one by that cap.
     pub fn sample(&mut self, entry: &ServiceEntry, now: SystemTime, room: usize) -> usize {
         let list = entry.current_list();
         // List entries carry the backend's load-balance token.
@@ -166,7 +167,7 @@ impl ServiceHistory {
         self.failures.push(failure_rate);
         self.list_version.push(list.version);
 
-        let mut started = 0;
+        let (mut started, mut skipped) = (0, 0);
         let mut seen = std::collections::BTreeSet::new();
         for b in entry.backends() {
             if !seen.insert(b.addr) {
@@ -174,6 +175,7 @@ impl ServiceHistory {
             }
             if !self.backends.contains_key(&b.addr) {
                 if started == room {
+                    skipped += 1;
                     continue;
                 }
                 started += 1;
@@ -211,7 +213,7 @@ impl ServiceHistory {
             series.health.push(Health::Absent);
             series.health.iter().any(|h| *h != Health::Absent)
         });
-        started
+        skipped
     }
 
     /// The history as the admin API answers it.
