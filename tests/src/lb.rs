@@ -129,6 +129,17 @@ impl Lb {
         Self::start(&args).await
     }
 
+    /// An LB with the embedded registry whose admin token (for mutations)
+    /// is `token`, read from a file; `extra` flags are added. The file is
+    /// returned with it (its path for clients that read it too).
+    pub async fn with_admin_token(token: &str, extra: &[&str]) -> (Lb, SecretFile) {
+        let file = SecretFile::new(token);
+        let path = file.path();
+        let mut args = vec!["--registry", "memory", "--admin-token-file", &path];
+        args.extend_from_slice(extra);
+        (Self::start(&args).await, file)
+    }
+
     /// Starts it again on the same ports after it was killed.
     pub async fn relaunch(self) -> Lb {
         self.again(false).await

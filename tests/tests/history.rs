@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_tests::browser::render;
-use lb_tests::{
-    channel, greeters, http_request, wait_backends, wait_until, Caller, Lb, SecretFile,
-};
+use lb_tests::{channel, greeters, http_request, wait_backends, wait_until, Caller, Lb};
 
 const TOKEN: &str = "history-test-token-0123456789";
 
@@ -31,20 +29,18 @@ fn last(v: &serde_json::Value) -> &serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_and_a_kill_show_in_the_history_and_on_the_dashboard() {
-    let token_file = SecretFile::new(TOKEN);
-    let lb = Lb::start(&[
-        "--registry",
-        "memory",
-        "--admin-token-file",
-        &token_file.path(),
-        // Two client-stats reports per sample: steady call rates.
-        "--client-stats-interval",
-        "250ms",
-        "--history-interval",
-        "500ms",
-        "--history-window",
-        "60s",
-    ])
+    let (lb, _token) = Lb::with_admin_token(
+        TOKEN,
+        &[
+            // Two client-stats reports per sample: steady call rates.
+            "--client-stats-interval",
+            "250ms",
+            "--history-interval",
+            "500ms",
+            "--history-window",
+            "60s",
+        ],
+    )
     .await;
     let mut gs = greeters(3, &format!("lb://{}", lb.addr), &[]).await;
     let ch = channel("greeter", &[lb.addr]);

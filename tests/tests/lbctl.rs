@@ -6,9 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use lb_tests::{
-    bin, channel, greeters, listed, output, wait_backends, wait_until, Etcd, Lb, SecretFile,
-};
+use lb_tests::{bin, channel, greeters, listed, output, wait_backends, wait_until, Etcd, Lb};
 
 const TOKEN: &str = "lbctl-test-token-0123456789";
 
@@ -46,9 +44,8 @@ fn row(table: &str, first: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn tables_json_and_mutations_against_a_live_lb() {
-    let token_file = SecretFile::new(TOKEN);
+    let (lb, token_file) = Lb::with_admin_token(TOKEN, &[]).await;
     let file = token_file.path();
-    let lb = Lb::start(&["--registry", "memory", "--admin-token-file", &file]).await;
     let gs = greeters(2, &format!("lb://{}", lb.addr), &[]).await;
     let ch = channel("greeter", &[lb.addr]);
     assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);

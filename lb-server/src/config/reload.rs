@@ -10,11 +10,14 @@
 
 use super::file::Settings;
 
-/// The flags a running LB applies on reload.
-pub const RELOADABLE: &[&str] = &[
-    "log",
-    "alias",
-    "domain-suffix",
+/// The log filter's flag: swapped by the program that installed it.
+const LOG: &str = "log";
+
+/// Name mapping's flags: its rules are replaced whole.
+const NAMES: &[&str] = &["alias", "domain-suffix"];
+
+/// The list policy's knobs: every list is rebuilt with them.
+const POLICY: &[&str] = &[
     "list-unchecked",
     "weight-blackout",
     "weight-expiry",
@@ -24,6 +27,11 @@ pub const RELOADABLE: &[&str] = &[
     "shed-utilization",
     "max-shed",
 ];
+
+/// Whether a running LB applies a change of `flag` (a long name) on reload.
+pub fn reloadable(flag: &str) -> bool {
+    flag == LOG || NAMES.contains(&flag) || POLICY.contains(&flag)
+}
 
 /// The changes between two configurations, split by whether a running LB
 /// can apply them.
@@ -38,10 +46,7 @@ pub struct Reload {
 impl Reload {
     /// What changed from `old` to `new`.
     pub fn between(old: &Settings, new: &Settings) -> Reload {
-        let (apply, restart) = old
-            .changed(new)
-            .into_iter()
-            .partition(|k| RELOADABLE.contains(&k.as_str()));
+        let (apply, restart) = old.changed(new).into_iter().partition(|k| reloadable(k));
         Reload { apply, restart }
     }
 
@@ -52,14 +57,12 @@ impl Reload {
 
     /// Whether any of the list policy's knobs changed.
     pub fn policy_changed(&self) -> bool {
-        self.apply
-            .iter()
-            .any(|k| !matches!(k.as_str(), "log" | "alias" | "domain-suffix"))
+        self.apply.iter().any(|k| POLICY.contains(&k.as_str()))
     }
 
     /// Whether name mapping changed.
     pub fn names_changed(&self) -> bool {
-        self.applies("alias") || self.applies("domain-suffix")
+        self.apply.iter().any(|k| NAMES.contains(&k.as_str()))
     }
 }
 
@@ -71,7 +74,7 @@ mod tests {
     #[test]
     fn reloadable_flags_exist() {
         let command = crate::Config::command();
-        for flag in RELOADABLE {
+        for flag in std::iter::once(&LOG).chain(NAMES).chain(POLICY) {
             assert!(
                 command.get_arguments().any(|a| a.get_long() == Some(flag)),
                 "--{flag} is not a flag"
