@@ -39,6 +39,18 @@ pub struct ConnSettings {
     /// hung backend out of the list within seconds; a backend that allows
     /// faster PINGs can have them here.
     pub keepalive: Option<(Duration, Duration)>,
+    /// TCP keep-alive: idle time before the first probe (default 10 s).
+    /// Probes are the kernel's, below HTTP/2: peers' PING rules do not
+    /// apply to them.
+    pub tcp_keepalive: Option<Duration>,
+    /// TCP keep-alive: time between probes (default 5 s).
+    pub tcp_keepalive_interval: Option<Duration>,
+    /// `TCP_USER_TIMEOUT` (Linux): how long sent data, keep-alive probes
+    /// included, may stay unacknowledged before the connection is closed
+    /// (default 20 s, gRFC A18's keep-alive timeout). Without it a
+    /// black-holed backend holds a call for TCP's ~15 minutes of
+    /// retransmissions.
+    pub tcp_user_timeout: Option<Duration>,
     /// TLS towards backends, when they serve it.
     pub tls: Option<BackendTls>,
 }
@@ -66,6 +78,9 @@ impl Default for ConnSettings {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(3),
             keepalive: None,
+            tcp_keepalive: Some(Duration::from_secs(10)),
+            tcp_keepalive_interval: Some(Duration::from_secs(5)),
+            tcp_user_timeout: Some(Duration::from_secs(20)),
             tls: None,
         }
     }
@@ -103,11 +118,21 @@ impl BackendConn {
 
     /// Reports that a request could not be sent on this connection: if the
     /// connection is closed, it is marked failed at once (and reconnected).
+    ///
+    /// Checked and set under one guard: a fresh connection that became
+    /// ready since the failed send is not closed, so it is never
+    /// overwritten (which would leave a healthy backend unpickable until
+    /// that connection closed).
     pub fn report_send_failure(&self, on_change: &(dyn Fn() + Send + Sync)) {
-        let closed =
-            matches!(&*self.state.lock().expect("conn lock"), ConnState::Ready(s) if s.is_closed());
-        if closed {
-            self.set(ConnState::Failed("connection closed".into()));
+        let marked = {
+            let mut state = self.state.lock().expect("conn lock");
+            let closed = matches!(&*state, ConnState::Ready(s) if s.is_closed());
+            if closed {
+                *state = ConnState::Failed("connection closed".into());
+            }
+            closed
+        };
+        if marked {
             on_change();
         }
     }
@@ -211,6 +236,7 @@ async fn connect(
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        tune(&tcp, settings);
         match &settings.tls {
             None => http2_over(addr, tcp, settings).await,
             Some(tls) => {
@@ -234,6 +260,28 @@ async fn connect(
                 settings.connect_timeout
             )
         })?
+}
+
+/// Applies the TCP keep-alive and user-timeout settings to a new
+/// connection. A setting the platform refuses is logged and skipped: the
+/// connection still works, only its dead-peer detection is slower.
+fn tune(tcp: &TcpStream, settings: &ConnSettings) {
+    let sock = socket2::SockRef::from(tcp);
+    if let Some(idle) = settings.tcp_keepalive {
+        let mut ka = socket2::TcpKeepalive::new().with_time(idle);
+        if let Some(interval) = settings.tcp_keepalive_interval {
+            ka = ka.with_interval(interval);
+        }
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "TCP keep-alive not set");
+        }
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(timeout) = settings.tcp_user_timeout {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(timeout)) {
+            tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set");
+        }
+    }
 }
 
 /// The HTTP/2 handshake over `io`; the connection then runs on its own task

@@ -14,6 +14,13 @@
 //! once on the next entry. With no usable entry, calls wait while backends
 //! are connecting and fail fast with UNAVAILABLE otherwise (or wait up to
 //! their deadline with [`LbChannelBuilder::wait_for_ready`]).
+//!
+//! A call's deadline (its `grpc-timeout`, or the channel's
+//! [`LbChannelBuilder::timeout`]) holds for the whole call, as in every
+//! stock client: a backend that stops answering ends the call with
+//! DEADLINE_EXCEEDED at its deadline. Below that, TCP keep-alive and
+//! `TCP_USER_TIMEOUT` close a connection to a black-holed backend within
+//! seconds, so that even a call without a deadline ends.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,12 +30,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Scheme, Uri};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::Status;
 
 use crate::backends::ConnSettings;
 use crate::balancer_stream::{self, LbSettings};
+use crate::deadline::{self, DeadlineBody};
 use crate::picker::{Pick, ReadyBackend};
 use crate::state::ChannelState;
 use crate::Error;
@@ -47,6 +56,7 @@ pub struct LbChannelBuilder {
     conn: ConnSettings,
     fallback: Vec<SocketAddr>,
     wait_for_ready: bool,
+    timeout: Option<Duration>,
     backend_tls: Option<crate::TlsConfig>,
 }
 
@@ -128,6 +138,40 @@ impl LbChannelBuilder {
         self
     }
 
+    /// A deadline for every call (default: none; a call's own
+    /// `grpc-timeout` still applies, and the earlier of the two wins), as
+    /// tonic's `Endpoint::timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// TCP keep-alive on backend connections: idle time before the first
+    /// probe (default 10 s; `None` turns it off). The kernel's probes are
+    /// not HTTP/2 PINGs, so stock servers' PING limits do not apply.
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.conn.tcp_keepalive = idle;
+        self
+    }
+
+    /// Time between TCP keep-alive probes (default 5 s).
+    pub fn tcp_keepalive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.conn.tcp_keepalive_interval = interval;
+        self
+    }
+
+    /// `TCP_USER_TIMEOUT` on backend connections (Linux; default 20 s, as
+    /// gRFC A18 ties it to the keep-alive timeout; `None` leaves the
+    /// kernel's default): a connection whose sent data or keep-alive probes
+    /// stay unacknowledged this long is closed, and its calls fail with
+    /// UNAVAILABLE. This bounds a call without a deadline to a black-holed
+    /// backend to about this long (plus the keep-alive idle time when the
+    /// link goes dark while the call waits for its answer).
+    pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.conn.tcp_user_timeout = timeout;
+        self
+    }
+
     /// Talk to the LBs over TLS with these settings (their certificates are
     /// verified against the host name given in [`LbChannelBuilder::lb`], or
     /// the IP address, unless the settings name a server).
@@ -174,6 +218,7 @@ impl LbChannelBuilder {
             Error::Config("LbChannel::build must be called within a Tokio runtime".into())
         })?;
         let state = ChannelState::new(self.service, self.fallback, self.conn, self.wait_for_ready);
+        let timeout = self.timeout;
         let cancel = CancellationToken::new();
         if self.lb.lb_addrs.is_empty() {
             state.enter_fallback("no load balancer configured");
@@ -182,6 +227,7 @@ impl LbChannelBuilder {
         }
         Ok(LbChannel {
             state: state.clone(),
+            timeout,
             _guard: Arc::new(StopOnDrop { cancel, state }),
         })
     }
@@ -205,6 +251,8 @@ impl Drop for StopOnDrop {
 #[derive(Clone)]
 pub struct LbChannel {
     state: Arc<ChannelState>,
+    /// The default deadline of every call.
+    timeout: Option<Duration>,
     _guard: Arc<StopOnDrop>,
 }
 
@@ -234,6 +282,7 @@ impl LbChannel {
             conn: ConnSettings::default(),
             fallback: Vec::new(),
             wait_for_ready: false,
+            timeout: None,
             backend_tls: None,
         }
     }
@@ -300,14 +349,19 @@ impl tower::Service<http::Request<Body>> for LbChannel {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let state = self.state.clone();
-        Box::pin(async move { Ok(call(state, request).await) })
+        let deadline = deadline::deadline_of(request.headers(), self.timeout);
+        Box::pin(async move { Ok(call(state, request, deadline).await) })
     }
 }
 
 /// Runs one call: pick, send, retry once if it could not be sent, wait when
-/// nothing is usable yet. Failures become gRPC status responses.
-async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> http::Response<Body> {
-    let deadline = grpc_timeout(request.headers()).map(|d| tokio::time::Instant::now() + d);
+/// nothing is usable yet, all within the call's deadline. Failures become
+/// gRPC status responses.
+async fn call(
+    state: Arc<ChannelState>,
+    mut request: http::Request<Body>,
+    deadline: Option<Instant>,
+) -> http::Response<Body> {
     // Subscribed only once a call has to wait; it then picks once more so
     // that no change between its pick and its subscription is missed.
     let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
@@ -348,19 +402,36 @@ async fn call(state: Arc<ChannelState>, mut request: http::Request<Body>) -> htt
                         crate::picker::Mode::Failing(why) => why.clone(),
                         _ => "no backend became ready".to_string(),
                     };
-                    return Status::deadline_exceeded(format!(
-                        "deadline exceeded while waiting for a backend: {why}"
-                    ))
-                    .into_http();
+                    return deadline::exceeded(&format!("while waiting for a backend: {why}"))
+                        .into_http();
                 }
             }
         };
         prepare(&mut request, &backend, &state.scheme);
         state.stats.started();
-        match backend.sender.try_send_request(request).await {
+        let sent = backend.sender.try_send_request(request);
+        let answered = match deadline {
+            // Dropping the send on time-out resets the backend's stream.
+            Some(d) => match tokio::time::timeout_at(d, sent).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    state.stats.failed();
+                    return deadline::exceeded(&format!(
+                        "waiting for backend {}'s response",
+                        backend.addr
+                    ))
+                    .into_http();
+                }
+            },
+            None => sent.await,
+        };
+        match answered {
             Ok(response) => {
                 state.stats.known_received();
-                return response.map(Body::new);
+                return match deadline {
+                    Some(d) => response.map(|b| Body::new(DeadlineBody::new(b, d))),
+                    None => response.map(Body::new),
+                };
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !retried => {
@@ -408,38 +479,5 @@ fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend, scheme: &S
         None => {
             request.headers_mut().remove(LB_TOKEN_HEADER);
         }
-    }
-}
-
-/// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(grpc_timeout(&h), None);
-        h.insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
-        h.insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(grpc_timeout(&h), Some(Duration::from_secs(3)));
-        h.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(grpc_timeout(&h), None);
     }
 }

@@ -27,6 +27,7 @@
 //! | [`balancer_stream`] | the LB stream: lists, failover, stats, fallback |
 //! | [`state`] | list in force + connections → pick list |
 //! | [`picker`] | lock-free walk of the pick list |
+//! | `deadline` | a call's deadline, kept for the whole call (pick, headers, body) |
 //! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
 //! | [`stats`] | client-stats counters |
 //! | `register` | backend registration helpers (feature `register`) |
@@ -45,6 +46,7 @@ pub mod backends;
 pub mod backoff;
 pub mod balancer_stream;
 pub mod channel;
+mod deadline;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "orca")]

@@ -17,6 +17,7 @@
 //! | [`fleet`] | an LB weighting by load, with three calm backends and a busy one |
 //! | [`http`] | a minimal HTTP GET for the admin port |
 //! | [`certs`] | a CA and certificates made at test time |
+//! | [`blackhole`] | a loopback port whose packets the kernel drops (iptables) |
 //! | [`browser`] | headless Chromium: a page's DOM or a screenshot |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
 //! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
@@ -26,6 +27,7 @@
 //! | [`standin`] | the HTTP server under the stand-ins: stop, restart on the same port |
 //! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
 
+pub mod blackhole;
 pub mod browser;
 pub mod calls;
 pub mod certs;

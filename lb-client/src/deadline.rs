@@ -1,0 +1,204 @@
+//! A call's deadline, enforced for the whole call.
+//!
+//! gRPC's deadline is a promise to the caller: whatever the backend does, the
+//! call ends with DEADLINE_EXCEEDED when its time is up. Stock clients keep
+//! it themselves (tonic layers `GrpcTimeout` on every connection), because a
+//! backend that stopped answering (a paused process, a lost link) never
+//! says so. [`LbChannel`](crate::LbChannel) keeps it in three places: while
+//! it waits for a pick, while it waits for the response headers (the future
+//! is dropped, which resets the HTTP/2 stream), and while the body streams
+//! ([`DeadlineBody`] ends it with a DEADLINE_EXCEEDED status in its
+//! trailers, as a server would, and drops the backend's stream).
+//!
+//! The deadline is the earlier of the call's `grpc-timeout` header and the
+//! channel's default [`timeout`](crate::LbChannelBuilder::timeout).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// The instant a call must end by: the earlier of its `grpc-timeout`
+/// header and the channel's default timeout (`None`: no deadline).
+pub(crate) fn deadline_of(headers: &http::HeaderMap, default: Option<Duration>) -> Option<Instant> {
+    let timeout = match (grpc_timeout(headers), default) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }?;
+    Some(Instant::now() + timeout)
+}
+
+/// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
+pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The status a call ends with when its deadline passes.
+pub(crate) fn exceeded(what: &str) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!("deadline exceeded {what}"))
+}
+
+/// A response body that ends with a DEADLINE_EXCEEDED status (in its
+/// trailers) if its deadline passes before the backend finishes it. The
+/// backend's body is dropped then, which resets its HTTP/2 stream.
+pub(crate) struct DeadlineBody<B> {
+    inner: Option<B>,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl<B> DeadlineBody<B> {
+    /// `inner`, cut off at `deadline`.
+    pub(crate) fn new(inner: B, deadline: Instant) -> Self {
+        DeadlineBody {
+            inner: Some(inner),
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl<B> Body for DeadlineBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            if frame.is_none() {
+                this.inner = None;
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.inner = None;
+        let status = exceeded("while the response was streaming");
+        let mut trailers = http::HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => {
+                // Cut short at the deadline: an exact size is no promise.
+                let mut hint = SizeHint::new();
+                hint.set_lower(0);
+                if let Some(upper) = b.size_hint().upper() {
+                    hint.set_upper(upper);
+                }
+                hint
+            }
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_timeout(&h), None);
+        h.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
+        h.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), Some(Duration::from_secs(3)));
+        h.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_earlier_of_header_and_default_wins() {
+        let mut h = http::HeaderMap::new();
+        let now = Instant::now();
+        assert_eq!(deadline_of(&h, None), None);
+        assert_eq!(
+            deadline_of(&h, Some(Duration::from_secs(2))),
+            Some(now + Duration::from_secs(2))
+        );
+        h.insert("grpc-timeout", "500m".parse().unwrap());
+        assert_eq!(
+            deadline_of(&h, Some(Duration::from_secs(2))),
+            Some(now + Duration::from_millis(500))
+        );
+        h.insert("grpc-timeout", "5S".parse().unwrap());
+        assert_eq!(
+            deadline_of(&h, Some(Duration::from_secs(2))),
+            Some(now + Duration::from_secs(2))
+        );
+    }
+
+    /// A body that sends one frame and then nothing, ever.
+    struct Stalled(bool);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_ends_with_deadline_exceeded_at_its_deadline() {
+        let start = Instant::now();
+        let mut body = DeadlineBody::new(Stalled(false), start + Duration::from_secs(1));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"x"));
+        let last = body.frame().await.unwrap().unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        let trailers = last.into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "4");
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_ends_in_time_is_untouched() {
+        let full = http_body_util::Full::new(Bytes::from_static(b"done"));
+        let mut body = DeadlineBody::new(full, Instant::now() + Duration::from_secs(1));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"done"));
+        assert!(body.frame().await.is_none());
+    }
+}
