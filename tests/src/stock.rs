@@ -334,6 +334,21 @@ impl Envoy {
     /// Starts Envoy fed by the LB at `lb`; waits until its listener accepts
     /// and the cluster `service` has come from the LB.
     pub async fn start(lb: SocketAddr, service: &str) -> Envoy {
+        let envoy = Envoy::spawn(lb, service);
+        let ready = crate::wait_until(Duration::from_secs(30), || {
+            envoy.clusters().contains(service)
+        })
+        .await;
+        assert!(
+            ready,
+            "Envoy never got cluster {service} from the LB at {lb}"
+        );
+        envoy
+    }
+
+    /// Starts Envoy fed by the LB at `lb`, routing to cluster `service`,
+    /// without waiting for anything.
+    pub fn spawn(lb: SocketAddr, service: &str) -> Envoy {
         let bin = lb_examples::envoy::binary().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().expect("tempdir");
         let (listen, admin) = (crate::free_port(), crate::free_port());
@@ -347,23 +362,27 @@ impl Envoy {
             .arg(listen.to_string())
             .arg("--disable-hot-restart");
         let proc = Proc::spawn("envoy", cmd, false);
-        let envoy = Envoy {
+        Envoy {
             proc,
             addr: SocketAddr::from(([127, 0, 0, 1], listen)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             _dir: dir,
-        };
-        let ready = crate::wait_until(Duration::from_secs(30), || {
-            envoy_get(envoy.admin, "/clusters")
-                .map(|body| body.contains(&format!("{service}::")))
-                .unwrap_or(false)
-        })
-        .await;
-        assert!(
-            ready,
-            "Envoy never got cluster {service} from the LB at {lb}"
-        );
-        envoy
+        }
+    }
+
+    /// Whether Envoy has finished initializing (`/ready` answers 200 LIVE):
+    /// it waits for its first CDS answer before that.
+    pub fn is_live(&self) -> bool {
+        envoy_get(self.admin, "/ready").is_some_and(|b| b.trim() == "LIVE")
+    }
+
+    /// The clusters Envoy has now (`/clusters`), its static `lb` included.
+    pub fn clusters(&self) -> std::collections::BTreeSet<String> {
+        envoy_get(self.admin, "/clusters")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("::").map(|(c, _)| c.to_string()))
+            .collect()
     }
 
     /// Envoy's view of `service`'s endpoints (`/clusters`): addresses.

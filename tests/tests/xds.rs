@@ -340,6 +340,72 @@ async fn envoy_balances_through_the_lbs_xds_and_follows_changes() {
     );
 }
 
+/// Envoy subscribes to clusters by a legacy wildcard (an empty
+/// `resource_names` on every request, ACKs included): on an empty catalog
+/// it is answered at once, not after its 15 s initial fetch timeout; a
+/// service registered after its first answer reaches its clusters, with
+/// endpoints, and one whose backends leave the registry leaves them, each
+/// within 2 s of the LB seeing the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_learns_services_registered_and_removed_after_it_connected() {
+    let etcd = Etcd::start().await;
+    let reg = etcd.registry_url();
+    let lb = Lb::start(&["--registry", &reg]).await;
+    let envoy = Envoy::spawn(lb.addr, "greeter");
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || envoy.is_live()).await,
+        "Envoy never finished initializing against an empty catalog"
+    );
+    let live_after = started.elapsed();
+    eprintln!("Envoy live after {live_after:?}");
+    assert!(
+        live_after < Duration::from_secs(8),
+        "Envoy waited {live_after:?} for its first CDS answer (initial fetch timeout)"
+    );
+
+    for round in 0..2 {
+        let service = format!("late{round}");
+        let greeter = Greeter::start(
+            &reg,
+            &["--service", &service, "--ttl", "30s", "--drain", "200ms"],
+        )
+        .await;
+        assert!(wait_lb_lists(&lb, &service, &[greeter.addr]).await);
+        let listed = Instant::now();
+        let want = vec![greeter.addr.to_string()];
+        assert!(
+            wait_until(Duration::from_secs(2), || envoy.endpoints(&service) == want).await,
+            "Envoy did not learn {service} within 2 s of the LB listing it: clusters {:?}, endpoints {:?}",
+            envoy.clusters(),
+            envoy.endpoints(&service)
+        );
+        eprintln!("{service} reached Envoy in {:?}", listed.elapsed());
+
+        let mut greeter = greeter;
+        tokio::task::block_in_place(|| greeter.proc.terminate(Duration::from_secs(10)));
+        assert!(
+            wait_until(Duration::from_secs(10), || lb
+                .backends(&service)
+                .is_empty())
+            .await,
+            "the LB still lists {service}'s backend: {:?}",
+            lb.backends(&service)
+        );
+        let gone = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(2), || !envoy
+                .clusters()
+                .contains(&service))
+            .await,
+            "{service} left the registry but stayed in Envoy's clusters: {:?}",
+            envoy.clusters()
+        );
+        eprintln!("{service} left Envoy in {:?}", gone.elapsed());
+    }
+    assert!(envoy.clusters().contains("lb"), "Envoy lost its static cluster");
+}
+
 /// One call through `client` (Envoy); the backend that answered it.
 async fn backend_called(
     client: &mut GreeterClient<tonic::transport::Channel>,

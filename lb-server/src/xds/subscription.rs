@@ -19,7 +19,15 @@
 //!   what changed. A name that does not exist yet stays subscribed and is
 //!   sent when it comes into being.
 //! - An empty first LDS or CDS request, or the name `*`, is a wildcard:
-//!   every resource of the type.
+//!   every resource of the type. An empty first request is the *legacy*
+//!   wildcard, and Envoy's state-of-the-world mux keeps sending an empty
+//!   list on every later request of it, ACKs included: so an empty list
+//!   keeps a legacy wildcard a wildcard until the client names a resource
+//!   (as go-control-plane's legacy-wildcard rule does). Read as "no names",
+//!   the first ACK would unsubscribe Envoy from every service added later.
+//! - The first LDS or CDS response of a subscription is sent at once, even
+//!   when it is empty: a client waits for it (Envoy up to its 15 s
+//!   `initial_fetch_timeout`) before it counts itself initialized.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -67,6 +75,9 @@ pub struct Planned {
 pub struct Subscription {
     kind: Kind,
     requested: Option<Requested>,
+    /// The wildcard came from an empty first request (see the module doc):
+    /// later empty requests keep it.
+    legacy_wildcard: bool,
     /// Nonce of the last response sent, if any.
     nonce: Option<String>,
     /// The last response has not been answered yet.
@@ -87,6 +98,7 @@ impl Subscription {
         Subscription {
             kind,
             requested: None,
+            legacy_wildcard: false,
             nonce: None,
             awaiting: false,
             version: 0,
@@ -151,8 +163,14 @@ impl Subscription {
             // has not seen it; it will answer it, so keep waiting.
             _ => {}
         }
-        let wildcard_first = self.requested.is_none() && names.is_empty() && self.kind.full_state();
-        self.requested = Some(if wildcard_first || names.iter().any(|n| n == "*") {
+        if names.is_empty() && self.kind.full_state() {
+            // An empty first request opens a legacy wildcard; later empty
+            // requests (Envoy's ACKs among them) keep it.
+            self.legacy_wildcard |= self.requested.is_none();
+        } else {
+            self.legacy_wildcard = false;
+        }
+        self.requested = Some(if self.legacy_wildcard || names.iter().any(|n| n == "*") {
             Requested::Wildcard
         } else {
             Requested::Names(names.into_iter().collect())
@@ -195,7 +213,9 @@ impl Subscription {
         // A wildcard also learns of resources gone away.
         let gone = matches!(requested, Requested::Wildcard)
             && self.sent.keys().any(|n| !now.contains_key(n.as_str()));
-        if changed.is_empty() && !gone {
+        // The first full-state response is due even when empty.
+        let first = self.version == 0 && self.kind.full_state();
+        if changed.is_empty() && !gone && !first {
             return None;
         }
         let resources: Vec<Bytes> = if self.kind.full_state() {
@@ -336,6 +356,45 @@ mod tests {
         let mut e = Subscription::new(Kind::Endpoint);
         e.on_request("", None, vec![]);
         assert_eq!(e.requested(), Some(&Requested::Names(BTreeSet::new())));
+    }
+
+    #[test]
+    fn a_legacy_wildcard_stays_one_through_empty_acks() {
+        let mut c = Subscription::new(Kind::Cluster);
+        c.on_request("", None, vec![]);
+        let first = c.plan(&current(&[("a", "1")]), nonce("1")).unwrap();
+        assert_eq!(first.resources, vec![any("1")]);
+        // Envoy's ACK repeats the empty list: still every cluster.
+        assert_eq!(c.on_request("1", None, vec![]), Answer::Ack);
+        assert_eq!(c.requested(), Some(&Requested::Wildcard));
+        let second = c
+            .plan(&current(&[("a", "1"), ("b", "1")]), nonce("2"))
+            .expect("a cluster added later is sent");
+        assert_eq!(second.resources.len(), 2);
+        c.on_request("2", None, vec![]);
+        let third = c
+            .plan(&current(&[("b", "1")]), nonce("3"))
+            .expect("a cluster gone is left out");
+        assert_eq!(third.resources, vec![any("1")]);
+        // Naming a resource ends the legacy wildcard; an empty list after
+        // that means no names.
+        c.on_request("3", None, vec!["b".into()]);
+        c.on_request("3", None, vec![]);
+        assert_eq!(c.requested(), Some(&Requested::Names(BTreeSet::new())));
+    }
+
+    #[test]
+    fn an_empty_wildcard_is_answered_at_once_once() {
+        let mut c = Subscription::new(Kind::Cluster);
+        c.on_request("", None, vec![]);
+        let first = c.plan(&current(&[]), nonce("1")).expect("answered at once");
+        assert!(first.resources.is_empty());
+        c.on_request("1", None, vec![]);
+        assert_eq!(c.plan(&current(&[]), nonce("2")), None, "nothing changed");
+        // EDS cannot say "absent": nothing is sent for an empty EDS request.
+        let mut e = Subscription::new(Kind::Endpoint);
+        e.on_request("", None, vec!["a".into()]);
+        assert_eq!(e.plan(&current(&[]), nonce("1")), None);
     }
 
     #[test]
