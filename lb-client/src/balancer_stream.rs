@@ -34,6 +34,7 @@ use tonic::transport::Endpoint;
 
 use crate::backoff::Backoff;
 use crate::state::{ChannelState, ListEntry};
+use crate::stats::ZeroReports;
 use crate::task::AbortOnDrop;
 
 /// Settings of the LB connection.
@@ -316,18 +317,30 @@ async fn stream(
     }
 }
 
+/// Shortest client-stats interval obeyed, whatever the LB asks (C-core's
+/// `kMinClientLoadReportingInterval`): an LB asking for 1 ns must not make
+/// the client spin.
+pub const MIN_STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Sends the channel's call counters every `every` (at least
+/// [`MIN_STATS_INTERVAL`]), skipping repeated all-zero reports.
 async fn report_stats(
     state: Arc<ChannelState>,
     tx: mpsc::Sender<LoadBalanceRequest>,
     every: Duration,
 ) {
+    let every = every.max(MIN_STATS_INTERVAL);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut zeros = ZeroReports::default();
     loop {
         tick.tick().await;
+        let stats = state.stats.take();
+        if !zeros.should_send(&stats) {
+            continue;
+        }
         let report = LoadBalanceRequest {
-            load_balance_request_type: Some(LoadBalanceRequestType::ClientStats(
-                state.stats.take(),
-            )),
+            load_balance_request_type: Some(LoadBalanceRequestType::ClientStats(stats)),
         };
         if tx.send(report).await.is_err() {
             return;
@@ -368,6 +381,8 @@ pub fn to_entries(servers: &[Server]) -> Vec<ListEntry> {
 
 #[cfg(test)]
 mod tests {
+    use lb_proto::grpc::lb::v1::ClientStats;
+
     use super::*;
 
     #[tokio::test]
@@ -430,5 +445,51 @@ mod tests {
         assert!(entries[1].drop);
         assert_eq!(entries[2].addr, "[::1]:81".parse().unwrap());
         assert_eq!(entries[2].token, None);
+    }
+
+    /// The reports `report_stats` sends within `run` (virtual time), with
+    /// one call started every 100 ms when `calling`.
+    async fn reports_within(every: Duration, run: Duration, calling: bool) -> Vec<ClientStats> {
+        let state = ChannelState::new("svc".into(), Vec::new(), Default::default(), false);
+        let (tx, mut rx) = mpsc::channel(10_000);
+        let reporter = AbortOnDrop::new(tokio::spawn(report_stats(state.clone(), tx, every)));
+        let end = tokio::time::Instant::now() + run;
+        while tokio::time::Instant::now() < end {
+            if calling {
+                state.stats.started();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(reporter);
+        let mut reports = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let Some(LoadBalanceRequestType::ClientStats(s)) = r.load_balance_request_type {
+                reports.push(s);
+            }
+        }
+        reports
+    }
+
+    /// An LB asking for reports every nanosecond gets one a second, as
+    /// from C-core (its minimum is 1 s), not a client spinning.
+    #[tokio::test(start_paused = true)]
+    async fn stats_interval_below_one_second_is_raised_to_it() {
+        let reports =
+            reports_within(Duration::from_nanos(1), Duration::from_millis(3_050), true).await;
+        assert!(
+            (2..=4).contains(&reports.len()),
+            "{} reports in 3 s",
+            reports.len()
+        );
+    }
+
+    /// As C-core: a report whose counters are all zero is sent once after
+    /// calls stop, then skipped while they stay zero.
+    #[tokio::test(start_paused = true)]
+    async fn all_zero_reports_are_not_repeated() {
+        let reports =
+            reports_within(Duration::from_secs(1), Duration::from_millis(10_050), false).await;
+        assert_eq!(reports.len(), 1, "{} reports in 10 s", reports.len());
+        assert_eq!(reports[0].num_calls_started, 0);
     }
 }

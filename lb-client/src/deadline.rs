@@ -58,7 +58,10 @@ pub(crate) fn exceeded(what: &str) -> tonic::Status {
 /// backend's body is dropped then, which resets its HTTP/2 stream.
 pub(crate) struct DeadlineBody<B> {
     inner: Option<B>,
-    sleep: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// The timer, armed the first time the body has to wait (a unary
+    /// response usually arrives whole with its headers and never needs it).
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> DeadlineBody<B> {
@@ -66,7 +69,8 @@ impl<B> DeadlineBody<B> {
     pub(crate) fn new(inner: B, deadline: Instant) -> Self {
         DeadlineBody {
             inner: Some(inner),
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+            sleep: None,
         }
     }
 }
@@ -93,7 +97,11 @@ where
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if this.sleep.as_mut().poll(cx).is_pending() {
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
         this.inner = None;

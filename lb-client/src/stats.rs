@@ -5,6 +5,10 @@
 //! that could not be written to the backend is *failed to send*; a call
 //! whose response headers arrived is *known received*. Counters reset at
 //! every report.
+//!
+//! Reports follow C-core's grpclb client: one whose counters are all zero is
+//! sent once, then skipped while they stay zero ([`ZeroReports`]), so an
+//! idle channel costs the LB nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -88,6 +92,36 @@ impl CallStats {
     }
 }
 
+/// Whether every counter of `stats` is zero (nothing to report).
+pub fn is_zero(stats: &ClientStats) -> bool {
+    stats.num_calls_started == 0
+        && stats.num_calls_finished == 0
+        && stats.num_calls_finished_with_client_failed_to_send == 0
+        && stats.num_calls_finished_known_received == 0
+        && stats
+            .calls_finished_with_drop
+            .iter()
+            .all(|d| d.num_calls == 0)
+}
+
+/// Which reports are sent: as C-core, an all-zero report is skipped when
+/// the previous one was all zero too (the first one after calls stop is
+/// sent, so the LB sees the rate fall to zero).
+#[derive(Debug, Default)]
+pub struct ZeroReports {
+    last_was_zero: bool,
+}
+
+impl ZeroReports {
+    /// Whether `stats` is to be sent.
+    pub fn should_send(&mut self, stats: &ClientStats) -> bool {
+        let zero = is_zero(stats);
+        let send = !(zero && self.last_was_zero);
+        self.last_was_zero = zero;
+        send
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +143,26 @@ mod tests {
         let r = s.take();
         assert_eq!(r.num_calls_started, 0);
         assert!(r.calls_finished_with_drop.is_empty());
+    }
+
+    #[test]
+    fn all_zero_reports_are_sent_once_then_skipped() {
+        let s = CallStats::default();
+        let mut zeros = ZeroReports::default();
+        assert!(
+            zeros.should_send(&s.take()),
+            "the first zero report is sent"
+        );
+        assert!(!zeros.should_send(&s.take()));
+        assert!(!zeros.should_send(&s.take()));
+        s.started();
+        assert!(zeros.should_send(&s.take()));
+        assert!(zeros.should_send(&s.take()), "calls stopped: said once");
+        assert!(!zeros.should_send(&s.take()));
+        s.dropped(&Arc::from("t"));
+        assert!(
+            zeros.should_send(&s.take()),
+            "a drop is something to report"
+        );
     }
 }

@@ -152,6 +152,12 @@ pub struct Metrics {
     pub zone_cross_fraction: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Zone plans published, per service.
     pub zone_plans: Family<ServiceLabels, Counter>,
+    /// Client streams whose zone was treated as unknown because their
+    /// service already had `--zone-max-client-zones` client zones.
+    pub zone_clients_over_cap: Family<ServiceLabels, Counter>,
+    /// Services forgotten after `--idle-service-grace` without backends
+    /// or streams.
+    pub services_forgotten: Counter,
 }
 
 /// Labels naming an xDS resource type.
@@ -179,6 +185,8 @@ pub struct XdsMetrics {
     pub push_seconds: Histogram,
     /// LRS load reports folded into the client stats.
     pub load_reports: Counter,
+    /// Encoded assignments cached (one per live service list and zone view).
+    pub assignments_cached: Gauge,
 }
 
 impl XdsMetrics {
@@ -192,6 +200,7 @@ impl XdsMetrics {
             nacks: Family::default(),
             push_seconds: Histogram::new(PUSH_BUCKETS),
             load_reports: Counter::default(),
+            assignments_cached: Gauge::default(),
         }
     }
 
@@ -260,6 +269,11 @@ impl XdsMetrics {
             "LRS load reports folded into the client stats",
             self.load_reports.clone(),
         );
+        r.add(
+            "assignments_cached",
+            "Encoded ClusterLoadAssignments cached: one per live service list and client-zone view",
+            self.assignments_cached.clone(),
+        );
     }
 }
 
@@ -284,6 +298,8 @@ impl Metrics {
             list_version: Family::default(),
             zone_cross_fraction: Family::default(),
             zone_plans: Family::default(),
+            zone_clients_over_cap: Family::default(),
+            services_forgotten: Counter::default(),
             client_calls: Family::default(),
             health_transitions: Family::default(),
             backend_weight: Family::default(),
@@ -360,6 +376,16 @@ impl Metrics {
             "zone_plans",
             "Zone plans published, per service",
             m.zone_plans.clone(),
+        );
+        reg.add(
+            "zone_clients_over_cap",
+            "Client streams treated as of unknown zone because their service had --zone-max-client-zones client zones, per service",
+            m.zone_clients_over_cap.clone(),
+        );
+        reg.add(
+            "services_forgotten",
+            "Services forgotten after --idle-service-grace without backends or streams",
+            m.services_forgotten.clone(),
         );
         reg.add(
             "client_calls",
@@ -554,6 +580,39 @@ impl Metrics {
         };
         self.backend_weight.remove(&labels);
         self.backend_healthy.remove(&labels);
+    }
+
+    /// Drops the per-service series of a service the catalog forgot (its
+    /// backends' series went with them).
+    pub fn forget_service(&self, service: &str) {
+        let labels = ServiceLabels {
+            service: service.into(),
+        };
+        self.backends.remove(&labels);
+        self.list_version.remove(&labels);
+        self.registry_conflicts.remove(&labels);
+        self.zone_cross_fraction.remove(&labels);
+        self.zone_plans.remove(&labels);
+        self.zone_clients_over_cap.remove(&labels);
+        let calls = [
+            "started",
+            "finished",
+            "failed_to_send",
+            "known_received",
+            "dropped",
+        ];
+        for kind in calls {
+            self.client_calls.remove(&CallLabels {
+                service: service.into(),
+                kind: kind.into(),
+            });
+        }
+        for to in crate::model::HealthState::ALL {
+            self.health_transitions.remove(&CallLabels {
+                service: service.into(),
+                kind: format!("{to:?}").to_lowercase(),
+            });
+        }
     }
 
     /// Renders every metric in the Prometheus text format.

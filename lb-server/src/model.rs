@@ -151,6 +151,15 @@ pub enum HealthState {
 }
 
 impl HealthState {
+    /// Every state.
+    pub const ALL: [HealthState; 5] = [
+        HealthState::Unknown,
+        HealthState::Serving,
+        HealthState::NotServing,
+        HealthState::Unreachable,
+        HealthState::Unchecked,
+    ];
+
     /// Serving, or not checked at all (which counts as serving).
     pub fn is_healthy(self) -> bool {
         matches!(self, HealthState::Serving | HealthState::Unchecked)

@@ -50,6 +50,9 @@ pub struct LbServer {
     /// The catalog (for embedding programs and tests).
     pub catalog: Arc<Catalog>,
     names: Arc<NameMapper>,
+    /// The policy flags it started with: what needs a restart among them
+    /// stays as it runs through reloads.
+    started_policy: crate::config::PolicyFlags,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -92,6 +95,7 @@ impl LbServer {
             .with_limits(CatalogLimits {
                 max_services: cfg.catalog.max_services,
                 max_backends_per_service: cfg.catalog.max_backends_per_service,
+                idle_service_grace: cfg.catalog.idle_service_grace,
             })
             .with_source_order(sources.names()),
         );
@@ -131,6 +135,7 @@ impl LbServer {
             parts.sources(&sources);
             parts.probes(cluster.clone())?;
             parts.refresh();
+            parts.forget_idle();
             parts.history();
             parts.grpc(lb_listener, &sources)?;
             parts.admin(admin_listener, cluster)
@@ -146,6 +151,7 @@ impl LbServer {
             admin_addr,
             catalog,
             names: parts.names,
+            started_policy: parts.cfg.policy.clone(),
             shutdown: parts.shutdown,
             tasks: parts.tasks,
         })
@@ -160,7 +166,10 @@ impl LbServer {
                 .replace(cfg.grpc.aliases.clone(), cfg.grpc.domain_suffixes.clone());
         }
         if reload.policy_changed() {
-            self.catalog.set_policy(cfg.policy.policy());
+            self.catalog.set_policy(crate::config::reload::policy(
+                &cfg.policy,
+                &self.started_policy,
+            ));
         }
     }
 
@@ -274,6 +283,35 @@ impl Parts {
         });
     }
 
+    /// Forgets services idle for `--idle-service-grace`, and what the
+    /// frontends kept about them.
+    fn forget_idle(&mut self) {
+        let Some(every) = self.catalog.idle_sweep_interval() else {
+            return;
+        };
+        let (catalog, zones, subsets) = (
+            self.catalog.clone(),
+            self.zones.clone(),
+            self.subsets.clone(),
+        );
+        let shutdown = self.shutdown.clone();
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        for service in catalog.forget_idle(std::time::Instant::now()) {
+                            zones.forget(&service);
+                            subsets.forget(&service);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// History: samples of the catalog and its journal, for the dashboard.
     fn history(&mut self) {
         let task = self
@@ -307,6 +345,7 @@ impl Parts {
                 max_resource_names: cfg.grpc.xds_max_resource_names,
                 request_max_rate: cfg.grpc.xds_request_max_rate,
                 shutdown_spread: cfg.grpc.shutdown_spread,
+                initial_request_timeout: cfg.grpc.initial_request_timeout,
                 load_report_interval: cfg.grpc.client_stats_interval,
                 resources: xds::resources::ResourceSettings {
                     lrs: !cfg.grpc.client_stats_interval.is_zero(),

@@ -139,7 +139,10 @@ async fn calls_to_a_hung_backend_end_at_their_deadline() {
         .find_map(|l| l.split(": ").nth(1)?.split(" ok").next()?.parse().ok())
         .unwrap_or_else(|| panic!("no summary line in greeter-client's output: {text}"));
     assert!(ok >= 15, "greeter-client: {ok} of 20 calls ok\n{text}");
-    assert!(took < Duration::from_secs(15), "greeter-client took {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "greeter-client took {took:?}"
+    );
 }
 
 /// A call without a deadline on a connection whose backend is black-holed

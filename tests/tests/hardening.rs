@@ -466,3 +466,236 @@ async fn the_embedded_registry_needs_its_token_and_is_capped() {
     assert!(wait_backends(&ch, 2, Duration::from_secs(10)).await);
     assert!(!ch.listed_backends().contains(&anonymous.addr));
 }
+
+/// Registers `address` for `service` in the embedded registry (a 60 s
+/// lease, zone `zone`); returns the lease, or the status refusing it.
+async fn register(
+    lb: SocketAddr,
+    service: &str,
+    address: &str,
+    zone: &str,
+) -> Result<u64, tonic::Status> {
+    use lb_proto::registry::v1::{registry_client::RegistryClient, RegisterRequest};
+    let mut client = RegistryClient::connect(format!("http://{lb}"))
+        .await
+        .expect("connect registry");
+    let response = client
+        .register(RegisterRequest {
+            service: service.into(),
+            address: address.into(),
+            ttl_seconds: 60,
+            metadata_json: format!("{{\"zone\":\"{zone}\"}}"),
+            ..Default::default()
+        })
+        .await?;
+    Ok(response.into_inner().lease_id)
+}
+
+/// Removes the registration `lease` from the embedded registry.
+async fn deregister(lb: SocketAddr, lease: u64) {
+    use lb_proto::registry::v1::{registry_client::RegistryClient, DeregisterRequest};
+    RegistryClient::connect(format!("http://{lb}"))
+        .await
+        .expect("connect registry")
+        .deregister(DeregisterRequest { lease_id: lease })
+        .await
+        .expect("deregister");
+}
+
+/// 20,000 short ADS streams, each from a zone made up for it (the xDS
+/// node's locality is whatever the client says): the LB's per-zone state
+/// (zone views, cached assignments) stays bounded, and so does its memory.
+/// The unit tests of the zone table and the assignment cache check the
+/// bounds themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_ads_streams_of_made_up_zones_leave_bounded_state() {
+    use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    };
+    const STREAMS: usize = 20_000;
+    const CONCURRENCY: usize = 16;
+    let lb = Lb::embedded(&["--health-checks", "false"]).await;
+    for (i, zone) in ["a", "b", "c"].iter().enumerate() {
+        register(lb.addr, "greeter", &format!("127.0.0.1:{}", 9 + i), zone)
+            .await
+            .expect("register");
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", lb.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect LB");
+    let stream = |zone: String| {
+        let channel = channel.clone();
+        async move {
+            let request = DiscoveryRequest {
+                node: Some(Node {
+                    id: zone.clone(),
+                    locality: Some(Locality {
+                        zone,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+                    .into(),
+                resource_names: vec!["greeter".into()],
+                ..Default::default()
+            };
+            let mut rx = AggregatedDiscoveryServiceClient::new(channel)
+                .stream_aggregated_resources(futures::stream::iter([request]))
+                .await
+                .expect("ADS stream")
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), rx.message())
+                .await
+                .expect("no assignment within 10 s")
+                .expect("ADS stream failed")
+                .expect("ADS stream ended");
+            assert_eq!(first.resources.len(), 1);
+        }
+    };
+    let rss = |lb: &Lb| lb.metric("lb_process_resident_memory_bytes") / (1 << 20) as f64;
+    // Warm up (allocator, tables) before measuring.
+    for i in 0..200 {
+        stream(format!("warm-{i}")).await;
+    }
+    let before = rss(&lb);
+    let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for batch in 0..STREAMS / CONCURRENCY {
+        let zones: Vec<String> = (0..CONCURRENCY)
+            .map(|i| format!("zone-{batch}-{i}-{:08x}", rng.random::<u32>()))
+            .collect();
+        futures::future::join_all(zones.into_iter().map(&stream)).await;
+    }
+    let took = started.elapsed();
+    // Closed streams leave their zones when the LB sees them go.
+    assert!(
+        wait_until(Duration::from_secs(5), || lb.metric("lb_xds_streams_open")
+            == 0.0)
+        .await,
+        "streams still open"
+    );
+    let (_, metrics) = lb.get("/metrics");
+    let cached = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_xds_assignments_cached "))
+        .unwrap_or_else(|| panic!("lb_xds_assignments_cached not exported"));
+    let cached: f64 = cached.trim().parse().unwrap();
+    let after = rss(&lb);
+    eprintln!(
+        "{STREAMS} streams in {took:?}; assignments cached {cached}; RSS {before:.1} → {after:.1} MiB"
+    );
+    assert!(cached <= 64.0, "{cached} assignments cached");
+    assert!(
+        after - before < 16.0,
+        "RSS grew from {before:.1} to {after:.1} MiB"
+    );
+}
+
+/// A service with no backends and nobody watching it is forgotten after
+/// the grace period, so `--max-services` caps the services known at once,
+/// not those ever seen: with a cap of 3, four services created and deleted
+/// in turn all get in. A service a stream still watches is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_services_are_forgotten_so_max_services_is_not_a_lifetime_cap() {
+    let lb = Lb::start_with_env(
+        &[
+            "--registry",
+            "memory",
+            "--health-checks",
+            "false",
+            "--max-services",
+            "3",
+        ],
+        &[("LB_IDLE_SERVICE_GRACE", "1s")],
+    )
+    .await;
+    // A client keeps watching `watched` while its backends come and go.
+    let lease = register(lb.addr, "watched", "127.0.0.1:9", "a")
+        .await
+        .unwrap();
+    let watcher = RawStream::open(lb.addr, ip("127.0.0.1"), Some("watched"))
+        .await
+        .expect("stream for watched");
+    deregister(lb.addr, lease).await;
+    for service in ["one", "two", "three"] {
+        // The catalog refuses a service beyond the cap (counted, logged):
+        // register again until it is taken.
+        let admitted = async {
+            loop {
+                let lease = register(lb.addr, service, "127.0.0.1:10", "a")
+                    .await
+                    .expect("register");
+                if wait_until(Duration::from_secs(1), || lb.backends(service).len() == 1).await {
+                    return lease;
+                }
+                deregister(lb.addr, lease).await;
+            }
+        };
+        let lease = tokio::time::timeout(Duration::from_secs(8), admitted)
+            .await
+            .unwrap_or_else(|_| panic!("{service} still refused by --max-services 3 after 8 s"));
+        deregister(lb.addr, lease).await;
+    }
+    assert_eq!(
+        lb.get("/api/v1/services/watched").0,
+        200,
+        "a service a stream watches is kept"
+    );
+    assert_eq!(lb.get("/api/v1/services/one").0, 404, "one was forgotten");
+    drop(watcher);
+}
+
+/// ADS and LRS streams that never send a first request are closed after
+/// `--initial-request-timeout`, as BalanceLoad streams are, and counted:
+/// silent streams do not hold the shared stream quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_ads_and_lrs_streams_are_closed_after_the_initial_request_timeout() {
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    };
+    use envoy_types::pb::envoy::service::load_stats::v3::{
+        load_reporting_service_client::LoadReportingServiceClient, LoadStatsRequest,
+    };
+    let lb = Lb::embedded(&["--initial-request-timeout", "1s"]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", lb.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect LB");
+    let started = Instant::now();
+    let ads = async {
+        let mut rx = AggregatedDiscoveryServiceClient::new(channel.clone())
+            .stream_aggregated_resources(futures::stream::pending::<DiscoveryRequest>())
+            .await?
+            .into_inner();
+        rx.message().await.map(|_| ())
+    };
+    let lrs = async {
+        let mut rx = LoadReportingServiceClient::new(channel.clone())
+            .stream_load_stats(futures::stream::pending::<LoadStatsRequest>())
+            .await?
+            .into_inner();
+        rx.message().await.map(|_| ())
+    };
+    let (ads, lrs) = tokio::time::timeout(Duration::from_secs(4), futures::future::join(ads, lrs))
+        .await
+        .expect("a silent stream was still open after 4 s");
+    let took = started.elapsed();
+    for (what, ended) in [("ADS", ads), ("LRS", lrs)] {
+        let status = ended.expect_err("ended without an error status");
+        assert_eq!(
+            status.code(),
+            tonic::Code::DeadlineExceeded,
+            "{what}: {status:?}"
+        );
+    }
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    assert!(
+        lb.metric("lb_xds_refused_total{reason=\"initial_request_timeout\"}") >= 2.0,
+        "not counted"
+    );
+}

@@ -294,3 +294,103 @@ async fn every_namespace_with_k8s_and_a_missing_kubeconfig_is_a_clear_error() {
     );
     assert_eq!(lb.get("/readyz").0, 503);
 }
+
+/// A slice that stops parsing on the watch path (its gRPC port renamed,
+/// its address type changed) takes its endpoints out of the lists, as a
+/// re-list would; rejected, counted and logged. Fixed, they come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_that_stops_parsing_on_the_watch_leaves_the_lists() {
+    let api = KubeApi::start(Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let port = free_port();
+    let ports = [("grpc", port)];
+    api.put_slice(
+        "prod",
+        "greeter-a",
+        "greeter",
+        &[Ep::ready("127.0.0.2", "")],
+        &ports,
+    );
+    api.put_slice(
+        "prod",
+        "greeter-b",
+        "greeter",
+        &[Ep::ready("127.0.0.3", "")],
+        &ports,
+    );
+    let lb = Lb::start_with_env(
+        &["--registry", "k8s://prod", "--k8s-port", "grpc"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    lb.wait_ready(Duration::from_secs(15)).await;
+    let (a, b) = (addr("127.0.0.2", port), addr("127.0.0.3", port));
+    assert!(lb.knows_backend("greeter.prod", a) && lb.knows_backend("greeter.prod", b));
+
+    // The port renamed over the watch: greeter-b no longer yields endpoints.
+    api.put_slice(
+        "prod",
+        "greeter-b",
+        "greeter",
+        &[Ep::ready("127.0.0.3", "")],
+        &[("grpc-v2", port)],
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !lb
+            .knows_backend("greeter.prod", b))
+        .await,
+        "a slice whose port was renamed kept its endpoints: {:?}",
+        lb.backends("greeter.prod")
+    );
+    assert!(lb.knows_backend("greeter.prod", a));
+    assert!(lb.metric("lb_registry_rejects_total{source=\"k8s\",kind=\"bad_address\"}") >= 1.0);
+    assert!(
+        lb.log_lines("WARN")
+            .iter()
+            .any(|l| l.contains("prod/greeter-b")),
+        "{:?}",
+        lb.log_lines("WARN")
+    );
+
+    // The address type changed over the watch: the same.
+    api.put_raw(
+        "prod",
+        "greeter-a",
+        serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"labels": {"kubernetes.io/service-name": "greeter"}},
+            "addressType": "FQDN", "endpoints": [{"addresses": ["greeter.example"]}],
+            "ports": [{"name": "grpc", "port": port}]}),
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || !lb
+            .knows_backend("greeter.prod", a))
+        .await,
+        "a slice turned FQDN kept its endpoints: {:?}",
+        lb.backends("greeter.prod")
+    );
+
+    // Fixed: back in the lists.
+    api.put_slice(
+        "prod",
+        "greeter-a",
+        "greeter",
+        &[Ep::ready("127.0.0.2", "")],
+        &ports,
+    );
+    api.put_slice(
+        "prod",
+        "greeter-b",
+        "greeter",
+        &[Ep::ready("127.0.0.3", "")],
+        &ports,
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || lb
+            .knows_backend("greeter.prod", a)
+            && lb.knows_backend("greeter.prod", b))
+        .await,
+        "{:?}",
+        lb.backends("greeter.prod")
+    );
+}

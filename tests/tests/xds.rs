@@ -385,10 +385,7 @@ async fn envoy_learns_services_registered_and_removed_after_it_connected() {
         let mut greeter = greeter;
         tokio::task::block_in_place(|| greeter.proc.terminate(Duration::from_secs(10)));
         assert!(
-            wait_until(Duration::from_secs(10), || lb
-                .backends(&service)
-                .is_empty())
-            .await,
+            wait_until(Duration::from_secs(10), || lb.backends(&service).is_empty()).await,
             "the LB still lists {service}'s backend: {:?}",
             lb.backends(&service)
         );
@@ -403,7 +400,10 @@ async fn envoy_learns_services_registered_and_removed_after_it_connected() {
         );
         eprintln!("{service} left Envoy in {:?}", gone.elapsed());
     }
-    assert!(envoy.clusters().contains("lb"), "Envoy lost its static cluster");
+    assert!(
+        envoy.clusters().contains("lb"),
+        "Envoy lost its static cluster"
+    );
 }
 
 /// One call through `client` (Envoy); the backend that answered it.

@@ -33,7 +33,9 @@ impl Catalog {
             .services
             .entry(service.to_string())
             .or_insert_with(|| {
-                tracing::info!(service, "new service");
+                if !self.held_at_startup("new service") {
+                    tracing::info!(service, "new service");
+                }
                 let (list, _) = watch::channel(Arc::new(PublishedList::empty()));
                 Arc::new(ServiceEntry {
                     name: service.to_string(),
@@ -41,6 +43,7 @@ impl Catalog {
                     list,
                     calls: CallTotals::default(),
                     conflict: Mutex::new(None),
+                    idle_since: Mutex::new(None),
                 })
             })
             .value()
@@ -50,6 +53,7 @@ impl Catalog {
     /// Adds or updates one instance reported by `source`; refused when it
     /// would pass a limit.
     pub fn upsert(&self, source: &'static str, instance: Instance) -> Result<(), Rejected> {
+        let _writing = self.writers.read().expect("writers lock");
         let entry = self.entry(&instance.service)?;
         let mut backends = entry.backends.lock().expect("catalog lock");
         self.check_room(&backends, source, &instance)?;
@@ -158,6 +162,7 @@ impl Catalog {
         only: Option<&str>,
         instances: Vec<Instance>,
     ) -> Vec<(String, Rejected)> {
+        let _writing = self.writers.read().expect("writers lock");
         let mut refused = Vec::new();
         let mut by_service: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for i in instances {

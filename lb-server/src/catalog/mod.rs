@@ -21,17 +21,25 @@
 //! | `publish` | policy → snapshot, source priority and conflicts |
 //! | `calls` | client stats, summed per service |
 //! | `journal` | each change, as an event, for history |
+//! | `startup` | the starting state logged as one summary, not per service |
+//! | `evict` | forgetting services nobody uses |
 //!
-//! A service, once seen, stays known for the life of the process (with an
-//! empty list when it has no backends), so that clients of a service whose
-//! backends are all gone see "no servers" rather than "unknown service".
+//! A service whose backends are all gone stays known (with an empty list),
+//! so that its clients see "no servers" rather than "unknown service" while
+//! its backends come back (a deploy, a restart). Once it has had no
+//! backends and no stream watching it for `--idle-service-grace`, it is
+//! forgotten: names come and go (Kubernetes preview namespaces, one-off
+//! jobs), and `--max-services` caps the services known at once, not all
+//! those ever seen.
 
 mod backend;
 mod calls;
+mod evict;
 mod ingest;
 pub mod journal;
 mod observe;
 mod publish;
+mod startup;
 
 pub use backend::{token_for, Backend, LoadReport, WeightOverride};
 pub use calls::CallTotals;
@@ -59,6 +67,8 @@ pub struct ServiceEntry {
     pub calls: CallTotals,
     /// Why some of its backends are ignored: two registry sources define it.
     conflict: Mutex<Option<String>>,
+    /// Since when it has had no backends and no watcher, as last checked.
+    idle_since: Mutex<Option<Instant>>,
 }
 
 impl ServiceEntry {
@@ -87,6 +97,11 @@ impl ServiceEntry {
     /// Watches published lists from now on (the current one counts as seen).
     pub fn watch(&self) -> watch::Receiver<Arc<PublishedList>> {
         self.list.subscribe()
+    }
+
+    /// Whether any registry lists a backend of it now (healthy or not).
+    pub fn is_registered(&self) -> bool {
+        !self.backends.lock().expect("catalog lock").is_empty()
     }
 
     /// A copy of the backends now known.
@@ -119,6 +134,12 @@ pub struct Catalog {
     index: DashMap<(&'static str, String), Vec<String>>,
     /// Each change, for history.
     journal: journal::Journal,
+    /// Held (shared) by registry writes, and exclusively while idle
+    /// services are forgotten: a write never lands in an entry that is
+    /// being dropped.
+    writers: std::sync::RwLock<()>,
+    /// Per-service lines held while the LB starts.
+    startup: startup::StartupLog,
 }
 
 /// Caps on what registries may put in the catalog.
@@ -128,6 +149,9 @@ pub struct CatalogLimits {
     pub max_services: usize,
     /// Most backends per service.
     pub max_backends_per_service: usize,
+    /// A service without backends or watchers is forgotten after this
+    /// long (zero: never).
+    pub idle_service_grace: std::time::Duration,
 }
 
 impl Default for CatalogLimits {
@@ -135,6 +159,7 @@ impl Default for CatalogLimits {
         CatalogLimits {
             max_services: 10_000,
             max_backends_per_service: 10_000,
+            idle_service_grace: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -180,6 +205,8 @@ impl Catalog {
             source_order: Vec::new(),
             index: DashMap::new(),
             journal: journal::Journal::default(),
+            writers: std::sync::RwLock::new(()),
+            startup: startup::StartupLog::new(),
         }
     }
 
@@ -199,7 +226,11 @@ impl Catalog {
 
     /// Whether a change line about `subject` may be logged now.
     fn log_change(&self, subject: std::fmt::Arguments<'_>) -> Option<u64> {
-        self.log.allow(&subject.to_string())
+        let subject = subject.to_string();
+        if self.held_at_startup(startup::kind_of(&subject)) {
+            return None;
+        }
+        self.log.allow(&subject)
     }
 
     /// Every (service, backend address) pair known now.
@@ -229,6 +260,7 @@ impl Catalog {
     /// at its last change and is skipped: a zone of dead backends costs the
     /// refresh nothing.
     pub fn refresh_all(&self) {
+        self.settle_startup();
         for entry in self.services() {
             let mut backends = entry.backends.lock().expect("catalog lock");
             if backends.values().any(Backend::changes_with_time) {
@@ -290,10 +322,12 @@ impl Catalog {
             tracing::info!(source, "registry synced");
         }
         if self.is_synced() {
-            self.synced_at
+            let at = *self
+                .synced_at
                 .lock()
                 .expect("synced lock")
                 .get_or_insert_with(Instant::now);
+            self.startup.synced(at);
         }
     }
 }

@@ -236,6 +236,13 @@ pub struct CatalogFlags {
     /// rejected (reason `limit`).
     #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = 10_000)]
     pub max_backends_per_service: usize,
+
+    /// A service without backends that no stream watches is forgotten after
+    /// this long, so that `--max-services` caps the services known at once,
+    /// not all those ever seen (0 = services are never forgotten). Until
+    /// then its clients are told "no servers" rather than "unknown service".
+    #[arg(long, env = "LB_IDLE_SERVICE_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_service_grace: Duration,
 }
 
 /// How each backend is probed: health checks and ORCA load reports.
@@ -711,6 +718,13 @@ pub struct ZoneFlags {
     /// wins).
     #[arg(long = "client-zone", env = "LB_CLIENT_ZONES", value_delimiter = ',')]
     pub client_zones: Vec<String>,
+
+    /// Most client zones planned for per service. Zones are what clients
+    /// say, and each one costs a re-plan of every zone's list: clients of
+    /// further zones get the service's own list, as clients of unknown zone
+    /// do (counted in `lb_zone_clients_over_cap_total`).
+    #[arg(long, env = "LB_ZONE_MAX_CLIENT_ZONES", default_value_t = 256)]
+    pub zone_max_client_zones: usize,
 }
 
 impl ZoneFlags {
@@ -735,6 +749,7 @@ impl ZoneFlags {
             peers: crate::zones::PeerZones::parse(&self.client_zones)?,
             max_list_len: max_list_len.max(1),
             stats_interval,
+            max_client_zones: self.zone_max_client_zones,
         })
     }
 }

@@ -7,8 +7,17 @@
 //! running parts at start; a change to it is reported as needing a restart
 //! and not applied, so a reload never leaves the LB half-way between two
 //! configurations.
+//!
+//! `max-list-len` sits with the policy flags but is one of the latter: zone
+//! views are cut to it when their tables are made, and an operator who reads
+//! "needs a restart" in the log must find every list at the running length,
+//! not the catalog's lists at the new one and zone views at the old. A
+//! reload rebuilds lists with the new knobs and the running length
+//! ([`policy`]).
 
 use super::file::Settings;
+use super::PolicyFlags;
+use crate::policy::Policy;
 
 /// The log filter's flag: swapped by the program that installed it.
 const LOG: &str = "log";
@@ -31,6 +40,15 @@ const POLICY: &[&str] = &[
 /// Whether a running LB applies a change of `flag` (a long name) on reload.
 pub fn reloadable(flag: &str) -> bool {
     flag == LOG || NAMES.contains(&flag) || POLICY.contains(&flag)
+}
+
+/// The list policy a reload applies: `next`'s reloadable knobs, with what
+/// needs a restart (the list length) as `running` has it.
+pub fn policy(next: &PolicyFlags, running: &PolicyFlags) -> Policy {
+    Policy {
+        max_list_len: running.policy().max_list_len,
+        ..next.policy()
+    }
 }
 
 /// The changes between two configurations, split by whether a running LB
@@ -95,5 +113,22 @@ mod tests {
         assert_eq!(r.apply, vec!["slow-start", "alias"]);
         assert_eq!(r.restart, vec!["max-streams"]);
         assert!(r.policy_changed() && r.names_changed());
+    }
+
+    #[test]
+    fn the_list_length_needs_a_restart_and_a_reload_keeps_the_running_one() {
+        let load = |args: &[&str]| {
+            let mut all = vec!["lb-server"];
+            all.extend_from_slice(args);
+            super::super::file::load(all, false).unwrap()
+        };
+        let old = load(&["--max-list-len", "4"]);
+        let new = load(&["--max-list-len", "100", "--slow-start", "5s"]);
+        let r = Reload::between(&old.settings, &new.settings);
+        assert_eq!(r.apply, vec!["slow-start"]);
+        assert_eq!(r.restart, vec!["max-list-len"]);
+        let applied = policy(&new.config.policy, &old.config.policy);
+        assert_eq!(applied.max_list_len, 4);
+        assert_eq!(applied.slow_start, std::time::Duration::from_secs(5));
     }
 }

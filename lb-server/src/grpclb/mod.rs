@@ -8,6 +8,9 @@
 //! never resent. `client_stats` from the client are added to the service's
 //! totals. Streams run inside tonic's response body: no task per stream.
 //!
+//! A reload that maps a stream's name to another service ends the stream,
+//! so that its client reconnects and is mapped anew (see `stream`).
+//!
 //! With subsets on ([`crate::streams::subsets`]), each stream gets the
 //! service's list filtered to its client's subset, and is re-sent it when
 //! the subset changes. Otherwise a client of known zone (`lb-client-zone`
@@ -43,9 +46,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::{Catalog, ServiceEntry};
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::model::Locality;
 use crate::net::limits::{Exceeded, Quota, RateBudget};
+use crate::streams::first_request::{first_request, timeout_status, FirstRequest};
 use crate::streams::names::{NameMapper, MAX_NAME_LEN};
 use crate::streams::service::{ResponseStream, StreamingMethod};
 use crate::streams::sessions::Sessions;
@@ -93,6 +98,9 @@ pub struct Balancer {
     shutdown: CancellationToken,
     /// The `initial_response`, the same for every stream.
     initial_response: Bytes,
+    /// Refusal lines (streams refused or closed by the LB): one per reason
+    /// per minute, whatever the number of streams (all are counted).
+    log: Arc<LogLimiter>,
 }
 
 impl Balancer {
@@ -122,15 +130,19 @@ impl Balancer {
             settings,
             shutdown,
             initial_response,
+            log: Arc::new(LogLimiter::default()),
         }
     }
 
     fn refuse(&self, reason: Refusal, status: Status) -> Status {
-        tracing::warn!(
-            reason = reason.as_str(),
-            message = status.message(),
-            "BalanceLoad stream refused"
-        );
+        if let Some(held) = self.log.allow(reason.as_str()) {
+            tracing::warn!(
+                reason = reason.as_str(),
+                message = status.message(),
+                refusals_not_logged = held,
+                "BalanceLoad stream refused"
+            );
+        }
         self.parts.metrics.refuse(reason.as_str());
         status
     }
@@ -141,21 +153,23 @@ impl Balancer {
         inbound: &mut Streaming<LoadBalanceRequest>,
     ) -> Result<(String, Arc<ServiceEntry>), Status> {
         let timeout = self.settings.initial_request_timeout;
-        let first = match tokio::time::timeout(timeout, inbound.message()).await {
-            Err(_) => {
+        let first = match first_request(inbound, timeout).await {
+            FirstRequest::TimedOut => {
                 return Err(self.refuse(
                     Refusal::InitialRequestTimeout,
-                    Status::deadline_exceeded(format!("no initial_request within {timeout:?}")),
+                    timeout_status(timeout, "initial_request"),
                 ))
             }
-            Ok(Err(status)) => return Err(self.refuse(Refusal::of_read_error(&status), status)),
-            Ok(Ok(None)) => {
+            FirstRequest::Failed(status) => {
+                return Err(self.refuse(Refusal::of_read_error(&status), status))
+            }
+            FirstRequest::Ended => {
                 return Err(self.refuse(
                     Refusal::NoInitialRequest,
                     Status::invalid_argument("stream closed before initial_request"),
                 ))
             }
-            Ok(Ok(Some(m))) => m,
+            FirstRequest::Received(m) => m,
         };
         let name = match first.load_balance_request_type {
             Some(LoadBalanceRequestType::InitialRequest(r)) => r.name,
@@ -240,6 +254,9 @@ impl Balancer {
             .map(|z| Locality::new("", z))
             .unwrap_or_default();
         let mut inbound = request.into_inner();
+        // Subscribed before the name is mapped: a reload in between wakes
+        // the stream, which maps its name again.
+        let name_changes = self.parts.names.subscribe();
         let (name, entry) = self.accept(&mut inbound).await?;
         tracing::debug!(
             ?peer,
@@ -250,7 +267,7 @@ impl Balancer {
         let session = self.parts.sessions.open(
             self.parts.metrics.clone(),
             peer,
-            name,
+            name.clone(),
             entry.name().to_string(),
             client_id,
         );
@@ -288,6 +305,9 @@ impl Balancer {
             subset,
             inbound,
             inbound_done: false,
+            name,
+            names: self.parts.names.clone(),
+            name_changes: Some(name_changes),
             finished: false,
             catalog: self.parts.catalog.clone(),
             entry,
@@ -296,6 +316,7 @@ impl Balancer {
             shutdown: self.shutdown.clone(),
             shutdown_spread: self.settings.shutdown_spread,
             stats_budget: RateBudget::new(self.settings.client_stats_max_rate),
+            log: self.log.clone(),
             _permit: permit,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(

@@ -1,6 +1,15 @@
 //! One BalanceLoad stream, from its `initial_response` to its end: lists
 //! out as they are published, client stats in. It lives inside tonic's
 //! response body (`futures::stream::unfold`): no task per stream.
+//!
+//! When the name mapping is replaced (a reload changing aliases or domain
+//! suffixes) and the stream's name now maps to another service (or to
+//! none), the stream ends with `UNAVAILABLE`. Its client reconnects and is
+//! mapped afresh, as any new stream: stock grpclb clients (grpc-go, C-core)
+//! restart an LB call at once, without backoff, when the one that ended had
+//! an answer, and keep using their last list meanwhile; the new stream
+//! then joins the new service's subset and zone tables like any other,
+//! with no second path for moving a live stream between services.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::catalog::{Catalog, ServiceEntry};
+use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::net::limits::{Permit, RateBudget};
 use crate::snapshot::{encode_server_list, PublishedList};
+use crate::streams::names::NameMapper;
 use crate::streams::sessions::{SessionGuard, StatsReport};
 use crate::streams::subsets;
 use crate::zones::ZoneMember;
@@ -39,6 +50,12 @@ pub(super) struct StreamState {
     pub(super) zone: Option<ZoneMember>,
     pub(super) inbound: Streaming<LoadBalanceRequest>,
     pub(super) inbound_done: bool,
+    /// The name the client asked for, as it asked.
+    pub(super) name: String,
+    /// Name → service rules, mapped again when they change.
+    pub(super) names: Arc<NameMapper>,
+    /// Wakes the stream when the rules are replaced (`None` once closed).
+    pub(super) name_changes: Option<watch::Receiver<u64>>,
     pub(super) finished: bool,
     pub(super) catalog: Arc<Catalog>,
     pub(super) entry: Arc<ServiceEntry>,
@@ -47,6 +64,8 @@ pub(super) struct StreamState {
     pub(super) shutdown: CancellationToken,
     pub(super) shutdown_spread: Duration,
     pub(super) stats_budget: RateBudget,
+    /// Lines about streams the LB closes, rate-limited per reason.
+    pub(super) log: Arc<LogLimiter>,
     pub(super) _permit: Permit,
 }
 
@@ -87,6 +106,14 @@ impl StreamState {
                         return None;
                     }
                 }
+                changed = async { self.name_changes.as_mut().expect("guarded").changed().await }, if self.name_changes.is_some() => {
+                    if changed.is_err() {
+                        self.name_changes = None;
+                    } else if let Some(status) = self.remapped() {
+                        self.finished = true;
+                        return Some((Err(status), self));
+                    }
+                }
                 message = self.inbound.message(), if !self.inbound_done => match message {
                     Ok(Some(request)) => {
                         if let Err(status) = self.on_request(request) {
@@ -101,7 +128,9 @@ impl StreamState {
                             // The client went away: end quietly.
                             return None;
                         }
-                        tracing::warn!(session = self.session.session().id, reason = reason.as_str(), message = status.message(), "BalanceLoad stream closed");
+                        if let Some(held) = self.log.allow(reason.as_str()) {
+                            tracing::warn!(session = self.session.session().id, reason = reason.as_str(), message = status.message(), closes_not_logged = held, "BalanceLoad stream closed");
+                        }
                         self.metrics.refuse(reason.as_str());
                         self.finished = true;
                         return Some((Err(status), self));
@@ -109,6 +138,27 @@ impl StreamState {
                 },
             }
         }
+    }
+
+    /// After a change of the name mapping: the status ending the stream if
+    /// its name no longer maps to the service it serves.
+    fn remapped(&self) -> Option<Status> {
+        let now = self.names.resolve(&self.name, |s| self.catalog.contains(s));
+        if now.as_deref() == Some(self.entry.name()) {
+            return None;
+        }
+        tracing::debug!(
+            session = self.session.session().id,
+            name = %self.name,
+            from = self.entry.name(),
+            to = ?now,
+            "name maps elsewhere now; ending the stream so that its client maps it again"
+        );
+        Some(Status::unavailable(format!(
+            "{:?} maps to {} now (name mapping reloaded); reconnect",
+            self.name,
+            now.as_deref().unwrap_or("no service")
+        )))
     }
 
     /// The list to send now (encoded), if it differs from the last one sent.
@@ -159,11 +209,14 @@ impl StreamState {
                         })
                         .inc();
                     self.metrics.refuse(Refusal::ClientStatsRate.as_str());
-                    tracing::warn!(
-                        session = id,
-                        rate = self.stats_budget.rate,
-                        "client stats sent too fast; closing the stream"
-                    );
+                    if let Some(held) = self.log.allow(Refusal::ClientStatsRate.as_str()) {
+                        tracing::warn!(
+                            session = id,
+                            rate = self.stats_budget.rate,
+                            closes_not_logged = held,
+                            "client stats sent too fast; closing the stream"
+                        );
+                    }
                     return Err(Status::resource_exhausted(format!(
                         "client_stats sent faster than {} per second; report at the interval the load balancer asked for",
                         self.stats_budget.rate

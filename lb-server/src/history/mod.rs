@@ -178,6 +178,16 @@ impl History {
             }
             backends_left_out += skipped as u64;
         }
+        // Services the catalog forgot (idle past `--idle-service-grace`)
+        // leave with their history, and free its room.
+        self.services.retain(|name, h| {
+            let known = catalog.contains(name);
+            if !known {
+                let backends = h.lock().expect("history lock").backends();
+                self.backends.fetch_sub(backends, Ordering::Relaxed);
+            }
+            known
+        });
         self.untracked_services
             .store(services_left_out, Ordering::Relaxed);
         self.untracked_backends

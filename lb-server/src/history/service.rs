@@ -122,11 +122,15 @@ impl ServiceHistory {
         let total = list.servers.len().max(1) as f32;
         let calls = &entry.calls;
         let load = |a: &std::sync::atomic::AtomicI64| a.load(std::sync::atomic::Ordering::Relaxed);
+        // Totals are sums of what clients reported (saturated, never
+        // negative), so their differences are computed saturating too.
         let totals = Totals {
             finished: load(&calls.finished),
             // Calls not known to have reached a backend.
-            failed: load(&calls.failed_to_send) + load(&calls.finished)
-                - load(&calls.known_received),
+            failed: load(&calls.failed_to_send)
+                .saturating_add(load(&calls.finished))
+                .saturating_sub(load(&calls.known_received))
+                .max(0),
         };
         // Clients report every client-stats interval, not when sampled: a
         // rate over one sample interval would alias (a report in one
@@ -139,8 +143,8 @@ impl ServiceHistory {
                     .unwrap_or(0.0);
                 if secs > 0.0 {
                     (
-                        (totals.finished - before.finished).max(0) as f32 / secs,
-                        (totals.failed - before.failed).max(0) as f32 / secs,
+                        totals.finished.saturating_sub(before.finished).max(0) as f32 / secs,
+                        totals.failed.saturating_sub(before.failed).max(0) as f32 / secs,
                     )
                 } else {
                     (f32::NAN, f32::NAN)

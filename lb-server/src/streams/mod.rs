@@ -14,8 +14,10 @@
 //! | [`subsets`] | per-client subsets of backends |
 //! | [`service`] | a one-method streaming gRPC service (BalanceLoad, ADS) |
 //! | [`codec`] | pre-encoded responses, small buffers |
+//! | [`first_request`] | a stream's first request, within the deadline |
 
 pub mod codec;
+pub mod first_request;
 pub mod names;
 pub mod service;
 pub mod sessions;

@@ -5,19 +5,33 @@
 //! without its port, a configured alias of it, the name with a configured
 //! domain suffix removed, and an alias of that. The rules can be replaced
 //! while streams run (a configuration reload); each lookup sees one set.
+//!
+//! A stream maps its name once, when it opens; a replacement therefore
+//! wakes every open stream ([`NameMapper::subscribe`]), which maps its
+//! name again: an alias moved to another service must move the clients
+//! already connected, not only the next ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 /// Longest name accepted in an initial request (the protocol's limit).
 pub const MAX_NAME_LEN: usize = lb_proto::ext::MAX_SERVICE_NAME_LEN;
 
 /// Name → service mapping rules, replaceable at run time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NameMapper {
     rules: ArcSwap<Rules>,
+    /// Bumped on each replacement of the rules.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for NameMapper {
+    fn default() -> Self {
+        NameMapper::new([], [])
+    }
 }
 
 /// One set of rules.
@@ -35,16 +49,25 @@ impl NameMapper {
     ) -> Self {
         NameMapper {
             rules: ArcSwap::from_pointee(Rules::new(aliases, suffixes)),
+            generation: watch::channel(0).0,
         }
     }
 
-    /// Replaces the rules; lookups from now on use the new ones.
+    /// Replaces the rules; lookups from now on use the new ones, and
+    /// every subscriber is woken.
     pub fn replace(
         &self,
         aliases: impl IntoIterator<Item = (String, String)>,
         suffixes: impl IntoIterator<Item = String>,
     ) {
         self.rules.store(Arc::new(Rules::new(aliases, suffixes)));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes when the rules are replaced: streams that mapped a name
+    /// watch it to map it again.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The candidate service names for `name`, most specific first.
@@ -145,6 +168,18 @@ mod tests {
         );
         assert_eq!(m.resolve("other.svc.test", known), None);
         assert_eq!(m.resolve(".svc.test", known), None);
+    }
+
+    #[test]
+    fn a_replacement_wakes_subscribers_and_maps_anew() {
+        let m = NameMapper::new([("hello".to_string(), "greeter".to_string())], []);
+        let mut changes = m.subscribe();
+        assert!(!changes.has_changed().unwrap());
+        let known = |s: &str| s == "greeter" || s == "other";
+        m.replace([("hello".to_string(), "other".to_string())], []);
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        assert_eq!(m.resolve("hello", known).as_deref(), Some("other"));
     }
 
     #[test]

@@ -29,13 +29,19 @@ pub struct StatsReport {
 }
 
 impl From<&ClientStats> for StatsReport {
+    /// The report as the client sent it, but for what no client can mean:
+    /// negative counts read as 0, and drops add up saturating.
     fn from(s: &ClientStats) -> Self {
         StatsReport {
-            started: s.num_calls_started,
-            finished: s.num_calls_finished,
-            failed_to_send: s.num_calls_finished_with_client_failed_to_send,
-            known_received: s.num_calls_finished_known_received,
-            dropped: s.calls_finished_with_drop.iter().map(|d| d.num_calls).sum(),
+            started: s.num_calls_started.max(0),
+            finished: s.num_calls_finished.max(0),
+            failed_to_send: s.num_calls_finished_with_client_failed_to_send.max(0),
+            known_received: s.num_calls_finished_known_received.max(0),
+            dropped: s
+                .calls_finished_with_drop
+                .iter()
+                .map(|d| d.num_calls.max(0))
+                .fold(0, i64::saturating_add),
         }
     }
 }

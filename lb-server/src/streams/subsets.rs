@@ -83,6 +83,14 @@ impl Subsets {
         self.size
     }
 
+    /// Drops the table of a service the catalog forgot, unless a client is
+    /// still in it.
+    pub fn forget(&self, service: &str) {
+        self.services.remove_if(service, |_, t| {
+            t.state.lock().expect("subset lock").clients.is_empty()
+        });
+    }
+
     /// The table of `service`.
     pub fn table(&self, service: &str) -> Arc<Table> {
         self.services

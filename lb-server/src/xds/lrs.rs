@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Ads, Responses};
 use crate::model::Locality;
 use crate::net::limits::RateBudget;
+use crate::streams::first_request::{first_request, timeout_status, FirstRequest};
 use crate::zones::ZoneMember;
 
 /// The LRS service, sharing the ADS service's parts and limits.
@@ -55,15 +56,35 @@ impl LoadReportingService for LoadReporting {
             let mut budget = RateBudget::new(ads.settings.request_max_rate);
             let mut answered = false;
             let mut reporter = Reporter::default();
+            let timeout = ads.settings.initial_request_timeout;
+            let mut first = Some(tokio::select! {
+                _ = ads.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                first = first_request(&mut inbound, timeout) => first,
+            });
             loop {
-                let message = tokio::select! {
-                    _ = ads.shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    m = inbound.message() => m,
+                let message = match first.take() {
+                    Some(FirstRequest::Received(r)) => Ok(Some(r)),
+                    Some(FirstRequest::TimedOut) => {
+                        let status = ads.refuse(
+                            "initial_request_timeout",
+                            timeout_status(timeout, "LoadStatsRequest"),
+                        );
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Some(FirstRequest::Ended) => Ok(None),
+                    Some(FirstRequest::Failed(status)) => Err(status),
+                    None => tokio::select! {
+                        _ = ads.shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        m = inbound.message() => m,
+                    },
                 };
                 let report = match message {
                     Ok(Some(r)) => r,
-                    Ok(None) | Err(_) => return,
+                    Ok(None) => return,
+                    Err(status) => return read_failed(&ads, status),
                 };
                 if !budget.spend() {
                     let status = ads.refuse(
@@ -108,6 +129,23 @@ impl LoadReportingService for LoadReporting {
     }
 }
 
+/// Counts a broken LRS stream and says why: at debug level when the client
+/// went away (the common end of a stream), else as a warning, one line per
+/// minute.
+fn read_failed(ads: &Ads, status: Status) {
+    ads.parts.metrics.xds.refuse("lrs_stream_error");
+    if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
+        tracing::debug!(code = ?status.code(), message = status.message(), "LRS stream ended");
+    } else if let Some(held) = ads.log.allow("lrs_stream_error") {
+        tracing::warn!(
+            code = ?status.code(),
+            message = status.message(),
+            errors_not_logged = held,
+            "LRS stream broken"
+        );
+    }
+}
+
 /// Most clusters one LRS stream's calls are counted for, per zone.
 const MAX_REPORTED_CLUSTERS: usize = 1024;
 
@@ -119,13 +157,9 @@ struct Reporter {
     members: HashMap<String, ZoneMember>,
 }
 
-/// Adds one cluster's report to its service's call totals, and to the
-/// demand of the reporter's zone.
-fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
-    let Some(entry) = ads.parts.catalog.service(&cluster.cluster_name) else {
-        ads.parts.metrics.xds.refuse("lrs_unknown_cluster");
-        return;
-    };
+/// One cluster's load report as grpclb client stats (sums saturate:
+/// counts are the client's to choose).
+pub(crate) fn client_stats(cluster: &ClusterStats) -> ClientStats {
     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let (mut issued, mut ok, mut errors) = (0u64, 0u64, 0u64);
     for l in &cluster.upstream_locality_stats {
@@ -133,7 +167,7 @@ fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
         ok = ok.saturating_add(l.total_successful_requests);
         errors = errors.saturating_add(l.total_error_requests);
     }
-    let stats = ClientStats {
+    ClientStats {
         num_calls_started: clamp(issued),
         num_calls_finished: clamp(ok.saturating_add(errors)),
         num_calls_finished_known_received: clamp(ok),
@@ -147,7 +181,17 @@ fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+/// Adds one cluster's report to its service's call totals, and to the
+/// demand of the reporter's zone.
+fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
+    let Some(entry) = ads.parts.catalog.service(&cluster.cluster_name) else {
+        ads.parts.metrics.xds.refuse("lrs_unknown_cluster");
+        return;
     };
+    let stats = client_stats(cluster);
     ads.parts.catalog.record_client_stats(&entry, &stats);
     ads.parts.metrics.xds.load_reports.inc();
     if !reporter.members.contains_key(&cluster.cluster_name)
@@ -159,5 +203,98 @@ fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
     }
     if let Some(m) = reporter.members.get(&cluster.cluster_name) {
         m.record_calls(stats.num_calls_started);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::time::SystemTime;
+
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        cluster_stats::DroppedRequests, UpstreamLocalityStats,
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::metrics::Metrics;
+    use crate::model::Instance;
+    use crate::policy::Policy;
+
+    fn count() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(u64::MAX),
+            Just(i64::MAX as u64),
+            Just(0u64),
+            0..1_000u64,
+            any::<u64>()
+        ]
+    }
+
+    fn cluster_stats() -> impl Strategy<Value = ClusterStats> {
+        (
+            prop::collection::vec([count(), count(), count()], 0..4),
+            prop::collection::vec((0..3usize, count()), 0..20),
+        )
+            .prop_map(|(localities, drops)| ClusterStats {
+                cluster_name: "svc".into(),
+                upstream_locality_stats: localities
+                    .into_iter()
+                    .map(|[issued, ok, errors]| UpstreamLocalityStats {
+                        total_issued_requests: issued,
+                        total_successful_requests: ok,
+                        total_error_requests: errors,
+                        ..Default::default()
+                    })
+                    .collect(),
+                dropped_requests: drops
+                    .into_iter()
+                    .map(|(c, n)| DroppedRequests {
+                        category: format!("category-{c}"),
+                        dropped_count: n,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+    }
+
+    proptest! {
+        /// LRS reports with counts up to `u64::MAX` fold into the service's
+        /// totals without a panic, and the totals only grow, up to
+        /// `i64::MAX`.
+        #[test]
+        fn load_reports_fold_saturating(reports in prop::collection::vec(cluster_stats(), 1..6)) {
+            let c = Catalog::new(Policy::default(), Arc::new(Metrics::new()), 1, false);
+            c.upsert("memory", Instance {
+                service: "svc".into(),
+                key: "k".into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+                weight: 1,
+                metadata: None,
+                registered_at: SystemTime::now(),
+            }).unwrap();
+            let entry = c.service("svc").unwrap();
+            let mut before = [0i64; 5];
+            for report in &reports {
+                let stats = client_stats(report);
+                prop_assert!(stats.num_calls_started >= 0 && stats.num_calls_finished >= 0);
+                c.record_client_stats(&entry, &stats);
+                let calls = &entry.calls;
+                let after = [
+                    &calls.started,
+                    &calls.finished,
+                    &calls.failed_to_send,
+                    &calls.known_received,
+                    &calls.dropped,
+                ]
+                .map(|a| a.load(Ordering::Relaxed));
+                for (a, b) in after.iter().zip(&before) {
+                    prop_assert!(a >= b && *a >= 0, "{before:?} → {after:?}");
+                }
+                before = after;
+            }
+        }
     }
 }

@@ -35,18 +35,21 @@ mod stream;
 pub use lrs::LoadReporting;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures::Stream;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Catalog;
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::limits::{Exceeded, Quota};
 use crate::snapshot::PublishedList;
@@ -68,6 +71,9 @@ pub struct XdsSettings {
     pub request_max_rate: f64,
     /// Window over which streams are closed on shutdown.
     pub shutdown_spread: Duration,
+    /// Deadline for a stream's first request (ADS and LRS, as for
+    /// BalanceLoad: `--initial-request-timeout`).
+    pub initial_request_timeout: Duration,
     /// The interval clients are asked to report load at (zero: no LRS).
     pub load_report_interval: Duration,
     /// What built Clusters carry.
@@ -96,22 +102,34 @@ pub struct Ads {
     settings: XdsSettings,
     shutdown: CancellationToken,
     assignments: Assignments,
+    /// Refusal lines: one per reason per minute, whatever the number of
+    /// streams refused (they are all counted).
+    log: LogLimiter,
 }
 
 impl Ads {
     /// A service answering from `parts.catalog`; streams end when `shutdown`
     /// fires.
     pub fn new(parts: XdsParts, settings: XdsSettings, shutdown: CancellationToken) -> Arc<Self> {
+        let assignments = Assignments::new(parts.metrics.xds.assignments_cached.clone());
         Arc::new(Ads {
             parts,
             settings,
             shutdown,
-            assignments: Assignments::default(),
+            assignments,
+            log: LogLimiter::default(),
         })
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
-        tracing::warn!(reason, message = status.message(), "xDS stream refused");
+        if let Some(held) = self.log.allow(reason) {
+            tracing::warn!(
+                reason,
+                message = status.message(),
+                refusals_not_logged = held,
+                "xDS stream refused"
+            );
+        }
         self.parts.metrics.xds.refuse(reason);
         status
     }
@@ -135,24 +153,71 @@ impl Ads {
     }
 }
 
-/// Each service's assignment, encoded once per published list version and
-/// shared by every stream that sees the whole list.
-#[derive(Default)]
-struct Assignments(DashMap<(String, String), (u64, Bytes)>);
+/// Assignments, encoded once per published list and shared by every stream
+/// that sees that whole list: a service's own list, or a client zone's view
+/// of it (zones whose view is the service's list share its entry).
+///
+/// Entries are keyed by the list itself (`PublishedList::id`), not by the
+/// client's zone: zones are whatever clients say (an xDS node's locality),
+/// and a zone's view goes when the zone's last client leaves. An entry is
+/// garbage once its list is dropped (replaced, or its zone gone); garbage
+/// is swept whenever the cache has doubled since the last sweep, so it
+/// holds at most about twice the lists alive (at least [`SWEEP_FLOOR`]):
+/// per service, its list and the views of its client zones (at most
+/// `--zone-max-client-zones`). The size is exported as
+/// `lb_xds_assignments_cached`.
+struct Assignments {
+    entries: DashMap<u64, Cached>,
+    /// Size at which the next new entry sweeps the cache.
+    sweep_at: AtomicUsize,
+    gauge: Gauge,
+}
+
+/// One cached assignment.
+struct Cached {
+    /// The list it was encoded from: once dropped, the entry is garbage.
+    list: Weak<PublishedList>,
+    encoded: Bytes,
+}
+
+/// The cache is not swept below this many entries.
+const SWEEP_FLOOR: usize = 64;
 
 impl Assignments {
-    /// The assignment of `service` for clients of `zone` ("" = the
-    /// service's own list) from `list`, encoded once per list.
-    fn get(&self, service: &str, zone: &str, list: &PublishedList) -> Bytes {
-        let key = (service.to_string(), zone.to_string());
-        if let Some(hit) = self.0.get(&key) {
-            if hit.0 == list.id {
-                return hit.1.clone();
-            }
+    /// An empty cache whose size is shown on `gauge`.
+    fn new(gauge: Gauge) -> Self {
+        Assignments {
+            entries: DashMap::new(),
+            sweep_at: AtomicUsize::new(SWEEP_FLOOR),
+            gauge,
         }
-        let any = resources::assignment(service, &list.servers, list);
-        self.0.insert(key, (list.id, any.clone()));
-        any
+    }
+
+    /// The assignment of `service` from `list` (its own list, or one of
+    /// its zone views), encoded once per list.
+    fn get(&self, service: &str, list: &Arc<PublishedList>) -> Bytes {
+        if let Some(hit) = self.entries.get(&list.id) {
+            return hit.encoded.clone();
+        }
+        let encoded = resources::assignment(service, &list.servers, list);
+        let cached = Cached {
+            list: Arc::downgrade(list),
+            encoded: encoded.clone(),
+        };
+        if self.entries.insert(list.id, cached).is_none()
+            && self.entries.len() >= self.sweep_at.load(Ordering::Relaxed)
+        {
+            self.entries.retain(|_, c| c.list.strong_count() > 0);
+            let next = (2 * self.entries.len()).max(SWEEP_FLOOR);
+            self.sweep_at.store(next, Ordering::Relaxed);
+        }
+        self.gauge.set(self.len() as i64);
+        encoded
+    }
+
+    /// Assignments cached now.
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -181,5 +246,28 @@ impl StreamingMethod for Ads {
         let stream = AdsStream::new(self, session, permit);
         tokio::spawn(stream.run(request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One short ADS stream per made-up zone: each zone's view lives only
+    /// as long as its stream, and so must its cached assignment.
+    #[test]
+    fn assignments_of_lists_no_longer_published_are_dropped() {
+        let cache = Assignments::new(Gauge::default());
+        let service_list = Arc::new(PublishedList::empty());
+        for _ in 0..5_000 {
+            let view = Arc::new(PublishedList::empty());
+            cache.get("svc", &view);
+            // A new zone's view starts as the service's list.
+            let shared = service_list.clone();
+            cache.get("svc", &shared);
+        }
+        assert!(cache.len() <= 64, "{} assignments cached", cache.len());
+        let first = cache.get("svc", &service_list);
+        assert_eq!(first, cache.get("svc", &service_list), "encoded once");
     }
 }

@@ -4,9 +4,11 @@
 //! The stream runs as one task. It waits on the client's requests and on
 //! the published lists of the services it subscribes to (plus the catalog's
 //! membership while it waits for a name that does not exist yet, or holds a
-//! wildcard); whenever something moved, each resource type is planned by
-//! its [`Subscription`], which sends only what changed and only when the
-//! client has answered the previous response. A slow client therefore skips
+//! wildcard, and the name mapping while it has listeners or routes, whose
+//! names a reload may map to another service); whenever something moved,
+//! each resource type is planned by its [`Subscription`], which sends only
+//! what changed and only when the client has answered the previous
+//! response. A slow client therefore skips
 //! to the newest state: lists are latest-wins watch channels.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +33,7 @@ use super::Ads;
 use crate::metrics::XdsMetrics;
 use crate::model::Locality;
 use crate::net::limits::{Permit, RateBudget};
+use crate::streams::first_request::{first_request, timeout_status, FirstRequest};
 use crate::streams::names::MAX_NAME_LEN;
 use crate::streams::sessions::{XdsNack, XdsNode, XdsSessionGuard, XdsTypeStatus};
 use crate::streams::subsets::Member;
@@ -48,6 +51,9 @@ enum Watch {
     Subset(String),
     /// Services appearing.
     Members,
+    /// The name mapping replaced (a reload): listeners and routes map
+    /// their names again.
+    Names,
 }
 
 type Wakes = StreamMap<Watch, Pin<Box<dyn Stream<Item = ()> + Send>>>;
@@ -79,8 +85,6 @@ pub(super) struct AdsStream {
     /// What to watch may have changed (names subscribed, services known).
     rewatch: bool,
     budget: RateBudget,
-    /// Reasons already logged on this stream (each is logged once).
-    logged: HashSet<&'static str>,
     _permit: Permit,
 }
 
@@ -102,7 +106,6 @@ impl AdsStream {
             held: [false; 4],
             rewatch: false,
             budget,
-            logged: HashSet::new(),
             _permit: permit,
         }
     }
@@ -114,7 +117,37 @@ impl AdsStream {
     /// Serves the stream until the client goes away, breaks a rule, or the
     /// LB shuts down.
     pub(super) async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>, out: Outbound) {
+        let timeout = self.ads.settings.initial_request_timeout;
+        let shutdown = self.ads.shutdown.clone();
+        let first = tokio::select! {
+            // Shutdown is answered by the loop below.
+            _ = shutdown.cancelled() => None,
+            _ = out.closed() => return,
+            first = first_request(&mut inbound, timeout) => Some(first),
+        };
         let mut inbound_done = false;
+        match first {
+            None => {}
+            Some(FirstRequest::Received(request)) => {
+                if let Err(status) = self.on_request(request) {
+                    let _ = out.send(Err(status)).await;
+                    return;
+                }
+            }
+            Some(FirstRequest::TimedOut) => {
+                let status = timeout_status(timeout, "DiscoveryRequest");
+                self.refuse("initial_request_timeout", &status);
+                let _ = out.send(Err(status)).await;
+                return;
+            }
+            Some(FirstRequest::Ended) => inbound_done = true,
+            Some(FirstRequest::Failed(status)) => {
+                if let Some(status) = self.read_failed(status) {
+                    let _ = out.send(Err(status)).await;
+                }
+                return;
+            }
+        }
         loop {
             if std::mem::take(&mut self.rewatch) {
                 self.sync_wakes();
@@ -152,6 +185,13 @@ impl AdsStream {
                         self.dirty = [true; 4];
                         self.rewatch = true;
                     }
+                    Watch::Names => {
+                        // A route may point at another cluster now, a
+                        // listener exist or not.
+                        self.dirty[Kind::Listener as usize] = true;
+                        self.dirty[Kind::Route as usize] = true;
+                        self.rewatch = true;
+                    }
                 },
                 message = inbound.message(), if !inbound_done => match message {
                     Ok(Some(request)) => {
@@ -162,8 +202,7 @@ impl AdsStream {
                     }
                     Ok(None) => inbound_done = true,
                     Err(status) => {
-                        if !matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
-                            self.refuse("bad_request", &status);
+                        if let Some(status) = self.read_failed(status) {
                             let _ = out.send(Err(status)).await;
                         }
                         return;
@@ -173,15 +212,28 @@ impl AdsStream {
         }
     }
 
-    /// Counts `reason` and logs it (once per stream).
-    fn refuse(&mut self, reason: &'static str, status: &Status) {
+    /// Ends the stream on a read error: the client going away ends it
+    /// quietly, anything else (a message too large, junk) is refused.
+    /// Returns the status to end it with, if any.
+    fn read_failed(&self, status: Status) -> Option<Status> {
+        if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
+            return None;
+        }
+        self.refuse("bad_request", &status);
+        Some(status)
+    }
+
+    /// Counts `reason` and logs it (one line per reason per minute, all
+    /// streams together: a flood of bad streams is counted, not written out).
+    fn refuse(&self, reason: &'static str, status: &Status) {
         self.metrics().refuse(reason);
-        if self.logged.insert(reason) {
+        if let Some(held) = self.ads.log.allow(reason) {
             tracing::warn!(
                 session = self.session.session().id,
                 peer = ?self.session.session().peer,
                 reason,
                 message = status.message(),
+                refusals_not_logged = held,
                 "ADS request refused"
             );
         }
@@ -354,6 +406,9 @@ impl AdsStream {
                 }
                 (_, Some(Requested::Wildcard)) => {}
                 (kind, Some(Requested::Names(names))) => {
+                    if matches!(kind, Kind::Listener | Kind::Route) && !names.is_empty() {
+                        want.insert(Watch::Names);
+                    }
                     for n in names {
                         let service = match kind {
                             Kind::Listener | Kind::Route => self.resolve(n),
@@ -413,6 +468,9 @@ impl AdsStream {
                 Watch::Members => {
                     Box::pin(WatchStream::from_changes(catalog.subscribe_members()).map(|_| ()))
                 }
+                Watch::Names => Box::pin(
+                    WatchStream::from_changes(self.ads.parts.names.subscribe()).map(|_| ()),
+                ),
                 Watch::List(s) => match (
                     self.zone_members.get(s).and_then(ZoneMember::lists),
                     catalog.service(s),
@@ -499,9 +557,14 @@ impl AdsStream {
             Requested::Wildcard if !matches!(kind, Kind::Cluster | Kind::Endpoint) => {
                 return BTreeMap::new()
             }
+            // A wildcard is every service the registries list now: one
+            // whose backends all left the registry leaves the client's
+            // clusters too (LDS and CDS answers carry the whole set, so
+            // leaving it out removes it).
             Requested::Wildcard => catalog
                 .services()
                 .iter()
+                .filter(|e| e.is_registered())
                 .map(|e| e.name().to_string())
                 .collect(),
         };
@@ -529,12 +592,12 @@ impl AdsStream {
         let entry = self.ads.parts.catalog.service(service)?;
         if let Some(member) = self.zone_members.get(service) {
             if let Some(view) = member.current() {
-                return Some(self.ads.assignments.get(service, member.zone(), &view));
+                return Some(self.ads.assignments.get(service, &view));
             }
         }
         let list = entry.current_list();
         if !self.ads.parts.subsets.enabled() {
-            return Some(self.ads.assignments.get(service, "", &list));
+            return Some(self.ads.assignments.get(service, &list));
         }
         let client_id = self.client_id.clone().unwrap_or_default();
         let session_id = self.session.session().id;

@@ -65,6 +65,10 @@ pub struct ZoneSettings {
     /// The client-stats interval asked of clients: rates are measured over
     /// a few of them.
     pub stats_interval: Duration,
+    /// Most client zones planned for per service
+    /// (`--zone-max-client-zones`); clients of further zones count as of
+    /// unknown zone.
+    pub max_client_zones: usize,
 }
 
 impl ZoneSettings {
@@ -103,6 +107,7 @@ impl Zones {
                 peers: PeerZones::default(),
                 max_list_len: 256,
                 stats_interval: Duration::from_secs(10),
+                max_client_zones: 256,
             },
             metrics,
         )
@@ -124,17 +129,31 @@ impl Zones {
             .unwrap_or(said)
     }
 
+    /// The table of `entry`: a service forgotten and seen again
+    /// ([`crate::catalog`]) is a new entry, and gets a new table.
     fn table(&self, entry: &Arc<ServiceEntry>) -> Arc<ZoneTable> {
-        self.tables
+        let mut slot = self
+            .tables
             .entry(entry.name().to_string())
-            .or_insert_with(|| {
-                Arc::new(ZoneTable::new(
-                    entry.clone(),
-                    self.settings.clone(),
-                    self.metrics.clone(),
-                ))
-            })
-            .clone()
+            .or_insert_with(|| self.new_table(entry));
+        if !slot.serves(entry) {
+            *slot = self.new_table(entry);
+        }
+        slot.clone()
+    }
+
+    fn new_table(&self, entry: &Arc<ServiceEntry>) -> Arc<ZoneTable> {
+        Arc::new(ZoneTable::new(
+            entry.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+        ))
+    }
+
+    /// Drops the table of a service the catalog forgot (streams still in
+    /// it keep it until they end).
+    pub fn forget(&self, service: &str) {
+        self.tables.remove(service);
     }
 
     /// Adds a stream of a client in `locality` to `entry`'s table (`None`

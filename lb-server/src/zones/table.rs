@@ -9,6 +9,11 @@
 //! membership: published at once) and once per tick for demand (published
 //! only when some zone's row moved by more than [`DAMPING`]), so lists do
 //! not follow every wobble of the measured rates.
+//!
+//! Zones are whatever clients say, and a new zone re-plans every zone's
+//! list under the table's lock: a table plans for at most
+//! `--zone-max-client-zones` client zones, and clients of further zones
+//! count as of unknown zone (they get the service's list).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +25,7 @@ use tokio::sync::watch;
 use super::plan::{self, Origin, Plan};
 use super::{views, ZoneSettings};
 use crate::catalog::ServiceEntry;
+use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::model::Locality;
 use crate::snapshot::PublishedList;
@@ -37,6 +43,8 @@ pub struct ZoneTable {
     settings: Arc<ZoneSettings>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// Lines about zones over the cap: one a minute.
+    log: LogLimiter,
 }
 
 #[derive(Default)]
@@ -173,19 +181,27 @@ impl ZoneTable {
             settings,
             metrics,
             state: Mutex::new(State::default()),
+            log: LogLimiter::default(),
         }
     }
 
+    /// Whether this is the table of `entry` (not of an earlier entry of
+    /// the same name).
+    pub(super) fn serves(&self, entry: &Arc<ServiceEntry>) -> bool {
+        Arc::ptr_eq(&self.service, entry)
+    }
+
     /// Adds a client of `locality` (`counted`: a stream that calls; an LRS
-    /// stream only reports).
+    /// stream only reports). A zone beyond the first
+    /// `--zone-max-client-zones` counts as unknown.
     pub(super) fn join(self: &Arc<Self>, locality: &Locality, counted: bool) -> ZoneMember {
-        let zone = locality.zone.clone();
         let mut st = self.state.lock().expect("zone lock");
+        let zone = self.admit(&st, &locality.zone);
         let d = st.demand.entry(zone.clone()).or_default();
         if counted {
             d.clients += 1;
         }
-        if !locality.region.is_empty() {
+        if !zone.is_empty() && !locality.region.is_empty() {
             d.region.clone_from(&locality.region);
         }
         let view = if zone.is_empty() || !counted {
@@ -211,6 +227,38 @@ impl ZoneTable {
             reported: AtomicBool::new(false),
             view,
         }
+    }
+
+    /// The zone a client of `zone` is counted in: its own, unless the
+    /// service already has `--zone-max-client-zones` client zones (every
+    /// new zone costs a re-plan of every zone's list, under this lock), in
+    /// which case unknown (""), counted and logged.
+    fn admit(&self, st: &State, zone: &str) -> String {
+        if zone.is_empty() || st.demand.contains_key(zone) {
+            return zone.to_string();
+        }
+        let zones = st.demand.len() - usize::from(st.demand.contains_key(""));
+        let cap = self.settings.max_client_zones;
+        if zones < cap {
+            return zone.to_string();
+        }
+        let labels = ServiceLabels {
+            service: self.service.name().to_string(),
+        };
+        self.metrics
+            .zone_clients_over_cap
+            .get_or_create(&labels)
+            .inc();
+        if let Some(held) = self.log.allow("over_cap") {
+            tracing::warn!(
+                service = self.service.name(),
+                zone = %zone.chars().take(64).collect::<String>(),
+                max_client_zones = cap,
+                not_logged = held,
+                "client zone beyond --zone-max-client-zones; its clients get the service's list"
+            );
+        }
+        String::new()
     }
 
     /// The planner: re-plans on list changes and on ticks, while clients of
@@ -435,4 +483,91 @@ pub struct ZoneRow {
     pub local_share: Option<f64>,
     /// Where its clients' calls go: zone → fraction (a row of the matrix).
     pub spill: BTreeMap<String, f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::config::Config;
+    use crate::model::Instance;
+    use crate::policy::Policy;
+
+    /// A service with one backend in each of zones a, b and c, and its
+    /// zone table with the default settings.
+    fn table() -> (Arc<Catalog>, Arc<ZoneTable>) {
+        let metrics = Arc::new(Metrics::new());
+        let catalog = Arc::new(Catalog::new(Policy::default(), metrics.clone(), 1, false));
+        for (i, zone) in ["a", "b", "c"].into_iter().enumerate() {
+            catalog
+                .upsert(
+                    "memory",
+                    Instance {
+                        service: "svc".into(),
+                        key: zone.into(),
+                        addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                        weight: 1,
+                        metadata: Some(serde_json::json!({ "zone": zone })),
+                        registered_at: SystemTime::now(),
+                    },
+                )
+                .unwrap();
+        }
+        let cfg = Config::with_addrs(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        let settings = cfg
+            .zones
+            .settings(cfg.policy.max_list_len, cfg.grpc.client_stats_interval)
+            .unwrap();
+        let entry = catalog.service("svc").unwrap();
+        let table = Arc::new(ZoneTable::new(entry, Arc::new(settings), metrics));
+        (catalog, table)
+    }
+
+    /// Clients of 2,000 made-up zones (through `lb-client-zone` or an xDS
+    /// node's locality) on one service: the zones planned for stay capped,
+    /// the rest share the unknown zone's list, and joining stays cheap.
+    #[tokio::test]
+    async fn client_zones_beyond_the_cap_are_treated_as_unknown() {
+        let (_catalog, table) = table();
+        let cap = table.settings.max_client_zones;
+        assert_eq!(cap, 256, "the default");
+        let started = Instant::now();
+        let mut members = Vec::new();
+        for i in 0..2_000 {
+            let zone = format!("made-up-{i}");
+            members.push(table.join(&Locality::new("", &zone), true));
+            members.push(table.join(&Locality::new("", &format!("reporter-{i}")), false));
+            let (views, demand) = {
+                let st = table.state.lock().unwrap();
+                (st.views.len(), st.demand.len())
+            };
+            assert!(
+                views <= cap && demand <= cap + 1,
+                "{views} zone views and {demand} zones of demand after {} client zones",
+                i + 1
+            );
+        }
+        let first = &members[0];
+        assert!(
+            first.current().is_some(),
+            "zones within the cap get their view"
+        );
+        let last = &members[members.len() - 2];
+        assert_eq!(last.zone(), "", "zones beyond the cap are unknown");
+        assert!(last.current().is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "2,000 client zones took {:?}",
+            started.elapsed()
+        );
+        drop(members);
+        let st = table.state.lock().unwrap();
+        assert!(st.views.is_empty() && st.demand.is_empty());
+    }
 }

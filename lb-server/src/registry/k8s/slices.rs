@@ -154,6 +154,18 @@ pub fn parse(slice: &EndpointSlice, port_name: &str) -> Result<Option<Slice>, Re
     }))
 }
 
+/// Slices grouped by service, in one pass (a listing of every slice turns
+/// into every service's instances without a walk per service).
+pub fn by_service<'a>(
+    slices: impl Iterator<Item = &'a Slice>,
+) -> BTreeMap<&'a str, Vec<&'a Slice>> {
+    let mut groups: BTreeMap<&str, Vec<&Slice>> = BTreeMap::new();
+    for s in slices {
+        groups.entry(s.service.as_str()).or_default().push(s);
+    }
+    groups
+}
+
 /// The instances of one service from all of its slices: each usable
 /// address once (a pod in two slices during a move is one backend).
 pub fn instances<'a>(
@@ -263,6 +275,40 @@ mod tests {
         let mut unowned = greeter(serde_json::json!([]), serde_json::json!([]));
         unowned.metadata.labels = None;
         assert_eq!(parse(&unowned, "").unwrap(), None);
+    }
+
+    #[test]
+    fn slices_group_by_service_in_one_pass() {
+        let one = |service: &str, ip: &str| Slice {
+            service: service.into(),
+            key: format!("prod/{service}-{ip}"),
+            endpoints: vec![Endpoint {
+                addr: SocketAddr::new(ip.parse().unwrap(), 80),
+                usable: true,
+                zone: String::new(),
+                node: String::new(),
+                pod: String::new(),
+            }],
+        };
+        let all = [
+            one("b.prod", "10.0.0.1"),
+            one("a.prod", "10.0.0.2"),
+            one("b.prod", "10.0.0.3"),
+        ];
+        let groups = by_service(all.iter());
+        assert_eq!(
+            groups.keys().copied().collect::<Vec<_>>(),
+            ["a.prod", "b.prod"]
+        );
+        assert_eq!(groups["b.prod"].len(), 2);
+        let now = SystemTime::now();
+        for (service, group) in groups {
+            assert_eq!(
+                instances(service, group.into_iter(), now),
+                instances(service, all.iter(), now),
+                "{service}"
+            );
+        }
     }
 
     #[test]
