@@ -76,6 +76,22 @@ impl Parts {
     fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.push(tokio::spawn(task));
     }
+
+    /// Runs `job` every `every` (a late tick is delayed, not bunched) until
+    /// shutdown.
+    fn spawn_every(&mut self, every: Duration, mut job: impl FnMut() + Send + 'static) {
+        let shutdown = self.shutdown.clone();
+        self.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => job(),
+                }
+            }
+        });
+    }
 }
 
 impl LbServer {
@@ -265,22 +281,13 @@ impl Parts {
     /// Recomputes every list periodically: load reports, weight blackout
     /// and expiry, and slow start depend on time.
     fn refresh(&mut self) {
-        let (catalog, shutdown) = (self.catalog.clone(), self.shutdown.clone());
+        let catalog = self.catalog.clone();
         let every = self
             .cfg
             .policy
             .weight_update_period
             .max(Duration::from_millis(10));
-        self.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => catalog.refresh_all(),
-                }
-            }
-        });
+        self.spawn_every(every, move || catalog.refresh_all());
     }
 
     /// Forgets services idle for `--idle-service-grace`, and what the
@@ -294,20 +301,10 @@ impl Parts {
             self.zones.clone(),
             self.subsets.clone(),
         );
-        let shutdown = self.shutdown.clone();
-        self.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {
-                        for service in catalog.forget_idle(std::time::Instant::now()) {
-                            zones.forget(&service);
-                            subsets.forget(&service);
-                        }
-                    }
-                }
+        self.spawn_every(every, move || {
+            for service in catalog.forget_idle(std::time::Instant::now()) {
+                zones.forget(&service);
+                subsets.forget(&service);
             }
         });
     }

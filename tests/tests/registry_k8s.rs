@@ -305,20 +305,13 @@ async fn a_slice_that_stops_parsing_on_the_watch_leaves_the_lists() {
     let kubeconfig = api.kubeconfig(dir.path());
     let port = free_port();
     let ports = [("grpc", port)];
-    api.put_slice(
-        "prod",
-        "greeter-a",
-        "greeter",
-        &[Ep::ready("127.0.0.2", "")],
-        &ports,
-    );
-    api.put_slice(
-        "prod",
-        "greeter-b",
-        "greeter",
-        &[Ep::ready("127.0.0.3", "")],
-        &ports,
-    );
+    // Two well-formed slices of one service.
+    let put_both = || {
+        for (slice, ip) in [("greeter-a", "127.0.0.2"), ("greeter-b", "127.0.0.3")] {
+            api.put_slice("prod", slice, "greeter", &[Ep::ready(ip, "")], &ports);
+        }
+    };
+    put_both();
     let lb = Lb::start_with_env(
         &["--registry", "k8s://prod", "--k8s-port", "grpc"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
@@ -371,20 +364,7 @@ async fn a_slice_that_stops_parsing_on_the_watch_leaves_the_lists() {
     );
 
     // Fixed: back in the lists.
-    api.put_slice(
-        "prod",
-        "greeter-a",
-        "greeter",
-        &[Ep::ready("127.0.0.2", "")],
-        &ports,
-    );
-    api.put_slice(
-        "prod",
-        "greeter-b",
-        "greeter",
-        &[Ep::ready("127.0.0.3", "")],
-        &ports,
-    );
+    put_both();
     assert!(
         wait_until(Duration::from_secs(3), || lb
             .knows_backend("greeter.prod", a)
