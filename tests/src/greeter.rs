@@ -39,10 +39,35 @@ impl Greeter {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Greeter {
+        Self::start_full(listen, registry, args, env, None).await
+    }
+
+    /// Starts a greeter on test host `host`, serving on port `port` of its
+    /// address.
+    pub async fn start_in(
+        host: &crate::netns::Host,
+        port: u16,
+        registry: &str,
+        args: &[&str],
+    ) -> Greeter {
+        let listen = host.addr(port).to_string();
+        Self::start_full(&listen, registry, args, &[], Some(&host.ns)).await
+    }
+
+    async fn start_full(
+        listen: &str,
+        registry: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ns: Option<&crate::netns::Ns>,
+    ) -> Greeter {
         let mut cmd = Command::new(bin("greeter-server"));
         cmd.args(["--listen", listen, "--registry", registry, "--log", "info"])
             .args(args)
             .envs(env.iter().copied());
+        if let Some(ns) = ns {
+            cmd = ns.wrap(&cmd);
+        }
         let mut proc = Proc::spawn("greeter", cmd, true);
         let stdout = proc
             .child

@@ -18,6 +18,8 @@ pub struct Lb {
     admin_tls: Option<AdminTls>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The test host it runs on (its namespace), if not this machine's.
+    ns: Option<crate::netns::Ns>,
 }
 
 impl Lb {
@@ -53,6 +55,7 @@ impl Lb {
             admin_tls,
             args.iter().map(|s| s.to_string()).collect(),
             env,
+            None,
         )
         .await
     }
@@ -67,6 +70,21 @@ impl Lb {
             None,
             args.iter().map(|s| s.to_string()).collect(),
             Vec::new(),
+            None,
+        )
+        .await
+    }
+
+    /// Starts an LB on test host `host` (gRPC on port 7000, admin on
+    /// 7001 of its address); the harness's admin requests are made there.
+    pub async fn start_in(host: &crate::netns::Host, args: &[&str]) -> Lb {
+        Self::start_on(
+            host.addr(7000),
+            host.addr(7001),
+            None,
+            args.iter().map(|s| s.to_string()).collect(),
+            Vec::new(),
+            Some(host.ns.clone()),
         )
         .await
     }
@@ -77,6 +95,7 @@ impl Lb {
         admin_tls: Option<AdminTls>,
         args: Vec<String>,
         env: Vec<(String, String)>,
+        ns: Option<crate::netns::Ns>,
     ) -> Lb {
         let mut cmd = Command::new(bin("lb-server"));
         cmd.arg("--listen")
@@ -93,6 +112,9 @@ impl Lb {
                 cmd.env(k, v);
             }
         }
+        if let Some(ns) = &ns {
+            cmd = ns.wrap(&cmd);
+        }
         let proc = Proc::spawn("lb-server", cmd, false);
         let lb = Lb {
             proc,
@@ -101,6 +123,7 @@ impl Lb {
             admin_tls,
             args,
             env,
+            ns,
         };
         let log = lb.proc.log.display().to_string();
         assert!(
@@ -151,19 +174,20 @@ impl Lb {
     }
 
     async fn again(self, graceful: bool) -> Lb {
-        let (addr, admin, tls, args, env) = (
+        let (addr, admin, tls, args, env, ns) = (
             self.addr,
             self.admin,
             self.admin_tls.clone(),
             self.args.clone(),
             self.env,
+            self.ns,
         );
         let mut proc = self.proc;
         if graceful {
             proc.terminate(Duration::from_secs(10));
         }
         drop(proc);
-        Self::start_on(addr, admin, tls, args, env).await
+        Self::start_on(addr, admin, tls, args, env, ns).await
     }
 
     /// GET on the admin port: (status, body).
@@ -199,9 +223,13 @@ impl Lb {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> std::io::Result<(u16, String)> {
-        match &self.admin_tls {
+        let request = || match &self.admin_tls {
             None => http_request(self.admin, method, path, headers, body),
             Some(tls) => https_request(self.admin, tls, method, path, headers, body),
+        };
+        match &self.ns {
+            None => request(),
+            Some(ns) => ns.run(request),
         }
     }
 

@@ -20,6 +20,7 @@
 //! | [`blackhole`] | a loopback port whose packets the kernel drops (iptables) |
 //! | [`browser`] | headless Chromium: a page's DOM or a screenshot |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
+//! | [`netns`] | test hosts in network namespaces behind one router: cuts, one-way cuts |
 //! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
@@ -39,6 +40,7 @@ pub mod greeter;
 pub mod http;
 pub mod kube_api;
 pub mod lb;
+pub mod netns;
 pub mod proc;
 pub mod relay;
 pub mod standin;

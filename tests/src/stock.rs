@@ -127,13 +127,30 @@ impl StockClient {
     /// grpc-go's grpclb policy, balancer address from the resolver state,
     /// dialing `lb:///<service>`: one call every `interval` for `duration`.
     pub fn go(lb: SocketAddr, service: &str, duration: Duration, interval: Duration) -> Self {
-        let mut cmd = tokio::process::Command::new(go_bins().join("grpclb_client"));
-        cmd.arg("-lb")
-            .arg(lb.to_string())
-            .args(["-service", service])
-            .arg(format!("-duration={}ms", duration.as_millis()))
-            .arg(format!("-interval={}ms", interval.as_millis()));
-        Self::spawn("grpc-go grpclb client", cmd)
+        Self::spawn(GO_GRPCLB, go_command(lb, service, duration, interval))
+    }
+
+    /// Like [`StockClient::go`], on test host `host`.
+    pub fn go_in(
+        host: &crate::netns::Host,
+        lb: SocketAddr,
+        service: &str,
+        duration: Duration,
+        interval: Duration,
+    ) -> Self {
+        Self::spawn_in(host, GO_GRPCLB, go_command(lb, service, duration, interval))
+    }
+
+    /// Like [`StockClient::xds_grpcio`], on test host `host`.
+    pub fn xds_grpcio_in(
+        host: &crate::netns::Host,
+        lb: &str,
+        name: &str,
+        duration: Duration,
+        interval: Duration,
+    ) -> Self {
+        let cmd = grpcio_xds_command(lb, name, "xds-client", duration, interval);
+        Self::spawn_in(host, GRPCIO_XDS, cmd)
     }
 
     /// C-core's grpclb policy (Python grpcio), the LB found through DNS SRV
@@ -156,10 +173,10 @@ impl StockClient {
         duration: Duration,
         interval: Duration,
     ) -> Self {
-        let mut cmd = python_client("xds_client.py");
-        cmd.args(["--lb", lb, "--name", name, "--node-id", node])
-            .args(paced(duration, interval));
-        Self::spawn("grpcio xDS client", cmd)
+        Self::spawn(
+            GRPCIO_XDS,
+            grpcio_xds_command(lb, name, node, duration, interval),
+        )
     }
 
     /// grpc-js with `@grpc/grpc-js-xds` dialing `xds:///<name>`, otherwise as
@@ -191,6 +208,15 @@ impl StockClient {
         StockClient { name, child }
     }
 
+    /// Like [`StockClient::spawn`], inside `host`'s namespace.
+    fn spawn_in(
+        host: &crate::netns::Host,
+        name: &'static str,
+        cmd: tokio::process::Command,
+    ) -> Self {
+        Self::spawn(name, host.ns.wrap(cmd.as_std()).into())
+    }
+
     /// Waits for the client to finish (at most `limit`) and returns its
     /// JSON summary: `calls`, `per_backend`, `failures`.
     pub async fn finish(self, limit: Duration) -> serde_json::Value {
@@ -205,6 +231,39 @@ impl StockClient {
         serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("{name}: bad output ({e}): {stdout}\n{stderr}"))
     }
+}
+
+const GO_GRPCLB: &str = "grpc-go grpclb client";
+const GRPCIO_XDS: &str = "grpcio xDS client";
+
+/// The grpc-go grpclb client's command (see [`StockClient::go`]).
+fn go_command(
+    lb: SocketAddr,
+    service: &str,
+    duration: Duration,
+    interval: Duration,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(go_bins().join("grpclb_client"));
+    cmd.arg("-lb")
+        .arg(lb.to_string())
+        .args(["-service", service])
+        .arg(format!("-duration={}ms", duration.as_millis()))
+        .arg(format!("-interval={}ms", interval.as_millis()));
+    cmd
+}
+
+/// The grpcio xDS client's command (see [`StockClient::xds_grpcio`]).
+fn grpcio_xds_command(
+    lb: &str,
+    name: &str,
+    node: &str,
+    duration: Duration,
+    interval: Duration,
+) -> tokio::process::Command {
+    let mut cmd = python_client("xds_client.py");
+    cmd.args(["--lb", lb, "--name", name, "--node-id", node])
+        .args(paced(duration, interval));
+    cmd
 }
 
 /// Runs the stock gRPC C-core client (`tests/interop/grpclb_client.py`):
