@@ -91,6 +91,24 @@ impl Ns {
         })
     }
 
+    /// Kills every TCP socket in this namespace whose peer is `peer`
+    /// (`ss -K`): both ends get a reset, as when a middlebox or a kernel
+    /// drops a connection's state.
+    pub fn kill_sockets_to(&self, peer: Ipv4Addr) {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "ss",
+                "-K",
+                "dst",
+                &peer.to_string(),
+            ],
+        );
+    }
+
     /// A Tokio runtime whose threads all live in this namespace: an
     /// in-process client made and driven on it is a client on this host.
     pub fn runtime(&self) -> HostRuntime {
