@@ -83,6 +83,10 @@ enum Bench {
         /// Rounds per contender (alternated).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Give every Rust client's call this deadline (`grpc-timeout`), to
+        /// weigh what keeping it costs (default: none).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
     },
     /// etcd put/delete → every client's picker, vs etcd's own watch delivery (builds side by side).
     Propagation {
@@ -275,7 +279,8 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             round,
             rounds,
-        } => throughput::throughput(concurrency, round, rounds).await?,
+            deadline,
+        } => throughput::throughput(concurrency, round, rounds, deadline).await?,
         Bench::Propagation {
             clients,
             processes,

@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use tonic::codegen::{Body, Bytes, StdError};
 
-/// Runs `concurrency` callers for `duration`; returns calls/s and p50, p99,
-/// p99.9 latency (µs).
+/// Runs `concurrency` callers for `duration`, each call with `deadline`
+/// (`grpc-timeout`) when given; returns calls/s and p50, p99, p99.9 latency
+/// (µs).
 pub async fn load<T>(
     client: GreeterClient<T>,
     concurrency: usize,
     duration: Duration,
+    deadline: Option<Duration>,
 ) -> (f64, u64, u64, u64)
 where
     T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
@@ -31,12 +33,13 @@ where
                 let mut latencies = Vec::with_capacity(100_000);
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    match client
-                        .say_hello(HelloRequest {
-                            name: "bench".into(),
-                        })
-                        .await
-                    {
+                    let mut request = tonic::Request::new(HelloRequest {
+                        name: "bench".into(),
+                    });
+                    if let Some(d) = deadline {
+                        request.set_timeout(d);
+                    }
+                    match client.say_hello(request).await {
                         Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
                         Err(status) => {
                             if failures.fetch_add(1, Ordering::Relaxed) == 0 {

@@ -62,13 +62,30 @@ pub async fn slow_backend(
         GreeterClient::new(aware_ch.clone()),
         concurrency,
         Duration::from_secs(3),
+        None,
     )
     .await;
     let mut plain_runs = Vec::new();
     let mut aware_runs = Vec::new();
     for r in 0..rounds {
-        plain_runs.push(load(GreeterClient::new(plain_ch.clone()), concurrency, round).await);
-        aware_runs.push(load(GreeterClient::new(aware_ch.clone()), concurrency, round).await);
+        plain_runs.push(
+            load(
+                GreeterClient::new(plain_ch.clone()),
+                concurrency,
+                round,
+                None,
+            )
+            .await,
+        );
+        aware_runs.push(
+            load(
+                GreeterClient::new(aware_ch.clone()),
+                concurrency,
+                round,
+                None,
+            )
+            .await,
+        );
         eprintln!(
             "  round {}: plain p99 {} µs, load-aware p99 {} µs",
             r + 1,

@@ -47,6 +47,7 @@ pub async fn throughput(
     concurrency: usize,
     round: Duration,
     rounds: usize,
+    deadline: Option<Duration>,
 ) -> anyhow::Result<serde_json::Value> {
     let lb = LbServer::start(Config::with_addrs(
         "127.0.0.1:0".parse()?,
@@ -64,14 +65,14 @@ pub async fn throughput(
     let lb3 = LbChannel::builder("greeter")
         .lb(lb.lb_addr.to_string())
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let ready_by = Instant::now() + Duration::from_secs(5);
     while {
         let mut r = lb3.ready_backends();
         r.sort();
         r.dedup();
         r.len() < 3
     } {
-        anyhow::ensure!(Instant::now() < deadline, "LbChannel not ready");
+        anyhow::ensure!(Instant::now() < ready_by, "LbChannel not ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let endpoint = |addr: std::net::SocketAddr| {
@@ -111,7 +112,7 @@ pub async fn throughput(
     );
     for (_, c) in &contenders {
         // Warm-up, unmeasured (connections, nginx upstream keep-alive pool).
-        run(c, concurrency, Duration::from_millis(300)).await;
+        run(c, concurrency, Duration::from_millis(300), deadline).await;
     }
     let mut stock: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
     let stock_targets = [String::new(), envoy.addr.to_string()];
@@ -123,7 +124,7 @@ pub async fn throughput(
         for (i, (_, c)) in contenders.iter().enumerate() {
             let cpu0 = cpu_now(&nginx, &envoy);
             let t0 = Instant::now();
-            let (cps, p50, p99, p999) = run(c, concurrency, round).await;
+            let (cps, p50, p99, p999) = run(c, concurrency, round, deadline).await;
             let calls = cps * t0.elapsed().as_secs_f64();
             let cpu = (cpu_now(&nginx, &envoy) - cpu0).as_secs_f64() * 1e6 / calls.max(1.0);
             results[i].push([cps, p50 as f64, p99 as f64, p999 as f64, cpu]);
@@ -190,10 +191,17 @@ pub async fn throughput(
     }))
 }
 
-async fn run(c: &Contender, concurrency: usize, d: Duration) -> (f64, u64, u64, u64) {
+async fn run(
+    c: &Contender,
+    concurrency: usize,
+    d: Duration,
+    deadline: Option<Duration>,
+) -> (f64, u64, u64, u64) {
     match c {
-        Contender::Lb(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
-        Contender::Tonic(ch) => load(GreeterClient::new(ch.clone()), concurrency, d).await,
+        Contender::Lb(ch) => load(GreeterClient::new(ch.clone()), concurrency, d, deadline).await,
+        Contender::Tonic(ch) => {
+            load(GreeterClient::new(ch.clone()), concurrency, d, deadline).await
+        }
     }
 }
 
