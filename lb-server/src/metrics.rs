@@ -158,6 +158,10 @@ pub struct Metrics {
     /// Services forgotten after `--idle-service-grace` without backends
     /// or streams.
     pub services_forgotten: Counter,
+    /// 1 while this replica is clustered but has no etcd session
+    /// ([`crate::cluster`]): it checks every backend itself and can neither
+    /// hand checks over nor take them over.
+    pub cluster_degraded: Gauge,
 }
 
 /// Labels naming an xDS resource type.
@@ -300,6 +304,7 @@ impl Metrics {
             zone_plans: Family::default(),
             zone_clients_over_cap: Family::default(),
             services_forgotten: Counter::default(),
+            cluster_degraded: Gauge::default(),
             client_calls: Family::default(),
             health_transitions: Family::default(),
             backend_weight: Family::default(),
@@ -386,6 +391,11 @@ impl Metrics {
             "services_forgotten",
             "Services forgotten after --idle-service-grace without backends or streams",
             m.services_forgotten.clone(),
+        );
+        reg.add(
+            "cluster_degraded",
+            "1 while this clustered replica has no etcd session: it checks every backend itself until it rejoins",
+            m.cluster_degraded.clone(),
         );
         reg.add(
             "client_calls",

@@ -1,19 +1,27 @@
 //! One etcd member ([`Etcd`]): start, kill, restart, put and delete; and
-//! an etcd with TLS and authentication ([`SecureEtcd`]).
+//! an etcd with TLS and authentication ([`SecureEtcd`]). A member runs on
+//! loopback, or on a test host ([`Etcd::start_in`]) where the network
+//! between it and its clients can be cut.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::*;
 
-/// One etcd member on loopback with a temporary data dir.
+/// One etcd member with a temporary data dir, on loopback or on a test
+/// host.
 pub struct Etcd {
     /// TLS and credentials, when this member serves clients over TLS.
     pub secure: Option<SecureEtcd>,
     proc: Option<Proc>,
     dir: tempfile::TempDir,
     name: String,
+    /// The address it listens on and advertises (clients and peers).
+    ip: IpAddr,
+    /// The test host's namespace it runs in (`None`: the test's own).
+    ns: Option<crate::netns::Ns>,
     client_port: u16,
     peer_port: u16,
     initial_cluster: String,
@@ -23,6 +31,16 @@ impl Etcd {
     /// Starts a one-member etcd and waits until it answers.
     pub async fn start() -> Etcd {
         let mut etcd = Self::members(1).pop().expect("one member");
+        etcd.launch().await;
+        etcd
+    }
+
+    /// Starts a one-member etcd on test host `host` (clients on port 2379
+    /// and peers on 2380 of its address) and waits until it answers there.
+    pub async fn start_in(host: &crate::netns::Host) -> Etcd {
+        let mut etcd = Self::members_at(1, IpAddr::V4(host.ip), Some(host.ns.clone()))
+            .pop()
+            .expect("one member");
         etcd.launch().await;
         etcd
     }
@@ -88,20 +106,34 @@ impl Etcd {
     }
 
     fn members(n: usize) -> Vec<Etcd> {
+        Self::members_at(n, IpAddr::V4(Ipv4Addr::LOCALHOST), None)
+    }
+
+    /// `n` members on `ip`: on loopback each on free ports; on a test
+    /// host (which has the address to itself) on etcd's own ports.
+    fn members_at(n: usize, ip: IpAddr, ns: Option<crate::netns::Ns>) -> Vec<Etcd> {
         let mut members: Vec<Etcd> = (0..n)
-            .map(|i| Etcd {
-                proc: None,
-                dir: tempfile::tempdir().expect("temp dir"),
-                name: format!("m{i}"),
-                secure: None,
-                client_port: free_port(),
-                peer_port: free_port(),
-                initial_cluster: String::new(),
+            .map(|i| {
+                let (client_port, peer_port) = match &ns {
+                    None => (free_port(), free_port()),
+                    Some(_) => (2379 + 2 * i as u16, 2380 + 2 * i as u16),
+                };
+                Etcd {
+                    proc: None,
+                    dir: tempfile::tempdir().expect("temp dir"),
+                    name: format!("m{i}"),
+                    secure: None,
+                    ip,
+                    ns: ns.clone(),
+                    client_port,
+                    peer_port,
+                    initial_cluster: String::new(),
+                }
             })
             .collect();
         let initial = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         for m in &mut members {
@@ -127,8 +159,8 @@ impl Etcd {
         } else {
             "http"
         };
-        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("{scheme}://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let mut cmd = Command::new(etcd_bin());
         cmd.args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.path().join("data"))
@@ -161,10 +193,14 @@ impl Etcd {
                 .arg("--trusted-ca-file")
                 .arg(&s.ca);
         }
+        if let Some(ns) = &self.ns {
+            cmd = ns.wrap(&cmd);
+        }
         self.proc = Some(Proc::spawn("etcd", cmd, false));
     }
 
-    /// Waits until this member answers a read (which needs a quorum).
+    /// Waits until this member answers a read (which needs a quorum), asked
+    /// from its own host when it runs on one.
     async fn wait_up(&self) {
         let up = async {
             loop {
@@ -183,14 +219,27 @@ impl Etcd {
             .as_ref()
             .map(|p| p.log.display().to_string())
             .unwrap_or_default();
-        tokio::time::timeout(Duration::from_secs(20), up)
-            .await
-            .unwrap_or_else(|_| panic!("etcd did not come up within 20 s; see {log}"));
+        let limit = Duration::from_secs(20);
+        let answered = match &self.ns {
+            None => tokio::time::timeout(limit, up).await,
+            // The test's own sockets live outside the host: ask from a
+            // thread inside it, on a runtime of its own.
+            Some(ns) => tokio::task::block_in_place(|| {
+                ns.run(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(async { tokio::time::timeout(limit, up).await })
+                })
+            }),
+        };
+        answered.unwrap_or_else(|_| panic!("etcd did not come up within 20 s; see {log}"));
     }
 
     /// `host:port` of the client URL.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip, self.client_port)
     }
 
     /// The `--registry` value for this etcd.

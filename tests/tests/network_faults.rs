@@ -13,7 +13,7 @@ use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::netns::{Host, Net};
 use lb_tests::stock::StockClient;
-use lb_tests::{wait_until, Greeter, Lb};
+use lb_tests::{wait_until, Etcd, Greeter, Lb};
 
 /// Calls made by a steady caller: ok and failed, with the last failure.
 #[derive(Default)]
@@ -358,4 +358,372 @@ async fn reset_client_to_lb_connections_move_the_client_at_once() {
         Duration::from_secs(2),
     )
     .await;
+}
+
+/// Lease TTL of the replicas in the etcd-cut scenario.
+const REPLICA_TTL: Duration = Duration::from_secs(2);
+/// Their health-check interval.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The backends `lb` lists for the greeter service now.
+fn listed(lb: &Lb) -> usize {
+    let (status, body) = lb.get("/api/v1/services/greeter");
+    if status != 200 {
+        return 0;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).expect("service JSON");
+    v["listed"].as_u64().unwrap_or(0) as usize
+}
+
+/// Whether `lb` names `id` as the checker of every greeter backend (of
+/// `n`).
+fn all_checked_by(lb: &Lb, id: &str, n: usize) -> bool {
+    let backends = lb.backends("greeter");
+    backends.len() == n && backends.iter().all(|b| b["checked_by"] == id)
+}
+
+/// Whether `lb`'s etcd session is up and it sees `n` replicas.
+fn joined(lb: &Lb, n: usize) -> bool {
+    let v = lb.json("/api/v1/cluster");
+    v["view"]["connected"] == true && v["view"]["replicas"].as_array().map_or(0, Vec::len) == n
+}
+
+/// Whether `lb` reports itself degraded: the gauge, and `/readyz` still 200
+/// (it serves its lists) with a detail saying why.
+fn reports_degraded(lb: &Lb) -> bool {
+    let (status, body) = lb.get("/readyz");
+    let readyz: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    lb.metric("lb_cluster_degraded ") == 1.0
+        && status == 200
+        && readyz["degraded"] == true
+        && readyz["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("etcd"))
+}
+
+/// Scenario 1 of the network faults: a replica cut off from etcd, still
+/// reachable by its clients and its backends, for 20 s. It never sends
+/// fewer endpoints than its own probes see (its list and its client's list
+/// stay whole), reports itself degraded (`lb_cluster_degraded`, a `/readyz`
+/// detail while staying ready, a WARN line), and the other replica takes
+/// over its health checks within the lease TTL + one probe interval + 2 s.
+/// The client keeps ≥ 99.9 % success. On heal the replica rejoins within
+/// the session backoff + TTL, and its client gets at most one extra list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks() {
+    let net = Net::new();
+    let etcd_host = net.host();
+    let (lb1_host, lb2_host) = (net.host(), net.host());
+    let backend_hosts = [net.host(), net.host(), net.host()];
+    let client_host = net.host();
+    let n = backend_hosts.len();
+
+    let etcd = Etcd::start_in(&etcd_host).await;
+    let registry = etcd.registry_url();
+    let mut greeters = Vec::new();
+    for h in &backend_hosts {
+        let g = Greeter::start_in(h, 50051, &registry, &["--ttl", "3s"]).await;
+        assert!(
+            g.wait_registered(Duration::from_secs(10)).await,
+            "a greeter did not register; see {}",
+            g.proc.log.display()
+        );
+        greeters.push(g);
+    }
+    let ttl = format!("{}s", REPLICA_TTL.as_secs());
+    let interval = format!("{}ms", PROBE_INTERVAL.as_millis());
+    let lb_args = |id: &'static str| {
+        vec![
+            "--registry".to_string(),
+            registry.clone(),
+            "--replica-id".into(),
+            id.into(),
+            "--replica-ttl".into(),
+            ttl.clone(),
+            "--health-check-interval".into(),
+            interval.clone(),
+        ]
+    };
+    let args1 = lb_args("lb1");
+    let args2 = lb_args("lb2");
+    let lb1 = Lb::start_in(
+        &lb1_host,
+        &args1.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let lb2 = Lb::start_in(
+        &lb2_host,
+        &args2.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || joined(&lb1, 2)
+            && joined(&lb2, 2)
+            && listed(&lb1) == n
+            && listed(&lb2) == n)
+        .await,
+        "the replicas never formed a cluster listing every backend: {} / {}",
+        lb1.get("/api/v1/cluster").1,
+        lb2.get("/api/v1/cluster").1
+    );
+    // The backends lb1 checks: lb2 must take them over.
+    let owned_by_lb1: Vec<SocketAddr> = lb2
+        .backends("greeter")
+        .iter()
+        .filter(|b| b["checked_by"] == "lb1")
+        .map(|b| b["address"].as_str().unwrap().parse().unwrap())
+        .collect();
+    eprintln!("etcd cut: lb1 checks {owned_by_lb1:?}");
+    assert!(!reports_degraded(&lb1) && !reports_degraded(&lb2));
+
+    // The client, on its own host, knows lb1 only: its lists are lb1's.
+    let rt = client_host.ns.runtime();
+    let channel = {
+        let _in = rt.enter();
+        LbChannel::builder("greeter")
+            .lbs([lb1.addr.to_string()])
+            .client_id(CHANNEL_ID)
+            .build()
+            .expect("channel")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
+            == n)
+        .await,
+        "the client never connected to every backend: {:?}",
+        channel.ready_backends()
+    );
+    let load = Arc::new(Load::default());
+    let caller = rt.spawn(steady_calls(
+        channel.clone(),
+        load.clone(),
+        Duration::from_millis(20),
+    ));
+    // Beside it, stock clients of lb1: grpc-go's grpclb policy and
+    // C-core's xDS client (grpcio), for the whole run.
+    let hold = Duration::from_secs(20);
+    let stock_for = hold + Duration::from_secs(25);
+    let every = Duration::from_millis(50);
+    let go = StockClient::go_in(&client_host, lb1.addr, "greeter", stock_for, every);
+    let xds = StockClient::xds_grpcio_in(
+        &client_host,
+        &lb1.addr.to_string(),
+        "greeter",
+        stock_for,
+        every,
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            sessions_from(&lb1, &client_host) == 2 && xds_sessions_from(&lb1, &client_host) == 1
+        })
+        .await,
+        "the stock clients never reached lb1: {}",
+        lb1.get("/api/v1/clients").1
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = channel.counters();
+    let warns_before = lb1.log_lines("WARN").len();
+    // Lists lb1 writes to its streams: grpclb lists and xDS responses.
+    let sent = |lb: &Lb| {
+        (
+            lb.metric_sum("lb_lists_sent_total"),
+            lb.metric_sum("lb_xds_responses_total"),
+        )
+    };
+    let sent_before = sent(&lb1);
+
+    // The cut: lb1 and etcd, both ways, for 20 s. Every 100 ms: lb1's and
+    // the client's lists, lb1's signals, lb2's takeover.
+    let t0 = Instant::now();
+    let cut = net.cut(&lb1_host, &etcd_host);
+    let (mut min_lb1, mut min_lb2, mut min_client) = (n, n, n);
+    let mut degraded_after = None;
+    let mut taken_over_after = None;
+    let mut checks_all_after = None;
+    while t0.elapsed() < hold {
+        min_lb1 = min_lb1.min(listed(&lb1));
+        min_lb2 = min_lb2.min(listed(&lb2));
+        min_client = min_client.min(channel.listed_backends().len());
+        if degraded_after.is_none() && reports_degraded(&lb1) {
+            degraded_after = Some(t0.elapsed());
+        }
+        if taken_over_after.is_none()
+            && all_checked_by(&lb2, "lb2", n)
+            && greeters
+                .iter()
+                .filter(|g| owned_by_lb1.contains(&g.addr))
+                .all(|g| g.health_watchers() >= 2)
+        {
+            taken_over_after = Some(t0.elapsed());
+        }
+        // And lb1, which can no longer read lb2's results, checks lb2's
+        // backends itself.
+        if checks_all_after.is_none()
+            && all_checked_by(&lb1, "lb1", n)
+            && greeters
+                .iter()
+                .filter(|g| !owned_by_lb1.contains(&g.addr))
+                .all(|g| g.health_watchers() >= 2)
+        {
+            checks_all_after = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = channel.counters();
+    let sent_during = sent(&lb1);
+    eprintln!(
+        "etcd cut: degraded after {degraded_after:?}, lb2 checks every backend after \
+         {taken_over_after:?}, lb1 checks every backend after {checks_all_after:?}; smallest lists: lb1 {min_lb1}, lb2 {min_lb2}, client {min_client}; \
+         lists to the client during the cut: {}",
+        during.lists - before.lists
+    );
+    eprintln!(
+        "etcd cut: lb1 /readyz {:?}, /api/v1/cluster {}",
+        lb1.get("/readyz"),
+        lb1.get("/api/v1/cluster").1
+    );
+    assert_eq!(min_lb1, n, "the cut replica shrank its list");
+    assert_eq!(min_lb2, n, "the other replica shrank its list");
+    assert_eq!(min_client, n, "the client's list shrank");
+    let degraded_after = degraded_after.expect("the cut replica never reported itself degraded");
+    assert!(
+        degraded_after <= Duration::from_secs(10),
+        "degraded shown after {degraded_after:?} (want ≤ 10 s)"
+    );
+    // One WARN line says it, however many retries fail.
+    let new_warns = lb1.log_lines("WARN")[warns_before..].to_vec();
+    let lost_lines = new_warns
+        .iter()
+        .filter(|l| l.contains("cluster session lost"))
+        .count();
+    assert_eq!(
+        lost_lines, 1,
+        "want one WARN line about the lost session: {new_warns:?}"
+    );
+    let taken_over_after = taken_over_after.expect("the other replica never took over the checks");
+    let bound = REPLICA_TTL + PROBE_INTERVAL + Duration::from_secs(2);
+    assert!(
+        taken_over_after <= bound,
+        "lb2 took over lb1's checks after {taken_over_after:?} (want ≤ {bound:?})"
+    );
+    let checks_all_after = checks_all_after.expect("the cut replica never checked every backend");
+    assert!(
+        checks_all_after <= bound,
+        "lb1 checked lb2's backends itself after {checks_all_after:?} (want ≤ {bound:?})"
+    );
+
+    // Heal: lb1 rejoins within the session backoff (at most 5 s) + TTL,
+    // stops reporting itself degraded, and hands the checks back.
+    let t1 = Instant::now();
+    drop(cut);
+    let rejoin_bound = Duration::from_secs(5) + REPLICA_TTL;
+    let rejoined = wait_until(rejoin_bound + Duration::from_secs(5), || {
+        joined(&lb1, 2) && joined(&lb2, 2)
+    })
+    .await;
+    let rejoined_after = t1.elapsed();
+    assert!(
+        rejoined,
+        "lb1 never rejoined: {}",
+        lb1.get("/api/v1/cluster").1
+    );
+    let recovered = wait_until(Duration::from_secs(5), || {
+        !reports_degraded(&lb1) && lb1.metric("lb_cluster_degraded ") == 0.0
+    })
+    .await;
+    assert!(
+        recovered,
+        "lb1 still reports itself degraded: {:?}",
+        lb1.get("/readyz")
+    );
+    let back = wait_until(Duration::from_secs(5), || {
+        let (a, b) = (lb1.backends("greeter"), lb2.backends("greeter"));
+        a.len() == n
+            && a.iter()
+                .zip(&b)
+                .all(|(x, y)| x["checked_by"] == y["checked_by"])
+            && !all_checked_by(&lb2, "lb2", n)
+    })
+    .await;
+    assert!(back, "the replicas did not split the checks again");
+    // And each backend is checked once again, not twice.
+    assert!(
+        wait_until(Duration::from_secs(5), || greeters
+            .iter()
+            .all(|g| g.health_watchers() == 1))
+        .await,
+        "after the heal, watchers per backend: {:?}",
+        greeters
+            .iter()
+            .map(Greeter::health_watchers)
+            .collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = channel.counters();
+    let sent_after = sent(&lb1);
+    eprintln!(
+        "etcd cut: lb1 rejoined after {rejoined_after:?}; lists to the client after the heal: {}; \
+         lb1 wrote (grpclb lists, xDS responses) {:?} during the cut and {:?} after the heal",
+        after.lists - during.lists,
+        (sent_during.0 - sent_before.0, sent_during.1 - sent_before.1),
+        (sent_after.0 - sent_during.0, sent_after.1 - sent_during.1),
+    );
+    assert!(
+        rejoined_after <= rejoin_bound,
+        "lb1 rejoined after {rejoined_after:?} (want ≤ {rejoin_bound:?})"
+    );
+    assert!(
+        after.lists - during.lists <= 1,
+        "the heal sent the client {} lists (want ≤ 1)",
+        after.lists - during.lists
+    );
+    assert_eq!(listed(&lb1), n);
+    assert_eq!(channel.listed_backends().len(), n);
+
+    load.stop.store(true, Ordering::SeqCst);
+    caller.await.expect("caller");
+    let (ok, failed) = load.counts();
+    eprintln!(
+        "etcd cut: LbChannel {ok} ok, {failed} failed ({:.3} %); last error: {:?}",
+        100.0 * load.success(),
+        load.last_error.lock().unwrap()
+    );
+    assert!(
+        ok as f64 >= hold.as_secs_f64() * 30.0,
+        "too few calls to judge: {ok}"
+    );
+    assert!(
+        load.success() >= 0.999,
+        "{failed} of {} calls failed; last: {:?}",
+        ok + failed,
+        load.last_error.lock().unwrap()
+    );
+    assert_eq!(
+        after.backend_connections, before.backend_connections,
+        "backend connections were re-made: {before:?} -> {after:?}"
+    );
+    // Neither the cut nor the heal sent lb1's stream clients more than one
+    // list each (2 grpclb streams, 1 xDS stream).
+    assert!(
+        sent_after.0 - sent_before.0 <= 2.0 && sent_after.1 - sent_before.1 <= 1.0,
+        "lb1 wrote {:?} grpclb lists and xDS responses over the cut and the heal",
+        (sent_after.0 - sent_before.0, sent_after.1 - sent_before.1)
+    );
+    // The stock clients kept calling on lb1's lists.
+    for (name, client) in [("grpc-go grpclb", go), ("grpcio xDS", xds)] {
+        let summary = client.finish(Duration::from_secs(60)).await;
+        let calls = summary["calls"].as_u64().unwrap_or(0);
+        let failed = summary["failures"].as_array().map_or(0, Vec::len) as u64;
+        eprintln!("etcd cut: {name}: {calls} calls, {failed} failed");
+        assert!(
+            calls as f64 >= hold.as_secs_f64() * 10.0,
+            "{name}: too few calls to judge: {summary}"
+        );
+        assert!(
+            failed * 1000 <= calls,
+            "{name}: {failed} of {calls} calls failed: {summary}"
+        );
+    }
+    drop((channel, rt, lb1, lb2, greeters, etcd));
+    drop(net);
 }

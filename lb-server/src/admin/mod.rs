@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /` | the dashboard page (static, polls the JSON API) |
 //! | `GET /healthz` | process up |
-//! | `GET /readyz` | registry listed at least once (503 with why otherwise) |
+//! | `GET /readyz` | registry listed at least once (503 with why otherwise); `degraded` and why while a clustered replica has no etcd session |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /api/v1/services` | every service, summarised |
 //! | `GET /api/v1/services/{name}` | one service: backends, health, load, weights, reasons |

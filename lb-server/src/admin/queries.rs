@@ -13,19 +13,33 @@ use super::refusal::Refusal;
 use super::views::{ClientView, ServiceDetail, ServiceSummary, XdsClientView};
 use super::AdminState;
 
-/// `GET /readyz`: 200 once every registry source has been listed.
+/// `GET /readyz`: 200 once every registry source has been listed. A
+/// clustered replica without its etcd session stays ready (it serves the
+/// lists its own probes back, DESIGN §8) and says it is degraded.
 pub async fn readyz(State(s): State<AdminState>) -> Response {
+    let degraded = s.cluster.as_ref().and_then(|c| c.degraded());
     if s.catalog.is_synced() {
-        return Json(json!({"ready": true})).into_response();
+        return match degraded {
+            None => Json(json!({"ready": true})).into_response(),
+            Some(d) => Json(json!({
+                "ready": true,
+                "degraded": true,
+                "detail": d.detail(),
+            }))
+            .into_response(),
+        };
     }
-    let detail = format!(
+    let mut detail = format!(
         "registry {} has not been listed yet (waiting for: {})",
         s.registry,
         s.catalog.unsynced().join(", ")
     );
+    if let Some(d) = &degraded {
+        detail = format!("{detail}; {}", d.detail());
+    }
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"ready": false, "detail": detail})),
+        Json(json!({"ready": false, "degraded": degraded.is_some(), "detail": detail})),
     )
         .into_response()
 }
@@ -110,7 +124,11 @@ pub async fn clients(State(s): State<AdminState>) -> Json<Value> {
 /// `GET /api/v1/cluster`: this replica's view of the cluster.
 pub async fn cluster(State(s): State<AdminState>) -> Json<Value> {
     match &s.cluster {
-        Some(c) => Json(json!({ "clustered": true, "view": c.view() })),
+        Some(c) => Json(json!({
+            "clustered": true,
+            "view": c.view(),
+            "degraded": c.degraded(),
+        })),
         None => Json(json!({ "clustered": false })),
     }
 }

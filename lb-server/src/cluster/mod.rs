@@ -14,6 +14,20 @@
 //! etcd itself it cannot know who else is alive, so it checks every backend
 //! on its own until it is back (*degraded*): more checks, never fewer.
 //!
+//! A replica cut off from etcd but not from its clients and backends (a
+//! partition, DESIGN §8) is the case this arrangement is for. Its lease
+//! runs out in etcd after the TTL, so the others take its backends over
+//! within the TTL plus one probe interval; it stops hearing keep-alive
+//! answers after the same TTL and turns degraded. Both sides then check
+//! more, never less, and neither side's lists shrink: the cut replica keeps
+//! its own probes' results and its registry's last known state (an
+//! unreachable etcd never becomes an empty list). Degraded is shown, not
+//! hidden: the `lb_cluster_degraded` gauge, a `/readyz` detail (the replica
+//! stays ready: it serves lists its own probes back) and a WARN line, from
+//! the session's loss until it rejoins ([`Cluster::degraded`]). Rejoining
+//! republishes its own results under a new lease and changes no list whose
+//! health did not change.
+//!
 //! Load reports are published only when they moved by 5 % (or every 30 s),
 //! and the owner applies the published value itself, so that every replica
 //! weights from the same numbers.
@@ -90,6 +104,40 @@ impl View {
     }
 }
 
+/// Why and since when a replica has no etcd session ([`Cluster::degraded`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Degraded {
+    /// How long it has been without a session (seconds, in JSON).
+    #[serde(rename = "lasted_s", serialize_with = "secs")]
+    pub lasted: Duration,
+    /// The last error of the session, or why none was opened yet.
+    pub reason: String,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 10.0).round() / 10.0)
+}
+
+impl Degraded {
+    /// One line for operators (`/readyz`).
+    pub fn detail(&self) -> String {
+        format!(
+            "degraded: no etcd cluster session for {:.1} s ({}); checking every backend locally, \
+             lists kept",
+            self.lasted.as_secs_f64(),
+            self.reason
+        )
+    }
+}
+
+/// The state behind [`Cluster::degraded`].
+struct Lost {
+    since: Instant,
+    reason: String,
+    /// Sessions failed since the last one that was up.
+    failures: u32,
+}
+
 /// Results this replica published, to republish after a reconnect.
 struct Published {
     value: SharedHealth,
@@ -108,12 +156,15 @@ pub struct Cluster {
     /// Keys to write (or delete) in etcd.
     outbox: mpsc::UnboundedSender<BackendKey>,
     outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendKey>>>,
+    /// Since when and why there is no etcd session (`None`: joined).
+    lost: Mutex<Option<Lost>>,
 }
 
 impl Cluster {
     /// A cluster member feeding `catalog`; call [`Cluster::run`] to join.
     pub fn new(settings: ClusterSettings, catalog: Arc<Catalog>) -> Arc<Self> {
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        catalog.metrics().cluster_degraded.set(1);
         let view = View {
             replica_id: settings.replica_id.clone(),
             connected: false,
@@ -127,7 +178,47 @@ impl Cluster {
             mine: Mutex::new(HashMap::new()),
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
+            lost: Mutex::new(Some(Lost {
+                since: Instant::now(),
+                reason: "not joined yet".into(),
+                failures: 0,
+            })),
         })
+    }
+
+    /// Why and for how long this replica has had no etcd session; `None`
+    /// while it is joined.
+    pub fn degraded(&self) -> Option<Degraded> {
+        let lost = self.lost.lock().expect("cluster lock");
+        lost.as_ref().map(|l| Degraded {
+            lasted: l.since.elapsed(),
+            reason: l.reason.clone(),
+        })
+    }
+
+    /// The session broke (or could not be opened) with `error`: degraded
+    /// from the first failure on, with the latest error as the reason.
+    /// Returns whether this is the first failure since a session was up (or
+    /// since start), the one worth a WARN line: a long partition fails a
+    /// retry every few seconds, and one line says it all.
+    fn session_lost(&self, error: &str) -> bool {
+        let mut lost = self.lost.lock().expect("cluster lock");
+        let l = lost.get_or_insert_with(|| Lost {
+            since: Instant::now(),
+            reason: String::new(),
+            failures: 0,
+        });
+        l.reason = error.to_string();
+        l.failures += 1;
+        self.catalog.metrics().cluster_degraded.set(1);
+        l.failures == 1
+    }
+
+    /// A session is up: no longer degraded. Returns how long it was.
+    fn session_joined(&self) -> Option<Duration> {
+        let was = self.lost.lock().expect("cluster lock").take();
+        self.catalog.metrics().cluster_degraded.set(0);
+        was.map(|l| l.since.elapsed())
     }
 
     /// This replica's id.
@@ -313,5 +404,87 @@ impl Cluster {
             return;
         };
         session::run(&self, &mut outbox, &shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::policy::Policy;
+
+    fn cluster() -> (Arc<Cluster>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let catalog = Arc::new(Catalog::new(Policy::default(), metrics.clone(), 1, false));
+        let settings = ClusterSettings {
+            etcd: crate::registry::etcd::EtcdAccess::plain(vec!["127.0.0.1:2379".into()]),
+            prefix: "/lb/".into(),
+            replica_id: "r1".into(),
+            ttl: Duration::from_secs(2),
+            lb_addr: "127.0.0.1:7000".parse().unwrap(),
+            admin_addr: "127.0.0.1:7001".parse().unwrap(),
+        };
+        (Cluster::new(settings, catalog), metrics)
+    }
+
+    #[test]
+    fn degraded_from_the_first_loss_until_joined() {
+        let (c, metrics) = cluster();
+        // Not joined yet: degraded, and it says so.
+        let d = c.degraded().expect("degraded before joining");
+        assert_eq!(d.reason, "not joined yet");
+        assert_eq!(metrics.cluster_degraded.get(), 1);
+
+        c.session_joined();
+        assert_eq!(c.degraded(), None);
+        assert_eq!(metrics.cluster_degraded.get(), 0);
+
+        assert!(c.session_lost("lease not renewed for 2.1s"), "first loss");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!c.session_lost("connect: no answer within 2s"), "a retry");
+        let d = c.degraded().expect("degraded after a loss");
+        // The latest error, counted from the first loss.
+        assert_eq!(d.reason, "connect: no answer within 2s");
+        assert!(d.lasted >= Duration::from_millis(20));
+        assert!(d.detail().contains("no etcd cluster session"));
+        assert_eq!(metrics.cluster_degraded.get(), 1);
+
+        let was = c.session_joined().expect("it was degraded");
+        assert!(was >= Duration::from_millis(20));
+        assert_eq!(c.degraded(), None);
+        assert_eq!(metrics.cluster_degraded.get(), 0);
+        // A loss after rejoining is a first loss again.
+        assert!(c.session_lost("keep-alive stream ended"));
+    }
+
+    #[test]
+    fn a_disconnected_replica_checks_every_backend() {
+        let (c, _) = cluster();
+        let addr: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let other = ReplicaInfo {
+            id: "r2".into(),
+            lb_addr: String::new(),
+            admin_addr: String::new(),
+        };
+        let me = ReplicaInfo {
+            id: "r1".into(),
+            ..other.clone()
+        };
+        let mut view = View {
+            replica_id: "r1".into(),
+            connected: true,
+            replicas: vec![me, other],
+        };
+        // Find a backend the other replica owns while connected…
+        let theirs = (0..100)
+            .map(|i| format!("svc{i}"))
+            .find(|s| view.owner(s, addr) == Some("r2"))
+            .expect("some service owned by r2");
+        c.view.send_replace(view.clone());
+        assert!(!c.owns(&theirs, addr));
+        // …and cut off from etcd, this replica checks it too.
+        view.connected = false;
+        c.view.send_replace(view);
+        assert!(c.owns(&theirs, addr));
     }
 }

@@ -39,11 +39,17 @@ pub(super) async fn run(
             Err(e) => e,
         };
         set_connected(cluster, false, None);
+        let first = cluster.session_lost(&error);
         cluster.settings.etcd.rotate();
         cluster.catalog.metrics().upstream_reconnect("cluster");
-        tracing::warn!(error = %error, retry_in = ?backoff.peek(),
-            next = ?cluster.settings.etcd.current_endpoint(),
-            "cluster session lost; checking every backend locally until etcd is back");
+        let next = cluster.settings.etcd.current_endpoint();
+        if first {
+            tracing::warn!(error = %error, retry_in = ?backoff.peek(), ?next,
+                "cluster session lost; degraded: checking every backend locally until etcd is back");
+        } else {
+            tracing::debug!(error = %error, retry_in = ?backoff.peek(), ?next,
+                "cluster session retry failed; still degraded");
+        }
         if !backoff.wait(shutdown).await {
             return;
         }
@@ -173,7 +179,8 @@ impl Session {
             true,
             Some(session.replicas.values().cloned().collect()),
         );
-        tracing::info!(replica = %s.replica_id, lease, revision, "joined the cluster");
+        let degraded_for = cluster.session_joined();
+        tracing::info!(replica = %s.replica_id, lease, revision, ?degraded_for, "joined the cluster");
         if shutdown.is_cancelled() {
             return Err("shutting down".into());
         }
