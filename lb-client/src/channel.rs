@@ -37,7 +37,7 @@ use tonic::Status;
 
 use crate::backends::ConnSettings;
 use crate::balancer_stream::{self, LbSettings};
-use crate::deadline::{self, DeadlineBody};
+use crate::deadline::{self, DeadlineBody, RequestDeadline};
 use crate::picker::{Pick, ReadyBackend};
 use crate::state::ChannelState;
 use crate::Error;
@@ -139,8 +139,11 @@ impl LbChannelBuilder {
     }
 
     /// A deadline for every call (default: none; a call's own
-    /// `grpc-timeout` still applies, and the earlier of the two wins), as
-    /// tonic's `Endpoint::timeout`.
+    /// `grpc-timeout` still applies, and the earlier of the two wins). Like
+    /// a call's own deadline it holds for the whole call, streams included
+    /// (tonic's `Endpoint::timeout` bounds only the wait for response
+    /// headers), and it is sent to the backend as the call's
+    /// `grpc-timeout`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -347,8 +350,16 @@ impl tower::Service<http::Request<Body>> for LbChannel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let state = self.state.clone();
+        if let Some(t) = self.timeout {
+            // The backend keeps the channel's deadline too.
+            if deadline::grpc_timeout(request.headers()).is_none_or(|h| h > t) {
+                request
+                    .headers_mut()
+                    .insert("grpc-timeout", deadline::encode_grpc_timeout(t));
+            }
+        }
         let deadline = deadline::deadline_of(request.headers(), self.timeout);
         Box::pin(async move { Ok(call(state, request, deadline).await) })
     }
@@ -362,6 +373,9 @@ async fn call(
     mut request: http::Request<Body>,
     deadline: Option<Instant>,
 ) -> http::Response<Body> {
+    if let Some(d) = deadline {
+        request = request.map(|b| Body::new(RequestDeadline::new(b, d)));
+    }
     // Subscribed only once a call has to wait; it then picks once more so
     // that no change between its pick and its subscription is missed.
     let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;

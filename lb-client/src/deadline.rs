@@ -8,10 +8,14 @@
 //! it waits for a pick, while it waits for the response headers (the future
 //! is dropped, which resets the HTTP/2 stream), and while the body streams
 //! ([`DeadlineBody`] ends it with a DEADLINE_EXCEEDED status in its
-//! trailers, as a server would, and drops the backend's stream).
+//! trailers, as a server would).
 //!
 //! The deadline is the earlier of the call's `grpc-timeout` header and the
-//! channel's default [`timeout`](crate::LbChannelBuilder::timeout).
+//! channel's default [`timeout`](crate::LbChannelBuilder::timeout); a
+//! default the call did not carry is sent to the backend as its
+//! `grpc-timeout`, so that both ends keep the same deadline. A call still
+//! sending its request stream at the deadline has that stream failed too
+//! ([`RequestDeadline`]): the connection then resets the backend's stream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,13 +33,33 @@ pub(crate) fn deadline_of(headers: &http::HeaderMap, default: Option<Duration>) 
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }?;
-    Some(Instant::now() + timeout)
+    // A deadline past what the clock can count is no deadline.
+    Instant::now().checked_add(timeout)
+}
+
+/// `d` as a `grpc-timeout` value: at most 8 digits and a unit, rounded up
+/// to the millisecond (so that a server never sees a shorter deadline).
+pub(crate) fn encode_grpc_timeout(d: Duration) -> http::HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let ms = d.as_nanos().div_ceil(1_000_000).max(1);
+    let value = [(1, "m"), (1_000, "S"), (60_000, "M"), (3_600_000, "H")]
+        .iter()
+        .find_map(|(per, unit)| {
+            let n = ms.div_ceil(*per);
+            (n <= MAX).then(|| format!("{n}{unit}"))
+        })
+        .unwrap_or_else(|| format!("{MAX}H"));
+    http::HeaderValue::from_str(&value).expect("digits and a unit")
 }
 
 /// Parses the `grpc-timeout` header (e.g. `100m`, `5S`).
 pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The protocol allows at most 8 digits.
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -91,18 +115,22 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
-            if frame.is_none() {
-                this.inner = None;
+        // Checked before the body too: a backend streaming faster than the
+        // caller reads has a frame ready at every poll.
+        if Instant::now() < this.deadline {
+            if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+                if frame.is_none() {
+                    this.inner = None;
+                }
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
             }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let deadline = this.deadline;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+            let deadline = this.deadline;
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
         this.inner = None;
         let status = exceeded("while the response was streaming");
@@ -128,6 +156,67 @@ where
             }
             None => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// A request body that fails at `deadline` if the caller is still sending
+/// it (client and bidirectional streams): the connection then resets the
+/// backend's stream, which dropping the response alone would not do while
+/// the request half is open.
+pub(crate) struct RequestDeadline<B> {
+    inner: B,
+    deadline: Instant,
+    /// Armed the first time the caller has nothing to send yet.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> RequestDeadline<B> {
+    /// `inner`, failed at `deadline`.
+    pub(crate) fn new(inner: B, deadline: Instant) -> Self {
+        RequestDeadline {
+            inner,
+            deadline,
+            sleep: None,
+        }
+    }
+}
+
+impl<B> Body for RequestDeadline<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if Instant::now() < this.deadline {
+            if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
+            let deadline = this.deadline;
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Some(
+            Err(exceeded("while the request was streaming").into()),
+        ))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -199,6 +288,62 @@ mod tests {
         assert_eq!(trailers["grpc-status"], "4");
         assert!(body.frame().await.is_none());
         assert!(body.is_end_stream());
+    }
+
+    /// A body that always has a frame ready.
+    struct Busy;
+
+    impl Body for Busy {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_stream_still_ends_at_its_deadline() {
+        let start = Instant::now();
+        let mut body = DeadlineBody::new(Busy, start + Duration::from_secs(1));
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let last = body.frame().await.unwrap().unwrap();
+        assert_eq!(last.into_trailers().unwrap()["grpc-status"], "4");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_streaming_at_its_deadline_fails() {
+        let start = Instant::now();
+        let mut body = RequestDeadline::new(Stalled(false), start + Duration::from_secs(1));
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert!(err.to_string().contains("deadline exceeded"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_encode_in_at_most_8_digits_rounded_up() {
+        let enc = |d| encode_grpc_timeout(d).to_str().unwrap().to_string();
+        assert_eq!(enc(Duration::from_millis(1500)), "1500m");
+        assert_eq!(enc(Duration::from_micros(1)), "1m");
+        assert_eq!(enc(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(enc(Duration::from_secs(100_000_000)), "1666667M");
+        assert_eq!(enc(Duration::MAX), "99999999H");
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-timeout", "123456789S".parse().unwrap());
+        assert_eq!(grpc_timeout(&h), None, "9 digits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_past_the_clock_is_none() {
+        assert_eq!(
+            deadline_of(&http::HeaderMap::new(), Some(Duration::MAX)),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]

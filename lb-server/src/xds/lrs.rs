@@ -129,14 +129,16 @@ impl LoadReportingService for LoadReporting {
     }
 }
 
-/// Counts a broken LRS stream and says why: at debug level when the client
-/// went away (the common end of a stream), else as a warning, one line per
-/// minute.
+/// Says why an LRS stream broke: at debug level when the client went away
+/// (the common end of a stream), else counted and logged as a warning, one
+/// line per minute.
 fn read_failed(ads: &Ads, status: Status) {
-    ads.parts.metrics.xds.refuse("lrs_stream_error");
     if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
         tracing::debug!(code = ?status.code(), message = status.message(), "LRS stream ended");
-    } else if let Some(held) = ads.log.allow("lrs_stream_error") {
+        return;
+    }
+    ads.parts.metrics.xds.refuse("lrs_stream_error");
+    if let Some(held) = ads.log.allow("lrs_stream_error") {
         tracing::warn!(
             code = ?status.code(),
             message = status.message(),

@@ -125,7 +125,6 @@ impl AdsStream {
             _ = out.closed() => return,
             first = first_request(&mut inbound, timeout) => Some(first),
         };
-        let mut inbound_done = false;
         match first {
             None => {}
             Some(FirstRequest::Received(request)) => {
@@ -140,7 +139,15 @@ impl AdsStream {
                 let _ = out.send(Err(status)).await;
                 return;
             }
-            Some(FirstRequest::Ended) => inbound_done = true,
+            Some(FirstRequest::Ended) => {
+                // Half-closed before asking for anything: nothing will ever
+                // be asked, and the stream would hold its quota slot.
+                let status =
+                    Status::invalid_argument("the stream ended before its first DiscoveryRequest");
+                self.refuse("no_initial_request", &status);
+                let _ = out.send(Err(status)).await;
+                return;
+            }
             Some(FirstRequest::Failed(status)) => {
                 if let Some(status) = self.read_failed(status) {
                     let _ = out.send(Err(status)).await;
@@ -148,6 +155,7 @@ impl AdsStream {
                 return;
             }
         }
+        let mut inbound_done = false;
         loop {
             if std::mem::take(&mut self.rewatch) {
                 self.sync_wakes();
