@@ -82,10 +82,7 @@ pub(crate) fn exceeded(what: &str) -> tonic::Status {
 /// backend's body is dropped then, which resets its HTTP/2 stream.
 pub(crate) struct DeadlineBody<B> {
     inner: Option<B>,
-    deadline: Instant,
-    /// The timer, armed the first time the body has to wait (a unary
-    /// response usually arrives whole with its headers and never needs it).
-    sleep: Option<Pin<Box<Sleep>>>,
+    cutoff: Cutoff,
 }
 
 impl<B> DeadlineBody<B> {
@@ -93,8 +90,54 @@ impl<B> DeadlineBody<B> {
     pub(crate) fn new(inner: B, deadline: Instant) -> Self {
         DeadlineBody {
             inner: Some(inner),
+            cutoff: Cutoff::new(deadline),
+        }
+    }
+}
+
+/// One body's deadline, shared by the response and request sides.
+struct Cutoff {
+    deadline: Instant,
+    /// The timer, armed the first time the body has to wait (a unary call's
+    /// bodies are usually whole at once and never need it).
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// The deadline passed before the body ended.
+struct Expired;
+
+/// What a body's `poll_frame` gives.
+type NextFrame<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
+impl Cutoff {
+    fn new(deadline: Instant) -> Self {
+        Cutoff {
             deadline,
             sleep: None,
+        }
+    }
+
+    /// Polls `inner` for its next frame, unless the deadline has passed.
+    /// Checked before the body too: a peer streaming faster than it is read
+    /// has a frame ready at every poll.
+    fn poll_frame<B: Body + Unpin>(
+        &mut self,
+        inner: &mut B,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<NextFrame<B>, Expired>> {
+        if Instant::now() >= self.deadline {
+            return Poll::Ready(Err(Expired));
+        }
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+            return Poll::Ready(Ok(frame));
+        }
+        let deadline = self.deadline;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(Expired)),
         }
     }
 }
@@ -115,28 +158,21 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        // Checked before the body too: a backend streaming faster than the
-        // caller reads has a frame ready at every poll.
-        if Instant::now() < this.deadline {
-            if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
+        match std::task::ready!(this.cutoff.poll_frame(inner, cx)) {
+            Ok(frame) => {
                 if frame.is_none() {
                     this.inner = None;
                 }
-                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            let deadline = this.deadline;
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+            Err(Expired) => {
+                this.inner = None;
+                let status = exceeded("while the response was streaming");
+                let mut trailers = http::HeaderMap::new();
+                let _ = status.add_header(&mut trailers);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
         }
-        this.inner = None;
-        let status = exceeded("while the response was streaming");
-        let mut trailers = http::HeaderMap::new();
-        let _ = status.add_header(&mut trailers);
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -165,9 +201,7 @@ where
 /// the request half is open.
 pub(crate) struct RequestDeadline<B> {
     inner: B,
-    deadline: Instant,
-    /// Armed the first time the caller has nothing to send yet.
-    sleep: Option<Pin<Box<Sleep>>>,
+    cutoff: Cutoff,
 }
 
 impl<B> RequestDeadline<B> {
@@ -175,8 +209,7 @@ impl<B> RequestDeadline<B> {
     pub(crate) fn new(inner: B, deadline: Instant) -> Self {
         RequestDeadline {
             inner,
-            deadline,
-            sleep: None,
+            cutoff: Cutoff::new(deadline),
         }
     }
 }
@@ -194,21 +227,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if Instant::now() < this.deadline {
-            if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-            }
-            let deadline = this.deadline;
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
+        match std::task::ready!(this.cutoff.poll_frame(&mut this.inner, cx)) {
+            Ok(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Err(Expired) => Poll::Ready(Some(Err(
+                exceeded("while the request was streaming").into()
+            ))),
         }
-        Poll::Ready(Some(
-            Err(exceeded("while the request was streaming").into()),
-        ))
     }
 
     fn is_end_stream(&self) -> bool {
