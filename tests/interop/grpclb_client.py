@@ -54,9 +54,18 @@ def main():
 
     # stdout carries only the JSON summary; DNS queries are logged to stderr.
     logger = DNSLogger("request", logf=lambda line: print(line, file=sys.stderr))
-    udp = DNSServer(Resolver(args.host, args.lb_port), address="127.0.0.1", port=0, logger=logger)
-    dns_port = udp.server.server_address[1]
-    tcp = DNSServer(Resolver(args.host, args.lb_port), address="127.0.0.1", port=dns_port, tcp=True, logger=logger)
+    # UDP and TCP on one port: the kernel picks a free UDP port, whose TCP
+    # twin may be taken by an outgoing connection; then try another.
+    for attempt in range(20):
+        udp = DNSServer(Resolver(args.host, args.lb_port), address="127.0.0.1", port=0, logger=logger)
+        dns_port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(Resolver(args.host, args.lb_port), address="127.0.0.1", port=dns_port, tcp=True, logger=logger)
+            break
+        except OSError:
+            udp.server.server_close()
+            if attempt == 19:
+                raise
     udp.start_thread()
     tcp.start_thread()
 
