@@ -141,6 +141,13 @@ pub struct Metrics {
     /// Registry sources besides the first defining a service (present
     /// only while there is a conflict).
     pub registry_conflicts: Family<ServiceLabels, Gauge>,
+    /// Backends kept in a service's list against one replica's view: silent
+    /// to their checker beyond the unconfirmed-removal cap, or serving to
+    /// another replica (present only while some are held). An alert.
+    pub backends_held: Family<ServiceLabels, Gauge>,
+    /// Backends kept listed after leaving the registry because they still
+    /// pass health checks (present only while some are kept). An alert.
+    pub backends_kept_unregistered: Family<ServiceLabels, Gauge>,
     /// Outgoing sessions lost and opened again, per connection kind. In
     /// steady state this does not move: a rising count is a peer closing
     /// connections (for instance over its keep-alive policy).
@@ -316,6 +323,8 @@ impl Metrics {
             client_stats_refused: Family::default(),
             registrations_refused: Family::default(),
             registry_conflicts: Family::default(),
+            backends_held: Family::default(),
+            backends_kept_unregistered: Family::default(),
             upstream_reconnects: Family::default(),
             xds: XdsMetrics::new(),
             registry: Registry::default(),
@@ -451,6 +460,16 @@ impl Metrics {
             "registry_conflicts",
             "Registry sources that define a service another source (earlier in --registry) defines",
             m.registry_conflicts.clone(),
+        );
+        reg.add(
+            "backends_held",
+            "Backends kept listed against one replica's view (silent to their checker beyond --max-unconfirmed-removal, or serving to another replica)",
+            m.backends_held.clone(),
+        );
+        reg.add(
+            "backends_kept_unregistered",
+            "Backends kept listed after leaving the registry, because they still pass health checks (--deregistration-grace)",
+            m.backends_kept_unregistered.clone(),
         );
         reg.add(
             "upstream_reconnects",
@@ -601,6 +620,8 @@ impl Metrics {
         self.backends.remove(&labels);
         self.list_version.remove(&labels);
         self.registry_conflicts.remove(&labels);
+        self.backends_held.remove(&labels);
+        self.backends_kept_unregistered.remove(&labels);
         self.zone_cross_fraction.remove(&labels);
         self.zone_plans.remove(&labels);
         self.zone_clients_over_cap.remove(&labels);

@@ -144,19 +144,27 @@ pub enum HealthState {
     Serving,
     /// Reports NOT_SERVING (or does not know the checked service).
     NotServing,
-    /// Health stream broken or connection refused.
+    /// The backend's host answered that nothing serves there: connection
+    /// refused or reset, health stream broken, TLS refused.
     Unreachable,
+    /// No answer at all: connect or heartbeat timed out, no route. Unlike
+    /// the states above this is one replica's *view*: the backend may be
+    /// fine and only this replica's path to it broken (an asymmetric
+    /// partition), so the policy does not let it alone take out more than
+    /// a bounded share of a service (see [`crate::policy`]).
+    Silent,
     /// Health checking is disabled: treated as serving.
     Unchecked,
 }
 
 impl HealthState {
     /// Every state.
-    pub const ALL: [HealthState; 5] = [
+    pub const ALL: [HealthState; 6] = [
         HealthState::Unknown,
         HealthState::Serving,
         HealthState::NotServing,
         HealthState::Unreachable,
+        HealthState::Silent,
         HealthState::Unchecked,
     ];
 

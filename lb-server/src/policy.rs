@@ -5,24 +5,35 @@
 //! Steps, in order:
 //! 1. **Eligibility**: backends whose health is SERVING (or not yet checked,
 //!    when configured) are eligible.
-//! 2. **Panic mode**: when fewer than `panic_threshold` of the registered
+//! 2. **One view never judges alone**: a backend *silent* to the replica
+//!    that checks it (no answer at all, which may be that replica's path
+//!    only: an asymmetric partition) leaves the list when another replica's
+//!    witness probe agrees it is down. Without that confirmation, one view
+//!    may take out at most `max_unconfirmed_removal` of the service (at
+//!    least one backend, lowest token first, so that every replica picks the
+//!    same); the rest are *held* in the list, and so is a backend another
+//!    replica finds serving. A held backend costs clients a failed connect
+//!    they route around; removing half a service on one replica's word
+//!    would overload the other half for every client.
+//! 3. **Panic mode**: when fewer than `panic_threshold` of the registered
 //!    backends are eligible, all registered backends are listed rather than
 //!    overloading the few healthy ones.
-//! 3. **Weights**: gRPC's weighted round robin from ORCA reports,
+//! 4. **Weights**: gRPC's weighted round robin from ORCA reports,
 //!    `qps / (utilization + eps/qps × penalty)`, ignored during a blackout
 //!    after the weight first appears and after it goes stale; backends
 //!    without a usable weight get the mean; weights are clamped to
 //!    [mean/100, mean×10]; multiplied by the registry weight and by the
 //!    slow-start ramp of newly healthy backends.
-//! 4. **Repetition**: weights become integers and a smooth weighted round
+//! 5. **Repetition**: weights become integers and a smooth weighted round
 //!    robin order (no bursts of one backend), within `max_list_len`.
-//! 5. **Shedding** (off by default): when every listed backend reports
+//! 6. **Shedding** (off by default): when every listed backend reports
 //!    utilization above the threshold, `drop` entries are spread through the
 //!    list so that clients shed the excess.
 //!
 //! The order depends only on the inputs (backends sorted by token), so every
 //! LB replica sends the same list for the same state.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -32,6 +43,15 @@ use crate::model::HealthState;
 
 /// Token of the drop entries used for load shedding.
 pub const SHED_TOKEN: &str = "lb-shed";
+
+/// Replica ids of `opinions`, comma-separated.
+fn names(opinions: &BTreeMap<String, HealthState>) -> String {
+    opinions
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Largest integer weight a backend gets when weights are fractional (less
 /// when the list budget per backend is smaller).
@@ -97,6 +117,10 @@ pub struct Policy {
     pub shed_utilization: Option<f64>,
     /// Largest fraction of calls shed.
     pub max_shed: f64,
+    /// Largest fraction of a service that one replica's view alone (silent
+    /// backends no other replica confirmed) may take out of the list; at
+    /// least one backend when above 0, none at 0, no cap at 1.
+    pub max_unconfirmed_removal: f64,
 }
 
 impl Default for Policy {
@@ -110,6 +134,7 @@ impl Default for Policy {
             weights: WeightSettings::default(),
             shed_utilization: None,
             max_shed: 0.5,
+            max_unconfirmed_removal: 0.2,
         }
     }
 }
@@ -131,6 +156,9 @@ pub struct Candidate<'a> {
     pub load: Option<&'a Load>,
     /// Taken out by an operator (drained).
     pub drained: bool,
+    /// Other replicas' witness results while its checker finds it silent,
+    /// by replica id.
+    pub opinions: Option<&'a BTreeMap<String, HealthState>>,
 }
 
 /// Why a backend is (not) listed, and with what weight.
@@ -157,6 +185,8 @@ pub struct Outcome {
     pub panic: bool,
     /// Fraction of list entries that are drops.
     pub shed_fraction: f64,
+    /// Backends listed against their checker's view (held, step 2).
+    pub held: usize,
 }
 
 impl Policy {
@@ -197,13 +227,18 @@ impl Policy {
                 decisions[i].reason = "same address as another instance; listed once".into();
             }
         }
-        let eligible = |c: &Candidate<'_>| {
+        let held = self.held(candidates, &unique);
+        let eligible = |i: usize| {
+            let c = &candidates[i];
             !c.drained
-                && match c.health {
-                    HealthState::Serving | HealthState::Unchecked => true,
-                    HealthState::Unknown => self.list_unchecked,
-                    HealthState::NotServing | HealthState::Unreachable => false,
-                }
+                && (held[i].is_some()
+                    || match c.health {
+                        HealthState::Serving | HealthState::Unchecked => true,
+                        HealthState::Unknown => self.list_unchecked,
+                        HealthState::NotServing
+                        | HealthState::Unreachable
+                        | HealthState::Silent => false,
+                    })
         };
         // Backends not checked yet count neither as healthy nor as sick: a
         // freshly registered backend must not trigger panic (and be listed
@@ -219,7 +254,7 @@ impl Policy {
         let healthy: Vec<usize> = registered
             .iter()
             .copied()
-            .filter(|&i| eligible(&candidates[i]))
+            .filter(|&i| eligible(i))
             .collect();
         let panic = self.panic_threshold > 0.0
             && !registered.is_empty()
@@ -241,16 +276,22 @@ impl Policy {
                     (_, HealthState::Unknown) => "not health-checked yet".into(),
                     (_, HealthState::NotServing) => "health: NOT_SERVING".into(),
                     (_, HealthState::Unreachable) => "health: unreachable".into(),
+                    (_, HealthState::Silent) => match c.opinions.filter(|o| !o.is_empty()) {
+                        Some(o) => format!("health: silent, confirmed by {}", names(o)),
+                        None => "health: silent (within the unconfirmed-removal cap)".into(),
+                    },
                     (_, h) => format!("health: {h:?}"),
                 };
             }
         }
+        let held_count = held.iter().filter(|h| h.is_some()).count();
         if chosen.is_empty() {
             return Outcome {
                 servers: Vec::new(),
                 decisions,
                 panic,
                 shed_fraction: 0.0,
+                held: held_count,
             };
         }
 
@@ -293,13 +334,16 @@ impl Policy {
             // Smooth order emits each backend exactly its integer weight times.
             d.entries = ints[k] as usize;
             let mut why = Vec::new();
+            if let Some(h) = &held[i] {
+                why.push(h.clone());
+            }
             if panic {
                 why.push(format!(
                     "panic mode: only {} of {} backends healthy",
                     healthy.len(),
                     registered.len()
                 ));
-            } else {
+            } else if held[i].is_none() {
                 why.push("serving".to_string());
             }
             match orca[k] {
@@ -322,7 +366,62 @@ impl Policy {
             decisions,
             panic,
             shed_fraction,
+            held: held_count,
         }
+    }
+
+    /// Step 2: which silent backends stay listed, and why (`Some(reason)`,
+    /// indexed like `candidates`). Silent to its checker and serving to
+    /// another replica: held. Confirmed by another replica: removed.
+    /// Unconfirmed: removed while fewer than `max_unconfirmed_removal` of
+    /// the counted backends are out on one view (lowest token first, so
+    /// that every replica holds the same ones); held beyond.
+    fn held(&self, candidates: &[Candidate<'_>], unique: &[usize]) -> Vec<Option<String>> {
+        let mut held = vec![None; candidates.len()];
+        let counted = unique
+            .iter()
+            .filter(|&&i| !candidates[i].drained && candidates[i].health != HealthState::Unknown)
+            .count();
+        let mut unconfirmed: Vec<usize> = Vec::new();
+        for &i in unique {
+            let c = &candidates[i];
+            if c.drained || c.health != HealthState::Silent {
+                continue;
+            }
+            let opinions = c.opinions.into_iter().flatten();
+            let serving: Vec<&str> = opinions
+                .clone()
+                .filter(|(_, h)| h.is_healthy())
+                .map(|(r, _)| r.as_str())
+                .collect();
+            let confirmed = opinions.clone().any(|(_, h)| {
+                matches!(
+                    h,
+                    HealthState::Silent | HealthState::Unreachable | HealthState::NotServing
+                )
+            });
+            if !serving.is_empty() {
+                held[i] = Some(format!(
+                    "held: silent to its checker but serving to {}",
+                    serving.join(", ")
+                ));
+            } else if !confirmed {
+                unconfirmed.push(i);
+            }
+        }
+        unconfirmed.sort_by(|&a, &b| candidates[a].token.cmp(candidates[b].token));
+        let mut removed = 0usize;
+        for i in unconfirmed {
+            if (removed as f64) < self.max_unconfirmed_removal * counted as f64 {
+                removed += 1;
+            } else {
+                held[i] = Some(format!(
+                    "held: silent to its checker only; one replica's view may take out at most {:.0}% of the service (--max-unconfirmed-removal)",
+                    self.max_unconfirmed_removal * 100.0
+                ));
+            }
+        }
+        held
     }
 
     /// Adds drop entries when every chosen backend is above the shedding
@@ -496,6 +595,7 @@ mod tests {
             serving_since: None,
             load: None,
             drained: false,
+            opinions: None,
         }
     }
 
@@ -568,6 +668,94 @@ mod tests {
         let mut c = cand(80, "t", 1);
         c.addr = "[::1]:80".parse().unwrap();
         assert_eq!(build(&policy(), &[c]).servers[0].ip_address.len(), 16);
+    }
+
+    /// Ten backends, `silent` of them silent to their checker, each with
+    /// the opinions `opinion(i)` gives.
+    fn silent_service(
+        silent: usize,
+        opinions: &[BTreeMap<String, HealthState>],
+    ) -> Vec<Candidate<'_>> {
+        const TOKENS: [&str; 10] = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9"];
+        (0..10)
+            .map(|i| {
+                let mut c = cand(i as u16 + 1, TOKENS[i], 1);
+                if i < silent {
+                    c.health = HealthState::Silent;
+                    c.opinions = opinions.get(i);
+                }
+                c
+            })
+            .collect()
+    }
+
+    fn listed_ports(out: &Outcome) -> Vec<i32> {
+        let mut p = ports(&out.servers);
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    #[test]
+    fn one_view_alone_removes_at_most_the_cap_of_a_service() {
+        // Half a service silent to one replica, no witness yet: 20 % (two
+        // of ten, lowest tokens first) leave, three are held.
+        let out = build(&policy(), &silent_service(5, &[]));
+        assert_eq!(listed_ports(&out), vec![3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(out.held, 3);
+        assert!(!out.panic);
+        assert!(out.decisions[2]
+            .reason
+            .starts_with("held: silent to its checker only"));
+        assert!(out.decisions[0]
+            .reason
+            .contains("within the unconfirmed-removal cap"));
+        // One silent backend is always within the cap.
+        let one = build(&policy(), &silent_service(1, &[]));
+        assert_eq!(one.servers.len(), 9);
+        assert_eq!(one.held, 0);
+        // A cap of 0: nothing leaves on one view; of 1: no cap.
+        let none = Policy {
+            max_unconfirmed_removal: 0.0,
+            ..policy()
+        };
+        assert_eq!(build(&none, &silent_service(5, &[])).servers.len(), 10);
+        let all = Policy {
+            max_unconfirmed_removal: 1.0,
+            ..policy()
+        };
+        assert_eq!(build(&all, &silent_service(5, &[])).servers.len(), 5);
+    }
+
+    #[test]
+    fn a_second_view_confirms_or_holds_a_silent_backend() {
+        let agree = BTreeMap::from([("lb2".to_string(), HealthState::Silent)]);
+        let serving = BTreeMap::from([("lb2".to_string(), HealthState::Serving)]);
+        // All five confirmed by a witness: they leave, none held.
+        let confirmed = vec![agree.clone(); 5];
+        let out = build(&policy(), &silent_service(5, &confirmed));
+        assert_eq!(listed_ports(&out), vec![6, 7, 8, 9, 10]);
+        assert_eq!(out.held, 0);
+        assert!(out.decisions[0].reason.contains("confirmed by lb2"));
+        // All five serving to the witness: every one stays, held.
+        let contested = vec![serving.clone(); 5];
+        let out = build(&policy(), &silent_service(5, &contested));
+        assert_eq!(out.servers.len(), 10);
+        assert_eq!(out.held, 5);
+        assert!(out.decisions[0]
+            .reason
+            .starts_with("held: silent to its checker but serving to lb2"));
+        // Contested ones do not use up the cap: two unconfirmed leave.
+        let mixed = vec![serving.clone(), serving, BTreeMap::new(), BTreeMap::new()];
+        let out = build(&policy(), &silent_service(5, &mixed));
+        assert_eq!(listed_ports(&out), vec![1, 2, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(out.held, 3);
+        // NOT_SERVING and unreachable are the backend's own answer: no cap.
+        let mut answered = silent_service(0, &[]);
+        for c in answered.iter_mut().take(5) {
+            c.health = HealthState::Unreachable;
+        }
+        assert_eq!(build(&policy(), &answered).servers.len(), 5);
     }
 
     #[test]

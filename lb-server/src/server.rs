@@ -112,6 +112,7 @@ impl LbServer {
                 max_services: cfg.catalog.max_services,
                 max_backends_per_service: cfg.catalog.max_backends_per_service,
                 idle_service_grace: cfg.catalog.idle_service_grace,
+                deregistration_grace: cfg.catalog.deregistration_grace,
             })
             .with_source_order(sources.names()),
         );

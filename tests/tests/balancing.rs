@@ -153,11 +153,18 @@ async fn both_etcd_layouts_and_host_names_are_read() {
             tally.per_backend
         );
     }
-    // Removing the plain entry removes that backend.
+    // Removing the plain entry is read. The backend still serves, so it is
+    // kept listed, departed (registry_gone.rs), until it stops serving.
     etcd.delete(&format!("/services/greeter/{}", b.addr)).await;
     assert!(
+        wait_until(Duration::from_secs(5), || lb.departed("greeter", b.addr)).await,
+        "deleted key not seen: {:?}",
+        lb.backends("greeter")
+    );
+    assert!(!b.toggle_health().await, "health toggled to NOT_SERVING");
+    assert!(
         wait_backends(&ch, 2, Duration::from_secs(5)).await,
-        "deleted key still listed"
+        "deleted key of a backend that stopped serving still listed"
     );
 }
 

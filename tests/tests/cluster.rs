@@ -431,7 +431,17 @@ async fn sessions_reach_a_live_etcd_member_whichever_dies() {
 async fn subsets_are_balanced_and_change_minimally() {
     let etcd = Etcd::start().await;
     let url = etcd.registry_url();
-    let lb = Lb::start(&["--registry", &url, "--subset-size", "5"]).await;
+    // A removed entry leaves at once (its backend still serves: by default
+    // it would be kept for the deregistration grace).
+    let lb = Lb::start(&[
+        "--registry",
+        &url,
+        "--subset-size",
+        "5",
+        "--deregistration-grace",
+        "0s",
+    ])
+    .await;
     let backends = greeters(20, &url, &[]).await;
     assert!(
         wait_until(Duration::from_secs(15), || listed(&lb, "greeter") == 20).await,

@@ -61,18 +61,26 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
         back_at.elapsed()
     );
 
-    // Removals resume too.
+    // Removals resume too: the deleted entry is seen at once (the backend
+    // still serves, so it is kept, departed) and the backend leaves as
+    // soon as it stops serving.
     let removed = greeters[0].addr;
     etcd.delete(&format!("/services/greeter/{removed}")).await;
     let t = Instant::now();
+    assert!(
+        lb_tests::wait_until(Duration::from_secs(5), || lb.departed("greeter", removed)).await,
+        "deleted backend not seen: {:?}",
+        lb.backends("greeter")
+    );
+    eprintln!("etcd delete -> seen by the LB: {:?}", t.elapsed());
+    assert!(!greeters[0].toggle_health().await);
     assert!(
         lb_tests::wait_until(Duration::from_secs(5), || !ch
             .ready_backends()
             .contains(&removed))
         .await,
-        "deleted backend still listed"
+        "deleted backend that stopped serving still listed"
     );
-    eprintln!("etcd delete -> gone from client list: {:?}", t.elapsed());
 
     let calls = caller.stop().await;
     assert!(

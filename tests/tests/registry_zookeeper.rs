@@ -103,11 +103,13 @@ async fn zookeeper_lists_adds_removes_and_survives_an_outage() {
     );
     let client = zk.client().await;
     client.delete(&node, None).await.expect("delete provider");
+    // It still serves: kept, departed (registry_gone.rs).
     assert!(
-        wait_until(Duration::from_secs(5), || !lb
-            .knows_backend("greeter", other.addr))
+        wait_until(Duration::from_secs(5), || lb
+            .departed("greeter", other.addr))
         .await,
-        "deletion after recovery not seen"
+        "deletion after recovery not seen: {:?}",
+        lb.backends("greeter")
     );
 
     let calls = caller.stop().await;

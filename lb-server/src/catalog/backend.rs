@@ -1,6 +1,7 @@
 //! The data model: a backend as the catalog knows it, with what probes and
 //! operators have said about it.
 
+use std::collections::BTreeMap;
 use std::hash::Hasher;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
@@ -35,6 +36,11 @@ pub struct Backend {
     pub health_since: SystemTime,
     /// Detail of the last health change (error text, status).
     pub health_detail: String,
+    /// What other replicas' witness probes find while its checker finds it
+    /// silent, by replica id (empty otherwise): a second view, which
+    /// confirms the removal or holds it in the list ([`crate::policy`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub opinions: BTreeMap<String, HealthState>,
     /// Health transitions in the last [`FLAP_WINDOW`] (the first check of a
     /// new backend not counted): a flapping backend shows here at a glance.
     #[serde(rename = "health_transitions_10m")]
@@ -49,6 +55,10 @@ pub struct Backend {
     pub load_report: Option<LoadReport>,
     /// Taken out of lists by an operator, kept registered.
     pub drained: bool,
+    /// When its registry dropped it while it passed health checks: kept
+    /// listed for a grace period (serialized as seconds ago).
+    #[serde(rename = "left_registry_s", serialize_with = "secs_ago")]
+    pub left_registry: Option<Instant>,
     /// The policy's last decision about it.
     pub decision: Decision,
     /// Operator's weight override, replacing the registry weight until it expires.
@@ -60,9 +70,20 @@ pub struct Backend {
 
 impl Backend {
     /// Whether the policy's view of it can change with time alone: a load
-    /// report (blackout, expiry), a slow start, an override (expiry).
+    /// report (blackout, expiry), a slow start, an override (expiry), a
+    /// departure's grace.
     pub fn changes_with_time(&self) -> bool {
-        self.load.is_some() || self.serving_since.is_some() || self.weight_override.is_some()
+        self.load.is_some()
+            || self.serving_since.is_some()
+            || self.weight_override.is_some()
+            || self.left_registry.is_some()
+    }
+}
+
+fn secs_ago<S: serde::Serializer>(at: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(t) => s.serialize_f64((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+        None => s.serialize_none(),
     }
 }
 

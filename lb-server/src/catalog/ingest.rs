@@ -44,6 +44,8 @@ impl Catalog {
                     calls: CallTotals::default(),
                     conflict: Mutex::new(None),
                     idle_since: Mutex::new(None),
+                    held: Default::default(),
+                    departed: Default::default(),
                 })
             })
             .value()
@@ -87,8 +89,20 @@ impl Catalog {
 
     /// Removes the instance `key` reported by `source`, wherever it is. Costs
     /// the same with 10 services or 10,000: only the services holding the
-    /// key are touched.
+    /// key are touched. A backend that still passes its health checks stays
+    /// listed, departed (see `departed`): a registry entry can vanish for
+    /// reasons of the registry's own.
     pub fn remove(&self, source: &'static str, key: &str) {
+        self.remove_key(source, key, false);
+    }
+
+    /// Removes the instance `key` at its own request (an explicit
+    /// deregistration by the backend): at once, even while it serves.
+    pub fn deregister(&self, source: &'static str, key: &str) {
+        self.remove_key(source, key, true);
+    }
+
+    fn remove_key(&self, source: &'static str, key: &str, asked: bool) {
         let services = self
             .index
             .remove(&(source, key.to_string()))
@@ -96,12 +110,17 @@ impl Catalog {
             .unwrap_or_default();
         for entry in services.iter().filter_map(|s| self.service(s)) {
             let mut backends = entry.backends.lock().expect("catalog lock");
-            if let Some(gone) = backends.remove(&(source, key.to_string())) {
-                if !backends.values().any(|b| b.addr == gone.addr) {
-                    self.metrics.forget_backend(&entry.name, gone.addr);
-                    self.journal
-                        .record(&entry.name, Some(gone.addr), Change::Removed);
-                }
+            let slot = (source, key.to_string());
+            if let Some(b) = backends
+                .get_mut(&slot)
+                .filter(|b| !asked && self.keeps_departed(b))
+            {
+                self.depart(&entry.name, b);
+                self.publish(&entry, &mut backends);
+                continue;
+            }
+            if let Some(gone) = backends.remove(&slot) {
+                self.forget_removed(&entry.name, &mut backends, &gone);
                 if let Some(repeats) = self.log_change(format_args!("{}|{key}|removed", entry.name))
                 {
                     tracing::info!(service = %entry.name, key = ?key, addr = %gone.addr, repeats_not_logged = repeats, "backend removed");
@@ -193,27 +212,25 @@ impl Catalog {
             };
             let mut backends = entry.backends.lock().expect("catalog lock");
             let keep: HashSet<String> = fresh.iter().map(|i| i.key.clone()).collect();
-            let before = backends.len();
-            let mut gone = Vec::new();
-            backends.retain(|(src, key), b| {
-                let retained = *src != source || keep.contains(key);
-                if !retained {
-                    gone.push(b.addr);
-                    self.index_drop(source, key, &service);
+            let dropped: Vec<_> = backends
+                .iter()
+                .filter(|((src, key), b)| {
+                    *src == source && !keep.contains(key) && b.left_registry.is_none()
+                })
+                .map(|(slot, _)| slot.clone())
+                .collect();
+            let mut removed = 0;
+            for slot in dropped {
+                self.index_drop(source, &slot.1, &service);
+                let b = backends.get_mut(&slot).expect("listed above");
+                if self.keeps_departed(b) {
+                    self.depart(&service, b);
+                    removed += 1;
+                } else if let Some(gone) = backends.remove(&slot) {
+                    self.forget_removed(&service, &mut backends, &gone);
+                    removed += 1;
                 }
-                retained
-            });
-            for addr in gone {
-                // Another record of the same address (another source or
-                // key) keeps the gauges; it writes them again on publish.
-                let mut shared = backends.values_mut().filter(|b| b.addr == addr).peekable();
-                if shared.peek().is_none() {
-                    self.metrics.forget_backend(&service, addr);
-                    self.journal.record(&service, Some(addr), Change::Removed);
-                }
-                shared.for_each(|b| b.exported_gauges = None);
             }
-            let removed = before - backends.len();
             let mut upserted = 0;
             for i in fresh {
                 match self.check_room(&backends, source, &i) {
@@ -253,8 +270,14 @@ impl Catalog {
         let slot = (source, i.key.clone());
         if let Some(b) = backends.get_mut(&slot) {
             if b.addr == i.addr {
+                // Registered again after it departed: an ordinary backend.
+                let returned = b.left_registry.take().is_some();
+                if returned {
+                    self.index_add(source, &i.key, &i.service);
+                    tracing::info!(service = %i.service, addr = %i.addr, "departed backend registered again");
+                }
                 if b.weight == i.weight && b.metadata == i.metadata {
-                    return false;
+                    return returned;
                 }
                 // Same backend, new registry data: keep its health and load.
                 if let Some(repeats) = log
@@ -272,6 +295,9 @@ impl Catalog {
         // A backend at an address already known in this service (another key)
         // shares that address's health.
         let sibling = backends.values().find(|b| b.addr == i.addr).cloned();
+        // The same backend registered again under a new key replaces the
+        // record of it that departed.
+        backends.retain(|s, b| *s == slot || b.addr != i.addr || b.left_registry.is_none());
         let registered_at = backends
             .get(&slot)
             .map(|b| b.registered_at)
@@ -311,10 +337,15 @@ impl Catalog {
                     .as_ref()
                     .map(|b| b.recent_transitions.clone())
                     .unwrap_or_default(),
+                opinions: sibling
+                    .as_ref()
+                    .map(|b| b.opinions.clone())
+                    .unwrap_or_default(),
                 serving_since: sibling.as_ref().and_then(|b| b.serving_since),
                 load: sibling.as_ref().and_then(|b| b.load.clone()),
                 load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
                 drained: false,
+                left_registry: None,
                 weight_override: None,
                 decision: Decision::default(),
                 exported_gauges: None,

@@ -39,6 +39,9 @@ pub enum Change {
     Registered,
     /// A registry removed a backend.
     Removed,
+    /// A registry dropped a backend that still passes its health checks:
+    /// kept listed (see the catalog's `departed`).
+    Departed,
     /// A health check changed a backend's state.
     Health {
         /// The state before.

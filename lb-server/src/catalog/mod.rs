@@ -34,6 +34,7 @@
 
 mod backend;
 mod calls;
+mod departed;
 mod evict;
 mod ingest;
 pub mod journal;
@@ -69,6 +70,10 @@ pub struct ServiceEntry {
     conflict: Mutex<Option<String>>,
     /// Since when it has had no backends and no watcher, as last checked.
     idle_since: Mutex<Option<Instant>>,
+    /// Backends the policy holds against one view, as last published.
+    held: std::sync::atomic::AtomicUsize,
+    /// Departed backends kept listed, as last published.
+    departed: std::sync::atomic::AtomicUsize,
 }
 
 impl ServiceEntry {
@@ -152,6 +157,9 @@ pub struct CatalogLimits {
     /// A service without backends or watchers is forgotten after this
     /// long (zero: never).
     pub idle_service_grace: std::time::Duration,
+    /// A backend its registry drops while it passes health checks stays
+    /// listed this long (zero: it leaves at once); see `departed`.
+    pub deregistration_grace: std::time::Duration,
 }
 
 impl Default for CatalogLimits {
@@ -160,6 +168,7 @@ impl Default for CatalogLimits {
             max_services: 10_000,
             max_backends_per_service: 10_000,
             idle_service_grace: std::time::Duration::from_secs(300),
+            deregistration_grace: std::time::Duration::from_secs(300),
         }
     }
 }

@@ -76,6 +76,23 @@ impl Catalog {
         });
     }
 
+    /// Records what other replicas' witness probes find for a backend (by
+    /// replica id); the list is republished at once when that changes it.
+    pub fn set_opinions(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        opinions: &std::collections::BTreeMap<String, HealthState>,
+    ) {
+        self.update_backends(service, addr, false, |b| {
+            if b.opinions == *opinions {
+                return false;
+            }
+            b.opinions.clone_from(opinions);
+            true
+        });
+    }
+
     /// Records a load report; weights follow at the next refresh.
     pub fn set_load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
         let now = Instant::now();

@@ -72,6 +72,33 @@ impl Catalog {
         text
     }
 
+    /// Shows how many backends the policy holds in the list against their
+    /// checker's view (an alert: a partition between a replica and part of
+    /// the fleet, or a fleet that died faster than replicas confirm):
+    /// `lb_backends_held` and one WARN line when holding starts.
+    fn note_held(&self, entry: &ServiceEntry, held: usize) {
+        let was = entry.held.swap(held, std::sync::atomic::Ordering::Relaxed);
+        if was == held {
+            return;
+        }
+        let labels = ServiceLabels {
+            service: entry.name.clone(),
+        };
+        if held == 0 {
+            self.metrics.backends_held.remove(&labels);
+            tracing::info!(service = %entry.name, "no backend held against one replica's view any more");
+            return;
+        }
+        self.metrics
+            .backends_held
+            .get_or_create(&labels)
+            .set(held as i64);
+        if was == 0 {
+            tracing::warn!(service = %entry.name, held,
+                "backends held in the list: silent to the replica that checks them, but not confirmed by another view (see their decisions)");
+        }
+    }
+
     /// Recomputes the service's list, records the decisions, and publishes
     /// the list if it changed.
     pub(super) fn publish(
@@ -80,6 +107,9 @@ impl Catalog {
         backends: &mut BTreeMap<(&'static str, String), Backend>,
     ) {
         let now = Instant::now();
+        if self.sweep_departed(entry, backends) {
+            self.members_changed();
+        }
         for b in backends.values_mut() {
             if b.weight_override.as_ref().is_some_and(|o| o.expires <= now) {
                 tracing::info!(service = %entry.name, addr = %b.addr, "weight override expired");
@@ -110,6 +140,7 @@ impl Catalog {
                     serving_since: b.serving_since,
                     load: b.load.as_ref(),
                     drained: b.drained,
+                    opinions: Some(&b.opinions),
                 })
                 .collect();
             self.policy.load().build(&candidates, now)
@@ -135,7 +166,14 @@ impl Catalog {
                 b.exported_gauges = Some(gauges);
             }
             b.decision = d;
+            if let Some(at) = b.left_registry {
+                b.decision.reason.push_str(&format!(
+                    "; kept: left the registry {:.0} s ago while passing health checks",
+                    now.saturating_duration_since(at).as_secs_f64()
+                ));
+            }
         }
+        self.note_departed(entry, backends);
         let labels = ServiceLabels {
             service: entry.name.clone(),
         };
@@ -143,6 +181,7 @@ impl Catalog {
             .backends
             .get_or_create(&labels)
             .set(backends.len() as i64);
+        self.note_held(entry, outcome.held);
         let (servers, panic, shed_fraction) =
             (outcome.servers, outcome.panic, outcome.shed_fraction);
         let localities: BTreeMap<SocketAddr, Locality> = backends

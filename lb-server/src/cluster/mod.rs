@@ -28,14 +28,24 @@
 //! republishes its own results under a new lease and changes no list whose
 //! health did not change.
 //!
+//! One replica's silence never judges alone. When a backend's owner finds
+//! it *silent* (no answer at all, which may be that replica's path only),
+//! every other replica probes it too, as a *witness*, and publishes what it
+//! finds under `<prefix>opinions/…` ([`opinion`]); the policy removes a
+//! silent backend that a witness confirms, holds one a witness finds
+//! serving, and caps what one view alone may remove ([`crate::policy`]).
+//! Opinions read before a session loss are forgotten with it: a replica cut
+//! off from etcd judges on its own view, within the cap.
+//!
 //! Load reports are published only when they moved by 5 % (or every 30 s),
 //! and the owner applies the published value itself, so that every replica
 //! weights from the same numbers.
 
+pub mod opinion;
 mod session;
 pub mod shared;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,10 +55,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::model::{HealthState, LoadSample};
+use opinion::Opinion;
 use shared::{SharedHealth, SharedLoad};
 
 /// A backend, as the cluster names it.
 pub type BackendKey = (String, SocketAddr);
+
+/// What this replica has to write to etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Outgoing {
+    /// Its result for a backend it owns.
+    Health(BackendKey),
+    /// Its opinion, as a witness, of a backend another replica owns.
+    Opinion(BackendKey),
+}
 
 /// Settings of cluster membership.
 #[derive(Debug, Clone)]
@@ -153,9 +173,16 @@ pub struct Cluster {
     remote: Mutex<HashMap<BackendKey, SharedHealth>>,
     /// Results this replica owns and published.
     mine: Mutex<HashMap<BackendKey, Published>>,
+    /// Witnesses' opinions of backends, by replica id, as read from etcd
+    /// (this replica's own included at once).
+    opinions: Mutex<HashMap<BackendKey, BTreeMap<String, HealthState>>>,
+    /// Opinions this replica holds as a witness and published.
+    witnessing: Mutex<HashMap<BackendKey, Opinion>>,
+    /// Bumped when the backends that need a witness may have changed.
+    suspects: watch::Sender<u64>,
     /// Keys to write (or delete) in etcd.
-    outbox: mpsc::UnboundedSender<BackendKey>,
-    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendKey>>>,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
     /// Since when and why there is no etcd session (`None`: joined).
     lost: Mutex<Option<Lost>>,
 }
@@ -176,6 +203,9 @@ impl Cluster {
             view: watch::channel(view).0,
             remote: Mutex::new(HashMap::new()),
             mine: Mutex::new(HashMap::new()),
+            opinions: Mutex::new(HashMap::new()),
+            witnessing: Mutex::new(HashMap::new()),
+            suspects: watch::channel(0).0,
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
             lost: Mutex::new(Some(Lost {
@@ -278,7 +308,7 @@ impl Cluster {
                 );
             }
         }
-        let _ = self.outbox.send(key);
+        let _ = self.outbox.send(Outgoing::Health(key));
     }
 
     /// Records a load report of a backend this replica checks; published
@@ -302,7 +332,7 @@ impl Cluster {
         self.catalog.set_load(service, addr, &load.to_sample());
         slot.value.load = Some(load);
         slot.load_at = Instant::now();
-        let _ = self.outbox.send(key);
+        let _ = self.outbox.send(Outgoing::Health(key));
     }
 
     /// Forgets the load of a backend this replica checks (its report stream
@@ -313,7 +343,7 @@ impl Cluster {
         let mut mine = self.mine.lock().expect("cluster lock");
         if let Some(slot) = mine.get_mut(&key) {
             if slot.value.load.take().is_some() {
-                let _ = self.outbox.send(key);
+                let _ = self.outbox.send(Outgoing::Health(key));
             }
         }
     }
@@ -336,8 +366,117 @@ impl Cluster {
             .remove(&key)
             .is_some()
         {
-            let _ = self.outbox.send(key);
+            let _ = self.outbox.send(Outgoing::Health(key));
         }
+    }
+
+    /// Changes whenever the backends that need a witness may have changed
+    /// (see [`Cluster::needs_witness`]).
+    pub fn subscribe_suspects(&self) -> watch::Receiver<u64> {
+        self.suspects.subscribe()
+    }
+
+    /// Whether this replica should probe `service` at `addr` as a witness:
+    /// it is joined, another replica owns the backend, and the owner finds
+    /// it silent.
+    pub fn needs_witness(&self, service: &str, addr: SocketAddr) -> bool {
+        let view = self.view.borrow();
+        if !view.connected {
+            return false;
+        }
+        let owner = view.owner(service, addr);
+        if owner.is_none_or(|o| o == self.settings.replica_id) {
+            return false;
+        }
+        let key = (service.to_string(), addr);
+        self.remote
+            .lock()
+            .expect("cluster lock")
+            .get(&key)
+            .is_some_and(|v| v.health == HealthState::Silent && Some(v.owner.as_str()) == owner)
+    }
+
+    /// Records what this replica's witness probe found for a backend
+    /// another replica owns: applied locally and published.
+    pub fn report_opinion(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        health: HealthState,
+        detail: &str,
+    ) {
+        let key = (service.to_string(), addr);
+        let value = Opinion {
+            health,
+            detail: detail.to_string(),
+        };
+        {
+            let mut witnessing = self.witnessing.lock().expect("cluster lock");
+            if witnessing.get(&key) == Some(&value) {
+                return;
+            }
+            witnessing.insert(key.clone(), value);
+        }
+        let _ = self.outbox.send(Outgoing::Opinion(key.clone()));
+        let me = self.settings.replica_id.clone();
+        self.on_opinion(key, me, Some(health));
+    }
+
+    /// This replica stopped witnessing a backend: its opinion is deleted.
+    pub fn withdraw_opinion(&self, service: &str, addr: SocketAddr) {
+        let key = (service.to_string(), addr);
+        if self
+            .witnessing
+            .lock()
+            .expect("cluster lock")
+            .remove(&key)
+            .is_some()
+        {
+            let _ = self.outbox.send(Outgoing::Opinion(key.clone()));
+            let me = self.settings.replica_id.clone();
+            self.on_opinion(key, me, None);
+        }
+    }
+
+    /// An opinion read from etcd or made here (`None`: withdrawn); the
+    /// catalog gets the backend's opinions when they changed.
+    fn on_opinion(&self, key: BackendKey, replica: String, health: Option<HealthState>) {
+        let opinions = {
+            let mut all = self.opinions.lock().expect("cluster lock");
+            let of = all.entry(key.clone()).or_default();
+            let changed = match health {
+                Some(h) => of.insert(replica, h) != Some(h),
+                None => of.remove(&replica).is_some(),
+            };
+            if !changed {
+                return;
+            }
+            let now = of.clone();
+            if now.is_empty() {
+                all.remove(&key);
+            }
+            now
+        };
+        self.catalog.set_opinions(&key.0, key.1, &opinions);
+    }
+
+    /// Forgets every opinion read (the session is gone: they may be stale,
+    /// and a replica on its own judges on its own view).
+    fn forget_opinions(&self) {
+        let all = std::mem::take(&mut *self.opinions.lock().expect("cluster lock"));
+        let none = BTreeMap::new();
+        for (service, addr) in all.keys() {
+            self.catalog.set_opinions(service, *addr, &none);
+        }
+    }
+
+    /// What to write for an opinion key: this replica's, or `None` to delete.
+    fn outgoing_opinion(&self, key: &BackendKey) -> Option<Opinion> {
+        self.witnessing
+            .lock()
+            .expect("cluster lock")
+            .get(key)
+            .cloned()
     }
 
     /// Applies the owner's published result for a backend this replica does
@@ -362,21 +501,28 @@ impl Cluster {
 
     /// A result read from etcd (`None`: deleted).
     fn on_remote(&self, key: BackendKey, value: Option<SharedHealth>) {
-        match value {
+        let silent = |v: Option<&SharedHealth>| v.is_some_and(|v| v.health == HealthState::Silent);
+        let silence_changed = match value {
             Some(v) => {
                 let theirs = v.owner != self.settings.replica_id;
-                self.remote
+                let was = self
+                    .remote
                     .lock()
                     .expect("cluster lock")
                     .insert(key.clone(), v.clone());
                 if theirs && !self.owns(&key.0, key.1) {
                     self.apply(&key, &v);
                 }
+                silent(was.as_ref()) != (v.health == HealthState::Silent)
             }
             None => {
                 // The last known state stays until someone publishes anew.
-                self.remote.lock().expect("cluster lock").remove(&key);
+                let was = self.remote.lock().expect("cluster lock").remove(&key);
+                silent(was.as_ref())
             }
+        };
+        if silence_changed {
+            self.suspects.send_modify(|n| *n += 1);
         }
     }
 
@@ -390,11 +536,17 @@ impl Cluster {
     }
 
     /// Keys to republish after (re)joining: this replica's results for the
-    /// backends it owns under the new view; the others are forgotten.
-    fn republish(&self) -> Vec<BackendKey> {
+    /// backends it owns under the new view (the others are forgotten), and
+    /// its opinions as a witness.
+    fn republish(&self) -> Vec<Outgoing> {
         let mut mine = self.mine.lock().expect("cluster lock");
         mine.retain(|(service, addr), _| self.owns(service, *addr));
-        mine.keys().cloned().collect()
+        let witnessing = self.witnessing.lock().expect("cluster lock");
+        mine.keys()
+            .cloned()
+            .map(Outgoing::Health)
+            .chain(witnessing.keys().cloned().map(Outgoing::Opinion))
+            .collect()
     }
 
     /// Joins the cluster and keeps membership and shared results in sync

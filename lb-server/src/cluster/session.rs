@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::opinion::{self, Opinion};
 use super::shared::{self, SharedHealth};
-use super::{BackendKey, Cluster, ReplicaInfo, View};
+use super::{BackendKey, Cluster, Outgoing, ReplicaInfo, View};
 use crate::registry::retry::session_backoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
@@ -20,7 +21,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keeps a session up until `shutdown`.
 pub(super) async fn run(
     cluster: &Cluster,
-    outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
+    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = session_backoff();
@@ -39,6 +40,7 @@ pub(super) async fn run(
             Err(e) => e,
         };
         set_connected(cluster, false, None);
+        cluster.forget_opinions();
         let first = cluster.session_lost(&error);
         cluster.settings.etcd.rotate();
         cluster.catalog.metrics().upstream_reconnect("cluster");
@@ -154,6 +156,8 @@ impl Session {
             .await?,
             replicas: BTreeMap::new(),
         };
+        // Opinions are read anew from the listing.
+        cluster.forget_opinions();
         let mut seen = HashSet::new();
         for kv in &listing {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -194,7 +198,7 @@ impl Session {
     async fn serve(
         &mut self,
         cluster: &Cluster,
-        outbox: &mut mpsc::UnboundedReceiver<BackendKey>,
+        outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
         let ttl = cluster.settings.ttl.max(Duration::from_secs(2));
@@ -240,8 +244,8 @@ impl Session {
                         set_connected(cluster, true, Some(self.replicas.values().cloned().collect()));
                     }
                 }
-                Some(key) = outbox.recv() => {
-                    let mut keys = vec![key];
+                Some(out) = outbox.recv() => {
+                    let mut keys = vec![out];
                     while let Ok(k) = outbox.try_recv() {
                         if !keys.contains(&k) {
                             keys.push(k);
@@ -255,21 +259,40 @@ impl Session {
         }
     }
 
-    /// Writes (or deletes) this replica's result for `key`.
-    async fn write(&mut self, cluster: &Cluster, key: &BackendKey) -> Result<(), String> {
-        let etcd_key = shared::key(&cluster.settings.prefix, &key.0, key.1);
-        match cluster.outgoing(key) {
-            Some(value) => {
-                let bytes = serde_json::to_vec(&value).expect("shared health serializes");
+    /// Writes (or deletes) this replica's result or opinion for a backend.
+    async fn write(&mut self, cluster: &Cluster, out: &Outgoing) -> Result<(), String> {
+        let prefix = &cluster.settings.prefix;
+        let (etcd_key, value, what) = match out {
+            Outgoing::Health(key) => (
+                shared::key(prefix, &key.0, key.1),
+                cluster
+                    .outgoing(key)
+                    .map(|v| serde_json::to_vec(&v).expect("shared health serializes")),
+                "health",
+            ),
+            Outgoing::Opinion(key) => (
+                opinion::key(prefix, &key.0, key.1, &cluster.settings.replica_id),
+                cluster
+                    .outgoing_opinion(key)
+                    .map(|v| serde_json::to_vec(&v).expect("opinion serializes")),
+                "opinion",
+            ),
+        };
+        match value {
+            Some(bytes) => {
                 let options = PutOptions::new().with_lease(self.lease);
                 timed(
-                    "publish health",
+                    &format!("publish {what}"),
                     self.client.put(etcd_key, bytes, Some(options)),
                 )
                 .await?;
             }
             None => {
-                timed("withdraw health", self.client.delete(etcd_key, None)).await?;
+                timed(
+                    &format!("withdraw {what}"),
+                    self.client.delete(etcd_key, None),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -301,6 +324,11 @@ impl Session {
                 Ok(v) => cluster.on_remote(k, Some(v)),
                 Err(e) => tracing::warn!(key, error = %e, "unreadable shared health entry ignored"),
             }
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, key) {
+            match serde_json::from_slice::<Opinion>(value) {
+                Ok(v) => cluster.on_opinion(k, replica, Some(v.health)),
+                Err(e) => tracing::warn!(key, error = %e, "unreadable witness opinion ignored"),
+            }
         }
         false
     }
@@ -321,6 +349,8 @@ impl Session {
         }
         if let Some(k) = shared::parse_key(prefix, key) {
             cluster.on_remote(k, None);
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, key) {
+            cluster.on_opinion(k, replica, None);
         }
         false
     }

@@ -243,6 +243,16 @@ pub struct CatalogFlags {
     /// then its clients are told "no servers" rather than "unknown service".
     #[arg(long, env = "LB_IDLE_SERVICE_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_service_grace: Duration,
+
+    /// A backend its registry drops while it still passes health checks (a
+    /// lease that expired because the backend lost the registry, an empty
+    /// listing) stays listed this long, counted in
+    /// `lb_backends_kept_unregistered`; it leaves at once when its health
+    /// is not SERVING (a graceful deregistration says NOT_SERVING first),
+    /// and the last healthy backends of a service stay while they pass
+    /// (0 = a dropped entry leaves at once).
+    #[arg(long, env = "LB_DEREGISTRATION_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub deregistration_grace: Duration,
 }
 
 /// How each backend is probed: health checks and ORCA load reports.
@@ -342,6 +352,15 @@ pub struct PolicyFlags {
     /// all of them (0 = never).
     #[arg(long, env = "LB_PANIC_THRESHOLD", default_value_t = 0.5)]
     pub panic_threshold: f64,
+
+    /// Largest fraction of a service that one replica's view alone may take
+    /// out of the list: backends *silent* to the replica that checks them
+    /// (no answer, maybe that replica's path only) and not confirmed by
+    /// another replica's witness probe. Beyond it they stay listed, counted
+    /// in `lb_backends_held` (at least one may go when above 0; 0: none
+    /// without confirmation; 1: no cap).
+    #[arg(long, env = "LB_MAX_UNCONFIRMED_REMOVAL", default_value_t = 0.2)]
+    pub max_unconfirmed_removal: f64,
 
     /// Shed load (drop entries) when every backend's utilization is above
     /// this (off unless set).
@@ -688,6 +707,7 @@ impl PolicyFlags {
             },
             shed_utilization: self.shed_utilization,
             max_shed: self.max_shed.clamp(0.0, 0.95),
+            max_unconfirmed_removal: self.max_unconfirmed_removal.clamp(0.0, 1.0),
         }
     }
 }

@@ -26,6 +26,12 @@
 //! Envoy's active checks do with their own interval and timeout. So the
 //! probe connection sends no PINGs at all.
 //!
+//! A lost backend is *unreachable* when its host answered (refused, reset,
+//! a broken stream, a TLS refusal) and *silent* when nothing answered at
+//! all (a timeout, no route): silence may be this replica's path only, so
+//! the policy weighs it as one view ([`crate::policy`]), and other replicas
+//! are asked to witness it ([`crate::cluster`]).
+//!
 //! Reconnects use the shared jittered backoff ([`lb_client::backoff`]),
 //! capped at one second so that a backend that comes back (SIGCONT, a
 //! restart on the same address) is listed again within about two seconds.
@@ -38,7 +44,10 @@
 //!
 //! With replicas ([`crate::cluster`]), a replica probes only the backends it
 //! owns; results go through a [`Reporter`], which also publishes them, and
-//! the results of backends owned by others are read from the cluster.
+//! the results of backends owned by others are read from the cluster. A
+//! backend whose owner finds it silent is probed by every other replica
+//! too, as a witness, until the owner hears it again: the witness's result
+//! is published as its opinion, a second view of the silence.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -87,8 +96,17 @@ pub async fn run(
     settings: HealthSettings,
     shutdown: CancellationToken,
 ) {
+    let witness_settings = Arc::new(HealthSettings {
+        orca: false,
+        ..settings.clone()
+    });
     let settings = Arc::new(settings);
     let reporter = Arc::new(Reporter::new(catalog.clone(), cluster.clone()));
+    let witness_reporter = cluster
+        .as_ref()
+        .map(|c| Arc::new(Reporter::witness(catalog.clone(), c.clone())));
+    let mut suspects = cluster.as_ref().map(|c| c.subscribe_suspects());
+    let mut witnesses: HashMap<(String, SocketAddr), CancellationToken> = HashMap::new();
     let pace = Pace::per_second(settings.reconnect_rate).map(Arc::new);
     let mut members = catalog.subscribe_members();
     let mut view = cluster.as_ref().map(|c| c.subscribe());
@@ -115,6 +133,32 @@ pub async fn run(
             keep
         });
         remote.retain(|key| now.binary_search(key).is_ok() && !owned(key));
+        if let (Some(c), Some(reporter)) = (&cluster, &witness_reporter) {
+            witnesses.retain(|key, cancel| {
+                let keep = now.binary_search(key).is_ok() && c.needs_witness(&key.0, key.1);
+                if !keep {
+                    cancel.cancel();
+                    c.withdraw_opinion(&key.0, key.1);
+                }
+                keep
+            });
+            for key in &now {
+                if witnesses.contains_key(key) || !c.needs_witness(&key.0, key.1) {
+                    continue;
+                }
+                tracing::debug!(service = %key.0, addr = %key.1, "witnessing a backend its owner finds silent");
+                let cancel = shutdown.child_token();
+                witnesses.insert(key.clone(), cancel.clone());
+                tokio::spawn(probe(
+                    reporter.clone(),
+                    witness_settings.clone(),
+                    pace.clone(),
+                    key.0.clone(),
+                    key.1,
+                    cancel,
+                ));
+            }
+        }
         for key in now {
             if !owned(&key) {
                 if let Some(c) = &cluster {
@@ -143,6 +187,9 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             changed = members.changed() => if changed.is_err() { return },
             changed = async { view.as_mut().expect("guarded").changed().await }, if view.is_some() => {
+                if changed.is_err() { return }
+            }
+            changed = async { suspects.as_mut().expect("guarded").changed().await }, if suspects.is_some() => {
                 if changed.is_err() { return }
             }
         }
@@ -176,9 +223,9 @@ async fn probe(
     let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX).reset_after(RECONNECT_RESET);
     tracing::debug!(%service, %addr, health_service = %name, "probe started");
     let mut down_since: Option<Instant> = None;
-    // Whether the catalog already has this backend as unreachable: a refused
-    // connect in a long outage then touches nothing but the counter.
-    let mut reported_down = false;
+    // What the catalog already has for this backend while it is down: a
+    // refused connect in a long outage then touches nothing but the counter.
+    let mut reported_down: Option<HealthState> = None;
     loop {
         backoff.attempt();
         let started = Instant::now();
@@ -188,7 +235,7 @@ async fn probe(
             // not the room of a whole session.
             Box::pin(session(tcp, &reporter, &s, &service, addr, &name))
                 .await
-                .map_err(|e| (true, e))
+                .map_err(|lost| (true, lost))
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -204,13 +251,14 @@ async fn probe(
         } else {
             RECONNECT_MAX
         });
-        let (connected, detail) = match result {
-            Ok(()) => (true, "health stream ended".to_string()),
+        let (connected, lost) = match result {
+            Ok(()) => (true, Lost::answered("health stream ended")),
             Err(e) => e,
         };
-        if connected || !reported_down {
-            reporter.health(&service, addr, HealthState::Unreachable, &detail);
-            reported_down = true;
+        let state = lost.state();
+        if connected || reported_down != Some(state) {
+            reporter.health(&service, addr, state, &lost.detail);
+            reported_down = Some(state);
         }
         if connected {
             reporter.clear_load(&service, addr);
@@ -227,6 +275,47 @@ async fn probe(
     }
 }
 
+/// Why a probe's connection to its backend ended.
+#[derive(Debug)]
+struct Lost {
+    /// Nothing answered (a timeout, no route): one replica's view.
+    silent: bool,
+    detail: String,
+}
+
+impl Lost {
+    /// The backend's host answered, and not with SERVING.
+    fn answered(detail: impl Into<String>) -> Lost {
+        Lost {
+            silent: false,
+            detail: detail.into(),
+        }
+    }
+
+    /// Nothing answered within the time allowed.
+    fn silent(detail: impl Into<String>) -> Lost {
+        Lost {
+            silent: true,
+            detail: detail.into(),
+        }
+    }
+
+    fn state(&self) -> HealthState {
+        if self.silent {
+            HealthState::Silent
+        } else {
+            HealthState::Unreachable
+        }
+    }
+}
+
+/// Whether a connect error means no answer (a timeout, no route) rather
+/// than the host's refusal.
+fn is_silence(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{HostUnreachable, NetworkUnreachable, TimedOut};
+    matches!(e.kind(), TimedOut | HostUnreachable | NetworkUnreachable)
+}
+
 /// One connection to the backend: health (and load) until it breaks.
 async fn session(
     tcp: tokio::net::TcpStream,
@@ -235,14 +324,14 @@ async fn session(
     service: &str,
     addr: SocketAddr,
     name: &str,
-) -> Result<(), String> {
+) -> Result<(), Lost> {
     let scheme = if s.tls.is_some() { "https" } else { "http" };
-    let mut endpoint =
-        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| Lost::answered(e.to_string()))?;
     if let Some(tls) = &s.tls {
         endpoint = endpoint
             .tls_config(tls.clone())
-            .map_err(|e| format!("TLS settings: {e}"))?;
+            .map_err(|e| Lost::answered(format!("TLS settings: {e}")))?;
     }
     // The channel gets this one connection and no other: when it breaks,
     // the session ends and the probe's own backoff decides when to retry.
@@ -259,7 +348,15 @@ async fn session(
         .connect_timeout(s.timeout)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        .map_err(|e| {
+            let chain = error_chain(&e);
+            let detail = format!("connect: {chain}");
+            if chain.contains("timed out") {
+                Lost::silent(detail)
+            } else {
+                Lost::answered(detail)
+            }
+        })?;
     let _load = s.orca.then(|| {
         let task = tokio::spawn(crate::probe::load::collect(
             reporter.clone(),
@@ -276,12 +373,23 @@ async fn session(
     };
     let watch = tokio::time::timeout(s.timeout, client.watch(request.clone())).await;
     let mut stream = match watch {
-        Err(_) => return Err(format!("no answer to Watch within {:?}", s.timeout)),
+        Err(_) => {
+            return Err(Lost::silent(format!(
+                "no answer to Watch within {:?}",
+                s.timeout
+            )))
+        }
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
             return check_loop(reporter, s, service, addr, &mut client, request).await;
         }
-        Ok(Err(status)) => return Err(format!("Watch: {} {}", status.code(), status.message())),
+        Ok(Err(status)) => {
+            return Err(Lost::answered(format!(
+                "Watch: {} {}",
+                status.code(),
+                status.message()
+            )))
+        }
     };
     let heartbeat = heartbeat(client, request, s.check_interval, s.timeout);
     tokio::pin!(heartbeat);
@@ -292,13 +400,13 @@ async fn session(
         };
         match message {
             Ok(Some(answer)) => apply(reporter, service, addr, answer.status),
-            Ok(None) => return Err("Watch stream ended".into()),
+            Ok(None) => return Err(Lost::answered("Watch stream ended")),
             Err(status) => {
-                return Err(format!(
+                return Err(Lost::answered(format!(
                     "Watch stream broke: {} {}",
                     status.code(),
                     status.message()
-                ))
+                )))
             }
         }
     }
@@ -311,13 +419,26 @@ async fn session(
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<tokio::net::TcpStream, (bool, String)> {
-    let failed = |why: String| (false, format!("connect: {why}"));
+) -> Result<tokio::net::TcpStream, (bool, Lost)> {
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
-        .map_err(|_| failed(format!("no answer within {timeout:?}")))?
-        .map_err(|e| failed(e.to_string()))?;
-    tcp.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
+        .map_err(|_| {
+            (
+                false,
+                Lost::silent(format!("connect: no answer within {timeout:?}")),
+            )
+        })?
+        .map_err(|e| {
+            let detail = format!("connect: {e}");
+            let lost = if is_silence(&e) {
+                Lost::silent(detail)
+            } else {
+                Lost::answered(detail)
+            };
+            (false, lost)
+        })?;
+    tcp.set_nodelay(true)
+        .map_err(|e| (false, Lost::answered(format!("connect: {e}"))))?;
     Ok(tcp)
 }
 
@@ -330,16 +451,24 @@ async fn heartbeat(
     request: HealthCheckRequest,
     every: Duration,
     timeout: Duration,
-) -> String {
+) -> Lost {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         match tokio::time::timeout(timeout, client.check(request.clone())).await {
-            Err(_) => return format!("hung: no answer to the Check heartbeat within {timeout:?}"),
+            Err(_) => {
+                return Lost::silent(format!(
+                    "hung: no answer to the Check heartbeat within {timeout:?}"
+                ))
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                return format!("Check heartbeat: {} {}", status.code(), status.message())
+                return Lost::answered(format!(
+                    "Check heartbeat: {} {}",
+                    status.code(),
+                    status.message()
+                ))
             }
             Ok(_) => {}
         }
@@ -354,13 +483,18 @@ async fn check_loop(
     addr: SocketAddr,
     client: &mut HealthClient<Channel>,
     request: HealthCheckRequest,
-) -> Result<(), String> {
+) -> Result<(), Lost> {
     tracing::debug!(service, %addr, "Watch unimplemented; polling Check");
     let mut tick = tokio::time::interval(s.check_interval);
     loop {
         tick.tick().await;
         match tokio::time::timeout(s.timeout, client.check(request.clone())).await {
-            Err(_) => return Err(format!("no answer to Check within {:?}", s.timeout)),
+            Err(_) => {
+                return Err(Lost::silent(format!(
+                    "no answer to Check within {:?}",
+                    s.timeout
+                )))
+            }
             Ok(Ok(answer)) => apply(reporter, service, addr, answer.into_inner().status),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => reporter.health(
                 service,
@@ -369,7 +503,11 @@ async fn check_loop(
                 "health service unknown to the backend",
             ),
             Ok(Err(status)) => {
-                return Err(format!("Check: {} {}", status.code(), status.message()))
+                return Err(Lost::answered(format!(
+                    "Check: {} {}",
+                    status.code(),
+                    status.message()
+                )))
             }
         }
     }

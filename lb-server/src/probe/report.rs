@@ -1,6 +1,7 @@
 //! Where probes put what they learn: straight into the catalog, or through
 //! the cluster, which applies a result locally and shares it with the other
-//! replicas (so that each backend is probed by one replica only).
+//! replicas (so that each backend is probed by one replica only), or, for a
+//! witness probe, as this replica's opinion of a backend another owns.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ pub struct Reporter {
     /// `lb_upstream_reconnects_total{kind="health"}`, looked up once: a zone
     /// of dead backends reconnects thousands of times a second.
     reconnects: prometheus_client::metrics::counter::Counter,
+    /// Results are opinions of a witness, not the owner's verdicts.
+    witness: bool,
 }
 
 impl Reporter {
@@ -27,12 +30,23 @@ impl Reporter {
             catalog,
             cluster,
             reconnects,
+            witness: false,
+        }
+    }
+
+    /// Results of witness probes: published as this replica's opinion
+    /// through `cluster`, never applied as the backend's health.
+    pub fn witness(catalog: Arc<Catalog>, cluster: Arc<Cluster>) -> Self {
+        Reporter {
+            witness: true,
+            ..Reporter::new(catalog, Some(cluster))
         }
     }
 
     /// A health check result.
     pub fn health(&self, service: &str, addr: SocketAddr, state: HealthState, detail: &str) {
         match &self.cluster {
+            Some(c) if self.witness => c.report_opinion(service, addr, state, detail),
             Some(c) => c.report_health(service, addr, state, detail),
             None => self.catalog.set_health(service, addr, state, detail),
         }
@@ -41,6 +55,7 @@ impl Reporter {
     /// A load report.
     pub fn load(&self, service: &str, addr: SocketAddr, report: &LoadSample) {
         match &self.cluster {
+            Some(_) if self.witness => {}
             Some(c) => c.report_load(service, addr, report),
             None => self.catalog.set_load(service, addr, report),
         }
@@ -54,6 +69,7 @@ impl Reporter {
     /// The load stream ended.
     pub fn clear_load(&self, service: &str, addr: SocketAddr) {
         match &self.cluster {
+            Some(_) if self.witness => {}
             Some(c) => c.clear_load(service, addr),
             None => self.catalog.clear_load(service, addr),
         }

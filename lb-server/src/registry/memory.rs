@@ -154,7 +154,7 @@ impl MemoryRegistry {
             .expect("lease lock")
             .remove(&id)
             .ok_or_else(|| Status::not_found(format!("lease {id} not found")))?;
-        self.sink()?.remove(&lease.key);
+        self.sink()?.deregister(&lease.key);
         Ok(())
     }
 

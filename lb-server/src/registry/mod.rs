@@ -129,10 +129,19 @@ impl RegistrySink {
         }
     }
 
-    /// Removes the instance registered under `key`, if any.
+    /// Removes the instance registered under `key`, if any (one still
+    /// passing health checks is kept for a grace period: the registry may
+    /// have dropped it for reasons of its own).
     pub fn remove(&self, key: &str) {
         self.metrics.event(self.source, "delete");
         self.catalog.remove(self.source, key);
+    }
+
+    /// Removes the instance registered under `key` because the backend
+    /// itself asked to leave: at once.
+    pub fn deregister(&self, key: &str) {
+        self.metrics.event(self.source, "delete");
+        self.catalog.deregister(self.source, key);
     }
 
     /// Reports an entry that could not be used. The last good state of that
