@@ -252,6 +252,14 @@ impl Lb {
             .contains(&format!("\"address\":\"{addr}\""))
     }
 
+    /// Whether the LB keeps `service`'s backend at `addr` after its registry
+    /// dropped it (it still passed health checks: `left_registry_s`).
+    pub fn departed(&self, service: &str, addr: SocketAddr) -> bool {
+        self.backends(service)
+            .iter()
+            .any(|b| b["address"] == addr.to_string() && b["left_registry_s"].is_number())
+    }
+
     /// The sum of every sample of the metric `name` (all label sets), e.g.
     /// `lb_upstream_reconnects_total`; 0 if absent.
     pub fn metric_sum(&self, name: &str) -> f64 {
