@@ -373,9 +373,9 @@ impl Policy {
     /// Step 2: which silent backends stay listed, and why (`Some(reason)`,
     /// indexed like `candidates`). Silent to its checker and serving to
     /// another replica: held. Confirmed by another replica: removed.
-    /// Unconfirmed: removed while fewer than `max_unconfirmed_removal` of
-    /// the counted backends are out on one view (lowest token first, so
-    /// that every replica holds the same ones); held beyond.
+    /// Unconfirmed: at most `max_unconfirmed_removal` of the counted
+    /// backends (at least one) are out on one view, lowest token first so
+    /// that every replica holds the same ones; the rest are held.
     fn held(&self, candidates: &[Candidate<'_>], unique: &[usize]) -> Vec<Option<String>> {
         let mut held = vec![None; candidates.len()];
         let counted = unique
@@ -410,11 +410,13 @@ impl Policy {
             }
         }
         unconfirmed.sort_by(|&a, &b| candidates[a].token.cmp(candidates[b].token));
-        let mut removed = 0usize;
-        for i in unconfirmed {
-            if (removed as f64) < self.max_unconfirmed_removal * counted as f64 {
-                removed += 1;
-            } else {
+        let allowed = if self.max_unconfirmed_removal > 0.0 {
+            ((self.max_unconfirmed_removal * counted as f64).floor() as usize).max(1)
+        } else {
+            0
+        };
+        for (k, i) in unconfirmed.into_iter().enumerate() {
+            if k >= allowed {
                 held[i] = Some(format!(
                     "held: silent to its checker only; one replica's view may take out at most {:.0}% of the service (--max-unconfirmed-removal)",
                     self.max_unconfirmed_removal * 100.0
@@ -710,10 +712,20 @@ mod tests {
         assert!(out.decisions[0]
             .reason
             .contains("within the unconfirmed-removal cap"));
-        // One silent backend is always within the cap.
+        // One silent backend is always within the cap, a second one of six
+        // is not (20 % of six is one).
         let one = build(&policy(), &silent_service(1, &[]));
         assert_eq!(one.servers.len(), 9);
         assert_eq!(one.held, 0);
+        let six = silent_service(2, &[]);
+        let out = build(&policy(), &six[..6]);
+        assert_eq!(
+            listed_ports(&out),
+            vec![2, 3, 4, 5, 6],
+            "{:?}",
+            out.decisions
+        );
+        assert_eq!(out.held, 1);
         // A cap of 0: nothing leaves on one view; of 1: no cap.
         let none = Policy {
             max_unconfirmed_removal: 0.0,

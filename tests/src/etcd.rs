@@ -284,6 +284,62 @@ impl Etcd {
             .await
             .expect("etcd delete");
     }
+
+    /// The keys under `prefix` now, sorted. Asked from the member's own
+    /// host when it runs on one (unlike [`Etcd::put`] and
+    /// [`Etcd::delete`], which ask from the test's own namespace).
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.on_host(async {
+            let mut c = self.client().await;
+            let options = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_keys_only();
+            let answer = c.get(prefix, Some(options)).await.expect("etcd get prefix");
+            let mut keys: Vec<String> = answer
+                .kvs()
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .collect();
+            keys.sort();
+            keys
+        })
+        .await
+    }
+
+    /// Deletes every key under `prefix` (whatever lease holds them);
+    /// returns how many went. Like [`Etcd::keys`], from the member's own
+    /// host when it runs on one.
+    pub async fn delete_prefix(&self, prefix: &str) -> i64 {
+        self.on_host(async {
+            let mut c = self.client().await;
+            c.delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .expect("etcd delete prefix")
+            .deleted()
+        })
+        .await
+    }
+
+    /// Runs `job` where this member's clients are: here on loopback, or on
+    /// a thread inside its test host (with a runtime of its own: the
+    /// test's own sockets live outside the host).
+    async fn on_host<T: Send>(&self, job: impl std::future::Future<Output = T> + Send) -> T {
+        match &self.ns {
+            None => job.await,
+            Some(ns) => tokio::task::block_in_place(|| {
+                ns.run(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(job)
+                })
+            }),
+        }
+    }
 }
 
 /// TLS material and credentials of a secure etcd member.

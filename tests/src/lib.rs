@@ -10,7 +10,7 @@
 //! | item | job |
 //! | --- | --- |
 //! | [`proc`] | processes: ports, binaries, logs, stop by PID |
-//! | [`etcd`] | one etcd member: start, kill, restart, put/delete |
+//! | [`etcd`] | one etcd member: start, kill, restart, put/delete, keys and deletes under a prefix |
 //! | [`lb`] | one `lb-server` process and its admin endpoint |
 //! | [`greeter`] | `greeter-server` processes |
 //! | [`calls`] | calls in the background, counting where each went; waits on lists |
