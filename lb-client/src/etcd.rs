@@ -17,6 +17,14 @@
 //!   at the next member. Streams ask for a leader (etcd's `require-leader`
 //!   metadata), so a member cut off from quorum cancels them and the session
 //!   moves on instead of waiting on a member that will tell it nothing.
+//!
+//! And one of lossy links: the traffic to etcd is thin (a lease keep-alive
+//! every few seconds, a write now and then), and TCP backs off
+//! exponentially on a segment lost again and again: on a link that drops
+//! 30 % of its packets a keep-alive lost four times in a row arrives after
+//! ten seconds, by when its lease is gone. So the connection to the member
+//! is made here, with Linux's linear timeouts for thin streams
+//! (`TCP_THIN_LINEAR_TIMEOUTS`), and handed to the client.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -115,7 +123,7 @@ impl EtcdAccess {
         for i in 0..n {
             let index = (start + i) % n;
             let endpoint = &self.endpoints[index];
-            match Self::open(endpoint, self.connect_options()).await {
+            match self.open(endpoint).await {
                 Ok(client) => {
                     self.next.store(index, Ordering::Relaxed);
                     return Ok(client);
@@ -146,9 +154,33 @@ impl EtcdAccess {
         (n > 0).then(|| self.endpoints[self.next.load(Ordering::Relaxed) % n].as_str())
     }
 
-    async fn open(endpoint: &str, options: ConnectOptions) -> Result<Client, etcd_client::Error> {
+    /// The member's channel, over a connection made by [`thin_stream`].
+    fn channel(&self, endpoint: &str) -> Result<tonic::transport::Channel, etcd_client::Error> {
+        use tonic::transport::Endpoint;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let url = if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("{scheme}://{endpoint}")
+        };
+        let mut e = Endpoint::from_shared(url)
+            .map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(false);
+        if let Some(tls) = &self.tls {
+            e = e.tls_config(tls.clone())?;
+        }
+        Ok(e.connect_with_connector_lazy(tower::service_fn(thin_stream)))
+    }
+
+    async fn open(&self, endpoint: &str) -> Result<Client, etcd_client::Error> {
+        let options = self.connect_options();
         let attempt = async {
-            let mut client = Client::connect([endpoint], Some(options)).await?;
+            let channel = etcd_client::Channel::Tonic(self.channel(endpoint)?);
+            let mut client = Client::from_channel(channel, Some(options)).await?;
             // The client connects lazily; one cheap request proves the member
             // is there and answering.
             client.status().await?;
@@ -162,6 +194,30 @@ impl EtcdAccess {
             ))),
         }
     }
+}
+
+/// A TCP connection to the member `uri` names, with linear retransmission
+/// timeouts for thin streams and no Nagle delay.
+async fn thin_stream(
+    uri: http::Uri,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
+    let host = uri
+        .host()
+        .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    // Best effort: a kernel without it still connects.
+    let _ = socket2::SockRef::from(&tcp).set_tcp_thin_linear_timeouts(true);
+    Ok(hyper_util::rt::TokioIo::new(tcp))
 }
 
 /// Keys asked for per listing request.

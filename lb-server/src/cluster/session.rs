@@ -2,7 +2,7 @@
 //! replica key, keep-alive, list + watch of the cluster prefix, writes of
 //! this replica's results), retried with backoff when it breaks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
@@ -17,6 +17,17 @@ use crate::registry::retry::session_backoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A write to etcd in flight.
+type WriteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Written>> + Send>>;
+
+/// Why a write did not land.
+enum Written {
+    /// No answer in time: try again while the lease holds.
+    Late(String),
+    /// etcd refused it (a lost lease, for one): the session is over.
+    Failed(String),
+}
 
 /// Keeps a session up until `shutdown`.
 pub(super) async fn run(
@@ -97,6 +108,13 @@ struct Session {
     keep_alive: etcd_client::LeaseKeepAliveStream,
     watch: etcd_client::WatchStream,
     replicas: BTreeMap<String, ReplicaInfo>,
+    /// Writes waiting for their turn (each key once: its latest value is
+    /// what gets written). Writes go one at a time beside the keep-alive,
+    /// never in its way, and one that gets no answer in time goes back in
+    /// the queue: on a slow or lossy link a write can outlast its timeout
+    /// while the lease is kept alive fine, and the session is only as
+    /// broken as its lease.
+    pending: VecDeque<Outgoing>,
 }
 
 impl Session {
@@ -155,6 +173,7 @@ impl Session {
             )
             .await?,
             replicas: BTreeMap::new(),
+            pending: VecDeque::new(),
         };
         // Opinions are read anew from the listing.
         cluster.forget_opinions();
@@ -188,8 +207,8 @@ impl Session {
         if shutdown.is_cancelled() {
             return Err("shutting down".into());
         }
-        for key in cluster.republish() {
-            session.write(cluster, &key).await?;
+        for out in cluster.republish() {
+            session.queue(out);
         }
         Ok(session)
     }
@@ -205,8 +224,32 @@ impl Session {
         let mut tick = tokio::time::interval(ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed = Instant::now();
+        let mut writing: Option<(Outgoing, WriteFuture)> = None;
         loop {
+            if writing.is_none() {
+                if let Some(out) = self.pending.pop_front() {
+                    let write = self.write(cluster, &out);
+                    writing = Some((out, write));
+                }
+            }
+            let in_flight = async {
+                match writing.as_mut() {
+                    Some((_, write)) => write.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                written = in_flight => {
+                    let (out, _) = writing.take().expect("a write was in flight");
+                    match written {
+                        Ok(()) => {}
+                        Err(Written::Late(e)) => {
+                            tracing::debug!(error = %e, "cluster write unanswered; trying again");
+                            self.queue(out);
+                        }
+                        Err(Written::Failed(e)) => return Err(e),
+                    }
+                }
                 _ = shutdown.cancelled() => {
                     // Leaving: survivors take over this replica's backends now.
                     let _ = timed("lease revoke", self.client.lease_revoke(self.lease)).await;
@@ -245,22 +288,25 @@ impl Session {
                     }
                 }
                 Some(out) = outbox.recv() => {
-                    let mut keys = vec![out];
-                    while let Ok(k) = outbox.try_recv() {
-                        if !keys.contains(&k) {
-                            keys.push(k);
-                        }
-                    }
-                    for k in keys {
-                        self.write(cluster, &k).await?;
+                    self.queue(out);
+                    while let Ok(out) = outbox.try_recv() {
+                        self.queue(out);
                     }
                 }
             }
         }
     }
 
-    /// Writes (or deletes) this replica's result or opinion for a backend.
-    async fn write(&mut self, cluster: &Cluster, out: &Outgoing) -> Result<(), String> {
+    /// Queues a write of `out` unless one is queued already.
+    fn queue(&mut self, out: Outgoing) {
+        if !self.pending.contains(&out) {
+            self.pending.push_back(out);
+        }
+    }
+
+    /// The write (or deletion) of this replica's result or opinion for a
+    /// backend, with the value it has now.
+    fn write(&self, cluster: &Cluster, out: &Outgoing) -> WriteFuture {
         let prefix = &cluster.settings.prefix;
         let (etcd_key, value, what) = match out {
             Outgoing::Health(key) => (
@@ -278,26 +324,57 @@ impl Session {
                 "opinion",
             ),
         };
-        match value {
-            Some(bytes) => {
-                let options = PutOptions::new().with_lease(self.lease);
-                timed(
-                    &format!("publish {what}"),
-                    self.client.put(etcd_key, bytes, Some(options)),
-                )
-                .await?;
-            }
-            None => {
-                timed(
-                    &format!("withdraw {what}"),
-                    self.client.delete(etcd_key, None),
-                )
-                .await?;
-            }
-        }
-        Ok(())
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        Box::pin(async move {
+            let answer = match value {
+                Some(bytes) => {
+                    let options = PutOptions::new().with_lease(lease);
+                    let put = client.put(etcd_key, bytes, Some(options));
+                    tokio::time::timeout(REQUEST_TIMEOUT, put)
+                        .await
+                        .map(|r| r.map(drop))
+                }
+                None => {
+                    let delete = client.delete(etcd_key, None);
+                    tokio::time::timeout(REQUEST_TIMEOUT, delete)
+                        .await
+                        .map(|r| r.map(drop))
+                }
+            };
+            settle(what, answer)
+        })
     }
+}
 
+/// What a write's answer means for the session.
+fn settle(
+    what: &str,
+    answer: Result<Result<(), etcd_client::Error>, tokio::time::error::Elapsed>,
+) -> Result<(), Written> {
+    {
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Err(_) => Err(Written::Late(format!(
+                "{what}: no answer within {REQUEST_TIMEOUT:?}"
+            ))),
+            // The client's own deadline (a slow link), or a cluster between
+            // leaders (an election after a partition heals): not a refusal.
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if matches!(
+                    s.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) || s.message().contains("no leader")
+                    || s.message().contains("leader changed") =>
+            {
+                Err(Written::Late(format!("{what}: {}", s.message())))
+            }
+            Ok(Err(e)) => Err(Written::Failed(format!("publish {what}: {e}"))),
+        }
+    }
+}
+
+impl Session {
     /// Applies one key read from etcd; returns whether the replica set changed.
     fn on_put(&mut self, cluster: &Cluster, key: &str, value: &[u8]) -> bool {
         let prefix = &cluster.settings.prefix;

@@ -537,7 +537,11 @@ pub struct ClusterFlags {
 
     /// Lease time to live of a replica's membership: how long a dead
     /// replica's backends go unchecked before the others take them over.
-    #[arg(long, env = "LB_REPLICA_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Keep-alives go every third of it; on a lossy link to etcd (30 % loss,
+    /// 400 ms round trips) a TCP retransmission backoff can hold them for
+    /// seconds, and a lease lost there makes the replica degraded, so it
+    /// is not much shorter than 10 s.
+    #[arg(long, env = "LB_REPLICA_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub replica_ttl: Duration,
 }
 

@@ -111,6 +111,11 @@ pub fn guarded(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // List streams are thin (a few segments in flight): on a lossy
+            // link, exponential retransmission backoff makes a segment lost
+            // three times in a row cost seconds; linear timeouts for thin
+            // streams keep a list update within a few round trips.
+            let _ = socket2::SockRef::from(&tcp).set_tcp_thin_linear_timeouts(true);
             settings.metrics.connection_opened(settings.port);
             let io = GuardedIo {
                 inner: tcp,
