@@ -1,7 +1,10 @@
 //! One etcd member ([`Etcd`]): start, kill, restart, put and delete; and
 //! an etcd with TLS and authentication ([`SecureEtcd`]). A member runs on
 //! loopback, or on a test host ([`Etcd::start_in`]) where the network
-//! between it and its clients can be cut.
+//! between it and its clients can be cut; a cluster runs on loopback
+//! ([`Etcd::start_cluster`]) or with each member on a test host of its own
+//! ([`Etcd::start_cluster_in`]), where the network between members can be
+//! cut too.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -105,6 +108,36 @@ impl Etcd {
         members
     }
 
+    /// Starts a cluster of one member on each of `hosts` (member `m<i>` on
+    /// `hosts[i]`, clients on port 2379 and peers on 2380 of its address,
+    /// so that a cut between two hosts parts two members) and waits until
+    /// every member answers a read from its own host.
+    pub async fn start_cluster_in(hosts: &[&crate::netns::Host]) -> Vec<Etcd> {
+        let mut members: Vec<Etcd> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| Etcd {
+                proc: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                name: format!("m{i}"),
+                secure: None,
+                ip: IpAddr::V4(host.ip),
+                ns: Some(host.ns.clone()),
+                client_port: 2379,
+                peer_port: 2380,
+                initial_cluster: String::new(),
+            })
+            .collect();
+        Self::join(&mut members);
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_up().await;
+        }
+        members
+    }
+
     fn members(n: usize) -> Vec<Etcd> {
         Self::members_at(n, IpAddr::V4(Ipv4Addr::LOCALHOST), None)
     }
@@ -131,15 +164,20 @@ impl Etcd {
                 }
             })
             .collect();
+        Self::join(&mut members);
+        members
+    }
+
+    /// Gives every one of `members` the same initial cluster: all of them.
+    fn join(members: &mut [Etcd]) {
         let initial = members
             .iter()
             .map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        for m in &mut members {
+        for m in members {
             m.initial_cluster = initial.clone();
         }
-        members
     }
 
     /// The `--registry` value naming every member of a cluster.
@@ -242,6 +280,11 @@ impl Etcd {
         format!("{}:{}", self.ip, self.client_port)
     }
 
+    /// Its log file (`None` once killed).
+    pub fn log(&self) -> Option<std::path::PathBuf> {
+        self.proc.as_ref().map(|p| p.log.clone())
+    }
+
     /// The `--registry` value for this etcd.
     pub fn registry_url(&self) -> String {
         format!("etcd://{}", self.endpoint())
@@ -321,6 +364,58 @@ impl Etcd {
             .deleted()
         })
         .await
+    }
+
+    /// This member's id and the id of the leader it follows (0 when it
+    /// knows none), from its own status (which needs no quorum). Like
+    /// [`Etcd::keys`], from the member's own host when it runs on one.
+    pub async fn status(&self) -> (u64, u64) {
+        self.on_host(async {
+            let mut c = self.client().await;
+            let status = c.status().await.expect("etcd status");
+            (
+                status.header().map_or(0, |h| h.member_id()),
+                status.leader(),
+            )
+        })
+        .await
+    }
+
+    /// Makes `members[to]` the leader of their cluster (a leadership
+    /// transfer asked of the current leader) and waits until every member
+    /// follows it; panics after 20 s.
+    pub async fn lead(members: &[Etcd], to: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut statuses = Vec::with_capacity(members.len());
+            for m in members {
+                statuses.push(m.status().await);
+            }
+            let target = statuses[to].0;
+            if statuses.iter().all(|(_, leader)| *leader == target) {
+                return;
+            }
+            let leader = members
+                .iter()
+                .zip(&statuses)
+                .find(|(_, (id, leader))| *id != 0 && id == leader);
+            if let Some((leader, _)) = leader {
+                leader
+                    .on_host(async {
+                        // A refusal (e.g. a transfer already under way) is
+                        // retried below.
+                        let _ = leader.client().await.move_leader(target).await;
+                    })
+                    .await;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd member {} did not become the leader within 20 s: (id, leader) of each \
+                 member: {statuses:?}",
+                members[to].name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Runs `job` where this member's clients are: here on loopback, or on

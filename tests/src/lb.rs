@@ -78,12 +78,23 @@ impl Lb {
     /// Starts an LB on test host `host` (gRPC on port 7000, admin on
     /// 7001 of its address); the harness's admin requests are made there.
     pub async fn start_in(host: &crate::netns::Host, args: &[&str]) -> Lb {
+        Self::start_in_with_env(host, args, &[]).await
+    }
+
+    /// Like [`Lb::start_in`], with extra environment variables.
+    pub async fn start_in_with_env(
+        host: &crate::netns::Host,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Lb {
         Self::start_on(
             host.addr(7000),
             host.addr(7001),
             None,
             args.iter().map(|s| s.to_string()).collect(),
-            Vec::new(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             Some(host.ns.clone()),
         )
         .await

@@ -20,7 +20,8 @@
 //! | [`blackhole`] | a loopback port whose packets the kernel drops (iptables) |
 //! | [`browser`] | headless Chromium: a page's DOM or a screenshot |
 //! | [`dns`] | a DNS server serving a zone the test rewrites |
-//! | [`netns`] | test hosts in network namespaces behind one router: cuts, one-way cuts |
+//! | [`netns`] | test hosts in network namespaces behind one router: cuts, one-way cuts, random loss |
+//! | [`shaper`] | a delaying TCP proxy on a test host: a slow link (delay and jitter) |
 //! | [`relay`] | a TCP relay connecting onward from another 127.0.0.x address |
 //! | [`zookeeper`] | a ZooKeeper server from Debian's package |
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
@@ -43,6 +44,7 @@ pub mod lb;
 pub mod netns;
 pub mod proc;
 pub mod relay;
+pub mod shaper;
 pub mod standin;
 pub mod stock;
 pub mod zookeeper;

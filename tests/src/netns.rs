@@ -91,6 +91,22 @@ impl Ns {
         })
     }
 
+    /// Sets a kernel setting of this namespace's network stack
+    /// (`sysctl -w key=value`), as a host's operator would.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
     /// Kills every TCP socket in this namespace whose peer is `peer`
     /// (`ss -K`): both ends get a reset, as when a middlebox or a kernel
     /// drops a connection's state.
@@ -246,21 +262,28 @@ impl Net {
     /// Drops every packet between `a` and `b`, both ways, silently, until
     /// the returned fault is dropped (or healed).
     pub fn cut(&self, a: &Host, b: &Host) -> Fault {
-        self.fault(vec![(a.ip, b.ip), (b.ip, a.ip)])
+        self.fault(vec![(a.ip, b.ip, None), (b.ip, a.ip, None)])
     }
 
     /// Drops every packet from `from` to `to` (the other way still flows).
     pub fn cut_one_way(&self, from: &Host, to: &Host) -> Fault {
-        self.fault(vec![(from.ip, to.ip)])
+        self.fault(vec![(from.ip, to.ip, None)])
     }
 
-    fn fault(&self, rules: Vec<(Ipv4Addr, Ipv4Addr)>) -> Fault {
+    /// Drops each packet between `a` and `b`, both ways, with probability
+    /// `loss` (iptables' `statistic` match: independent random loss).
+    pub fn lossy(&self, a: &Host, b: &Host, loss: f64) -> Fault {
+        assert!((0.0..=1.0).contains(&loss), "loss is a probability");
+        self.fault(vec![(a.ip, b.ip, Some(loss)), (b.ip, a.ip, Some(loss))])
+    }
+
+    fn fault(&self, rules: Vec<Rule>) -> Fault {
         let fault = Fault {
             router: self.router.clone(),
             rules,
         };
-        for (s, d) in &fault.rules {
-            iptables(&fault.router, "-I", *s, *d);
+        for rule in &fault.rules {
+            iptables(&fault.router, "-I", rule);
         }
         fault
     }
@@ -279,10 +302,14 @@ impl Drop for Net {
     }
 }
 
+/// One rule of a fault: packets from, to, and the share dropped (`None`:
+/// all).
+type Rule = (Ipv4Addr, Ipv4Addr, Option<f64>);
+
 /// A fault on the router: packets dropped until this is dropped.
 pub struct Fault {
     router: Ns,
-    rules: Vec<(Ipv4Addr, Ipv4Addr)>,
+    rules: Vec<Rule>,
 }
 
 impl Fault {
@@ -292,8 +319,8 @@ impl Fault {
 
 impl Drop for Fault {
     fn drop(&mut self) {
-        for (s, d) in &self.rules {
-            iptables(&self.router, "-D", *s, *d);
+        for rule in &self.rules {
+            iptables(&self.router, "-D", rule);
         }
     }
 }
@@ -321,26 +348,31 @@ fn remove_stale() {
     }
 }
 
-fn iptables(router: &Ns, op: &str, from: Ipv4Addr, to: Ipv4Addr) {
+fn iptables(router: &Ns, op: &str, (from, to, loss): &Rule) {
     let (from, to) = (from.to_string(), to.to_string());
-    sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &router.name,
-            "iptables",
-            "-w",
-            op,
-            "FORWARD",
-            "-s",
-            &from,
-            "-d",
-            &to,
-            "-j",
-            "DROP",
-        ],
-    );
+    let mut args = vec![
+        "netns".to_string(),
+        "exec".into(),
+        router.name.to_string(),
+        "iptables".into(),
+        "-w".into(),
+        op.into(),
+        "FORWARD".into(),
+        "-s".into(),
+        from,
+        "-d".into(),
+        to,
+    ];
+    if let Some(p) = loss {
+        args.extend(
+            ["-m", "statistic", "--mode", "random", "--probability"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.push(format!("{p}"));
+    }
+    args.extend(["-j".to_string(), "DROP".into()]);
+    sh("ip", &args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn ip(args: &[&str]) {
