@@ -87,6 +87,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels naming a registry source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistrySourceLabels {
+    /// Registry source: `etcd`, `zk`, `dns`, `k8s`, `consul`, `file`, `memory`.
+    pub source: String,
+}
+
 /// Labels naming the kind of an outgoing connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -114,6 +121,9 @@ pub struct Metrics {
     pub registry_events: Family<SourceLabels, Counter>,
     /// Registry entries rejected, by source and reason.
     pub registry_rejects: Family<SourceLabels, Counter>,
+    /// Whether a registry source's last read succeeded (1) or failed (0,
+    /// serving its last known state).
+    pub registry_source_ok: Family<RegistrySourceLabels, Gauge>,
     /// Backends currently registered, per service.
     pub backends: Family<ServiceLabels, Gauge>,
     /// List version per service (increments on every changed list).
@@ -305,6 +315,7 @@ impl Metrics {
             list_push_seconds: Histogram::new(PUSH_BUCKETS),
             registry_events: Family::default(),
             registry_rejects: Family::default(),
+            registry_source_ok: Family::default(),
             backends: Family::default(),
             list_version: Family::default(),
             zone_cross_fraction: Family::default(),
@@ -365,6 +376,11 @@ impl Metrics {
             "registry_events",
             "Registry events applied, by source and kind",
             m.registry_events.clone(),
+        );
+        reg.add(
+            "registry_source_ok",
+            "Whether a registry source's last read succeeded (1) or failed (0: its last known state is served)",
+            m.registry_source_ok.clone(),
         );
         reg.add(
             "registry_rejects",

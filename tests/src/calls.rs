@@ -96,6 +96,18 @@ impl Caller {
         Caller { stop, calls, tasks }
     }
 
+    /// Like [`Caller::start`], its tasks spawned on `rt`: on a test host's
+    /// runtime ([`crate::netns::Ns::runtime`]) they are calls from that host.
+    pub fn start_on(
+        rt: &tokio::runtime::Runtime,
+        channel: &LbChannel,
+        concurrency: usize,
+        pause: Duration,
+    ) -> Caller {
+        let _in = rt.enter();
+        Caller::start(channel, concurrency, pause)
+    }
+
     /// What happened so far.
     pub fn snapshot(&self) -> Calls {
         self.calls.lock().unwrap().clone()

@@ -258,20 +258,10 @@ impl Etcd {
             .map(|p| p.log.display().to_string())
             .unwrap_or_default();
         let limit = Duration::from_secs(20);
-        let answered = match &self.ns {
-            None => tokio::time::timeout(limit, up).await,
-            // The test's own sockets live outside the host: ask from a
-            // thread inside it, on a runtime of its own.
-            Some(ns) => tokio::task::block_in_place(|| {
-                ns.run(|| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime")
-                        .block_on(async { tokio::time::timeout(limit, up).await })
-                })
-            }),
-        };
+        // The timeout is made inside the job, on the runtime that runs it.
+        let answered = self
+            .on_host(async { tokio::time::timeout(limit, up).await })
+            .await;
         answered.unwrap_or_else(|_| panic!("etcd did not come up within 20 s; see {log}"));
     }
 

@@ -145,13 +145,34 @@ impl Greeter {
 pub async fn greeters(n: usize, registry: &str, args: &[&str]) -> Vec<Greeter> {
     let mut all = Vec::with_capacity(n);
     for _ in 0..n {
-        let g = Greeter::start(registry, args).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        all.push(g);
+        all.push(registered(Greeter::start(registry, args).await).await);
     }
     all
+}
+
+/// Starts a greeter on each of `hosts`, serving on port `port` of its
+/// address and registering with `registry` (extra flags in `args`), and
+/// waits until every one is registered.
+pub async fn greeters_in(
+    hosts: &[crate::netns::Host],
+    port: u16,
+    registry: &str,
+    args: &[&str],
+) -> Vec<Greeter> {
+    let mut all = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        all.push(registered(Greeter::start_in(h, port, registry, args).await).await);
+    }
+    all
+}
+
+/// `greeter` once it is registered (panics, pointing at its log, when it
+/// is not within 10 s).
+async fn registered(greeter: Greeter) -> Greeter {
+    assert!(
+        greeter.wait_registered(Duration::from_secs(10)).await,
+        "a greeter did not register; see {}",
+        greeter.proc.log.display()
+    );
+    greeter
 }

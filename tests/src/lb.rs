@@ -215,6 +215,17 @@ impl Lb {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
     }
 
+    /// `GET /api/v1/services/<service>`: the service's detail, parsed
+    /// (`Null` when it does not answer 200 with JSON, e.g. while the service
+    /// is unknown).
+    pub fn service_json(&self, service: &str) -> serde_json::Value {
+        let (status, body) = self.get(&format!("/api/v1/services/{service}"));
+        if status != 200 {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
     /// The backends of `service` as the admin API shows them (empty when
     /// the service is unknown).
     pub fn backends(&self, service: &str) -> Vec<serde_json::Value> {

@@ -27,6 +27,7 @@
 //! | [`consul`] | a stand-in for a Consul agent's HTTP API |
 //! | [`kube_api`] | a stand-in for the Kubernetes API server's EndpointSlices |
 //! | [`standin`] | the HTTP server under the stand-ins: stop, restart on the same port |
+//! | [`scenario`] | what the network-fault scenarios share: a service's detail, replicas and their cluster, a client host's channel, caller and stock clients, verdicts on their calls |
 //! | [`stock`] | stock gRPC peers: grpc-go and C-core backends, grpclb and xDS clients (C-core, grpc-js), Envoy |
 
 pub mod blackhole;
@@ -44,6 +45,7 @@ pub mod lb;
 pub mod netns;
 pub mod proc;
 pub mod relay;
+pub mod scenario;
 pub mod shaper;
 pub mod standin;
 pub mod stock;

@@ -35,9 +35,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb_client::LbChannel;
 use lb_tests::netns::{Fault, Host, Net};
-use lb_tests::{wait_until, Caller, Etcd, Greeter, Lb};
+use lb_tests::scenario::{
+    assert_connected, channel_on, judge_calls, replica_args, replica_in, service, CHANNEL_ID,
+};
+use lb_tests::{greeters_in, wait_until, Caller, Etcd, Greeter, Lb};
 use serde_json::Value;
 
 /// Lease TTL of the replica and of the greeters' registrations.
@@ -56,8 +58,6 @@ const REACH_WITHIN: Duration = Duration::from_secs(10);
 const PREFIX: &str = "/services/greeter/";
 /// Junk keys written and deleted during the fault, so that revisions move.
 const JUNK: usize = 20;
-/// The LbChannel under test names itself to the LB with this id.
-const CHANNEL_ID: &str = "channel-under-test";
 
 /// How member m1 is cut from m2 and m3 (its link to the LB stays up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,15 +81,6 @@ impl MemberFault {
             })
             .collect()
     }
-}
-
-/// `GET /api/v1/services/greeter` on `lb` (`Null` when not 200).
-fn service(lb: &Lb) -> Value {
-    let (status, body) = lb.get("/api/v1/services/greeter");
-    if status != 200 {
-        return Value::Null;
-    }
-    serde_json::from_str(&body).unwrap_or_default()
 }
 
 /// The addresses of the backends a service detail shows: every one the
@@ -336,16 +327,13 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
     let lb_registry = Etcd::cluster_url(&etcd);
     let greeter_registry = format!("etcd://{},{}", etcd[1].endpoint(), etcd[2].endpoint());
     let ttl = format!("{}s", TTL.as_secs());
-    let mut greeters = Vec::new();
-    for h in &backend_hosts[..2] {
-        let g = Greeter::start_in(h, PORT, &greeter_registry, &["--ttl", &ttl]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "a greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
+    let greeters = greeters_in(
+        &backend_hosts[..2],
+        PORT,
+        &greeter_registry,
+        &["--ttl", &ttl],
+    )
+    .await;
     let serving: BTreeSet<String> = greeters.iter().map(|g| g.addr.to_string()).collect();
     // Keys of addresses where nothing serves (a closed port on the client
     // host): the LB knows them and never lists them, so deleting one takes
@@ -358,21 +346,8 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
     );
     tokio::task::block_in_place(|| put.join()).expect("put the first dummy key");
 
-    let interval = format!("{}ms", PROBE_INTERVAL.as_millis());
-    let lb = Lb::start_in(
-        &lb_host,
-        &[
-            "--registry",
-            &lb_registry,
-            "--replica-id",
-            "lb1",
-            "--replica-ttl",
-            &ttl,
-            "--health-check-interval",
-            &interval,
-        ],
-    )
-    .await;
+    let lb_args = replica_args(&lb_registry, "lb1", TTL, PROBE_INTERVAL, &[]);
+    let lb = replica_in(&lb_host, &lb_args, &[]).await;
     let mut known_before = serving.clone();
     known_before.insert(old_dummy.to_string());
     assert!(
@@ -395,25 +370,15 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
 
     // The client, on its own host, calling through the LB.
     let rt = client_host.ns.runtime();
-    let channel = {
-        let _in = rt.enter();
-        LbChannel::builder("greeter")
-            .lbs([lb.addr.to_string()])
-            .client_id(CHANNEL_ID)
-            .build()
-            .expect("channel")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
-            == 2)
-        .await,
-        "{tag}: the client never connected to both greeters: {:?}",
-        channel.ready_backends()
-    );
-    let caller = {
-        let _in = rt.enter();
-        Caller::start(&channel, 1, Duration::from_millis(20))
-    };
+    let channel = channel_on(&rt, &[lb.addr], Some(CHANNEL_ID));
+    assert_connected(
+        &channel,
+        2,
+        Duration::from_secs(10),
+        &format!("{tag}: the client never connected to both greeters"),
+    )
+    .await;
+    let caller = Caller::start_on(&rt, &channel, 1, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let listed_lines = info_lines(&lb, "etcd listed").len();
     let joined_lines = info_lines(&lb, "joined the cluster").len();
@@ -753,24 +718,7 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
     );
 
     let calls = caller.stop().await;
-    let (ok, failed) = (calls.ok(), calls.failures.len() as u64);
-    let success = ok as f64 / (ok + failed).max(1) as f64;
-    eprintln!(
-        "{tag}: LbChannel {ok} ok, {failed} failed ({:.3} %), per backend {:?}; failures {:?}",
-        100.0 * success,
-        calls.per_backend,
-        calls.failures.iter().take(5).collect::<Vec<_>>()
-    );
-    assert!(
-        ok as f64 >= hold.as_secs_f64() * 25.0,
-        "{tag}: too few calls to judge: {ok}"
-    );
-    assert!(
-        success >= 0.999,
-        "{tag}: {failed} of {} calls failed: {:?}",
-        ok + failed,
-        calls.failures
-    );
+    judge_calls(&calls, hold.as_secs_f64() * 25.0, &tag);
     drop((channel, rt, lb, g3, greeters, etcd));
     drop(net);
 }

@@ -26,8 +26,17 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
     assert!(wait_backends(&ch, 3, Duration::from_secs(10)).await);
     let caller = Caller::start(&ch, 2, Duration::from_millis(5));
 
+    let source_ok = r#"lb_registry_source_ok{source="etcd"}"#;
+    assert_eq!(lb.metric(source_ok), 1.0);
     etcd.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    // The outage shows in /metrics within 10 s.
+    assert!(
+        lb_tests::wait_until(Duration::from_secs(10), || lb.metric(source_ok) == 0.0).await,
+        "{source_ok} still 1 10 s into the outage"
+    );
+    eprintln!("etcd killed -> {source_ok} 0 after {:?}", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(killed.elapsed())).await;
     let newcomer = channel("greeter", &[lb.addr]);
     assert!(
         wait_backends(&newcomer, 3, Duration::from_secs(5)).await,
@@ -56,6 +65,7 @@ async fn etcd_outage_changes_nothing_and_its_return_resumes_updates() {
         wait_backends(&ch, 4, Duration::from_secs(15)).await,
         "late backend never reached the client"
     );
+    assert_eq!(lb.metric(source_ok), 1.0, "etcd is back, its source is not");
     eprintln!(
         "etcd back -> late backend in client list: {:?}",
         back_at.elapsed()

@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::netns::{Host, Net};
-use lb_tests::stock::StockClient;
-use lb_tests::{wait_until, Etcd, Greeter, Lb};
+use lb_tests::netns::Net;
+use lb_tests::scenario::{
+    assert_connected, channel_on, checkers, joined, listed, replica_args, replica_in, service,
+    wait_formed, StockClients, CHANNEL_ID,
+};
+use lb_tests::{greeters_in, wait_until, Etcd, Greeter, Lb};
 
 /// Calls made by a steady caller: ok and failed, with the last failure.
 #[derive(Default)]
@@ -61,28 +64,6 @@ async fn steady_calls(channel: LbChannel, load: Arc<Load>, every: Duration) {
     }
 }
 
-/// The sessions an LB lists from `peer`'s address.
-fn sessions_from(lb: &Lb, peer: &Host) -> usize {
-    let clients = lb.json("/api/v1/clients");
-    let prefix = format!("{}:", peer.ip);
-    clients["clients"].as_array().map_or(0, |c| {
-        c.iter()
-            .filter(|c| c["peer"].as_str().is_some_and(|p| p.starts_with(&prefix)))
-            .count()
-    })
-}
-
-/// The xDS streams an LB lists from `peer`'s address.
-fn xds_sessions_from(lb: &Lb, peer: &Host) -> usize {
-    let clients = lb.json("/api/v1/clients");
-    let prefix = format!("{}:", peer.ip);
-    clients["xds_clients"].as_array().map_or(0, |c| {
-        c.iter()
-            .filter(|c| c["peer"].as_str().is_some_and(|p| p.starts_with(&prefix)))
-            .count()
-    })
-}
-
 /// What happens between a client host and the LB replica its clients use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClientLbFault {
@@ -95,9 +76,6 @@ enum ClientLbFault {
     /// (`ss -K`): RSTs.
     Reset,
 }
-
-/// The LbChannel under test names itself to the LBs with this id.
-const CHANNEL_ID: &str = "channel-under-test";
 
 /// Whether `lb` holds a BalanceLoad stream of the channel under test.
 fn holds_channel(lb: &Lb) -> bool {
@@ -150,21 +128,14 @@ async fn client_lb_fault(kind: ClientLbFault, hold: Duration, move_within: Durat
     // The client, on its own host: an in-process LbChannel on a runtime
     // whose threads live there.
     let rt = client_host.ns.runtime();
-    let channel = {
-        let _in = rt.enter();
-        LbChannel::builder("greeter")
-            .lbs([lb1.addr.to_string(), lb2.addr.to_string()])
-            .client_id(CHANNEL_ID)
-            .build()
-            .expect("channel")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
-            == 2)
-        .await,
-        "the client never connected to both backends: {:?}",
-        channel.ready_backends()
-    );
+    let channel = channel_on(&rt, &[lb1.addr, lb2.addr], Some(CHANNEL_ID));
+    assert_connected(
+        &channel,
+        2,
+        Duration::from_secs(10),
+        "the client never connected to both backends",
+    )
+    .await;
     // The channel starts on either replica: `used` is the one it is on.
     assert!(wait_until(Duration::from_secs(5), || channel.current_lb().is_some()).await);
     let (used, used_host, other, lbs) = if channel.current_lb() == Some(lb1.addr) {
@@ -183,23 +154,8 @@ async fn client_lb_fault(kind: ClientLbFault, hold: Duration, move_within: Durat
     // grpclb policy and C-core's xDS client (grpcio), for the whole run.
     let stock_for = hold + Duration::from_secs(12);
     let interval = Duration::from_millis(50);
-    let go = StockClient::go_in(&client_host, used, "greeter", stock_for, interval);
-    let xds = StockClient::xds_grpcio_in(
-        &client_host,
-        &used.to_string(),
-        "greeter",
-        stock_for,
-        interval,
-    );
-    let all_connected = wait_until(Duration::from_secs(20), || {
-        sessions_from(used_lb, &client_host) == 2 && xds_sessions_from(used_lb, &client_host) == 1
-    })
-    .await;
-    assert!(
-        all_connected,
-        "the stock clients never reached the LB: {}",
-        used_lb.get("/api/v1/clients").1
-    );
+    let stock = StockClients::start_in(&client_host, used, stock_for, interval);
+    stock.wait_reached(used_lb, &client_host, "the LB").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = channel.counters();
 
@@ -296,20 +252,13 @@ async fn client_lb_fault(kind: ClientLbFault, hold: Duration, move_within: Durat
     );
 
     // The stock clients kept calling on their last lists.
-    for (name, client) in [("grpc-go grpclb", go), ("grpcio xDS", xds)] {
-        let summary = client.finish(Duration::from_secs(60)).await;
-        let calls = summary["calls"].as_u64().unwrap_or(0);
-        let failed = summary["failures"].as_array().map_or(0, Vec::len) as u64;
-        eprintln!("{kind:?}: {name}: {calls} calls, {failed} failed");
-        assert!(
-            calls as f64 >= hold.as_secs_f64() * 10.0,
-            "{name}: too few calls to judge: {summary}"
-        );
-        assert!(
-            failed * 1000 <= calls,
-            "{kind:?}: {name}: {failed} of {calls} calls failed: {summary}"
-        );
-    }
+    stock
+        .finish(
+            Duration::from_secs(60),
+            hold.as_secs_f64() * 10.0,
+            &format!("{kind:?}"),
+        )
+        .await;
 
     // After the fault: LbChannel stays where it moved, the struck LB holds
     // no stream of it, and its backend connections were never touched.
@@ -365,27 +314,11 @@ const REPLICA_TTL: Duration = Duration::from_secs(2);
 /// Their health-check interval.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// The backends `lb` lists for the greeter service now.
-fn listed(lb: &Lb) -> usize {
-    let (status, body) = lb.get("/api/v1/services/greeter");
-    if status != 200 {
-        return 0;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).expect("service JSON");
-    v["listed"].as_u64().unwrap_or(0) as usize
-}
-
 /// Whether `lb` names `id` as the checker of every greeter backend (of
 /// `n`).
 fn all_checked_by(lb: &Lb, id: &str, n: usize) -> bool {
     let backends = lb.backends("greeter");
     backends.len() == n && backends.iter().all(|b| b["checked_by"] == id)
-}
-
-/// Whether `lb`'s etcd session is up and it sees `n` replicas.
-fn joined(lb: &Lb, n: usize) -> bool {
-    let v = lb.json("/api/v1/cluster");
-    v["view"]["connected"] == true && v["view"]["replicas"].as_array().map_or(0, Vec::len) == n
 }
 
 /// Whether `lb` reports itself degraded: the gauge, and `/readyz` still 200
@@ -420,79 +353,30 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
 
     let etcd = Etcd::start_in(&etcd_host).await;
     let registry = etcd.registry_url();
-    let mut greeters = Vec::new();
-    for h in &backend_hosts {
-        let g = Greeter::start_in(h, 50051, &registry, &["--ttl", "3s"]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "a greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
-    let ttl = format!("{}s", REPLICA_TTL.as_secs());
-    let interval = format!("{}ms", PROBE_INTERVAL.as_millis());
-    let lb_args = |id: &'static str| {
-        vec![
-            "--registry".to_string(),
-            registry.clone(),
-            "--replica-id".into(),
-            id.into(),
-            "--replica-ttl".into(),
-            ttl.clone(),
-            "--health-check-interval".into(),
-            interval.clone(),
-        ]
-    };
-    let args1 = lb_args("lb1");
-    let args2 = lb_args("lb2");
-    let lb1 = Lb::start_in(
-        &lb1_host,
-        &args1.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
-    let lb2 = Lb::start_in(
-        &lb2_host,
-        &args2.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
-    assert!(
-        wait_until(Duration::from_secs(10), || joined(&lb1, 2)
-            && joined(&lb2, 2)
-            && listed(&lb1) == n
-            && listed(&lb2) == n)
-        .await,
-        "the replicas never formed a cluster listing every backend: {} / {}",
-        lb1.get("/api/v1/cluster").1,
-        lb2.get("/api/v1/cluster").1
-    );
+    let greeters = greeters_in(&backend_hosts, 50051, &registry, &["--ttl", "3s"]).await;
+    let lb_args = |id| replica_args(&registry, id, REPLICA_TTL, PROBE_INTERVAL, &[]);
+    let lb1 = replica_in(&lb1_host, &lb_args("lb1"), &[]).await;
+    let lb2 = replica_in(&lb2_host, &lb_args("lb2"), &[]).await;
+    wait_formed(&[&lb1, &lb2], n, Duration::from_secs(10)).await;
     // The backends lb1 checks: lb2 must take them over.
-    let owned_by_lb1: Vec<SocketAddr> = lb2
-        .backends("greeter")
-        .iter()
-        .filter(|b| b["checked_by"] == "lb1")
-        .map(|b| b["address"].as_str().unwrap().parse().unwrap())
+    let owned_by_lb1: Vec<SocketAddr> = checkers(&lb2)
+        .into_iter()
+        .filter(|(_, by)| by == "lb1")
+        .map(|(a, _)| a.parse().unwrap())
         .collect();
     eprintln!("etcd cut: lb1 checks {owned_by_lb1:?}");
     assert!(!reports_degraded(&lb1) && !reports_degraded(&lb2));
 
     // The client, on its own host, knows lb1 only: its lists are lb1's.
     let rt = client_host.ns.runtime();
-    let channel = {
-        let _in = rt.enter();
-        LbChannel::builder("greeter")
-            .lbs([lb1.addr.to_string()])
-            .client_id(CHANNEL_ID)
-            .build()
-            .expect("channel")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
-            == n)
-        .await,
-        "the client never connected to every backend: {:?}",
-        channel.ready_backends()
-    );
+    let channel = channel_on(&rt, &[lb1.addr], Some(CHANNEL_ID));
+    assert_connected(
+        &channel,
+        n,
+        Duration::from_secs(10),
+        "the client never connected to every backend",
+    )
+    .await;
     let load = Arc::new(Load::default());
     let caller = rt.spawn(steady_calls(
         channel.clone(),
@@ -504,22 +388,8 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
     let hold = Duration::from_secs(20);
     let stock_for = hold + Duration::from_secs(25);
     let every = Duration::from_millis(50);
-    let go = StockClient::go_in(&client_host, lb1.addr, "greeter", stock_for, every);
-    let xds = StockClient::xds_grpcio_in(
-        &client_host,
-        &lb1.addr.to_string(),
-        "greeter",
-        stock_for,
-        every,
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            sessions_from(&lb1, &client_host) == 2 && xds_sessions_from(&lb1, &client_host) == 1
-        })
-        .await,
-        "the stock clients never reached lb1: {}",
-        lb1.get("/api/v1/clients").1
-    );
+    let stock = StockClients::start_in(&client_host, lb1.addr, stock_for, every);
+    stock.wait_reached(&lb1, &client_host, "lb1").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = channel.counters();
     let warns_before = lb1.log_lines("WARN").len();
@@ -541,8 +411,8 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
     let mut taken_over_after = None;
     let mut checks_all_after = None;
     while t0.elapsed() < hold {
-        min_lb1 = min_lb1.min(listed(&lb1));
-        min_lb2 = min_lb2.min(listed(&lb2));
+        min_lb1 = min_lb1.min(listed(&service(&lb1)));
+        min_lb2 = min_lb2.min(listed(&service(&lb2)));
         min_client = min_client.min(channel.listed_backends().len());
         if degraded_after.is_none() && reports_degraded(&lb1) {
             degraded_after = Some(t0.elapsed());
@@ -637,12 +507,8 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
         lb1.get("/readyz")
     );
     let back = wait_until(Duration::from_secs(5), || {
-        let (a, b) = (lb1.backends("greeter"), lb2.backends("greeter"));
-        a.len() == n
-            && a.iter()
-                .zip(&b)
-                .all(|(x, y)| x["checked_by"] == y["checked_by"])
-            && !all_checked_by(&lb2, "lb2", n)
+        let (a, b) = (checkers(&lb1), checkers(&lb2));
+        a.len() == n && a.iter().zip(&b).all(|(x, y)| x.1 == y.1) && !all_checked_by(&lb2, "lb2", n)
     })
     .await;
     assert!(back, "the replicas did not split the checks again");
@@ -677,7 +543,7 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
         "the heal sent the client {} lists (want ≤ 1)",
         after.lists - during.lists
     );
-    assert_eq!(listed(&lb1), n);
+    assert_eq!(listed(&service(&lb1)), n);
     assert_eq!(channel.listed_backends().len(), n);
 
     load.stop.store(true, Ordering::SeqCst);
@@ -710,20 +576,13 @@ async fn a_replica_cut_off_from_etcd_keeps_its_lists_and_hands_over_its_checks()
         (sent_after.0 - sent_before.0, sent_after.1 - sent_before.1)
     );
     // The stock clients kept calling on lb1's lists.
-    for (name, client) in [("grpc-go grpclb", go), ("grpcio xDS", xds)] {
-        let summary = client.finish(Duration::from_secs(60)).await;
-        let calls = summary["calls"].as_u64().unwrap_or(0);
-        let failed = summary["failures"].as_array().map_or(0, Vec::len) as u64;
-        eprintln!("etcd cut: {name}: {calls} calls, {failed} failed");
-        assert!(
-            calls as f64 >= hold.as_secs_f64() * 10.0,
-            "{name}: too few calls to judge: {summary}"
-        );
-        assert!(
-            failed * 1000 <= calls,
-            "{name}: {failed} of {calls} calls failed: {summary}"
-        );
-    }
+    stock
+        .finish(
+            Duration::from_secs(60),
+            hold.as_secs_f64() * 10.0,
+            "etcd cut",
+        )
+        .await;
     drop((channel, rt, lb1, lb2, greeters, etcd));
     drop(net);
 }

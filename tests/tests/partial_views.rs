@@ -15,10 +15,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lb_client::LbChannel;
 use lb_tests::netns::{Fault, Host, Net};
-use lb_tests::stock::StockClient;
-use lb_tests::{wait_until, Caller, Etcd, Greeter, Lb};
+use lb_tests::scenario::{
+    assert_connected, brief, channel_on, client_listed, is_listed, judge_calls, listed,
+    replica_args, replica_in, row, service, wait_formed, StockClients, CHANNEL_ID,
+};
+use lb_tests::{greeters_in, wait_until, Caller, Etcd};
 use serde_json::Value;
 
 /// Lease TTL of the replicas (and of the greeters' registrations).
@@ -33,92 +35,6 @@ const UNCONFIRMED_CAP: f64 = 0.2;
 const PORT: u16 = 50051;
 /// The alert: backends one view alone would remove, held listed.
 const HELD: &str = "lb_backends_held{service=\"greeter\"}";
-/// The LbChannel under test names itself to the LB with this id.
-const CHANNEL_ID: &str = "channel-under-test";
-
-/// `GET /api/v1/services/greeter` on `lb` (`Null` when not 200).
-fn service(lb: &Lb) -> Value {
-    let (status, body) = lb.get("/api/v1/services/greeter");
-    if status != 200 {
-        return Value::Null;
-    }
-    serde_json::from_str(&body).unwrap_or_default()
-}
-
-/// The backends a service detail counts as listed.
-fn listed(v: &Value) -> usize {
-    v["listed"].as_u64().unwrap_or(0) as usize
-}
-
-/// The row of the backend at `addr` in a service detail.
-fn row(v: &Value, addr: SocketAddr) -> Option<&Value> {
-    v["backends"]
-        .as_array()?
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
-}
-
-/// Whether the policy lists the backend at `addr`.
-fn is_listed(v: &Value, addr: SocketAddr) -> bool {
-    row(v, addr).is_some_and(|b| b["decision"]["listed"] == true)
-}
-
-/// A service detail in one line per backend, for failure messages.
-fn brief(v: &Value) -> String {
-    let Some(rows) = v["backends"].as_array() else {
-        return v.to_string();
-    };
-    let rows: Vec<String> = rows
-        .iter()
-        .map(|b| {
-            format!(
-                "{} {} (checked by {}, opinions {}) listed {}: {}",
-                b["address"].as_str().unwrap_or("?"),
-                b["health"],
-                b["checked_by"],
-                b["opinions"],
-                b["decision"]["listed"],
-                b["decision"]["reason"]
-            )
-        })
-        .collect();
-    format!("listed {} of [{}]", v["listed"], rows.join("; "))
-}
-
-/// The distinct backends of the list in force in `channel`.
-fn client_listed(channel: &LbChannel) -> usize {
-    channel
-        .listed_backends()
-        .into_iter()
-        .collect::<BTreeSet<_>>()
-        .len()
-}
-
-/// Whether `lb`'s etcd session is up and it sees `n` replicas.
-fn joined(lb: &Lb, n: usize) -> bool {
-    let v = lb.json("/api/v1/cluster");
-    v["view"]["connected"] == true && v["view"]["replicas"].as_array().map_or(0, Vec::len) == n
-}
-
-/// The BalanceLoad streams an LB lists from `peer`'s address.
-fn sessions_from(lb: &Lb, peer: &Host) -> usize {
-    streams_from(lb, "clients", peer)
-}
-
-/// The xDS streams an LB lists from `peer`'s address.
-fn xds_sessions_from(lb: &Lb, peer: &Host) -> usize {
-    streams_from(lb, "xds_clients", peer)
-}
-
-fn streams_from(lb: &Lb, kind: &str, peer: &Host) -> usize {
-    let clients = lb.json("/api/v1/clients");
-    let prefix = format!("{}:", peer.ip);
-    clients[kind].as_array().map_or(0, |c| {
-        c.iter()
-            .filter(|c| c["peer"].as_str().is_some_and(|p| p.starts_with(&prefix)))
-            .count()
-    })
-}
 
 /// Successful calls to `backend` the caller made in `[from, to)`.
 fn calls_between(
@@ -167,56 +83,20 @@ async fn an_asymmetric_view_never_removes_what_clients_can_reach() {
     let etcd = Etcd::start_in(&etcd_host).await;
     let registry = etcd.registry_url();
     let ttl = format!("{}s", REPLICA_TTL.as_secs());
-    let mut greeters = Vec::new();
-    for h in &backend_hosts {
-        let g = Greeter::start_in(h, PORT, &registry, &["--ttl", &ttl]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "a greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
-    let interval = format!("{}ms", PROBE_INTERVAL.as_millis());
+    let greeters = greeters_in(&backend_hosts, PORT, &registry, &["--ttl", &ttl]).await;
     let timeout = format!("{}ms", PROBE_TIMEOUT.as_millis());
-    let lb_args = |id: &str| -> Vec<String> {
-        [
-            "--registry",
-            registry.as_str(),
-            "--replica-id",
+    let lb_args = |id| {
+        replica_args(
+            &registry,
             id,
-            "--replica-ttl",
-            ttl.as_str(),
-            "--health-check-interval",
-            interval.as_str(),
-            "--health-timeout",
-            timeout.as_str(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+            REPLICA_TTL,
+            PROBE_INTERVAL,
+            &["--health-timeout", &timeout],
+        )
     };
-    let (args1, args2) = (lb_args("lb1"), lb_args("lb2"));
-    let lb1 = Lb::start_in(
-        &lb1_host,
-        &args1.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
-    let lb2 = Lb::start_in(
-        &lb2_host,
-        &args2.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
-    assert!(
-        wait_until(Duration::from_secs(15), || joined(&lb1, 2)
-            && joined(&lb2, 2)
-            && listed(&service(&lb1)) == n
-            && listed(&service(&lb2)) == n)
-        .await,
-        "the replicas never formed a cluster listing every backend: lb1 {} / lb2 {}",
-        brief(&service(&lb1)),
-        brief(&service(&lb2))
-    );
+    let lb1 = replica_in(&lb1_host, &lb_args("lb1"), &[]).await;
+    let lb2 = replica_in(&lb2_host, &lb_args("lb2"), &[]).await;
+    wait_formed(&[&lb1, &lb2], n, Duration::from_secs(15)).await;
 
     // The backends lb1 checks: lb1 is cut from these.
     let before = service(&lb1);
@@ -243,43 +123,19 @@ async fn an_asymmetric_view_never_removes_what_clients_can_reach() {
     // steadily (each reply names the backend that answered), and stock
     // grpc-go grpclb and grpcio xDS clients, for the whole run.
     let rt = client_host.ns.runtime();
-    let channel = {
-        let _in = rt.enter();
-        LbChannel::builder("greeter")
-            .lbs([lb1.addr.to_string()])
-            .client_id(CHANNEL_ID)
-            .build()
-            .expect("channel")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
-            == n)
-        .await,
-        "the client never connected to every backend: {:?}",
-        channel.ready_backends()
-    );
-    let caller = {
-        let _in = rt.enter();
-        Caller::start(&channel, 1, Duration::from_millis(20))
-    };
+    let channel = channel_on(&rt, &[lb1.addr], Some(CHANNEL_ID));
+    assert_connected(
+        &channel,
+        n,
+        Duration::from_secs(10),
+        "the client never connected to every backend",
+    )
+    .await;
+    let caller = Caller::start_on(&rt, &channel, 1, Duration::from_millis(20));
     let stock_for = Duration::from_secs(50);
     let every = Duration::from_millis(50);
-    let go = StockClient::go_in(&client_host, lb1.addr, "greeter", stock_for, every);
-    let xds = StockClient::xds_grpcio_in(
-        &client_host,
-        &lb1.addr.to_string(),
-        "greeter",
-        stock_for,
-        every,
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            sessions_from(&lb1, &client_host) == 2 && xds_sessions_from(&lb1, &client_host) == 1
-        })
-        .await,
-        "the stock clients never reached lb1: {}",
-        lb1.get("/api/v1/clients").1
-    );
+    let stock = StockClients::start_in(&client_host, lb1.addr, stock_for, every);
+    stock.wait_reached(&lb1, &client_host, "lb1").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let warns_before = lb1.log_lines("WARN").len();
 
@@ -539,35 +395,14 @@ async fn an_asymmetric_view_never_removes_what_clients_can_reach() {
     );
 
     let calls = caller.stop().await;
-    let (ok, failed) = (calls.ok(), calls.failures.len() as u64);
-    eprintln!(
-        "partial views: LbChannel {ok} ok, {failed} failed; failures: {:?}",
-        calls.failures.iter().take(5).collect::<Vec<_>>()
-    );
-    assert!(
-        ok as f64 >= hold.as_secs_f64() * 20.0,
-        "too few calls to judge: {ok}"
-    );
-    assert!(
-        failed * 1000 <= ok + failed,
-        "{failed} of {} LbChannel calls failed: {:?}",
-        ok + failed,
-        calls.failures.iter().take(5).collect::<Vec<_>>()
-    );
-    for (name, client) in [("grpc-go grpclb", go), ("grpcio xDS", xds)] {
-        let summary = client.finish(Duration::from_secs(60)).await;
-        let calls = summary["calls"].as_u64().unwrap_or(0);
-        let failed = summary["failures"].as_array().map_or(0, Vec::len) as u64;
-        eprintln!("partial views: {name}: {calls} calls, {failed} failed");
-        assert!(
-            calls as f64 >= hold.as_secs_f64() * 10.0,
-            "{name}: too few calls to judge: {summary}"
-        );
-        assert!(
-            failed * 1000 <= calls,
-            "{name}: {failed} of {calls} calls failed: {summary}"
-        );
-    }
+    judge_calls(&calls, hold.as_secs_f64() * 20.0, "partial views");
+    stock
+        .finish(
+            Duration::from_secs(60),
+            hold.as_secs_f64() * 10.0,
+            "partial views",
+        )
+        .await;
     drop((channel, rt, lb1, lb2, greeters, etcd));
     drop(net);
 }

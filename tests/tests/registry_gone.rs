@@ -9,13 +9,17 @@
 //! the last backends stay while they pass their checks. A backend that
 //! registers again is an ordinary backend again.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lb_client::LbChannel;
 use lb_tests::netns::{Host, Net};
-use lb_tests::{etcd_cluster, greeters, listed_and_calling, wait_until, Caller, Etcd, Greeter, Lb};
+use lb_tests::scenario::{
+    assert_connected, brief, channel_on, client_listed, is_listed, judge_calls, listed, row,
+    service,
+};
+use lb_tests::{
+    etcd_cluster, greeters, greeters_in, listed_and_calling, wait_until, Caller, Etcd, Greeter, Lb,
+};
 use serde_json::Value;
 
 /// Where the greeters register in etcd.
@@ -27,72 +31,10 @@ const PORT: u16 = 50051;
 /// The alert: backends gone from the registry, kept listed.
 const KEPT: &str = "lb_backends_kept_unregistered{service=\"greeter\"}";
 
-/// `GET /api/v1/services/greeter` on `lb` (`Null` when not 200).
-fn service(lb: &Lb) -> Value {
-    let (status, body) = lb.get("/api/v1/services/greeter");
-    if status != 200 {
-        return Value::Null;
-    }
-    serde_json::from_str(&body).unwrap_or_default()
-}
-
-/// The backends a service detail counts as listed.
-fn listed(v: &Value) -> usize {
-    v["listed"].as_u64().unwrap_or(0) as usize
-}
-
-/// The row of the backend at `addr` in a service detail.
-fn row(v: &Value, addr: SocketAddr) -> Option<&Value> {
-    v["backends"]
-        .as_array()?
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
-}
-
-/// Whether the policy lists the backend at `addr`.
-fn is_listed(v: &Value, addr: SocketAddr) -> bool {
-    row(v, addr).is_some_and(|b| b["decision"]["listed"] == true)
-}
-
 /// Whether the LB shows the backend at `addr` as gone from the registry
 /// (`left_registry_s` a number).
 fn left_registry(v: &Value, addr: SocketAddr) -> bool {
     row(v, addr).is_some_and(|b| b["left_registry_s"].is_number())
-}
-
-/// A service detail in one line per backend, for failure messages.
-fn brief(v: &Value) -> String {
-    let Some(rows) = v["backends"].as_array() else {
-        return v.to_string();
-    };
-    let rows: Vec<String> = rows
-        .iter()
-        .map(|b| {
-            format!(
-                "{} {} left_registry_s {} listed {}: {}",
-                b["address"].as_str().unwrap_or("?"),
-                b["health"],
-                b["left_registry_s"],
-                b["decision"]["listed"],
-                b["decision"]["reason"]
-            )
-        })
-        .collect();
-    format!(
-        "listed {} of [{}] (list version {})",
-        v["listed"],
-        rows.join("; "),
-        v["list_version"]
-    )
-}
-
-/// The distinct backends of the list in force in `channel`.
-fn client_listed(channel: &LbChannel) -> usize {
-    channel
-        .listed_backends()
-        .into_iter()
-        .collect::<BTreeSet<_>>()
-        .len()
 }
 
 /// Stops `greeter` gracefully (SIGTERM: NOT_SERVING, deregister, drain,
@@ -126,16 +68,7 @@ async fn a_backend_that_lost_the_registry_but_serves_stays_listed() {
     let etcd = Etcd::start_in(&etcd_host).await;
     let registry = etcd.registry_url();
     let ttl = format!("{}s", TTL.as_secs());
-    let mut greeters = Vec::new();
-    for h in &backend_hosts {
-        let g = Greeter::start_in(h, PORT, &registry, &["--ttl", &ttl]).await;
-        assert!(
-            g.wait_registered(Duration::from_secs(10)).await,
-            "a greeter did not register; see {}",
-            g.proc.log.display()
-        );
-        greeters.push(g);
-    }
+    let greeters = greeters_in(&backend_hosts, PORT, &registry, &["--ttl", &ttl]).await;
     let lb = Lb::start_in(
         &lb_host,
         &["--registry", &registry, "--health-check-interval", "500ms"],
@@ -149,24 +82,15 @@ async fn a_backend_that_lost_the_registry_but_serves_stays_listed() {
 
     // The client, on its own host: an LbChannel calling steadily.
     let rt = client_host.ns.runtime();
-    let channel = {
-        let _in = rt.enter();
-        LbChannel::builder("greeter")
-            .lbs([lb.addr.to_string()])
-            .build()
-            .expect("channel")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
-            == n)
-        .await,
-        "the client never connected to every backend: {:?}",
-        channel.ready_backends()
-    );
-    let caller = {
-        let _in = rt.enter();
-        Caller::start(&channel, 1, Duration::from_millis(20))
-    };
+    let channel = channel_on(&rt, &[lb.addr], None);
+    assert_connected(
+        &channel,
+        n,
+        Duration::from_secs(10),
+        "the client never connected to every backend",
+    )
+    .await;
+    let caller = Caller::start_on(&rt, &channel, 1, Duration::from_millis(20));
     let start = service(&lb);
     let version_before = start["list_version"].as_u64().expect("list_version");
     let warns_before = lb.log_lines("WARN").len();
@@ -319,21 +243,7 @@ async fn a_backend_that_lost_the_registry_but_serves_stays_listed() {
     );
 
     let calls = caller.stop().await;
-    let (ok, failed) = (calls.ok(), calls.failures.len() as u64);
-    eprintln!(
-        "registry gone: LbChannel {ok} ok, {failed} failed; failures: {:?}",
-        calls.failures.iter().take(5).collect::<Vec<_>>()
-    );
-    assert!(
-        ok as f64 >= window.as_secs_f64() * 20.0,
-        "too few calls to judge: {ok}"
-    );
-    assert!(
-        failed * 1000 <= ok + failed,
-        "{failed} of {} calls failed: {:?}",
-        ok + failed,
-        calls.failures.iter().take(5).collect::<Vec<_>>()
-    );
+    judge_calls(&calls, window.as_secs_f64() * 20.0, "registry gone");
     drop((channel, rt, lb, greeters, etcd));
     drop(net);
 }

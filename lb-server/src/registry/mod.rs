@@ -84,6 +84,7 @@ impl RegistrySink {
     /// listing, or a re-list after a disconnect or compaction).
     pub fn snapshot(&self, instances: Vec<Instance>) {
         self.metrics.event(self.source, "snapshot");
+        self.source_ok(true);
         for (key, r) in self.catalog.replace_source(self.source, instances) {
             self.reject(&key, r.reason, &r.detail);
         }
@@ -93,6 +94,7 @@ impl RegistrySink {
     /// `instances` (all of that service), leaving its other services alone.
     pub fn replace_service(&self, service: &str, instances: Vec<Instance>) {
         self.metrics.event(self.source, "snapshot");
+        self.source_ok(true);
         for (key, r) in self
             .catalog
             .replace_source_service(self.source, service, instances)
@@ -106,6 +108,7 @@ impl RegistrySink {
     /// once a minute per distinct detail); the last known state stays.
     pub fn source_error(&self, detail: &str) {
         self.metrics.event(self.source, "error");
+        self.source_ok(false);
         if let Some(repeats) = self.log.allow(&format!("{}|error|{detail}", self.source)) {
             tracing::warn!(source = self.source, detail = ?detail, repeats_not_logged = repeats,
                 "registry source failing; serving the last known state");
@@ -168,6 +171,17 @@ impl RegistrySink {
     /// Marks this source as having listed its contents at least once.
     pub fn mark_synced(&self) {
         self.catalog.mark_synced(self.source);
+        self.source_ok(true);
+    }
+
+    /// `lb_registry_source_ok`: whether the source's last read succeeded.
+    fn source_ok(&self, ok: bool) {
+        self.metrics
+            .registry_source_ok
+            .get_or_create(&crate::metrics::RegistrySourceLabels {
+                source: self.source.to_string(),
+            })
+            .set(i64::from(ok));
     }
 }
 
