@@ -114,7 +114,8 @@ impl LbServer {
                 idle_service_grace: cfg.catalog.idle_service_grace,
                 deregistration_grace: cfg.catalog.deregistration_grace,
             })
-            .with_source_order(sources.names()),
+            .with_source_order(sources.names())
+            .with_leased_sources(sources.leased()),
         );
         let lb_listener = bind(cfg.listen, "--listen").await?;
         let admin_listener = bind(cfg.admin_listen, "--admin-listen").await?;

@@ -25,17 +25,7 @@ async fn consul_blocking_queries_follow_changes_and_survive_failures() {
         futures::future::join_all((0..3).map(|_| Greeter::start("none", &[]))).await;
     consul.add("greeter", "g0", g[0].addr);
     consul.add("greeter", "g1", g[1].addr);
-    // The subject is how fast Consul's answers reach the lists: removals
-    // leave at once here (by default a backend that still passes the LB's
-    // own checks is kept for a grace period: registry_gone.rs).
-    let flags = [
-        "--registry",
-        &consul.url(),
-        "--consul-wait",
-        "2s",
-        "--deregistration-grace",
-        "0s",
-    ];
+    let flags = ["--registry", &consul.url(), "--consul-wait", "2s"];
     let lb = Lb::start_with_env(&flags, &[("LB_CONSUL_TOKEN", TOKEN)]).await;
     let (ch, caller) = listed_and_calling(&lb, &[g[0].addr, g[1].addr]).await;
 

@@ -15,7 +15,14 @@
 //!   service without a healthy backend (the last ones stay while they pass);
 //! - or it is registered again, and is an ordinary backend once more.
 //!
-//! A grace of zero turns this off: a dropped entry is removed at once.
+//! Which drops count: every one from a source whose entries live on the
+//! backends' own leases (etcd, ZooKeeper, the embedded registry); from a
+//! source that declares its entries (DNS records, Kubernetes
+//! EndpointSlices, Consul's catalog, a file), only an answer that leaves
+//! the service empty, since there a removal is an operator's or the
+//! platform's decision (a terminating pod, a record taken out) and must
+//! take effect. A grace of zero turns this off: a dropped entry is removed
+//! at once.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -30,11 +37,16 @@ pub(super) type Slot = (&'static str, String);
 
 impl Catalog {
     /// Whether a backend its registry just dropped stays, departed: the grace
-    /// is on and the LB's probes find it serving.
-    pub(super) fn keeps_departed(&self, b: &Backend) -> bool {
+    /// is on, the LB's probes find it serving, and either its entry lived on
+    /// its own lease (a leased source: the backend may have lost the
+    /// registry) or the answer left its service empty (`emptied`: a
+    /// declared source answering "nothing" is more likely broken than
+    /// right).
+    pub(super) fn keeps_departed(&self, b: &Backend, emptied: bool) -> bool {
         !self.limits.deregistration_grace.is_zero()
             && b.health == HealthState::Serving
             && !b.drained
+            && (emptied || self.leased.contains(&b.source))
     }
 
     /// Marks `b` departed (its registry dropped it) if it is not already.
@@ -146,12 +158,12 @@ mod tests {
     use crate::policy::Policy;
 
     fn catalog(grace: Duration) -> Catalog {
-        Catalog::new(Policy::default(), Arc::new(Metrics::new()), 1, true).with_limits(
-            CatalogLimits {
+        Catalog::new(Policy::default(), Arc::new(Metrics::new()), 1, true)
+            .with_limits(CatalogLimits {
                 deregistration_grace: grace,
                 ..CatalogLimits::default()
-            },
-        )
+            })
+            .with_leased_sources(vec!["etcd"])
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -224,6 +236,26 @@ mod tests {
         c.set_health("svc", addr(2), HealthState::NotServing, "NOT_SERVING");
         c.remove("etcd", "k2");
         assert_eq!(e.backends().len(), 1);
+    }
+
+    #[test]
+    fn a_declared_source_removes_at_once_unless_it_empties_the_service() {
+        let c = catalog(Duration::from_secs(300));
+        for port in 1..=3 {
+            c.upsert("k8s", inst(port)).unwrap();
+            c.set_health("svc", addr(port), HealthState::Serving, "SERVING");
+        }
+        let e = c.service("svc").unwrap();
+        // A terminating pod taken out of its slice: gone at once.
+        c.replace_source("k8s", vec![inst(2), inst(3)]);
+        assert_eq!(e.backends().len(), 2);
+        c.remove("k8s", "k2");
+        assert_eq!(e.backends().len(), 1);
+        assert_eq!(kept(&c), 0);
+        // An answer with nothing in it: kept.
+        c.replace_source("k8s", Vec::new());
+        assert_eq!(e.current_list().servers.len(), 1);
+        assert_eq!(kept(&c), 1);
     }
 
     #[test]

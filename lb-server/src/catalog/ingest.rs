@@ -111,9 +111,12 @@ impl Catalog {
         for entry in services.iter().filter_map(|s| self.service(s)) {
             let mut backends = entry.backends.lock().expect("catalog lock");
             let slot = (source, key.to_string());
+            let emptied = !backends
+                .iter()
+                .any(|(s, b)| *s != slot && b.left_registry.is_none());
             if let Some(b) = backends
                 .get_mut(&slot)
-                .filter(|b| !asked && self.keeps_departed(b))
+                .filter(|b| !asked && self.keeps_departed(b, emptied))
             {
                 self.depart(&entry.name, b);
                 self.publish(&entry, &mut backends);
@@ -220,10 +223,11 @@ impl Catalog {
                 .map(|(slot, _)| slot.clone())
                 .collect();
             let mut removed = 0;
+            let emptied = keep.is_empty();
             for slot in dropped {
                 self.index_drop(source, &slot.1, &service);
                 let b = backends.get_mut(&slot).expect("listed above");
-                if self.keeps_departed(b) {
+                if self.keeps_departed(b, emptied) {
                     self.depart(&service, b);
                     removed += 1;
                 } else if let Some(gone) = backends.remove(&slot) {

@@ -134,6 +134,8 @@ pub struct Catalog {
     limits: CatalogLimits,
     log: LogLimiter,
     source_order: Vec<&'static str>,
+    /// Sources whose entries live on the backends' own leases.
+    leased: Vec<&'static str>,
     /// The services each (source, key) is in, so that a removal, which
     /// names only the key, touches those services and no other.
     index: DashMap<(&'static str, String), Vec<String>>,
@@ -212,6 +214,7 @@ impl Catalog {
             limits: CatalogLimits::default(),
             log: LogLimiter::new(CHANGE_LOG_INTERVAL),
             source_order: Vec::new(),
+            leased: Vec::new(),
             index: DashMap::new(),
             journal: journal::Journal::default(),
             writers: std::sync::RwLock::new(()),
@@ -222,6 +225,13 @@ impl Catalog {
     /// The same catalog with caps on services and backends.
     pub fn with_limits(mut self, limits: CatalogLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The sources whose entries live on the backends' own leases (see
+    /// `departed`).
+    pub fn with_leased_sources(mut self, names: Vec<&'static str>) -> Self {
+        self.leased = names;
         self
     }
 

@@ -102,6 +102,9 @@ async fn timed<T, E: std::fmt::Display>(
 }
 
 struct Session {
+    /// The connection of the lease and its keep-alive.
+    lessee: Client,
+    /// The connection of the listing, the watch and the writes.
     client: Client,
     lease: i64,
     keeper: etcd_client::LeaseKeeper,
@@ -125,14 +128,14 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> Result<Session, String> {
         let s = &cluster.settings;
-        let mut client = timed("connect", s.etcd.connect()).await?;
+        let mut lessee = timed("connect", s.etcd.connect()).await?;
         let ttl = s.ttl.as_secs().max(2) as i64;
-        let lease = timed("lease grant", client.lease_grant(ttl, None))
+        let lease = timed("lease grant", lessee.lease_grant(ttl, None))
             .await?
             .id();
         if let Some(old) = stale_lease.take() {
             // Results written under the old lease are rewritten below.
-            let _ = timed("lease revoke", client.lease_revoke(old)).await;
+            let _ = timed("lease revoke", lessee.lease_revoke(old)).await;
         }
         let me = ReplicaInfo {
             id: s.replica_id.clone(),
@@ -143,7 +146,7 @@ impl Session {
         let replica_key = format!("{}replicas/{}", s.prefix, s.replica_id);
         timed(
             "register replica",
-            client.put(
+            lessee.put(
                 replica_key,
                 value,
                 Some(PutOptions::new().with_lease(lease)),
@@ -151,11 +154,18 @@ impl Session {
         )
         .await?;
         let (keeper, keep_alive) =
-            timed("lease keep-alive", client.lease_keep_alive(lease)).await?;
+            timed("lease keep-alive", lessee.lease_keep_alive(lease)).await?;
+        // A connection of its own for the lease's keep-alive: the listing,
+        // the watch and the writes go over a second one, so that on a lossy
+        // link a retransmitted write or watch event never holds a
+        // keep-alive back (TCP delivers in order) and the keep-alive's
+        // connection stays thin.
+        let mut client = timed("connect", s.etcd.connect()).await?;
         let (revision, listing) = lb_client::etcd::list_prefix(&mut client, &s.prefix)
             .await
             .map_err(|e| format!("list cluster: {e}"))?;
         let mut session = Session {
+            lessee,
             client: client.clone(),
             lease,
             keeper,
@@ -252,7 +262,7 @@ impl Session {
                 }
                 _ = shutdown.cancelled() => {
                     // Leaving: survivors take over this replica's backends now.
-                    let _ = timed("lease revoke", self.client.lease_revoke(self.lease)).await;
+                    let _ = timed("lease revoke", self.lessee.lease_revoke(self.lease)).await;
                     return Ok(());
                 }
                 _ = tick.tick() => {

@@ -98,6 +98,10 @@ impl Registry for EtcdRegistry {
         "etcd"
     }
 
+    fn leased(&self) -> bool {
+        true
+    }
+
     fn run(
         self: Arc<Self>,
         sink: RegistrySink,

@@ -184,6 +184,10 @@ impl Registry for MemoryRegistry {
         "memory"
     }
 
+    fn leased(&self) -> bool {
+        true
+    }
+
     fn run(
         self: Arc<Self>,
         sink: RegistrySink,

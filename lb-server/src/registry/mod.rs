@@ -51,6 +51,17 @@ pub trait Registry: Send + Sync + 'static {
     /// Short name used in logs, metrics and the admin API (`etcd`, `memory`, …).
     fn kind(&self) -> &'static str;
 
+    /// Whether its entries live on the backend's own lease or session
+    /// (etcd leases, ZooKeeper ephemeral nodes, the embedded registry's
+    /// leases): then an entry can vanish because the *backend* lost the
+    /// registry, and one that still serves is kept for a grace period (see
+    /// the catalog's `departed`). Entries an operator or a platform
+    /// declares (DNS, Kubernetes, Consul, a file) are removed when they go,
+    /// unless the answer would empty the service.
+    fn leased(&self) -> bool {
+        false
+    }
+
     /// Feeds `sink` until `shutdown` is cancelled. Must never return early on
     /// errors: a source keeps the last known state and retries by itself.
     fn run(
@@ -200,6 +211,16 @@ impl Sources {
     /// The source names, in priority order.
     pub fn names(&self) -> Vec<&'static str> {
         self.list.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// The names of the sources whose entries live on leases
+    /// ([`Registry::leased`]).
+    pub fn leased(&self) -> Vec<&'static str> {
+        self.list
+            .iter()
+            .filter(|(_, r)| r.leased())
+            .map(|(n, _)| *n)
+            .collect()
     }
 }
 

@@ -298,6 +298,10 @@ impl Registry for ZkRegistry {
         "zk"
     }
 
+    fn leased(&self) -> bool {
+        true
+    }
+
     fn run(
         self: Arc<Self>,
         sink: RegistrySink,
