@@ -223,6 +223,18 @@ impl LbProcess {
         log: &str,
         extra: &[&str],
     ) -> anyhow::Result<LbProcess> {
+        Self::start_bin_env(bin, registry, log, extra, &[]).await
+    }
+
+    /// Like [`LbProcess::start_bin_with`], with extra environment variables
+    /// (settings that older builds, compared side by side, simply ignore).
+    pub async fn start_bin_env(
+        bin: &std::path::Path,
+        registry: &str,
+        log: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<LbProcess> {
         anyhow::ensure!(
             bin.exists(),
             "{} not found: build it (cargo build --release --bins)",
@@ -241,6 +253,7 @@ impl LbProcess {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--registry", registry, "--log", level])
             .args(extra)
+            .envs(env.iter().copied())
             .args(["--max-connections-per-peer", "1000000"])
             .args(["--max-streams-per-peer", "1000000"])
             .stdout(std::process::Stdio::null())

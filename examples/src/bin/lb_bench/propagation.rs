@@ -194,7 +194,17 @@ impl Build {
             None,
         )
         .await?;
-        let lb = LbProcess::start_bin(bin, &format!("etcd://{endpoint}")).await?;
+        // The mover is deleted while it serves: removed at once, not kept
+        // for the deregistration grace (the LB's default for a backend
+        // whose entry vanishes while it passes health checks).
+        let lb = LbProcess::start_bin_env(
+            bin,
+            &format!("etcd://{endpoint}"),
+            "warn",
+            &[],
+            &[("LB_DEREGISTRATION_GRACE", "0s")],
+        )
+        .await?;
         let mut procs = Vec::new();
         for p in 0..processes {
             let n = clients / processes + usize::from(p < clients % processes);
