@@ -59,6 +59,10 @@ pub struct Backend {
     /// listed for a grace period (serialized as seconds ago).
     #[serde(rename = "left_registry_s", serialize_with = "secs_ago")]
     pub left_registry: Option<Instant>,
+    /// Whether its departure was logged and journaled (once it outlasted
+    /// the moment a graceful deregistration's NOT_SERVING takes to arrive).
+    #[serde(skip)]
+    pub departure_noted: bool,
     /// The policy's last decision about it.
     pub decision: Decision,
     /// Operator's weight override, replacing the registry weight until it expires.

@@ -25,12 +25,16 @@
 //! at once.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::journal::Change;
 use super::{Backend, Catalog, ServiceEntry};
 use crate::metrics::ServiceLabels;
 use crate::model::HealthState;
+
+/// How long a departure goes unsaid: a graceful deregistration's
+/// NOT_SERVING, on the probe's own stream, arrives well within it.
+const NOTICE_AFTER: Duration = Duration::from_secs(2);
 
 /// A registry slot: the source and its key.
 pub(super) type Slot = (&'static str, String);
@@ -50,17 +54,32 @@ impl Catalog {
     }
 
     /// Marks `b` departed (its registry dropped it) if it is not already.
-    pub(super) fn depart(&self, service: &str, b: &mut Backend) {
-        if b.left_registry.is_some() {
-            return;
+    /// Said (a WARN line, a journal event) only once it outlasts
+    /// [`NOTICE_AFTER`]: a graceful deregistration's NOT_SERVING can arrive
+    /// just after the registry's removal, and is no news.
+    pub(super) fn depart(&self, b: &mut Backend) {
+        if b.left_registry.is_none() {
+            b.left_registry = Some(Instant::now());
+            b.departure_noted = false;
         }
-        b.left_registry = Some(Instant::now());
-        if let Some(repeats) = self.log_change(format_args!("{service}|departed")) {
-            tracing::warn!(service, addr = %b.addr, key = ?b.key, grace = ?self.limits.deregistration_grace,
-                repeats_not_logged = repeats,
-                "backend left the registry while passing health checks; kept in lists until its health fails or the grace ends (--deregistration-grace)");
+    }
+
+    /// Says which departed backends of `service` outlasted [`NOTICE_AFTER`].
+    fn notice_departed(&self, service: &str, backends: &mut BTreeMap<Slot, Backend>) {
+        let now = Instant::now();
+        for b in backends.values_mut() {
+            let Some(at) = b.left_registry else { continue };
+            if b.departure_noted || now.saturating_duration_since(at) < NOTICE_AFTER {
+                continue;
+            }
+            b.departure_noted = true;
+            if let Some(repeats) = self.log_change(format_args!("{service}|departed")) {
+                tracing::warn!(service, addr = %b.addr, key = ?b.key, grace = ?self.limits.deregistration_grace,
+                    repeats_not_logged = repeats,
+                    "backend left the registry while passing health checks; kept in lists until its health fails or the grace ends (--deregistration-grace)");
+            }
+            self.journal.record(service, Some(b.addr), Change::Departed);
         }
-        self.journal.record(service, Some(b.addr), Change::Departed);
     }
 
     /// Removes the departed backends whose time is up (health not SERVING,
@@ -89,11 +108,14 @@ impl Catalog {
             .collect();
         for slot in &due {
             if let Some(gone) = backends.remove(slot) {
-                tracing::info!(service = %entry.name, addr = %gone.addr, health = ?gone.health,
-                    "departed backend removed");
+                if gone.departure_noted {
+                    tracing::info!(service = %entry.name, addr = %gone.addr, health = ?gone.health,
+                        "departed backend removed");
+                }
                 self.forget_removed(&entry.name, backends, &gone);
             }
         }
+        self.notice_departed(&entry.name, backends);
         !due.is_empty()
     }
 

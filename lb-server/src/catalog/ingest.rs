@@ -118,7 +118,7 @@ impl Catalog {
                 .get_mut(&slot)
                 .filter(|b| !asked && self.keeps_departed(b, emptied))
             {
-                self.depart(&entry.name, b);
+                self.depart(b);
                 self.publish(&entry, &mut backends);
                 continue;
             }
@@ -228,7 +228,7 @@ impl Catalog {
                 self.index_drop(source, &slot.1, &service);
                 let b = backends.get_mut(&slot).expect("listed above");
                 if self.keeps_departed(b, emptied) {
-                    self.depart(&service, b);
+                    self.depart(b);
                     removed += 1;
                 } else if let Some(gone) = backends.remove(&slot) {
                     self.forget_removed(&service, &mut backends, &gone);
@@ -276,6 +276,7 @@ impl Catalog {
             if b.addr == i.addr {
                 // Registered again after it departed: an ordinary backend.
                 let returned = b.left_registry.take().is_some();
+                b.departure_noted = false;
                 if returned {
                     self.index_add(source, &i.key, &i.service);
                     tracing::info!(service = %i.service, addr = %i.addr, "departed backend registered again");
@@ -350,6 +351,7 @@ impl Catalog {
                 load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
                 drained: false,
                 left_registry: None,
+                departure_noted: false,
                 weight_override: None,
                 decision: Decision::default(),
                 exported_gauges: None,
