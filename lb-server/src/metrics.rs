@@ -599,6 +599,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets a per-service alert gauge to `n`, or removes its series at 0
+    /// (an alert present only while it holds).
+    pub fn set_alert(family: &Family<ServiceLabels, Gauge>, service: &str, n: usize) {
+        let labels = ServiceLabels {
+            service: service.into(),
+        };
+        if n == 0 {
+            family.remove(&labels);
+        } else {
+            family.get_or_create(&labels).set(n as i64);
+        }
+    }
+
     /// Sets the per-backend gauges.
     pub fn set_backend(
         &self,

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::journal::Change;
 use super::{Backend, Catalog, ServiceEntry};
-use crate::metrics::ServiceLabels;
+use crate::metrics::Metrics;
 use crate::model::HealthState;
 
 /// How long a departure goes unsaid: a graceful deregistration's
@@ -150,19 +150,8 @@ impl Catalog {
         let was = entry
             .departed
             .swap(kept, std::sync::atomic::Ordering::Relaxed);
-        if was == kept {
-            return;
-        }
-        let labels = ServiceLabels {
-            service: entry.name.clone(),
-        };
-        if kept == 0 {
-            self.metrics.backends_kept_unregistered.remove(&labels);
-        } else {
-            self.metrics
-                .backends_kept_unregistered
-                .get_or_create(&labels)
-                .set(kept as i64);
+        if was != kept {
+            Metrics::set_alert(&self.metrics.backends_kept_unregistered, &entry.name, kept);
         }
     }
 }
@@ -175,7 +164,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::CatalogLimits;
-    use crate::metrics::Metrics;
+    use crate::metrics::ServiceLabels;
     use crate::model::Instance;
     use crate::policy::Policy;
 

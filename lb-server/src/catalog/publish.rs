@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::journal::Change;
 use super::{Backend, Catalog, ServiceEntry};
-use crate::metrics::ServiceLabels;
+use crate::metrics::{Metrics, ServiceLabels};
 use crate::model::Locality;
 use crate::policy::{Candidate, Decision};
 use crate::snapshot::PublishedList;
@@ -81,18 +81,11 @@ impl Catalog {
         if was == held {
             return;
         }
-        let labels = ServiceLabels {
-            service: entry.name.clone(),
-        };
+        Metrics::set_alert(&self.metrics.backends_held, &entry.name, held);
         if held == 0 {
-            self.metrics.backends_held.remove(&labels);
             tracing::info!(service = %entry.name, "no backend held against one replica's view any more");
             return;
         }
-        self.metrics
-            .backends_held
-            .get_or_create(&labels)
-            .set(held as i64);
         if was == 0 {
             tracing::warn!(service = %entry.name, held,
                 "backends held in the list: silent to the replica that checks them, but not confirmed by another view (see their decisions)");
