@@ -115,6 +115,8 @@ pub struct Metrics {
     pub streams_refused: Family<ReasonLabels, Counter>,
     /// Server lists written to streams.
     pub lists_sent: Counter,
+    /// Heartbeats written to quiet BalanceLoad streams that asked for them.
+    pub heartbeats_sent: Counter,
     /// Time from a catalog change to a stream writing the resulting list.
     pub list_push_seconds: Histogram,
     /// Registry events applied, by source and kind.
@@ -312,6 +314,7 @@ impl Metrics {
             streams_total: Counter::default(),
             streams_refused: Family::default(),
             lists_sent: Counter::default(),
+            heartbeats_sent: Counter::default(),
             list_push_seconds: Histogram::new(PUSH_BUCKETS),
             registry_events: Family::default(),
             registry_rejects: Family::default(),
@@ -366,6 +369,11 @@ impl Metrics {
             "lists_sent",
             "Server lists written to streams",
             m.lists_sent.clone(),
+        );
+        reg.add(
+            "heartbeats_sent",
+            "Heartbeats written to quiet BalanceLoad streams that asked for them",
+            m.heartbeats_sent.clone(),
         );
         reg.add(
             "list_push_seconds",

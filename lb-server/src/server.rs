@@ -41,6 +41,21 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// allowed length is well under this.
 const MAX_ENCODED_MESSAGE: usize = 4 * 1024 * 1024;
 
+/// The LB PINGs a client connection after this long with nothing read
+/// from it, so that a client that went away leaves something unanswered.
+/// Clients accept PINGs at any rate (the 5-minute rules of DESIGN §3 are
+/// servers'), and the PING keeps the connection's TCP user timeout
+/// ([`crate::net::listener::PEER_USER_TIMEOUT`]) running, which is what
+/// reaps a client behind a dead link: within the interval plus that
+/// timeout.
+const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a PING may go unanswered by a client whose kernel still
+/// acknowledges (a hung process): generous, because on a lossy link an
+/// answer lost a few times in a row comes back after seconds (the client
+/// host's retransmissions back off exponentially), and a connection
+/// closed for a late answer costs every stream on it a reconnect.
+const CLIENT_PING_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A running LB: its bound addresses and the handles to stop it.
 pub struct LbServer {
     /// Address of the gRPC port (BalanceLoad, registration API).
@@ -370,6 +385,7 @@ impl Parts {
                 shutdown_spread: cfg.grpc.shutdown_spread,
                 streams,
                 client_stats_max_rate: cfg.grpc.client_stats_max_rate,
+                heartbeat_min: cfg.grpc.heartbeat_min,
             },
             self.shutdown.clone(),
         );
@@ -409,8 +425,8 @@ impl Parts {
         }
         let max_message = cfg.grpc.max_message_size;
         let serve = server
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .http2_keepalive_interval(Some(CLIENT_PING_INTERVAL))
+            .http2_keepalive_timeout(Some(CLIENT_PING_TIMEOUT))
             .max_concurrent_streams(Some(cfg.grpc.max_streams_per_connection))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_SIZE))
             .add_service(StreamingService::new(

@@ -15,6 +15,16 @@ pub mod ext {
     /// Request metadata naming the client's zone, so that the LB can keep
     /// its calls in that zone (as far as the zone's backends can take them).
     pub const CLIENT_ZONE_HEADER: &str = "lb-client-zone";
+    /// Request metadata asking the LB for a heartbeat on a BalanceLoad
+    /// stream: a repeated `initial_response` whenever the stream has been
+    /// quiet this many milliseconds. A client proves the LB alive by what
+    /// it reads, so it need not PING (stock gRPC servers, and proxies built
+    /// on them, close connections that PING more often than every 5 min
+    /// while no data flows), and a lossy link cannot pass for a dead LB:
+    /// one late answer to a PING ends a connection, while a heartbeat that
+    /// is late is followed by the next one. Stock clients do not ask and
+    /// get none. The LB holds the interval to its `--heartbeat-min`.
+    pub const HEARTBEAT_HEADER: &str = "lb-heartbeat-ms";
     /// Longest service name, in bytes: in a registry, in an initial request,
     /// in a client's settings.
     pub const MAX_SERVICE_NAME_LEN: usize = 255;

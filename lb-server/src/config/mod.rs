@@ -432,6 +432,15 @@ pub struct GrpcFlags {
     #[arg(long, env = "LB_CLIENT_STATS_MAX_RATE", default_value_t = 10.0)]
     pub client_stats_max_rate: f64,
 
+    /// Shortest heartbeat interval granted to a BalanceLoad stream that asks
+    /// for one (`lb-heartbeat-ms` metadata, which `LbChannel` sends): a
+    /// repeated `initial_response` after this long without a message, so
+    /// that the client knows the LB alive without PINGs. Each heartbeat
+    /// costs one small write: at most one per stream per this interval.
+    /// 0 = no heartbeats.
+    #[arg(long, env = "LB_HEARTBEAT_MIN", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_min: Duration,
+
     /// Most resource names one ADS stream may subscribe to in one request
     /// (all types together); a request naming more closes the stream with
     /// RESOURCE_EXHAUSTED.

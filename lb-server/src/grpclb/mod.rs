@@ -17,6 +17,12 @@
 //! metadata, or its address in `--client-zone`) gets its zone's list
 //! ([`crate::zones`]), and its client stats count as its zone's demand.
 //!
+//! A stream whose client asks for a heartbeat (`lb-heartbeat-ms` metadata,
+//! as `LbChannel` does) gets its `initial_response` again whenever it has
+//! been quiet that long (at least `--heartbeat-min`): the client knows the
+//! LB alive from what it reads, without PINGs, and a slow or lossy link
+//! delays a heartbeat without failing it.
+//!
 //! Lists are written as the snapshot's bytes ([`crate::snapshot`]): encoded
 //! once per change, whatever the number of streams (a subset, which is the
 //! stream's own, is encoded for that stream).
@@ -57,7 +63,7 @@ use crate::streams::sessions::Sessions;
 use crate::streams::subsets::{self, Subsets};
 use crate::zones::{Zones, CLIENT_ZONE_HEADER};
 pub use refusal::Refusal;
-use stream::{StreamState, Subset};
+use stream::{Heartbeat, StreamState, Subset};
 
 /// Settings of the BalanceLoad service.
 #[derive(Debug, Clone)]
@@ -73,6 +79,9 @@ pub struct BalancerSettings {
     /// Client-stats reports allowed per second and stream (bursts of twice
     /// that pass).
     pub client_stats_max_rate: f64,
+    /// Shortest heartbeat granted to a stream that asks for one (zero =
+    /// none).
+    pub heartbeat_min: Duration,
 }
 
 /// What the BalanceLoad service reads and writes: the shared parts.
@@ -253,6 +262,17 @@ impl Balancer {
             .and_then(|v| v.to_str().ok())
             .map(|z| Locality::new("", z))
             .unwrap_or_default();
+        let heartbeat = request
+            .metadata()
+            .get(lb_proto::ext::HEARTBEAT_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .filter(|ms| *ms > 0 && !self.settings.heartbeat_min.is_zero())
+            .map(|ms| {
+                Heartbeat::new(
+                    Duration::from_millis(ms).max(self.settings.heartbeat_min),
+                    self.initial_response.clone(),
+                )
+            });
         let mut inbound = request.into_inner();
         // Subscribed before the name is mapped: a reload in between wakes
         // the stream, which maps its name again.
@@ -299,6 +319,7 @@ impl Balancer {
             .unwrap_or_else(|| entry.subscribe());
         let state = StreamState {
             initial: Some(self.initial_response.clone()),
+            heartbeat,
             lists,
             zone,
             last_version: None,

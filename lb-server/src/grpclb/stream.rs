@@ -40,9 +40,36 @@ pub(super) struct Subset {
     pub(super) last_sent: Option<Vec<lb_proto::grpc::lb::v1::Server>>,
 }
 
+/// A quiet stream's heartbeat: its `initial_response` again once it has
+/// written nothing for `every`.
+pub(super) struct Heartbeat {
+    every: Duration,
+    message: Bytes,
+    due: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Heartbeat {
+    /// A heartbeat of `message` after `every` of quiet.
+    pub(super) fn new(every: Duration, message: Bytes) -> Self {
+        Heartbeat {
+            every,
+            message,
+            due: Box::pin(tokio::time::sleep(every)),
+        }
+    }
+
+    /// The stream just wrote something: the quiet starts again.
+    fn rearm(&mut self) {
+        let next = tokio::time::Instant::now() + self.every;
+        self.due.as_mut().reset(next);
+    }
+}
+
 /// Everything one stream needs between two messages.
 pub(super) struct StreamState {
     pub(super) initial: Option<Bytes>,
+    /// Set when the client asked for heartbeats.
+    pub(super) heartbeat: Option<Heartbeat>,
     pub(super) lists: watch::Receiver<Arc<PublishedList>>,
     pub(super) last_version: Option<u64>,
     pub(super) subset: Option<Subset>,
@@ -80,6 +107,9 @@ impl StreamState {
         }
         loop {
             if let Some(list) = self.next_list() {
+                if let Some(h) = &mut self.heartbeat {
+                    h.rearm();
+                }
                 self.metrics.lists_sent.inc();
                 self.session
                     .session()
@@ -95,6 +125,13 @@ impl StreamState {
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                     self.finished = true;
                     return Some((Err(Status::unavailable("load balancer shutting down; reconnect")), self));
+                }
+                _ = async { self.heartbeat.as_mut().expect("guarded").due.as_mut().await }, if self.heartbeat.is_some() => {
+                    let h = self.heartbeat.as_mut().expect("guarded");
+                    h.rearm();
+                    let message = h.message.clone();
+                    self.metrics.heartbeats_sent.inc();
+                    return Some((Ok(message), self));
                 }
                 changed = self.lists.changed() => {
                     if changed.is_err() {

@@ -9,7 +9,10 @@
 //!   deadline, so that half-open connections and slowloris senders cannot
 //!   hold slots forever;
 //! - survives accept errors such as "too many open files" by pausing
-//!   instead of spinning.
+//!   instead of spinning;
+//! - gives each connection linear retransmission timeouts for thin streams
+//!   and a TCP user timeout ([`PEER_USER_TIMEOUT`]), so that a lossy link
+//!   stays up and a dead one is noticed.
 //!
 //! Every refusal is a rate-limited warn line and a count in
 //! `lb_connections_refused_total{port,reason}`.
@@ -31,6 +34,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::net::limits::{Exceeded, Permit, Quota};
+
+/// `TCP_USER_TIMEOUT` of accepted connections: a peer that acknowledges
+/// nothing the LB sent for this long is behind a dead link, and its
+/// connection is closed (gRFC A18's rule, from the server's side). On a
+/// link that loses 30 % of its packets the LB's retransmissions (linear
+/// for thin streams) get through long before.
+pub const PEER_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes a client must send before the handshake deadline.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +126,9 @@ pub fn guarded(
             // three times in a row cost seconds; linear timeouts for thin
             // streams keep a list update within a few round trips.
             let _ = socket2::SockRef::from(&tcp).set_tcp_thin_linear_timeouts(true);
+            // A client that acknowledges nothing the LB sent (a heartbeat,
+            // a list, a PING) for this long is behind a dead link.
+            let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(PEER_USER_TIMEOUT));
             settings.metrics.connection_opened(settings.port);
             let io = GuardedIo {
                 inner: tcp,
