@@ -7,7 +7,9 @@
 //! a view that no longer moves. What the LB promises:
 //!
 //! - its registry watch and its cluster session (lease, replica key,
-//!   watch) move to a majority member within about 5 s (these tests allow
+//!   watch; the session keeps its lease when it can make its connections
+//!   again before the lease runs out) move to a majority member within
+//!   about 5 s (these tests allow
 //!   8 s and print the figure), or the replica reports itself degraded
 //!   (`lb_cluster_degraded`) while its session is away; once moved it is
 //!   joined and not degraded, and its replica key lives on a lease of the
@@ -382,9 +384,15 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let listed_lines = info_lines(&lb, "etcd listed").len();
     let joined_lines = info_lines(&lb, "joined the cluster").len();
+    let resumed_lines = info_lines(&lb, "lease keep-alive resumed").len();
     let reconnects =
         |kind: &str| lb.metric(&format!("lb_upstream_reconnects_total{{kind=\"{kind}\"}}"));
-    let (registry_before, cluster_before) = (reconnects("etcd"), reconnects("cluster"));
+    // A session that ends counts under "cluster"; one that keeps its lease
+    // and makes its connections again, under "cluster_lease" and
+    // "cluster_watch".
+    let cluster_reconnects =
+        || reconnects("cluster") + reconnects("cluster_lease") + reconnects("cluster_watch");
+    let (registry_before, cluster_before) = (reconnects("etcd"), cluster_reconnects());
     let mut statuses = Vec::new();
     for m in &etcd {
         statuses.push(m.status().await);
@@ -436,15 +444,25 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
                 .get(listed_lines)
                 .map(|l| (at, l.clone()));
         }
-        if seen.rejoined.is_none() {
-            seen.rejoined = info_lines(&lb, "joined the cluster")
-                .get(joined_lines)
-                .map(|l| (at, l.clone()));
-        }
         let peers: BTreeMap<String, usize> = etcd_peers(&lb_host)
             .into_iter()
             .map(|(ip, n)| (member_name(ip), n))
             .collect();
+        // The session moves by joining again (a new lease), or by keeping
+        // its lease on a new connection and making its watch again there.
+        if seen.rejoined.is_none() {
+            let off_m1 = !peers.is_empty() && !peers.contains_key("m1");
+            seen.rejoined = info_lines(&lb, "joined the cluster")
+                .get(joined_lines)
+                .cloned()
+                .or_else(|| {
+                    info_lines(&lb, "lease keep-alive resumed")
+                        .get(resumed_lines)
+                        .filter(|_| off_m1)
+                        .cloned()
+                })
+                .map(|l| (at, l));
+        }
         if seen.off_m1.is_none() && !peers.is_empty() && !peers.contains_key("m1") {
             seen.off_m1 = Some(at);
         }
@@ -517,7 +535,7 @@ async fn member_fault(kind: MemberFault, m1_leads: bool, hold: Duration) {
     let end_joined = joined(&lb);
     let (registry_moves, cluster_moves) = (
         reconnects("etcd") - registry_before,
-        reconnects("cluster") - cluster_before,
+        cluster_reconnects() - cluster_before,
     );
     let calls = caller.snapshot();
     eprintln!(

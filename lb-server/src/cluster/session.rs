@@ -1,6 +1,18 @@
 //! The etcd side of cluster membership: one session at a time (lease,
 //! replica key, keep-alive, list + watch of the cluster prefix, writes of
 //! this replica's results), retried with backoff when it breaks.
+//!
+//! A session is as alive as its lease, and only the lease's end ends it.
+//! The lease is etcd's, not a connection's: when the connection carrying
+//! its keep-alive breaks (a PING answered late on a lossy link, a reset),
+//! the session connects again and keeps the same lease alive, as long as
+//! the lease has not run out meanwhile. When the connection of the
+//! listing, watch and writes breaks, it is made again beside the lease:
+//! the cluster prefix is listed anew (what changed meanwhile is applied,
+//! what was deleted forgotten), the watch resumes after the listing, and
+//! the write that was in flight goes again. Either way no lease is lost,
+//! no other replica takes this one's backends over, and nothing is
+//! written twice under two leases.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -21,12 +33,104 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A write to etcd in flight.
 type WriteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Written>> + Send>>;
 
+/// A connection for the listing, watch and writes, being made.
+type LinkFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Link, String>> + Send>>;
+
+/// A connection for the lease's keep-alive, being made.
+type LesseeFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Lessee, String>> + Send>>;
+
+/// Pause before making a broken connection again.
+const RELINK_DELAY: Duration = Duration::from_millis(200);
+
 /// Why a write did not land.
 enum Written {
     /// No answer in time: try again while the lease holds.
     Late(String),
+    /// The connection broke under it: make it again, then try again.
+    Broken(String),
     /// etcd refused it (a lost lease, for one): the session is over.
     Failed(String),
+}
+
+/// The connection of the listing, the watch and the writes, with what it
+/// listed: every key of the cluster prefix at `revision`, and the watch of
+/// what follows. It also keeps the lease alive, beside the lessee: on a
+/// lossy link one TCP connection now and then stalls for seconds (a
+/// segment lost again and again, its retransmission timeout grown from
+/// spurious retransmissions), and a lease renewed over two connections is
+/// lost only when both stall at once.
+struct Link {
+    client: Client,
+    revision: i64,
+    listing: Vec<etcd_client::KeyValue>,
+    watch: etcd_client::WatchStream,
+    keeper: etcd_client::LeaseKeeper,
+    keep_alive: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Link {
+    /// Connects (to the member in use, or the next that answers), lists the
+    /// cluster prefix and watches it from just after the listing, and
+    /// opens a second keep-alive stream for `lease`.
+    fn make(cluster: &Cluster, lease: i64, after: Duration) -> LinkFuture {
+        let etcd = cluster.settings.etcd.clone();
+        let prefix = cluster.settings.prefix.clone();
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            let mut client = timed("connect", etcd.connect()).await?;
+            let (revision, listing) = lb_client::etcd::list_prefix(&mut client, &prefix)
+                .await
+                .map_err(|e| format!("list cluster: {e}"))?;
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            let watch = timed(
+                "watch cluster",
+                client.watch(prefix.as_str(), Some(options)),
+            )
+            .await?;
+            let (keeper, keep_alive) =
+                timed("lease keep-alive", client.lease_keep_alive(lease)).await?;
+            Ok(Link {
+                client,
+                revision,
+                listing,
+                watch,
+                keeper,
+                keep_alive,
+            })
+        })
+    }
+}
+
+/// The connection of the lease's keep-alive.
+struct Lessee {
+    client: Client,
+    keeper: etcd_client::LeaseKeeper,
+    keep_alive: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Lessee {
+    /// Connects and opens a keep-alive stream for `lease`, which etcd keeps
+    /// until its TTL runs out whatever becomes of the connection that took
+    /// it.
+    fn resume(cluster: &Cluster, lease: i64, after: Duration) -> LesseeFuture {
+        let etcd = cluster.settings.etcd.clone();
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            let mut client = timed("connect", etcd.connect()).await?;
+            let (mut keeper, keep_alive) =
+                timed("lease keep-alive", client.lease_keep_alive(lease)).await?;
+            // Renewed at once: the lease may be near its end.
+            timed("keep-alive", keeper.keep_alive()).await?;
+            Ok(Lessee {
+                client,
+                keeper,
+                keep_alive,
+            })
+        })
+    }
 }
 
 /// Keeps a session up until `shutdown`.
@@ -102,14 +206,13 @@ async fn timed<T, E: std::fmt::Display>(
 }
 
 struct Session {
-    /// The connection of the lease and its keep-alive.
-    lessee: Client,
-    /// The connection of the listing, the watch and the writes.
-    client: Client,
+    /// The connection of the lease and its keep-alive (`None` while it is
+    /// being made again).
+    lessee: Option<Lessee>,
+    /// The connection of the listing, the watch and the writes (`None`
+    /// while it is being made again).
+    link: Option<Link>,
     lease: i64,
-    keeper: etcd_client::LeaseKeeper,
-    keep_alive: etcd_client::LeaseKeepAliveStream,
-    watch: etcd_client::WatchStream,
     replicas: BTreeMap<String, ReplicaInfo>,
     /// Writes waiting for their turn (each key once: its latest value is
     /// what gets written). Writes go one at a time beside the keep-alive,
@@ -160,53 +263,21 @@ impl Session {
         // link a retransmitted write or watch event never holds a
         // keep-alive back (TCP delivers in order) and the keep-alive's
         // connection stays thin.
-        let mut client = timed("connect", s.etcd.connect()).await?;
-        let (revision, listing) = lb_client::etcd::list_prefix(&mut client, &s.prefix)
-            .await
-            .map_err(|e| format!("list cluster: {e}"))?;
+        let mut link = Link::make(cluster, lease, Duration::ZERO).await?;
+        let listing = std::mem::take(&mut link.listing);
+        let revision = link.revision;
         let mut session = Session {
-            lessee,
-            client: client.clone(),
+            lessee: Some(Lessee {
+                client: lessee,
+                keeper,
+                keep_alive,
+            }),
+            link: Some(link),
             lease,
-            keeper,
-            keep_alive,
-            watch: timed(
-                "watch cluster",
-                client.watch(
-                    s.prefix.as_str(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                ),
-            )
-            .await?,
             replicas: BTreeMap::new(),
             pending: VecDeque::new(),
         };
-        // Opinions are read anew from the listing.
-        cluster.forget_opinions();
-        let mut seen = HashSet::new();
-        for kv in &listing {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if let Some(k) = shared::parse_key(&s.prefix, &key) {
-                seen.insert(k.clone());
-            }
-            session.on_put(cluster, &key, kv.value());
-        }
-        // Results deleted while this replica was away.
-        let gone: Vec<BackendKey> = cluster
-            .remote
-            .lock()
-            .expect("cluster lock")
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            cluster.on_remote(k, None);
-        }
+        session.apply_listing(cluster, &listing);
         set_connected(
             cluster,
             true,
@@ -223,7 +294,57 @@ impl Session {
         Ok(session)
     }
 
-    /// Serves the session until it breaks (`Err`) or `shutdown` (`Ok`).
+    /// Applies a listing of the cluster prefix: every key as read, and the
+    /// deletion of results no longer there (deleted while this replica did
+    /// not watch).
+    fn apply_listing(&mut self, cluster: &Cluster, listing: &[etcd_client::KeyValue]) {
+        let prefix = &cluster.settings.prefix;
+        let mut seen = HashSet::new();
+        let mut opinions_seen = HashSet::new();
+        let replicas = std::mem::take(&mut self.replicas);
+        for kv in listing {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(k) = shared::parse_key(prefix, &key) {
+                seen.insert(k.clone());
+            } else if let Some(opinion) = opinion::parse_key(prefix, &key) {
+                opinions_seen.insert(opinion);
+            }
+            self.on_put(cluster, &key, kv.value());
+        }
+        // Opinions no longer there (each change is applied once: an opinion
+        // read again unchanged changes nothing).
+        let stale: Vec<(BackendKey, String)> = cluster
+            .opinions
+            .lock()
+            .expect("cluster lock")
+            .iter()
+            .flat_map(|(k, of)| of.keys().map(move |r| (k.clone(), r.clone())))
+            .filter(|o| !opinions_seen.contains(o))
+            .collect();
+        for (k, replica) in stale {
+            cluster.on_opinion(k, replica, None);
+        }
+        if self.replicas != replicas {
+            set_connected(
+                cluster,
+                true,
+                Some(self.replicas.values().cloned().collect()),
+            );
+        }
+        let gone: Vec<BackendKey> = cluster
+            .remote
+            .lock()
+            .expect("cluster lock")
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            cluster.on_remote(k, None);
+        }
+    }
+
+    /// Serves the session until its lease ends (`Err`) or `shutdown` (`Ok`).
     async fn serve(
         &mut self,
         cluster: &Cluster,
@@ -235,8 +356,10 @@ impl Session {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed = Instant::now();
         let mut writing: Option<(Outgoing, WriteFuture)> = None;
+        let mut relinking: Option<LinkFuture> = None;
+        let mut relessing: Option<LesseeFuture> = None;
         loop {
-            if writing.is_none() {
+            if writing.is_none() && self.link.is_some() {
                 if let Some(out) = self.pending.pop_front() {
                     let write = self.write(cluster, &out);
                     writing = Some((out, write));
@@ -248,6 +371,24 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            let keep_alive = async {
+                match self.lessee.as_mut() {
+                    Some(l) => l.keep_alive.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            // The link's watch and keep-alive streams, polled side by side
+            // (one borrow of the link).
+            let (watched, link_keep_alive) = match self.link.as_mut() {
+                Some(l) => (
+                    futures::future::Either::Left(l.watch.message()),
+                    futures::future::Either::Left(l.keep_alive.message()),
+                ),
+                None => (
+                    futures::future::Either::Right(std::future::pending()),
+                    futures::future::Either::Right(std::future::pending()),
+                ),
+            };
             tokio::select! {
                 written = in_flight => {
                     let (out, _) = writing.take().expect("a write was in flight");
@@ -257,31 +398,94 @@ impl Session {
                             tracing::debug!(error = %e, "cluster write unanswered; trying again");
                             self.queue(out);
                         }
+                        Err(Written::Broken(e)) => {
+                            self.queue(out);
+                            if self.link.take().is_some() {
+                                relinking = Some(self.relink(cluster, &e));
+                            }
+                        }
                         Err(Written::Failed(e)) => return Err(e),
                     }
                 }
                 _ = shutdown.cancelled() => {
                     // Leaving: survivors take over this replica's backends now.
-                    let _ = timed("lease revoke", self.lessee.lease_revoke(self.lease)).await;
+                    if let Some(l) = self.lessee.as_mut() {
+                        let _ = timed("lease revoke", l.client.lease_revoke(self.lease)).await;
+                    }
                     return Ok(());
                 }
                 _ = tick.tick() => {
                     if renewed.elapsed() > ttl {
                         return Err(format!("lease not renewed for {:?}", renewed.elapsed()));
                     }
-                    timed("keep-alive", self.keeper.keep_alive()).await?;
+                    if let Some(l) = self.lessee.as_mut() {
+                        if let Err(e) = timed("keep-alive", l.keeper.keep_alive()).await {
+                            self.lessee = None;
+                            relessing = Some(self.reless(cluster, &e));
+                        }
+                    }
+                    if let Some(l) = self.link.as_mut() {
+                        if let Err(e) = timed("keep-alive", l.keeper.keep_alive()).await {
+                            self.link = None;
+                            relinking = Some(self.relink(cluster, &e));
+                        }
+                    }
                 }
-                answer = self.keep_alive.message() => match answer {
+                answer = link_keep_alive => match answer {
                     Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
                     Ok(Some(_)) => return Err(format!("lease {} expired", self.lease)),
-                    Ok(None) => return Err("keep-alive stream ended".into()),
-                    Err(e) => return Err(format!("keep-alive: {e}")),
+                    Ok(None) => {
+                        self.link = None;
+                        relinking = Some(self.relink(cluster, "keep-alive stream ended"));
+                    }
+                    Err(e) => {
+                        self.link = None;
+                        relinking = Some(self.relink(cluster, &format!("keep-alive: {e}")));
+                    }
                 },
-                message = self.watch.message() => {
-                    let response = message
-                        .map_err(|e| format!("watch: {e}"))?
-                        .ok_or("watch stream ended")?;
+                answer = keep_alive => match answer {
+                    Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
+                    Ok(Some(_)) => return Err(format!("lease {} expired", self.lease)),
+                    Ok(None) => {
+                        self.lessee = None;
+                        relessing = Some(self.reless(cluster, "keep-alive stream ended"));
+                    }
+                    Err(e) => {
+                        self.lessee = None;
+                        relessing = Some(self.reless(cluster, &format!("keep-alive: {e}")));
+                    }
+                },
+                made = async { relessing.as_mut().expect("guarded").await }, if relessing.is_some() => {
+                    relessing = None;
+                    match made {
+                        Ok(l) => {
+                            tracing::info!(lease = self.lease, "lease keep-alive resumed on a new connection");
+                            self.lessee = Some(l);
+                        }
+                        Err(e) => {
+                            // The lease's own end (the tick) ends the session.
+                            tracing::debug!(error = %e, "lease keep-alive connection not made; trying again");
+                            relessing = Some(Lessee::resume(cluster, self.lease, RELINK_DELAY));
+                        }
+                    }
+                }
+                message = watched => {
+                    let response = match message {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            self.link = None;
+                            relinking = Some(self.relink(cluster, "watch stream ended"));
+                            continue;
+                        }
+                        Err(e) => {
+                            self.link = None;
+                            relinking = Some(self.relink(cluster, &format!("watch: {e}")));
+                            continue;
+                        }
+                    };
                     if response.canceled() {
+                        // A member without a leader, or a compacted
+                        // revision: the session starts again elsewhere.
                         return Err(format!("watch cancelled: {}", response.cancel_reason()));
                     }
                     let mut replicas_changed = false;
@@ -297,6 +501,22 @@ impl Session {
                         set_connected(cluster, true, Some(self.replicas.values().cloned().collect()));
                     }
                 }
+                made = async { relinking.as_mut().expect("guarded").await }, if relinking.is_some() => {
+                    relinking = None;
+                    match made {
+                        Ok(mut link) => {
+                            let listing = std::mem::take(&mut link.listing);
+                            tracing::info!(revision = link.revision, "cluster watch resumed on a new connection");
+                            self.link = Some(link);
+                            self.apply_listing(cluster, &listing);
+                        }
+                        Err(e) => {
+                            // Only the lease's end ends the session.
+                            tracing::debug!(error = %e, "cluster watch connection not made; trying again");
+                            relinking = Some(Link::make(cluster, self.lease, RELINK_DELAY));
+                        }
+                    }
+                }
                 Some(out) = outbox.recv() => {
                     self.queue(out);
                     while let Ok(out) = outbox.try_recv() {
@@ -305,6 +525,28 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The connection of the listing, watch and writes broke (`why`): it is
+    /// made again while the lease holds.
+    fn relink(&self, cluster: &Cluster, why: &str) -> LinkFuture {
+        tracing::info!(error = %why, "cluster watch connection lost; making it again (the lease holds)");
+        cluster
+            .catalog
+            .metrics()
+            .upstream_reconnect("cluster_watch");
+        Link::make(cluster, self.lease, RELINK_DELAY)
+    }
+
+    /// The connection of the lease's keep-alive broke (`why`): it is made
+    /// again for the same lease, which etcd keeps until its TTL runs out.
+    fn reless(&self, cluster: &Cluster, why: &str) -> LesseeFuture {
+        tracing::info!(error = %why, lease = self.lease, "lease keep-alive connection lost; making it again");
+        cluster
+            .catalog
+            .metrics()
+            .upstream_reconnect("cluster_lease");
+        Lessee::resume(cluster, self.lease, RELINK_DELAY)
     }
 
     /// Queues a write of `out` unless one is queued already.
@@ -334,7 +576,12 @@ impl Session {
                 "opinion",
             ),
         };
-        let mut client = self.client.clone();
+        let mut client = self
+            .link
+            .as_ref()
+            .expect("writes wait for the link")
+            .client
+            .clone();
         let lease = self.lease;
         Box::pin(async move {
             let answer = match value {
@@ -378,6 +625,15 @@ fn settle(
                     || s.message().contains("leader changed") =>
             {
                 Err(Written::Late(format!("{what}: {}", s.message())))
+            }
+            // The connection broke (a PING answered late, a reset).
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+            {
+                Err(Written::Broken(format!("{what}: {}", s.message())))
+            }
+            Ok(Err(e @ etcd_client::Error::TransportError(_))) => {
+                Err(Written::Broken(format!("{what}: {e}")))
             }
             Ok(Err(e)) => Err(Written::Failed(format!("publish {what}: {e}"))),
         }
