@@ -78,6 +78,8 @@ pub struct RegistrySink {
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
     log: Arc<LogLimiter>,
+    /// Whether the source's last word was a good answer.
+    ok: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RegistrySink {
@@ -88,6 +90,7 @@ impl RegistrySink {
             catalog,
             metrics,
             log: Arc::new(LogLimiter::default()),
+            ok: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -128,10 +131,22 @@ impl RegistrySink {
 
     /// Reports that the source's session (watch, connection) was lost and
     /// is being opened again: counted in `lb_upstream_reconnects_total`
-    /// under the source's kind, then as [`RegistrySink::source_error`].
+    /// under the source's kind, then as [`RegistrySink::source_error`];
+    /// except that a session lost while the source was answering well is
+    /// logged at INFO: one that comes back at once (a connection reset) is
+    /// no failure worth a warning, and one that does not is warned about
+    /// by its failed attempts.
     pub fn session_lost(&self, detail: &str) {
         self.metrics.upstream_reconnect(self.source);
-        self.source_error(detail);
+        if !self.ok.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.source_error(detail);
+        }
+        self.metrics.event(self.source, "error");
+        self.source_ok(false);
+        if let Some(repeats) = self.log.allow(&format!("{}|lost|{detail}", self.source)) {
+            tracing::info!(source = self.source, detail = ?detail, repeats_not_logged = repeats,
+                "registry session lost; listing again, serving the last known state meanwhile");
+        }
     }
 
     /// Adds or updates one instance.
@@ -187,6 +202,7 @@ impl RegistrySink {
 
     /// `lb_registry_source_ok`: whether the source's last read succeeded.
     fn source_ok(&self, ok: bool) {
+        self.ok.store(ok, std::sync::atomic::Ordering::Relaxed);
         self.metrics
             .registry_source_ok
             .get_or_create(&crate::metrics::RegistrySourceLabels {
