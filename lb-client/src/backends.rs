@@ -53,6 +53,29 @@ pub struct ConnSettings {
     pub tcp_user_timeout: Option<Duration>,
     /// TLS towards backends, when they serve it.
     pub tls: Option<BackendTls>,
+    /// HTTP/2 settings of backend connections, as tonic's `Endpoint` has
+    /// them.
+    pub http2: Http2Settings,
+    /// `user-agent` of every call: this before the library's own.
+    pub user_agent: Option<String>,
+    /// `:authority` (and scheme) of every call instead of the backend's
+    /// address, like tonic's `Endpoint::origin` (for backends behind a
+    /// proxy that routes on it).
+    pub origin: Option<http::Uri>,
+}
+
+/// HTTP/2 settings of backend connections (`None`: hyper's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Http2Settings {
+    /// `SETTINGS_INITIAL_WINDOW_SIZE`: what one stream may receive ahead.
+    pub initial_stream_window_size: Option<u32>,
+    /// What the whole connection may receive ahead.
+    pub initial_connection_window_size: Option<u32>,
+    /// Windows sized from the measured bandwidth-delay product (overrides
+    /// the two above).
+    pub adaptive_window: bool,
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`: largest header block accepted.
+    pub max_header_list_size: Option<u32>,
 }
 
 /// TLS towards backends: the settings and the rustls configuration built
@@ -82,6 +105,9 @@ impl Default for ConnSettings {
             tcp_keepalive_interval: Some(Duration::from_secs(5)),
             tcp_user_timeout: Some(Duration::from_secs(20)),
             tls: None,
+            http2: Http2Settings::default(),
+            user_agent: None,
+            origin: None,
         }
     }
 }
@@ -302,6 +328,14 @@ where
 {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());
+    let h2 = &settings.http2;
+    builder
+        .initial_stream_window_size(h2.initial_stream_window_size)
+        .initial_connection_window_size(h2.initial_connection_window_size)
+        .adaptive_window(h2.adaptive_window);
+    if let Some(max) = h2.max_header_list_size {
+        builder.max_header_list_size(max);
+    }
     if let Some((interval, timeout)) = settings.keepalive {
         // Only while calls are in flight: stock servers refuse PINGs on a
         // connection without streams (`PermitWithoutStream: false`).

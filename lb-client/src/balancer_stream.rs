@@ -13,8 +13,9 @@
 //! - The stream carries the channel's client id (`lb-client-id` metadata),
 //!   which the LB uses to give this client a stable subset of backends.
 //! - If no list arrives within the fallback timeout, or every LB address
-//!   fails before any list was received, the fallback backends are used
-//!   until a list arrives.
+//!   fails before any list was received, or (as C-core's grpclb does) the
+//!   LB is lost and every backend of its last list has failed, the
+//!   fallback backends are used until a list arrives.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -57,6 +58,11 @@ pub struct LbSettings {
     pub fallback_timeout: Duration,
     /// TLS towards the LBs, if they serve it.
     pub tls: Option<crate::TlsConfig>,
+    /// Heartbeat asked of the LB (`None`: none asked).
+    pub heartbeat: Option<Duration>,
+    /// HTTP/2 PINGs towards the LB after `.0` with nothing read, each
+    /// allowed `.1` (`None`: no PINGs).
+    pub keepalive: Option<(Duration, Duration)>,
 }
 
 /// Metadata key naming the client to the LB.
@@ -71,13 +77,20 @@ struct Ended {
     why: String,
 }
 
-/// PINGs on the LB stream prove a hung LB replica gone, so the client moves
-/// to another one. `lb-server` accepts them at any rate (its HTTP/2 server
-/// enforces no minimum) and the stream is always open, so they never meet a
-/// stock server's 5-minute rule; backend connections do not PING.
-const LB_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// How long an LB may leave a PING unanswered.
-const LB_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Heartbeat asked of the LB: a message whenever the stream has been quiet
+/// this long ([`lb_proto::ext::HEARTBEAT_HEADER`]).
+pub const LB_HEARTBEAT: Duration = Duration::from_secs(1);
+/// After this long with nothing read (no list, no heartbeat), the client
+/// PINGs the LB.
+pub const LB_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a PING may go unanswered before the LB counts as gone and the
+/// client moves to another one: a hung or cut-off replica is left within
+/// interval + timeout (6 s) of its last message. On a lossy link the
+/// heartbeats keep coming (late, not lost: TCP retransmits them), so the
+/// client PINGs only after a gap of 2 s and gives up only after 6 s of
+/// silence, which at 30 % loss takes a segment lost about nine times in a
+/// row.
+pub const LB_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs until `cancel`: keeps a BalanceLoad stream to one of the LBs.
 pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: CancellationToken) {
@@ -111,7 +124,7 @@ pub async fn run(state: Arc<ChannelState>, settings: LbSettings, cancel: Cancell
             _ = cancel.cancelled() => break,
             e = session(&state, &target, &settings, &cancel) => e,
         };
-        *state.current_lb.lock().expect("lb lock") = None;
+        state.lb_lost();
         if cancel.is_cancelled() {
             break;
         }
@@ -230,9 +243,13 @@ async fn stream(
     }
     let endpoint = endpoint
         .connect_timeout(settings.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(LB_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(LB_KEEPALIVE_TIMEOUT);
+        .tcp_nodelay(true);
+    let endpoint = match settings.keepalive {
+        Some((interval, timeout)) => endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout),
+        None => endpoint,
+    };
     let (tx, rx) = mpsc::channel::<LoadBalanceRequest>(4);
     tx.send(LoadBalanceRequest {
         load_balance_request_type: Some(LoadBalanceRequestType::InitialRequest(
@@ -255,6 +272,14 @@ async fn stream(
         }
         if let Some(Ok(zone)) = settings.zone.as_deref().map(str::parse) {
             request.metadata_mut().insert(CLIENT_ZONE, zone);
+        }
+        if let Some(every) = settings.heartbeat {
+            let ms = every.as_millis().max(1).to_string();
+            if let Ok(ms) = ms.parse() {
+                request
+                    .metadata_mut()
+                    .insert(lb_proto::ext::HEARTBEAT_HEADER, ms);
+            }
         }
         let mut inbound = LoadBalancerClient::new(channel)
             .balance_load(request)
@@ -310,7 +335,8 @@ async fn stream(
                 state.enter_fallback("the load balancer asked for fallback");
             }
             Some(LoadBalanceResponseType::InitialResponse(_)) => {
-                tracing::debug!(lb = %addr, "repeated initial_response ignored");
+                // The heartbeat asked for: reading it is all it is for.
+                tracing::trace!(lb = %addr, "heartbeat");
             }
             None => return Ok(()),
         }

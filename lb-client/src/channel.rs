@@ -15,6 +15,15 @@
 //! are connecting and fail fast with UNAVAILABLE otherwise (or wait up to
 //! their deadline with [`LbChannelBuilder::wait_for_ready`]).
 //!
+//! **Backpressure.** At most [`LbChannelBuilder::concurrency_limit`] calls
+//! (1,024 by default) wait for their response headers at once, all
+//! backends together; beyond that, `poll_ready` is pending, so a caller
+//! (a tonic client's `ready().await`, a tower layer) waits before its call
+//! exists instead of queueing it without bound in front of a backend's
+//! `max_concurrent_streams`. The calls in flight are the channel's
+//! [`tower::load::Load`], so it composes with tower's balancers and
+//! limiters.
+//!
 //! A call's deadline (its `grpc-timeout`, or the channel's
 //! [`LbChannelBuilder::timeout`]) holds for the whole call, as in every
 //! stock client: a backend that stops answering ends the call with
@@ -29,9 +38,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Scheme, Uri};
+use http::uri::Uri;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tonic::body::Body;
 use tonic::Status;
 
@@ -39,6 +49,9 @@ use crate::backends::ConnSettings;
 use crate::balancer_stream::{self, LbSettings};
 use crate::deadline::{self, DeadlineBody, RequestDeadline};
 use crate::picker::{Pick, ReadyBackend};
+use crate::retry::{
+    Attempts, Outcome, Replay, RetryPolicies, RetryPolicy, RetryThrottling, Throttle,
+};
 use crate::state::ChannelState;
 use crate::Error;
 
@@ -47,6 +60,10 @@ pub const LB_TOKEN: &str = "lb-token";
 
 /// [`LB_TOKEN`] as a ready-made header name (no parsing per call).
 pub const LB_TOKEN_HEADER: http::HeaderName = http::HeaderName::from_static(LB_TOKEN);
+
+/// Calls in flight at once by default (tonic's `Channel` buffers 1,024
+/// requests by default).
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 1024;
 
 /// Builds an [`LbChannel`].
 #[derive(Debug, Clone)]
@@ -58,6 +75,9 @@ pub struct LbChannelBuilder {
     wait_for_ready: bool,
     timeout: Option<Duration>,
     backend_tls: Option<crate::TlsConfig>,
+    concurrency_limit: Option<usize>,
+    retry: RetryPolicies,
+    throttling: Option<RetryThrottling>,
 }
 
 impl LbChannelBuilder {
@@ -113,6 +133,29 @@ impl LbChannelBuilder {
     pub fn lb_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.lb.backoff_initial = initial;
         self.lb.backoff_max = max;
+        self
+    }
+
+    /// Heartbeat asked of the LB on its stream (default 1 s; `None` asks
+    /// for none): `lb-server` then writes a message whenever the stream has
+    /// been quiet that long, so that the client knows it alive from what it
+    /// reads. `lb-server` grants at least its `--heartbeat-min`.
+    pub fn lb_heartbeat(mut self, every: Option<Duration>) -> Self {
+        self.lb.heartbeat = every;
+        self
+    }
+
+    /// HTTP/2 PINGs towards the LB after `interval` with nothing read on the
+    /// connection, each allowed `timeout` before the LB counts as gone and
+    /// the next one is tried (defaults 2 s and 4 s; `None`: no PINGs, and a
+    /// hung LB is noticed only by TCP). With the heartbeat on, a PING goes
+    /// out only when a heartbeat is late, so a stock HTTP/2 proxy in front
+    /// of the LB (which, built on grpc-go or C-core, closes connections
+    /// that PING more often than every 5 minutes with no data flowing)
+    /// sees none in steady state; with the heartbeat off, set an interval
+    /// the proxy allows.
+    pub fn lb_keepalive(mut self, keepalive: Option<(Duration, Duration)>) -> Self {
+        self.lb.keepalive = keepalive;
         self
     }
 
@@ -190,6 +233,81 @@ impl LbChannelBuilder {
         self
     }
 
+    /// Most calls waiting for their response headers at once, all backends
+    /// together (default [`DEFAULT_CONCURRENCY_LIMIT`]; `None`: no limit).
+    /// At the limit, `poll_ready` is pending until a call gets its headers
+    /// (or fails), so callers wait before their calls exist: memory stays
+    /// bounded however many callers there are, and a backend's
+    /// `max_concurrent_streams` never becomes an unbounded queue inside the
+    /// channel. A streaming call counts until its response headers arrive.
+    pub fn concurrency_limit(mut self, limit: Option<usize>) -> Self {
+        self.concurrency_limit = limit.map(|n| n.max(1));
+        self
+    }
+
+    /// HTTP/2 `SETTINGS_INITIAL_WINDOW_SIZE` of backend connections (as
+    /// tonic's `Endpoint`; default hyper's).
+    pub fn initial_stream_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.conn.http2.initial_stream_window_size = size.into();
+        self
+    }
+
+    /// HTTP/2 connection-level window of backend connections (as tonic's
+    /// `Endpoint`; default hyper's).
+    pub fn initial_connection_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.conn.http2.initial_connection_window_size = size.into();
+        self
+    }
+
+    /// HTTP/2 windows sized from the measured bandwidth-delay product
+    /// (default off, as tonic's `Endpoint`).
+    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
+        self.conn.http2.adaptive_window = enabled;
+        self
+    }
+
+    /// Largest response header block accepted from backends (as tonic's
+    /// `Endpoint`; default hyper's 16 KiB).
+    pub fn http2_max_header_list_size(mut self, size: u32) -> Self {
+        self.conn.http2.max_header_list_size = Some(size);
+        self
+    }
+
+    /// `user-agent` of every call: `ua` before `lb-client/<version>` (as
+    /// tonic's `Endpoint::user_agent` puts it before `tonic/<version>`).
+    pub fn user_agent(mut self, ua: impl Into<String>) -> Self {
+        self.conn.user_agent = Some(ua.into());
+        self
+    }
+
+    /// Scheme and `:authority` of every call instead of the picked
+    /// backend's address (as tonic's `Endpoint::origin`), for backends
+    /// behind a proxy that routes on it. The connection still goes to the
+    /// picked backend.
+    pub fn origin(mut self, origin: http::Uri) -> Self {
+        self.conn.origin = Some(origin);
+        self
+    }
+
+    /// Retries calls to `name` (`pkg.Service` for all its methods, or
+    /// `pkg.Service/Method`; a method's own policy wins) as gRPC's
+    /// `retryPolicy` says (gRFC A6): see [`crate::retry`]. The common
+    /// recipe for rolling restarts is
+    /// `RetryPolicy::new(2, [tonic::Code::Unavailable])`. Without a policy,
+    /// only a call that could not be written to its backend is sent again.
+    pub fn retry_policy(mut self, name: &str, policy: RetryPolicy) -> Self {
+        self.retry.insert(name, policy);
+        self
+    }
+
+    /// Retry throttling for the whole channel (gRFC A6 `retryThrottling`):
+    /// retries stop while more than about `1 / (1 + token_ratio)` of
+    /// recent attempts failed, so that they cannot amplify an outage.
+    pub fn retry_throttling(mut self, throttling: RetryThrottling) -> Self {
+        self.throttling = Some(throttling);
+        self
+    }
+
     /// Calls wait (up to their deadline) while no backend is usable, instead
     /// of failing fast with UNAVAILABLE (default false).
     pub fn wait_for_ready(mut self, wait: bool) -> Self {
@@ -231,6 +349,12 @@ impl LbChannelBuilder {
         Ok(LbChannel {
             state: state.clone(),
             timeout,
+            limit: self
+                .concurrency_limit
+                .map(|n| PollSemaphore::new(Arc::new(Semaphore::new(n)))),
+            permit: None,
+            retry: Arc::new(self.retry),
+            throttle: self.throttling.map(|t| Arc::new(Throttle::new(t))),
             _guard: Arc::new(StopOnDrop { cancel, state }),
         })
     }
@@ -250,13 +374,35 @@ impl Drop for StopOnDrop {
 }
 
 /// A client channel balanced by a lookaside LB. Cheap to clone; clones share
-/// the list, connections and stats.
-#[derive(Clone)]
+/// the list, connections, stats and concurrency limit.
 pub struct LbChannel {
     state: Arc<ChannelState>,
     /// The default deadline of every call.
     timeout: Option<Duration>,
+    /// The channel's concurrency limit, shared by its clones.
+    limit: Option<PollSemaphore>,
+    /// The permit `poll_ready` acquired for the next call.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Retry policies by service and method.
+    retry: Arc<RetryPolicies>,
+    /// The channel's retry tokens, when throttled.
+    throttle: Option<Arc<Throttle>>,
     _guard: Arc<StopOnDrop>,
+}
+
+impl Clone for LbChannel {
+    fn clone(&self) -> Self {
+        LbChannel {
+            state: self.state.clone(),
+            timeout: self.timeout,
+            limit: self.limit.clone(),
+            // A permit belongs to the clone that acquired it.
+            permit: None,
+            retry: self.retry.clone(),
+            throttle: self.throttle.clone(),
+            _guard: self._guard.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for LbChannel {
@@ -281,12 +427,20 @@ impl LbChannel {
                 backoff_max: Duration::from_secs(10),
                 fallback_timeout: Duration::from_secs(10),
                 tls: None,
+                heartbeat: Some(crate::balancer_stream::LB_HEARTBEAT),
+                keepalive: Some((
+                    crate::balancer_stream::LB_KEEPALIVE_INTERVAL,
+                    crate::balancer_stream::LB_KEEPALIVE_TIMEOUT,
+                )),
             },
             conn: ConnSettings::default(),
             fallback: Vec::new(),
             wait_for_ready: false,
             timeout: None,
             backend_tls: None,
+            concurrency_limit: Some(DEFAULT_CONCURRENCY_LIMIT),
+            retry: RetryPolicies::default(),
+            throttling: None,
         }
     }
 
@@ -320,6 +474,14 @@ impl LbChannel {
         *self.state.current_lb.lock().expect("lb lock")
     }
 
+    /// Calls waiting for their response headers now (the channel's
+    /// [`tower::load::Load`]).
+    pub fn in_flight(&self) -> usize {
+        self.state
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until at least one backend is ready, or `timeout` passes.
     pub async fn ready_within(&self, timeout: Duration) -> bool {
         let mut changes = self.state.picker.subscribe();
@@ -345,8 +507,20 @@ impl tower::Service<http::Request<Body>> for LbChannel {
     type Error = crate::BoxError;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is decided per call, when it is picked.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Ready when under the concurrency limit; which backend takes the
+        // call is decided when it is picked.
+        let Some(limit) = &mut self.limit else {
+            return Poll::Ready(Ok(()));
+        };
+        if self.permit.is_none() {
+            match limit.poll_acquire(cx) {
+                Poll::Ready(Some(permit)) => self.permit = Some(permit),
+                // The semaphore is never closed while the channel lives.
+                Poll::Ready(None) => return Poll::Ready(Err("channel closed".into())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -361,7 +535,119 @@ impl tower::Service<http::Request<Body>> for LbChannel {
             }
         }
         let deadline = deadline::deadline_of(request.headers(), self.timeout);
-        Box::pin(async move { Ok(call(state, request, deadline).await) })
+        let permit = self.permit.take();
+        let policy = self.retry.lookup(request.uri().path());
+        let throttle = self.throttle.clone();
+        // A call made without `poll_ready` waits for its permit here.
+        let semaphore = match (&permit, &self.limit) {
+            (None, Some(limit)) => Some(limit.clone_inner()),
+            _ => None,
+        };
+        Box::pin(async move {
+            let _permit = match (permit, semaphore) {
+                (Some(p), _) => Some(p),
+                (None, Some(s)) => s.acquire_owned().await.ok(),
+                (None, None) => None,
+            };
+            let _in_flight = InFlight::new(&state);
+            let result = match policy {
+                None => call(state.clone(), request, deadline).await,
+                Some(policy) => {
+                    let attempts = Attempts::new(policy, throttle);
+                    call_retrying(state.clone(), request, deadline, attempts).await
+                }
+            };
+            result.map_err(|f| Box::new(f.0) as crate::BoxError)
+        })
+    }
+}
+
+impl tower::load::Load for LbChannel {
+    /// Calls waiting for their response headers now.
+    type Metric = usize;
+
+    fn load(&self) -> usize {
+        self.in_flight()
+    }
+}
+
+/// Counts a call in flight until its response headers (or its failure).
+struct InFlight(Arc<ChannelState>);
+
+impl InFlight {
+    fn new(state: &Arc<ChannelState>) -> Self {
+        state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A call that no backend answered: the status the caller gets (tonic
+/// hands a `Status` found in an error to the caller as it is), as an `Err`
+/// of the service, so that tower's layers (`retry`, `timeout`, error
+/// chains) can tell it from a backend's answer, which is always `Ok` (its
+/// status in its headers or trailers), as with tonic's own `Channel`.
+struct Failure(Status);
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure(status)
+    }
+}
+
+/// Runs a call under a retry policy: each attempt as [`call`] runs it,
+/// with the request replayed, until one is committed or the policy (its
+/// attempts, codes, throttling, the server's pushback, the deadline) says
+/// no more.
+async fn call_retrying(
+    state: Arc<ChannelState>,
+    request: http::Request<Body>,
+    deadline: Option<Instant>,
+    mut attempts: Attempts,
+) -> Result<http::Response<Body>, Failure> {
+    let (parts, body) = request.into_parts();
+    let replay = Replay::new(body);
+    loop {
+        let mut attempt = http::Request::new(replay.attempt());
+        *attempt.method_mut() = parts.method.clone();
+        *attempt.uri_mut() = parts.uri.clone();
+        *attempt.version_mut() = parts.version;
+        *attempt.headers_mut() = parts.headers.clone();
+        if attempts.made() > 1 {
+            attempt.headers_mut().insert(
+                "grpc-previous-rpc-attempts",
+                http::HeaderValue::from(attempts.made() - 1),
+            );
+        }
+        let result = call(state.clone(), attempt, deadline).await;
+        let outcome = match &result {
+            Ok(response) => Outcome::of_response(response),
+            Err(f) => Outcome::Failed {
+                code: f.0.code(),
+                pushback: None,
+            },
+        };
+        let Some(delay) = attempts.next(&outcome, replay.replayable()) else {
+            return result;
+        };
+        if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+            return result;
+        }
+        state
+            .counters
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(code = ?match outcome { Outcome::Failed { code, .. } => code, Outcome::Committed => tonic::Code::Ok }, ?delay, attempt = attempts.made(), "retrying the call");
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -372,7 +658,7 @@ async fn call(
     state: Arc<ChannelState>,
     mut request: http::Request<Body>,
     deadline: Option<Instant>,
-) -> http::Response<Body> {
+) -> Result<http::Response<Body>, Failure> {
     if let Some(d) = deadline {
         request = request.map(|b| Body::new(RequestDeadline::new(b, d)));
     }
@@ -387,14 +673,14 @@ async fn call(
                 Pick::Backend(b) => Some(b.clone()),
                 Pick::Drop(token) => {
                     state.stats.dropped(token);
-                    return Status::unavailable(format!(
+                    return Err(Status::unavailable(format!(
                         "call dropped by the load balancer (token {token})"
                     ))
-                    .into_http();
+                    .into());
                 }
                 Pick::Wait => None,
                 Pick::Fail(why) if !state.wait_for_ready => {
-                    return Status::unavailable(why.to_string()).into_http()
+                    return Err(Status::unavailable(why.to_string()).into())
                 }
                 Pick::Fail(_) => None,
             }
@@ -410,18 +696,19 @@ async fn call(
             };
             match waited {
                 Some(Ok(())) => continue,
-                Some(Err(_)) => return Status::unavailable("channel closed").into_http(),
+                Some(Err(_)) => return Err(Status::unavailable("channel closed").into()),
                 None => {
                     let why = match state.picker.load().mode() {
                         crate::picker::Mode::Failing(why) => why.clone(),
                         _ => "no backend became ready".to_string(),
                     };
-                    return deadline::exceeded(&format!("while waiting for a backend: {why}"))
-                        .into_http();
+                    return Err(
+                        deadline::exceeded(&format!("while waiting for a backend: {why}")).into(),
+                    );
                 }
             }
         };
-        prepare(&mut request, &backend, &state.scheme);
+        prepare(&mut request, &backend, &state);
         state.stats.started();
         let sent = backend.sender.try_send_request(request);
         let answered = match deadline {
@@ -430,11 +717,11 @@ async fn call(
                 Ok(answered) => answered,
                 Err(_) => {
                     state.stats.failed();
-                    return deadline::exceeded(&format!(
+                    return Err(deadline::exceeded(&format!(
                         "waiting for backend {}'s response",
                         backend.addr
                     ))
-                    .into_http();
+                    .into());
                 }
             },
             None => sent.await,
@@ -442,10 +729,10 @@ async fn call(
         match answered {
             Ok(response) => {
                 state.stats.known_received();
-                return match deadline {
+                return Ok(match deadline {
                     Some(d) => response.map(|b| Body::new(DeadlineBody::new(b, d))),
                     None => response.map(Body::new),
-                };
+                });
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !retried => {
@@ -458,30 +745,40 @@ async fn call(
                 Some(_) => {
                     state.stats.failed_to_send();
                     state.report_send_failure(&backend);
-                    return Status::unavailable(format!(
+                    return Err(Status::unavailable(format!(
                         "backend {} unavailable: {}",
                         backend.addr,
                         e.into_error()
                     ))
-                    .into_http();
+                    .into());
                 }
                 None => {
                     state.stats.failed();
                     let error = e.into_error();
-                    return Status::unavailable(format!("backend {}: {error}", backend.addr))
-                        .into_http();
+                    return Err(
+                        Status::unavailable(format!("backend {}: {error}", backend.addr)).into(),
+                    );
                 }
             },
         }
     }
 }
 
-/// Points the request at the backend and attaches its token.
-fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend, scheme: &Scheme) {
+/// Points the request at the backend (or the channel's origin), and
+/// attaches the backend's token and the channel's `user-agent`.
+fn prepare(request: &mut http::Request<Body>, backend: &ReadyBackend, state: &ChannelState) {
     let path = request.uri().path_and_query().cloned();
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme.clone());
-    parts.authority = Some(backend.authority.clone());
+    parts.scheme = Some(state.scheme.clone());
+    parts.authority = Some(
+        state
+            .origin
+            .clone()
+            .unwrap_or_else(|| backend.authority.clone()),
+    );
+    request
+        .headers_mut()
+        .insert(http::header::USER_AGENT, state.user_agent.clone());
     parts.path_and_query = path.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;

@@ -28,6 +28,7 @@
 //! | [`state`] | list in force + connections → pick list |
 //! | [`picker`] | lock-free walk of the pick list |
 //! | `deadline` | a call's deadline, kept for the whole call (pick, headers, body) |
+//! | [`retry`] | gRPC retry policies and throttling (gRFC A6), the request replayed |
 //! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
 //! | [`stats`] | client-stats counters |
 //! | `register` | backend registration helpers (feature `register`) |
@@ -54,6 +55,7 @@ pub mod orca;
 pub mod picker;
 #[cfg(feature = "register")]
 pub mod register;
+pub mod retry;
 pub mod state;
 pub mod stats;
 pub mod task;
@@ -62,6 +64,7 @@ pub mod tls;
 pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};
 #[cfg(feature = "register")]
 pub use register::{Registration, RegistrationOptions};
+pub use retry::{RetryPolicy, RetryThrottling};
 pub use tls::TlsConfig;
 
 /// A boxed error, as tower services use.

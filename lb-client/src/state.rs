@@ -47,6 +47,8 @@ pub struct Counters {
     pub lists: AtomicU64,
     /// Backend connections established (first connects and reconnects).
     pub backend_connections: Arc<AtomicU64>,
+    /// Calls sent again under a retry policy (one per retry).
+    pub retries: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -58,6 +60,8 @@ pub struct CountersSnapshot {
     pub lists: u64,
     /// Backend connections established.
     pub backend_connections: u64,
+    /// Retries under a retry policy.
+    pub retries: u64,
 }
 
 impl Counters {
@@ -67,6 +71,7 @@ impl Counters {
             lb_streams: self.lb_streams.load(Ordering::Relaxed),
             lists: self.lists.load(Ordering::Relaxed),
             backend_connections: self.backend_connections.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
         }
     }
 }
@@ -85,8 +90,14 @@ pub struct ChannelState {
     pub current_lb: Mutex<Option<SocketAddr>>,
     /// URI scheme of calls to backends (`https` when they are called over TLS).
     pub scheme: http::uri::Scheme,
+    /// `user-agent` of every call.
+    pub user_agent: http::HeaderValue,
+    /// `:authority` of every call, when set instead of the backend's.
+    pub origin: Option<http::uri::Authority>,
     /// How often connections were made and lists received.
     pub counters: Counters,
+    /// Calls waiting for their response headers now.
+    pub in_flight: std::sync::atomic::AtomicUsize,
     fallback: Vec<SocketAddr>,
     pool: BackendPool,
     source: Mutex<Source>,
@@ -110,13 +121,23 @@ impl ChannelState {
                     state.rebuild();
                 }
             });
-            let scheme = if conn.tls.is_some() {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
+            let origin = conn.origin.as_ref();
+            let scheme = match origin.and_then(|o| o.scheme()) {
+                Some(s) => s.clone(),
+                None if conn.tls.is_some() => http::uri::Scheme::HTTPS,
+                None => http::uri::Scheme::HTTP,
             };
+            let origin = origin.and_then(|o| o.authority()).cloned();
+            let library = concat!("lb-client/", env!("CARGO_PKG_VERSION"));
+            let user_agent = conn
+                .user_agent
+                .as_deref()
+                .and_then(|ua| http::HeaderValue::try_from(format!("{ua} {library}")).ok())
+                .unwrap_or(http::HeaderValue::from_static(library));
             ChannelState {
                 scheme,
+                user_agent,
+                origin,
                 service,
                 picker: Picker::default(),
                 stats: CallStats::default(),
@@ -124,6 +145,7 @@ impl ChannelState {
                 current_lb: Mutex::new(None),
                 fallback,
                 counters,
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
                 pool: BackendPool::new(conn, on_change, connects),
                 source: Mutex::new(Source::Waiting),
                 got_lb_list: AtomicBool::new(false),
@@ -266,7 +288,27 @@ impl ChannelState {
                 failures.join("; ")
             ))
         };
+        // C-core's grpclb rule: with the LB lost and every backend of its
+        // last list failed, the fallback backends serve until a list comes.
+        let lb_list_dead = matches!(&*source, Source::Lb(e) if e.iter().any(|e| !e.drop))
+            && !connecting
+            && picks.iter().all(|p| matches!(p, Entry::Drop(_)))
+            && !self.fallback.is_empty()
+            && self.current_lb.lock().expect("lb lock").is_none();
+        drop(source);
         self.picker.store(PickList::new(picks, mode));
+        if lb_list_dead {
+            self.enter_fallback(
+                "the load balancer is lost and every backend of its last list failed",
+            );
+        }
+    }
+
+    /// The LB stream ended: the list in force stays, unless every backend
+    /// of it has failed too (then the fallback backends serve).
+    pub fn lb_lost(&self) {
+        *self.current_lb.lock().expect("lb lock") = None;
+        self.rebuild();
     }
 
     /// Stops every backend connection.

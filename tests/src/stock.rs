@@ -69,6 +69,12 @@ pub struct StockBackend {
 impl StockBackend {
     /// Starts a backend of `kind` on a free loopback port; waits until it serves.
     pub async fn start(kind: Stock) -> StockBackend {
+        Self::start_with(kind, &[]).await
+    }
+
+    /// Starts a backend of `kind` with extra command-line `args` (the
+    /// grpc-go backend's `-max-streams` and `-delay`, say).
+    pub async fn start_with(kind: Stock, args: &[&str]) -> StockBackend {
         let mut cmd = match kind {
             Stock::GrpcGo => Command::new(go_bins().join("backend")),
             Stock::Grpcio => {
@@ -78,7 +84,7 @@ impl StockBackend {
                 c
             }
         };
-        cmd.args(["--port", "0"]);
+        cmd.args(["--port", "0"]).args(args);
         let name = match kind {
             Stock::GrpcGo => "grpc-go-backend",
             Stock::Grpcio => "grpcio-backend",
@@ -492,4 +498,40 @@ fn envoy_get(admin: SocketAddr, path: &str) -> Option<String> {
         out.push_str(rest.get(..n)?);
         body = rest.get(n + 2..)?;
     }
+}
+
+/// An LB with its embedded registry and `n` grpc-go backends (started with
+/// `args`) registered there as "greeter", all listed.
+pub async fn stock_fleet(
+    n: usize,
+    args: &[&str],
+) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
+    let lb = crate::Lb::start(&[]).await;
+    let registry = format!("lb://{}", lb.addr);
+    let mut backends = Vec::new();
+    let mut registrations = Vec::new();
+    for _ in 0..n {
+        let b = StockBackend::start_with(Stock::GrpcGo, args).await;
+        registrations.push(
+            lb_client::Registration::start(
+                &registry,
+                "greeter",
+                &b.addr.to_string(),
+                lb_client::RegistrationOptions::default(),
+            )
+            .expect("register"),
+        );
+        backends.push(b);
+    }
+    let listed = crate::wait_until(Duration::from_secs(10), || {
+        let n_listed = lb
+            .backends("greeter")
+            .iter()
+            .filter(|b| b["list_entries"].as_u64().unwrap_or(0) > 0)
+            .count();
+        n_listed == n
+    })
+    .await;
+    assert!(listed, "the LB never listed {n} backends");
+    (lb, backends, registrations)
 }

@@ -6,44 +6,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lb_client::{LbChannel, Registration, RegistrationOptions};
+use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::blackhole::Blackhole;
-use lb_tests::stock::{Stock, StockBackend};
-use lb_tests::{bin, wait_until, Lb};
-
-/// An LB with its embedded registry and `n` grpc-go backends registered
-/// there as "greeter", all listed.
-async fn stock_fleet(n: usize) -> (Lb, Vec<StockBackend>, Vec<Registration>) {
-    let lb = Lb::start(&[]).await;
-    let registry = format!("lb://{}", lb.addr);
-    let mut backends = Vec::new();
-    let mut registrations = Vec::new();
-    for _ in 0..n {
-        let b = StockBackend::start(Stock::GrpcGo).await;
-        registrations.push(
-            Registration::start(
-                &registry,
-                "greeter",
-                &b.addr.to_string(),
-                RegistrationOptions::default(),
-            )
-            .expect("register"),
-        );
-        backends.push(b);
-    }
-    let listed = wait_until(Duration::from_secs(10), || {
-        let n_listed = lb
-            .backends("greeter")
-            .iter()
-            .filter(|b| b["list_entries"].as_u64().unwrap_or(0) > 0)
-            .count();
-        n_listed == n
-    })
-    .await;
-    assert!(listed, "the LB never listed {n} backends");
-    (lb, backends, registrations)
-}
+use lb_tests::stock::{stock_fleet, StockBackend};
+use lb_tests::{bin, wait_until};
 
 /// Waits until `channel` has a ready connection to each of `addrs`.
 async fn connected(channel: &LbChannel, addrs: &[SocketAddr]) {
@@ -76,7 +43,7 @@ impl Drop for Resume<'_> {
 /// same time, through `greeter-client`, a fresh process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_to_a_hung_backend_end_at_their_deadline() {
-    let (lb, backends, _registrations) = stock_fleet(2).await;
+    let (lb, backends, _registrations) = stock_fleet(2, &[]).await;
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let channel = LbChannel::builder("greeter")
         .lb(lb.addr.to_string())
@@ -151,7 +118,7 @@ async fn calls_to_a_hung_backend_end_at_their_deadline() {
 /// TCP's ~15 minutes of retransmissions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_without_deadline_to_a_black_holed_backend_fails_within_the_user_timeout() {
-    let (lb, backends, _registrations) = stock_fleet(1).await;
+    let (lb, backends, _registrations) = stock_fleet(1, &[]).await;
     let addr = backends[0].addr;
     let user_timeout = Duration::from_secs(3);
     let channel = LbChannel::builder("greeter")

@@ -9,6 +9,11 @@
 // Prints "LISTENING <port>" once serving, and "CONN <n> <remote>" for every
 // connection it accepts, so a test can count reconnects from the backend's
 // side. SIGTERM sets NOT_SERVING, waits -grace, then stops gracefully.
+// -max-streams caps concurrent streams per connection (the server's
+// MaxConcurrentStreams; 0 keeps grpc-go's default) and -delay holds every
+// answer that long: together, a backend that callers can outrun.
+// -fail-code answers every call with that gRPC status code (health stays
+// SERVING: a backend whose checks pass while its calls fail).
 package main
 
 import (
@@ -23,8 +28,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"lbtest/greeter"
 )
@@ -45,6 +52,9 @@ func (l *countingListener) Accept() (net.Conn, error) {
 func main() {
 	port := flag.Int("port", 0, "port on 127.0.0.1 (0: any free port)")
 	grace := flag.Duration("grace", time.Second, "NOT_SERVING this long before stopping")
+	maxStreams := flag.Uint("max-streams", 0, "concurrent streams per connection (0: grpc-go's default)")
+	delay := flag.Duration("delay", 0, "hold every answer this long")
+	failCode := flag.Int("fail-code", 0, "answer every call with this status code (0: answer normally)")
 	flag.Parse()
 
 	lis, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
@@ -53,8 +63,16 @@ func main() {
 		os.Exit(1)
 	}
 	addr := lis.Addr().String()
-	s := grpc.NewServer()
+	var opts []grpc.ServerOption
+	if *maxStreams > 0 {
+		opts = append(opts, grpc.MaxConcurrentStreams(uint32(*maxStreams)))
+	}
+	s := grpc.NewServer(opts...)
 	greeter.Register(s, func(_ context.Context, name string) (string, error) {
+		time.Sleep(*delay)
+		if *failCode != 0 {
+			return "", status.Errorf(codes.Code(*failCode), "failing on purpose (-fail-code) at %s", addr)
+		}
 		return fmt.Sprintf("Hello %s from %s", name, addr), nil
 	})
 	hs := health.NewServer()

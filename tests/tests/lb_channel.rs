@@ -1,0 +1,410 @@
+//! `LbChannel` as a tonic user meets it, against stock grpc-go backends:
+//! backpressure a caller can see (`poll_ready`), the channel's load for
+//! tower's balancers and limiters, and gRPC retry policies with throttling
+//! (gRFC A6).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lb_client::channel::DEFAULT_CONCURRENCY_LIMIT;
+use lb_client::{LbChannel, Registration, RegistrationOptions, RetryPolicy, RetryThrottling};
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use lb_tests::stock::{stock_fleet, Stock, StockBackend};
+use lb_tests::wait_until;
+use tonic::Code;
+use tower::load::Load;
+use tower::ServiceExt;
+
+/// Callers started at once.
+const CALLERS: usize = 10_000;
+/// Concurrent streams each backend allows per connection.
+const BACKEND_STREAMS: &str = "100";
+/// How long each backend holds an answer.
+const BACKEND_DELAY: &str = "100ms";
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one burst of callers did to a channel.
+struct Burst {
+    /// Most calls the channel held in flight at once (sampled every 2 ms).
+    peak_in_flight: usize,
+    /// Whether a caller asking for readiness at the peak had to wait.
+    ready_waited: bool,
+    ok: usize,
+    took: Duration,
+    rss_growth_kib: i64,
+}
+
+/// Starts [`CALLERS`] calls at once through `channel` (each a tonic client
+/// that waits in `ready()` first, as generated clients do) and watches the
+/// channel's load until all are answered.
+async fn burst(channel: &LbChannel, limit: Option<usize>) -> Burst {
+    let rss_before = rss_kib() as i64;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (channel, done, peak) = (channel.clone(), done.clone(), peak.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(channel.load(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let calls: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let (channel, ok) = (channel.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut client = GreeterClient::new(channel);
+                let reply = client
+                    .say_hello(HelloRequest {
+                        name: format!("caller {i}"),
+                    })
+                    .await;
+                if reply.is_ok() {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Once the calls have piled up (to the limit, if any), one more caller
+    // asks for readiness.
+    let piled = limit.unwrap_or(DEFAULT_CONCURRENCY_LIMIT);
+    wait_until(Duration::from_secs(10), || channel.in_flight() >= piled).await;
+    let ready_waited = tokio::time::timeout(Duration::from_millis(50), channel.clone().ready())
+        .await
+        .is_err();
+    let rss_peak = rss_kib() as i64;
+    for c in calls {
+        c.await.expect("caller");
+    }
+    let took = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.await.expect("sampler");
+    Burst {
+        peak_in_flight: peak.load(Ordering::Relaxed),
+        ready_waited,
+        ok: ok.load(Ordering::Relaxed),
+        took,
+        rss_growth_kib: rss_peak - rss_before,
+    }
+}
+
+/// 10,000 callers at once against two stock grpc-go backends that take 100
+/// concurrent streams each and answer in 100 ms: with the default limit the
+/// channel holds at most [`DEFAULT_CONCURRENCY_LIMIT`] calls, a further
+/// caller waits in `poll_ready`, and every call is answered. The same
+/// burst on a channel without a limit queues every call inside it (which is
+/// what the limit is for, and what shows this test can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_callers_wait_in_poll_ready_not_inside_the_channel() {
+    let (lb, backends, _registrations) = stock_fleet(
+        2,
+        &["-max-streams", BACKEND_STREAMS, "-delay", BACKEND_DELAY],
+    )
+    .await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let connect = |limit: Option<usize>| {
+        LbChannel::builder("greeter")
+            .lb(lb.addr.to_string())
+            .concurrency_limit(limit)
+            .build()
+            .expect("channel")
+    };
+    for (name, limit) in [
+        ("default limit", Some(DEFAULT_CONCURRENCY_LIMIT)),
+        ("no limit", None),
+    ] {
+        let channel = connect(limit);
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let ready = channel.ready_backends();
+                addrs.iter().all(|a| ready.contains(a))
+            })
+            .await,
+            "the channel never connected to {addrs:?}"
+        );
+        let b = burst(&channel, limit).await;
+        eprintln!(
+            "backpressure, {name}: {CALLERS} callers, peak in flight {}, a caller at the peak \
+             waited in poll_ready: {}, {} ok in {:.1?}, RSS growth {} KiB",
+            b.peak_in_flight, b.ready_waited, b.ok, b.took, b.rss_growth_kib
+        );
+        assert_eq!(b.ok, CALLERS, "{name}: not every call was answered");
+        assert_eq!(channel.in_flight(), 0, "{name}: calls left in flight");
+        match limit {
+            Some(limit) => {
+                assert!(
+                    b.peak_in_flight <= limit,
+                    "{name}: {} calls in flight over the limit of {limit}",
+                    b.peak_in_flight
+                );
+                assert!(
+                    b.peak_in_flight >= limit / 2,
+                    "{name}: the burst never neared the limit ({} in flight)",
+                    b.peak_in_flight
+                );
+                assert!(
+                    b.ready_waited,
+                    "{name}: poll_ready was ready with {limit} calls in flight"
+                );
+            }
+            None => assert!(
+                b.peak_in_flight > 4 * DEFAULT_CONCURRENCY_LIMIT,
+                "{name}: without a limit the burst should queue inside the channel; peak {}",
+                b.peak_in_flight
+            ),
+        }
+    }
+}
+
+/// Callers that keep calling through a channel until told to stop.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Callers {
+    fn start(channel: &LbChannel, n: usize) -> Callers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..n)
+            .map(|i| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                let mut client = GreeterClient::new(channel.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let request = HelloRequest {
+                            name: format!("caller {i}"),
+                        };
+                        match client.say_hello(request).await {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(s) => failed.lock().unwrap().push(format!(
+                                "{:?}: {}",
+                                s.code(),
+                                s.message()
+                            )),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Callers {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("caller");
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// A rolling restart done the hard way: three stock grpc-go backends
+/// answering in 200 ms are killed (SIGKILL) one after another, each
+/// replaced by a new instance, while two channels keep 15 calls each in
+/// flight. The calls a killed backend had in flight fail UNAVAILABLE; the
+/// channel with the common recipe (`maxAttempts: 2` on UNAVAILABLE) sends
+/// them again to another backend and its callers see no failure, while
+/// the channel without a policy passes them on (which shows the test can
+/// fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_carries_calls_through_a_rolling_restart() {
+    let args = ["-delay", "200ms"];
+    let (lb, mut backends, mut registrations) = stock_fleet(3, &args).await;
+    let registry = format!("lb://{}", lb.addr);
+    let channel = |policy: Option<RetryPolicy>| {
+        let mut b = LbChannel::builder("greeter").lb(lb.addr.to_string());
+        if let Some(p) = policy {
+            b = b.retry_policy("helloworld.Greeter", p);
+        }
+        b.build().expect("channel")
+    };
+    let plain = channel(None);
+    let retrying = channel(Some(RetryPolicy::new(2, [Code::Unavailable])));
+    for c in [&plain, &retrying] {
+        assert!(
+            wait_until(Duration::from_secs(10), || c.ready_backends().len() == 3).await,
+            "the channel never connected to the three backends"
+        );
+    }
+    let callers = [Callers::start(&plain, 15), Callers::start(&retrying, 15)];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        backends[i].proc.kill();
+        let replacement = StockBackend::start_with(Stock::GrpcGo, &args).await;
+        registrations.push(
+            Registration::start(
+                &registry,
+                "greeter",
+                &replacement.addr.to_string(),
+                RegistrationOptions::default(),
+            )
+            .expect("register"),
+        );
+        backends.push(replacement);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let [plain_callers, retrying_callers] = callers;
+    let (plain_ok, plain_failed) = plain_callers.finish().await;
+    let (retry_ok, retry_failed) = retrying_callers.finish().await;
+    let retries = retrying.counters().retries;
+    eprintln!(
+        "rolling restart: without a policy {plain_ok} ok, {} failed {:?}; with maxAttempts 2 on \
+         UNAVAILABLE {retry_ok} ok, {} failed, {retries} retries",
+        plain_failed.len(),
+        plain_failed.first(),
+        retry_failed.len()
+    );
+    assert!(
+        !plain_failed.is_empty(),
+        "no call was in flight on a killed backend: the restart proved nothing"
+    );
+    assert!(
+        retry_failed.is_empty(),
+        "calls failed despite the retry policy: {retry_failed:?}"
+    );
+    assert!(retries > 0, "the policy never retried");
+    assert!(retry_ok > 100, "too few calls: {retry_ok}");
+}
+
+/// Retry throttling (A6 `retryThrottling`): against backends that fail
+/// every call with UNAVAILABLE (their health checks pass), a channel
+/// allowed 3 attempts per call retries every call twice, while the same
+/// policy with throttling (10 tokens, 0.1 per success) stops retrying once
+/// half the tokens are gone: retries cannot multiply an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_stops_retries_when_most_calls_fail() {
+    let (lb, _backends, _registrations) = stock_fleet(2, &["-fail-code", "14"]).await;
+    let policy = RetryPolicy::new(3, [Code::Unavailable]).backoff(
+        Duration::from_millis(1),
+        Duration::from_millis(5),
+        2.0,
+    );
+    let channel = |throttled: bool| {
+        let mut b = LbChannel::builder("greeter")
+            .lb(lb.addr.to_string())
+            .retry_policy("helloworld.Greeter/SayHello", policy.clone());
+        if throttled {
+            b = b.retry_throttling(RetryThrottling {
+                max_tokens: 10,
+                token_ratio: 0.1,
+            });
+        }
+        b.build().expect("channel")
+    };
+    const CALLS: usize = 100;
+    let mut retries = Vec::new();
+    for throttled in [false, true] {
+        let c = channel(throttled);
+        assert!(
+            wait_until(Duration::from_secs(10), || c.ready_backends().len() == 2).await,
+            "the channel never connected to the backends"
+        );
+        let mut client = GreeterClient::new(c.clone());
+        for i in 0..CALLS {
+            let status = client
+                .say_hello(HelloRequest {
+                    name: format!("call {i}"),
+                })
+                .await
+                .expect_err("every call fails");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+        retries.push(c.counters().retries);
+    }
+    eprintln!(
+        "throttling: {CALLS} calls failing UNAVAILABLE, 3 attempts allowed: {} retries without \
+         throttling, {} with 10 tokens",
+        retries[0], retries[1]
+    );
+    assert_eq!(retries[0], 2 * CALLS as u64, "every call retried twice");
+    assert!(
+        retries[1] <= 5,
+        "throttling let {} retries through",
+        retries[1]
+    );
+}
+
+/// grpclb fallback as C-core has it: the fallback backends serve not only
+/// when no LB ever answered, but also once the LB is lost and every backend
+/// of its last list has failed. The LB's loss alone changes nothing (the
+/// last list serves on); a backend of that list dying then leaves the
+/// channel to its fallback backend, a stock grpc-go server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_serves_once_the_lb_and_every_listed_backend_are_gone() {
+    let (mut lb, mut backends, _registrations) = stock_fleet(1, &[]).await;
+    let listed = backends[0].addr;
+    let fallback = StockBackend::start(Stock::GrpcGo).await;
+    let channel = LbChannel::builder("greeter")
+        .lb(lb.addr.to_string())
+        .fallback_backends([fallback.addr])
+        .build()
+        .expect("channel");
+    assert!(
+        wait_until(Duration::from_secs(10), || channel.ready_backends()
+            == vec![listed])
+        .await,
+        "the channel never used the listed backend: {:?}",
+        channel.ready_backends()
+    );
+    let client = GreeterClient::new(channel.clone());
+    let answered_by = || {
+        let mut client = client.clone();
+        async move {
+            let reply = client
+                .say_hello(HelloRequest { name: "x".into() })
+                .await
+                .expect("call");
+            reply.into_inner().message
+        }
+    };
+    assert!(answered_by().await.ends_with(&listed.to_string()));
+
+    lb.proc.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        answered_by().await.ends_with(&listed.to_string()),
+        "the LB's loss alone moved the channel off its list"
+    );
+    assert_eq!(channel.listed_backends(), vec![listed]);
+
+    backends[0].proc.kill();
+    let fell_back = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || channel.ready_backends()
+            == vec![fallback.addr])
+        .await,
+        "no fallback with the LB and every listed backend gone: ready {:?}, listed {:?}",
+        channel.ready_backends(),
+        channel.listed_backends()
+    );
+    eprintln!(
+        "fallback: serving from the fallback backend {:?} after the listed backend died",
+        fell_back.elapsed()
+    );
+    assert!(answered_by().await.ends_with(&fallback.addr.to_string()));
+}
