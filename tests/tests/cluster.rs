@@ -524,3 +524,75 @@ async fn subsets_are_balanced_and_change_minimally() {
     assert_eq!(changed, holders);
     eprintln!("removing one backend changed {changed} of 200 subsets (those holding it)");
 }
+
+/// A replica's connections to etcd reset (`ss -K` on its host, as a
+/// middlebox dropping their state would): the session is as alive as its
+/// lease, so it makes its connections again and keeps the lease. No new
+/// session, no "degraded", no check changing hands, no new list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_etcd_connections_keep_the_session_and_its_lease() {
+    let net = lb_tests::netns::Net::new();
+    let (etcd_host, lb_host) = (net.host(), net.host());
+    let backend_hosts = [net.host(), net.host()];
+    let etcd = Etcd::start_in(&etcd_host).await;
+    let url = etcd.registry_url();
+    let greeters = lb_tests::greeters_in(&backend_hosts, 50051, &url, &["--ttl", "5s"]).await;
+    let lb = Lb::start_in(&lb_host, &cluster_lb_args(&url, &["--replica-id", "lb1"])).await;
+    assert!(
+        wait_until(Duration::from_secs(15), || lb.json("/api/v1/cluster")
+            ["view"]["connected"]
+            == true
+            && listed(&lb, "greeter") == greeters.len())
+        .await,
+        "the replica never joined and listed the backends"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let info = |what: &str| {
+        lb.log_lines("INFO")
+            .into_iter()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    let joined = info("joined the cluster");
+    let reconnects =
+        |kind: &str| lb.metric(&format!("lb_upstream_reconnects_total{{kind=\"{kind}\"}}"));
+    let sessions_lost = reconnects("cluster");
+    let list_version = lb.json("/api/v1/services/greeter")["list_version"].clone();
+
+    lb_host.ns.kill_sockets_to(etcd_host.ip);
+    let t0 = Instant::now();
+    let resumed = wait_until(Duration::from_secs(5), || {
+        info("lease keep-alive resumed on a new connection") >= 1
+            && info("cluster watch resumed on a new connection") >= 1
+    })
+    .await;
+    let took = t0.elapsed();
+    let mut degraded = false;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        degraded |= lb.metric("lb_cluster_degraded") != 0.0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("reset etcd connections: lease keep-alive and watch made again after {took:?}");
+    assert!(
+        resumed,
+        "the session did not make its connections again within 5 s"
+    );
+    assert_eq!(
+        info("joined the cluster"),
+        joined,
+        "a new session (a lost lease)"
+    );
+    assert_eq!(reconnects("cluster"), sessions_lost, "the session ended");
+    assert!(reconnects("cluster_lease") >= 1.0 && reconnects("cluster_watch") >= 1.0);
+    assert!(!degraded, "the replica reported itself degraded");
+    assert_eq!(
+        lb.json("/api/v1/services/greeter")["list_version"],
+        list_version,
+        "a new list for clients"
+    );
+    let warns = lb.log_lines("WARN");
+    assert!(warns.is_empty(), "WARN lines: {warns:?}");
+    drop((lb, greeters, etcd));
+    drop(net);
+}

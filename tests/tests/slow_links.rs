@@ -38,7 +38,7 @@ const SHAPE: Shape = Shape {
 /// How long the links stay bad.
 const HOLD: Duration = Duration::from_secs(120);
 /// How often the flipping backend's health changes.
-const FLIP_EVERY: Duration = Duration::from_secs(3);
+const FLIP_EVERY: Duration = Duration::from_millis(1200);
 /// Longest a list change may take to reach the client: no update is lost,
 /// even behind a reconnect on a link this bad.
 const NO_UPDATE_LOST: Duration = Duration::from_secs(30);
@@ -140,6 +140,7 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let connections_before = to_lb.accepted();
+    let channel_streams_before = channel.counters().lb_streams;
     let etcd_connections_before = to_etcd.accepted();
     let cluster_sessions = r#"lb_upstream_reconnects_total{kind="cluster"}"#;
     let registry_sessions = r#"lb_upstream_reconnects_total{kind="registry"}"#;
@@ -147,7 +148,7 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
         (lb.metric(cluster_sessions), lb.metric(registry_sessions));
     let warns_before = lb.log_lines("WARN").len();
 
-    // Two minutes of bad links. About every 3 s the first backend's health
+    // Two minutes of bad links. About every 1.2 s the first backend's health
     // flips and the client's list must follow.
     let faults = [
         net.lossy(&client_host, &lb_host, LOSS),
@@ -161,11 +162,22 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
     while started.elapsed() < HOLD {
         let serving = flipping.toggle_health().await;
         let flipped = Instant::now();
+        let mut listed_after = None;
         let seen = wait_until(NO_UPDATE_LOST, || {
+            if listed_after.is_none()
+                && channel.listed_backends().contains(&flipping.addr) == serving
+            {
+                listed_after = Some(flipped.elapsed());
+            }
             channel.ready_backends().contains(&flipping.addr) == serving
         })
         .await;
         let took = flipped.elapsed();
+        if took > Duration::from_secs(1) + 6 * SHAPE.delay {
+            eprintln!(
+                "slow links: a slow change (serving: {serving}): listed after {listed_after:?},                  ready after {took:?}"
+            );
+        }
         assert!(
             seen,
             "a health flip (serving: {serving}) did not reach the client in {NO_UPDATE_LOST:?}: {:?}",
@@ -193,6 +205,7 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
 
     let minutes = held.as_secs_f64() / 60.0;
     let reconnects = to_lb.accepted() - connections_before;
+    let channel_reconnects = channel.counters().lb_streams - channel_streams_before;
     let etcd_reconnects = to_etcd.accepted() - etcd_connections_before;
     let cluster_lost = lb.metric(cluster_sessions) - cluster_before;
     let registry_lost = lb.metric(registry_sessions) - registry_before;
@@ -204,7 +217,7 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
     eprintln!(
         "slow links: {:.1} min of {:.0} % loss and {:?} ± {:?} each way; {} propagation samples: \
          p50 {p50:?}, p90 {p90:?}, p99 {p99:?}, slowest {slowest:?} (target {limit:?}); client↔LB reconnects \
-         {reconnects} over {clients} clients; LB↔etcd connections {etcd_reconnects}, cluster \
+         {reconnects} over {clients} clients ({channel_reconnects} of them the LbChannel's); LB↔etcd connections {etcd_reconnects}, cluster \
          sessions lost {cluster_lost}, registry sessions lost {registry_lost}; degraded in \
          {degraded_seen} samples",
         minutes,
@@ -213,6 +226,21 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
         SHAPE.jitter,
         samples.len()
     );
+    let metrics = lb.get("/metrics").1;
+    let pushes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("lb_list_push_seconds_count")
+                || l.starts_with("lb_list_push_seconds_bucket{le=\"0.01\"}")
+        })
+        .collect();
+    eprintln!("slow links: the LB's change → stream write times: {pushes:?}");
+    let relinks: Vec<String> = lb
+        .log_lines("INFO")
+        .into_iter()
+        .filter(|l| l.contains("connection lost") || l.contains("on a new connection"))
+        .collect();
+    eprintln!("slow links: LB connections to etcd made again: {relinks:?}");
     let new_warns: Vec<String> = lb.log_lines("WARN").split_off(warns_before);
     eprintln!("slow links: LB WARN lines during the run: {new_warns:?}");
 
