@@ -130,9 +130,17 @@ pub struct BackendConn {
     state: Mutex<ConnState>,
     cancel: CancellationToken,
     kick: Notify,
+    /// The last connect attempt failed (not merely a connection that
+    /// closed and is being made again).
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl BackendConn {
+    /// Whether the last attempt to connect failed.
+    pub fn unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
     /// The current state.
     pub fn state(&self) -> ConnState {
         self.state.lock().expect("conn lock").clone()
@@ -218,6 +226,7 @@ impl BackendPool {
                         state: Mutex::new(ConnState::Connecting),
                         cancel: CancellationToken::new(),
                         kick: Notify::new(),
+                        unreachable: std::sync::atomic::AtomicBool::new(false),
                     });
                     conns.insert(*addr, conn.clone());
                     tokio::spawn(maintain(
@@ -378,6 +387,7 @@ async fn maintain(
             Ok((sender, closed)) => {
                 connects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(addr = %conn.addr, "backend connected");
+                conn.unreachable.store(false, Ordering::Relaxed);
                 conn.set(ConnState::Ready(sender));
                 on_change();
                 backoff.attempt();
@@ -398,6 +408,7 @@ async fn maintain(
             Err(error) => {
                 tracing::debug!(addr = %conn.addr, %error, "backend connection failed");
                 let was_failed = matches!(conn.state(), ConnState::Failed(_));
+                conn.unreachable.store(true, Ordering::Relaxed);
                 conn.set(ConnState::Failed(error));
                 if !was_failed {
                     on_change();

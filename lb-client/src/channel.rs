@@ -301,8 +301,10 @@ impl LbChannelBuilder {
     }
 
     /// Retry throttling for the whole channel (gRFC A6 `retryThrottling`):
-    /// retries stop while more than about `1 / (1 + token_ratio)` of
-    /// recent attempts failed, so that they cannot amplify an outage.
+    /// retries stop once failures outrun successes by about `max_tokens /
+    /// 2` (in steady state, while more than about `token_ratio / (1 +
+    /// token_ratio)` of attempts fail: 9 % for a ratio of 0.1), so that
+    /// retries cannot amplify an outage.
     pub fn retry_throttling(mut self, throttling: RetryThrottling) -> Self {
         self.throttling = Some(throttling);
         self
@@ -596,11 +598,21 @@ impl Drop for InFlight {
 /// of the service, so that tower's layers (`retry`, `timeout`, error
 /// chains) can tell it from a backend's answer, which is always `Ok` (its
 /// status in its headers or trailers), as with tonic's own `Channel`.
-struct Failure(Status);
+struct Failure(Status, Retry);
+
+/// Whether a retry policy may send a failed call again.
+#[derive(PartialEq)]
+enum Retry {
+    /// As the policy's codes say.
+    AsPolicy,
+    /// Never: the LB dropped the call (load shedding; stock clients do not
+    /// retry drops either).
+    Never,
+}
 
 impl From<Status> for Failure {
     fn from(status: Status) -> Self {
-        Failure(status)
+        Failure(status, Retry::AsPolicy)
     }
 }
 
@@ -627,10 +639,18 @@ async fn call_retrying(
                 "grpc-previous-rpc-attempts",
                 http::HeaderValue::from(attempts.made() - 1),
             );
+            // The backend gets the time that remains, not the whole.
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                attempt
+                    .headers_mut()
+                    .insert("grpc-timeout", deadline::encode_grpc_timeout(left));
+            }
         }
         let result = call(state.clone(), attempt, deadline).await;
         let outcome = match &result {
             Ok(response) => Outcome::of_response(response),
+            Err(Failure(_, Retry::Never)) => return result,
             Err(f) => Outcome::Failed {
                 code: f.0.code(),
                 pushback: None,
@@ -673,10 +693,10 @@ async fn call(
                 Pick::Backend(b) => Some(b.clone()),
                 Pick::Drop(token) => {
                     state.stats.dropped(token);
-                    return Err(Status::unavailable(format!(
+                    let status = Status::unavailable(format!(
                         "call dropped by the load balancer (token {token})"
-                    ))
-                    .into());
+                    ));
+                    return Err(Failure(status, Retry::Never));
                 }
                 Pick::Wait => None,
                 Pick::Fail(why) if !state.wait_for_ready => {

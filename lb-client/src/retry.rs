@@ -24,7 +24,11 @@
 //! - **Throttling**, so that retries cannot amplify an outage: a token
 //!   count per channel starts at `maxTokens`; every attempt failing with a
 //!   retryable code takes one, every success gives `tokenRatio` back, and
-//!   retries stop while the count is at or below half of `maxTokens`.
+//!   retries stop while the count is at or below half of `maxTokens`. A
+//!   response that started counts as a success here (its final status is
+//!   the caller's to read), where grpc-go waits for the status.
+//! - **Drops are not retried**: a call the LB dropped is load shed on
+//!   purpose, as stock clients treat it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -284,6 +288,10 @@ pub(crate) struct Replay(Arc<Mutex<Recorded>>);
 
 struct Recorded {
     source: Body,
+    /// The attempt whose body may read on from `source`: an abandoned
+    /// attempt's body (hyper may still poll it) must not take frames from
+    /// the next one.
+    current: u64,
     frames: Vec<Bytes>,
     kept: usize,
     /// More than the limit went out: the call can no longer be replayed.
@@ -295,6 +303,7 @@ impl Replay {
     pub(crate) fn new(source: Body) -> Self {
         Replay(Arc::new(Mutex::new(Recorded {
             source,
+            current: 0,
             frames: Vec::new(),
             kept: 0,
             overflowed: false,
@@ -307,10 +316,16 @@ impl Replay {
         !self.0.lock().expect("replay lock").overflowed
     }
 
-    /// The body of the next attempt.
+    /// The body of the next attempt (earlier attempts' bodies stop).
     pub(crate) fn attempt(&self) -> Body {
+        let attempt = {
+            let mut r = self.0.lock().expect("replay lock");
+            r.current += 1;
+            r.current
+        };
         Body::new(ReplayBody {
             recorded: self.clone(),
+            attempt,
             next: 0,
         })
     }
@@ -318,6 +333,8 @@ impl Replay {
 
 struct ReplayBody {
     recorded: Replay,
+    /// Which attempt this body belongs to.
+    attempt: u64,
     /// Index of the next kept frame to replay.
     next: usize,
 }
@@ -332,6 +349,11 @@ impl HttpBody for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let mut r = this.recorded.0.lock().expect("replay lock");
+        if r.current != this.attempt {
+            return Poll::Ready(Some(Err(tonic::Status::cancelled(
+                "attempt abandoned for a retry",
+            ))));
+        }
         if !r.overflowed && this.next < r.frames.len() {
             this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(r.frames[this.next - 1].clone()))));
@@ -521,5 +543,15 @@ mod tests {
         assert_eq!(first, Bytes::from_static(b"hello"));
         assert_eq!(second, first);
         assert!(replay.replayable());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_attempt_reads_nothing_more() {
+        let replay = Replay::new(Body::new(http_body_util::Full::new(Bytes::from_static(
+            b"hello",
+        ))));
+        let mut first = replay.attempt();
+        let _second = replay.attempt();
+        assert!(first.frame().await.unwrap().is_err());
     }
 }

@@ -182,14 +182,18 @@ impl ChannelState {
     /// Switches to the fallback backends (or, with none configured, to
     /// failing calls) because `why`.
     pub fn enter_fallback(&self, why: &str) {
+        self.enter_fallback_if(why, |_| true);
+    }
+
+    /// [`ChannelState::enter_fallback`] if `still` holds of the source in
+    /// force (checked under its lock).
+    fn enter_fallback_if(&self, why: &str, still: impl FnOnce(&Source) -> bool) {
         let next = if self.fallback.is_empty() {
-            tracing::warn!(service = %self.service, why, "no server list and no fallback backends");
             Source::Unavailable(format!(
                 "no server list for {:?}: {why}; no fallback backends configured",
                 self.service
             ))
         } else {
-            tracing::warn!(service = %self.service, why, fallback = ?self.fallback, "using fallback backends");
             Source::Fallback(
                 self.fallback
                     .iter()
@@ -205,7 +209,18 @@ impl ChannelState {
             Source::Fallback(e) => backend_addrs(e),
             _ => Vec::new(),
         };
-        *self.source.lock().expect("source lock") = next;
+        {
+            let mut source = self.source.lock().expect("source lock");
+            if !still(&source) {
+                return;
+            }
+            *source = next;
+        }
+        if self.fallback.is_empty() {
+            tracing::warn!(service = %self.service, why, "no server list and no fallback backends");
+        } else {
+            tracing::warn!(service = %self.service, why, fallback = ?self.fallback, "using fallback backends");
+        }
         self.pool.sync(&addrs);
         self.rebuild();
     }
@@ -289,19 +304,38 @@ impl ChannelState {
             ))
         };
         // C-core's grpclb rule: with the LB lost and every backend of its
-        // last list failed, the fallback backends serve until a list comes.
-        let lb_list_dead = matches!(&*source, Source::Lb(e) if e.iter().any(|e| !e.drop))
-            && !connecting
-            && picks.iter().all(|p| matches!(p, Entry::Drop(_)))
-            && !self.fallback.is_empty()
-            && self.current_lb.lock().expect("lb lock").is_none();
-        drop(source);
+        // last list unreachable (a connect attempt failed, not merely a
+        // connection closed and being made again), the fallback backends
+        // serve until a list comes.
+        let lb_list_dead = match &*source {
+            Source::Lb(e) => {
+                e.iter().any(|e| !e.drop)
+                    && e.iter()
+                        .filter(|e| !e.drop)
+                        .all(|e| self.pool.get(&e.addr).is_none_or(|c| c.unreachable()))
+            }
+            _ => false,
+        } && !self.fallback.is_empty();
+        let list = self.counters.lists.load(Ordering::Relaxed);
         self.picker.store(PickList::new(picks, mode));
+        drop(source);
         if lb_list_dead {
-            self.enter_fallback(
-                "the load balancer is lost and every backend of its last list failed",
-            );
+            self.fall_back_from(list);
         }
+    }
+
+    /// Enters fallback if the LB list numbered `list` is still in force and
+    /// no LB stream is open (checked again under the lock: a list may have
+    /// come meanwhile).
+    fn fall_back_from(&self, list: u64) {
+        self.enter_fallback_if(
+            "the load balancer is lost and every backend of its last list is unreachable",
+            |source| {
+                matches!(source, Source::Lb(_))
+                    && self.counters.lists.load(Ordering::Relaxed) == list
+                    && self.current_lb.lock().expect("lb lock").is_none()
+            },
+        );
     }
 
     /// The LB stream ended: the list in force stays, unless every backend

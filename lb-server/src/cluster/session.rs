@@ -6,7 +6,9 @@
 //! The lease is etcd's, not a connection's: when the connection carrying
 //! its keep-alive breaks (a PING answered late on a lossy link, a reset),
 //! the session connects again and keeps the same lease alive, as long as
-//! the lease has not run out meanwhile. When the connection of the
+//! the lease has not run out meanwhile; and when keep-alive answers are
+//! late on every connection (2/5 of the TTL without one), it opens a fresh
+//! connection beside the stalled ones. When the connection of the
 //! listing, watch and writes breaks, it is made again beside the lease:
 //! the cluster prefix is listed anew (what changed meanwhile is applied,
 //! what was deleted forgotten), the watch resumes after the listing, and
@@ -319,6 +321,8 @@ impl Session {
             .expect("cluster lock")
             .iter()
             .flat_map(|(k, of)| of.keys().map(move |r| (k.clone(), r.clone())))
+            // This replica's own opinions are its to write or withdraw.
+            .filter(|(_, r)| *r != cluster.settings.replica_id)
             .filter(|o| !opinions_seen.contains(o))
             .collect();
         for (k, replica) in stale {
@@ -352,22 +356,29 @@ impl Session {
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
         let ttl = cluster.settings.ttl.max(Duration::from_secs(2));
-        let mut tick = tokio::time::interval(ttl / 3);
+        let mut tick = tokio::time::interval(ttl / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed = Instant::now();
-        let mut writing: Option<(Outgoing, WriteFuture)> = None;
+        // A write in flight, with the number of the link it went out on.
+        let mut writing: Option<(Outgoing, WriteFuture, u64)> = None;
         let mut relinking: Option<LinkFuture> = None;
         let mut relessing: Option<LesseeFuture> = None;
+        // Links made so far, and since when the link has been down.
+        let mut links: u64 = 0;
+        let mut link_down: Option<Instant> = None;
         loop {
+            if self.link.is_none() && link_down.is_none() {
+                link_down = Some(Instant::now());
+            }
             if writing.is_none() && self.link.is_some() {
                 if let Some(out) = self.pending.pop_front() {
                     let write = self.write(cluster, &out);
-                    writing = Some((out, write));
+                    writing = Some((out, write, links));
                 }
             }
             let in_flight = async {
                 match writing.as_mut() {
-                    Some((_, write)) => write.await,
+                    Some((_, write, _)) => write.await,
                     None => std::future::pending().await,
                 }
             };
@@ -391,7 +402,7 @@ impl Session {
             };
             tokio::select! {
                 written = in_flight => {
-                    let (out, _) = writing.take().expect("a write was in flight");
+                    let (out, _, on_link) = writing.take().expect("a write was in flight");
                     match written {
                         Ok(()) => {}
                         Err(Written::Late(e)) => {
@@ -400,7 +411,9 @@ impl Session {
                         }
                         Err(Written::Broken(e)) => {
                             self.queue(out);
-                            if self.link.take().is_some() {
+                            // Only if it broke on the link in use (not on
+                            // one already made again).
+                            if on_link == links && self.link.take().is_some() {
                                 relinking = Some(self.relink(cluster, &e));
                             }
                         }
@@ -409,14 +422,38 @@ impl Session {
                 }
                 _ = shutdown.cancelled() => {
                     // Leaving: survivors take over this replica's backends now.
-                    if let Some(l) = self.lessee.as_mut() {
-                        let _ = timed("lease revoke", l.client.lease_revoke(self.lease)).await;
+                    let client = match (self.lessee.as_mut(), self.link.as_mut()) {
+                        (Some(l), _) => Some(&mut l.client),
+                        (None, Some(l)) => Some(&mut l.client),
+                        (None, None) => None,
+                    };
+                    if let Some(client) = client {
+                        let _ = timed("lease revoke", client.lease_revoke(self.lease)).await;
                     }
                     return Ok(());
                 }
                 _ = tick.tick() => {
                     if renewed.elapsed() > ttl {
                         return Err(format!("lease not renewed for {:?}", renewed.elapsed()));
+                    }
+                    // Without its watch, this replica's view of the
+                    // cluster goes stale and its results stay unwritten:
+                    // a link not made again within a TTL ends the session
+                    // (which moves to the next member).
+                    if link_down.is_some_and(|since| since.elapsed() > ttl) {
+                        return Err(format!(
+                            "cluster watch connection not made again for {:?}",
+                            link_down.map(|s| s.elapsed()).unwrap_or_default()
+                        ));
+                    }
+                    if renewed.elapsed() > ttl * 2 / 5 && relessing.is_none() {
+                        // Both connections stalled (on a lossy link a TCP
+                        // connection's retransmission timeout can grow to
+                        // seconds): a fresh one starts with a fresh timeout.
+                        tracing::info!(late = ?renewed.elapsed(), lease = self.lease,
+                            "lease keep-alive answers late; a fresh connection beside the stalled ones");
+                        cluster.catalog.metrics().upstream_reconnect("cluster_lease");
+                        relessing = Some(Lessee::resume(cluster, self.lease, Duration::ZERO));
                     }
                     if let Some(l) = self.lessee.as_mut() {
                         if let Err(e) = timed("keep-alive", l.keeper.keep_alive()).await {
@@ -462,10 +499,13 @@ impl Session {
                             tracing::info!(lease = self.lease, "lease keep-alive resumed on a new connection");
                             self.lessee = Some(l);
                         }
-                        Err(e) => {
+                        Err(e) if self.lessee.is_none() || renewed.elapsed() > ttl * 2 / 5 => {
                             // The lease's own end (the tick) ends the session.
                             tracing::debug!(error = %e, "lease keep-alive connection not made; trying again");
                             relessing = Some(Lessee::resume(cluster, self.lease, RELINK_DELAY));
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "spare lease keep-alive connection not made; the old one answers again");
                         }
                     }
                 }
@@ -507,12 +547,16 @@ impl Session {
                         Ok(mut link) => {
                             let listing = std::mem::take(&mut link.listing);
                             tracing::info!(revision = link.revision, "cluster watch resumed on a new connection");
+                            links += 1;
+                            link_down = None;
                             self.link = Some(link);
                             self.apply_listing(cluster, &listing);
                         }
                         Err(e) => {
-                            // Only the lease's end ends the session.
-                            tracing::debug!(error = %e, "cluster watch connection not made; trying again");
+                            // The next member, after a pause; the tick ends
+                            // the session if this goes on for a TTL.
+                            tracing::debug!(error = %e, "cluster watch connection not made; trying the next member");
+                            cluster.settings.etcd.rotate();
                             relinking = Some(Link::make(cluster, self.lease, RELINK_DELAY));
                         }
                     }

@@ -80,6 +80,8 @@ pub struct RegistrySink {
     log: Arc<LogLimiter>,
     /// Whether the source's last word was a good answer.
     ok: Arc<std::sync::atomic::AtomicBool>,
+    /// When a session was last lost.
+    last_lost: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl RegistrySink {
@@ -91,6 +93,7 @@ impl RegistrySink {
             metrics,
             log: Arc::new(LogLimiter::default()),
             ok: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            last_lost: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -132,13 +135,21 @@ impl RegistrySink {
     /// Reports that the source's session (watch, connection) was lost and
     /// is being opened again: counted in `lb_upstream_reconnects_total`
     /// under the source's kind, then as [`RegistrySink::source_error`];
-    /// except that a session lost while the source was answering well is
-    /// logged at INFO: one that comes back at once (a connection reset) is
-    /// no failure worth a warning, and one that does not is warned about
-    /// by its failed attempts.
+    /// except that a session lost while the source was answering well, and
+    /// not lost before in the last minute, is logged at INFO: one that
+    /// comes back at once (a connection reset) is no failure worth a
+    /// warning, and one that does not is warned about by its failed
+    /// attempts (or its next loss).
     pub fn session_lost(&self, detail: &str) {
         self.metrics.upstream_reconnect(self.source);
-        if !self.ok.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = std::time::Instant::now();
+        let lost_lately = self
+            .last_lost
+            .lock()
+            .expect("sink lock")
+            .replace(now)
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60));
+        if lost_lately || !self.ok.load(std::sync::atomic::Ordering::Relaxed) {
             return self.source_error(detail);
         }
         self.metrics.event(self.source, "error");
