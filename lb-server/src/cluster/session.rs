@@ -468,28 +468,18 @@ impl Session {
                         }
                     }
                 }
-                answer = link_keep_alive => match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
-                    Ok(Some(_)) => return Err(format!("lease {} expired", self.lease)),
-                    Ok(None) => {
+                answer = link_keep_alive => match renewal(answer, self.lease)? {
+                    None => renewed = Instant::now(),
+                    Some(why) => {
                         self.link = None;
-                        relinking = Some(self.relink(cluster, "keep-alive stream ended"));
-                    }
-                    Err(e) => {
-                        self.link = None;
-                        relinking = Some(self.relink(cluster, &format!("keep-alive: {e}")));
+                        relinking = Some(self.relink(cluster, &why));
                     }
                 },
-                answer = keep_alive => match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => renewed = Instant::now(),
-                    Ok(Some(_)) => return Err(format!("lease {} expired", self.lease)),
-                    Ok(None) => {
+                answer = keep_alive => match renewal(answer, self.lease)? {
+                    None => renewed = Instant::now(),
+                    Some(why) => {
                         self.lessee = None;
-                        relessing = Some(self.reless(cluster, "keep-alive stream ended"));
-                    }
-                    Err(e) => {
-                        self.lessee = None;
-                        relessing = Some(self.reless(cluster, &format!("keep-alive: {e}")));
+                        relessing = Some(self.reless(cluster, &why));
                     }
                 },
                 made = async { relessing.as_mut().expect("guarded").await }, if relessing.is_some() => {
@@ -645,6 +635,21 @@ impl Session {
             };
             settle(what, answer)
         })
+    }
+}
+
+/// What a keep-alive stream's message means: the lease renewed (`None`),
+/// the stream broken (`Some(why)`: its connection is made again), or the
+/// lease gone (`Err`: the session is over).
+fn renewal(
+    answer: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
+    lease: i64,
+) -> Result<Option<String>, String> {
+    match answer {
+        Ok(Some(r)) if r.ttl() > 0 => Ok(None),
+        Ok(Some(_)) => Err(format!("lease {lease} expired")),
+        Ok(None) => Ok(Some("keep-alive stream ended".into())),
+        Err(e) => Ok(Some(format!("keep-alive: {e}"))),
     }
 }
 
