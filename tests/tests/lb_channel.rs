@@ -408,3 +408,122 @@ async fn the_fallback_serves_once_the_lb_and_every_listed_backend_are_gone() {
     );
     assert!(answered_by().await.ends_with(&fallback.addr.to_string()));
 }
+
+/// A `tower::retry` policy for the test below: every `Err` is retried
+/// after 100 ms, at most 50 times; answers (`Ok`) are never retried.
+#[derive(Clone)]
+struct RetryErrors {
+    left: usize,
+    errors_seen: Arc<AtomicUsize>,
+}
+
+impl
+    tower::retry::Policy<
+        http::Request<tonic::body::Body>,
+        http::Response<tonic::body::Body>,
+        lb_client::BoxError,
+    > for RetryErrors
+{
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _: &mut http::Request<tonic::body::Body>,
+        result: &mut Result<http::Response<tonic::body::Body>, lb_client::BoxError>,
+    ) -> Option<Self::Future> {
+        if result.is_ok() || self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.errors_seen.fetch_add(1, Ordering::Relaxed);
+        Some(tokio::time::sleep(Duration::from_millis(100)))
+    }
+
+    fn clone_request(
+        &mut self,
+        req: &http::Request<tonic::body::Body>,
+    ) -> Option<http::Request<tonic::body::Body>> {
+        Some(hello_request(req.uri().clone()))
+    }
+}
+
+/// A unary `SayHello` request, framed by hand (so that it can be cloned).
+fn hello_request(uri: http::Uri) -> http::Request<tonic::body::Body> {
+    use prost::Message;
+    let message = HelloRequest {
+        name: "retried".into(),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut request = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
+        bytes::Bytes::from(framed),
+    )));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    request
+        .headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("te", "trailers".parse().unwrap());
+    request
+}
+
+/// A call no backend answered is an `Err` of the service, so tower's layers
+/// see it: a `tower::retry::Retry` over the channel retries while its only
+/// backend (a stock grpc-go server) is down, and the call succeeds once it
+/// is up. Before calls no backend answered came back as `Ok` responses
+/// carrying UNAVAILABLE, which no tower layer could tell from a backend's
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_retry_retries_a_call_no_backend_answered() {
+    use http_body_util::BodyExt;
+    let first = StockBackend::start(Stock::GrpcGo).await;
+    let addr = first.addr;
+    drop(first);
+    let channel = LbChannel::builder("greeter")
+        .fallback_backends([addr])
+        .build()
+        .expect("channel");
+    let errors_seen = Arc::new(AtomicUsize::new(0));
+    let policy = RetryErrors {
+        left: 50,
+        errors_seen: errors_seen.clone(),
+    };
+    let retrying = tower::retry::Retry::new(policy, channel.clone());
+    let uri: http::Uri = "http://greeter/helloworld.Greeter/SayHello"
+        .parse()
+        .unwrap();
+    let call = tokio::spawn(retrying.oneshot(hello_request(uri)));
+    // The backend comes up on the same port while the layer retries.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = addr.port().to_string();
+    let _back = StockBackend::start_with(Stock::GrpcGo, &["-port", &port]).await;
+    let response = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ended")
+        .expect("join")
+        .expect("the retried call was answered");
+    let trailers = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .trailers()
+        .cloned()
+        .unwrap_or_default();
+    eprintln!(
+        "tower::retry: {} errors retried before the backend answered",
+        errors_seen.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    assert!(
+        errors_seen.load(Ordering::Relaxed) >= 1,
+        "tower::retry never saw an error"
+    );
+}
