@@ -11,7 +11,7 @@ use lb_client::channel::DEFAULT_CONCURRENCY_LIMIT;
 use lb_client::{LbChannel, Registration, RegistrationOptions, RetryPolicy, RetryThrottling};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::stock::{stock_fleet, Stock, StockBackend};
-use lb_tests::wait_until;
+use lb_tests::{wait_until, Caller};
 use tonic::Code;
 use tower::load::Load;
 use tower::ServiceExt;
@@ -169,60 +169,6 @@ async fn ten_thousand_callers_wait_in_poll_ready_not_inside_the_channel() {
     }
 }
 
-/// Callers that keep calling through a channel until told to stop.
-struct Callers {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Callers {
-    fn start(channel: &LbChannel, n: usize) -> Callers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let tasks = (0..n)
-            .map(|i| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                let mut client = GreeterClient::new(channel.clone());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        let request = HelloRequest {
-                            name: format!("caller {i}"),
-                        };
-                        match client.say_hello(request).await {
-                            Ok(_) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(s) => failed.lock().unwrap().push(format!(
-                                "{:?}: {}",
-                                s.code(),
-                                s.message()
-                            )),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Callers {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.expect("caller");
-        }
-        let failed = self.failed.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failed)
-    }
-}
-
 /// A rolling restart done the hard way: three stock grpc-go backends
 /// answering in 200 ms are killed (SIGKILL) one after another, each
 /// replaced by a new instance, while two channels keep 15 calls each in
@@ -251,7 +197,10 @@ async fn a_retry_policy_carries_calls_through_a_rolling_restart() {
             "the channel never connected to the three backends"
         );
     }
-    let callers = [Callers::start(&plain, 15), Callers::start(&retrying, 15)];
+    let callers = [
+        Caller::start(&plain, 15, Duration::ZERO),
+        Caller::start(&retrying, 15, Duration::ZERO),
+    ];
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..3 {
         backends[i].proc.kill();
@@ -269,8 +218,9 @@ async fn a_retry_policy_carries_calls_through_a_rolling_restart() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let [plain_callers, retrying_callers] = callers;
-    let (plain_ok, plain_failed) = plain_callers.finish().await;
-    let (retry_ok, retry_failed) = retrying_callers.finish().await;
+    let (plain, retried) = (plain_callers.stop().await, retrying_callers.stop().await);
+    let (plain_ok, plain_failed) = (plain.ok(), plain.failures);
+    let (retry_ok, retry_failed) = (retried.ok(), retried.failures);
     let retries = retrying.counters().retries;
     eprintln!(
         "rolling restart: without a policy {plain_ok} ok, {} failed {:?}; with maxAttempts 2 on \
