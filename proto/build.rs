@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/helloworld/helloworld.proto",
         "proto/xds/data/orca/v3/orca_load_report.proto",
         "proto/xds/service/orca/v3/orca.proto",
+        "proto/envoy/service/load_stats/v3/lrs.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::outcomes::Outcomes;
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -62,6 +63,9 @@ pub struct ConnSettings {
     /// address, like tonic's `Endpoint::origin` (for backends behind a
     /// proxy that routes on it).
     pub origin: Option<http::Uri>,
+    /// Count each backend's call outcomes and report them to the LB
+    /// ([`crate::outcomes`], [`crate::load_report`]; default on).
+    pub count_outcomes: bool,
 }
 
 /// HTTP/2 settings of backend connections (`None`: hyper's defaults).
@@ -108,6 +112,7 @@ impl Default for ConnSettings {
             http2: Http2Settings::default(),
             user_agent: None,
             origin: None,
+            count_outcomes: true,
         }
     }
 }
@@ -133,6 +138,8 @@ pub struct BackendConn {
     /// The last connect attempt failed (not merely a connection that
     /// closed and is being made again).
     unreachable: std::sync::atomic::AtomicBool,
+    /// What the backend did with the calls sent to it since the last report.
+    pub(crate) outcomes: Arc<Outcomes>,
 }
 
 impl BackendConn {
@@ -172,12 +179,17 @@ impl BackendConn {
     }
 }
 
+/// Most departed backends whose outcomes wait for the next report.
+const MAX_DEPARTED: usize = 1024;
+
 /// Callback run whenever a connection changes state.
 pub type OnChange = Arc<dyn Fn() + Send + Sync>;
 
 /// All backend connections of one channel.
 pub struct BackendPool {
     conns: Mutex<HashMap<SocketAddr, Arc<BackendConn>>>,
+    /// Outcomes of backends that left the pool, kept for the next report.
+    departed: Mutex<Vec<(SocketAddr, Arc<Outcomes>)>>,
     settings: ConnSettings,
     on_change: OnChange,
     connects: Arc<AtomicU64>,
@@ -189,6 +201,7 @@ impl BackendPool {
     pub fn new(settings: ConnSettings, on_change: OnChange, connects: Arc<AtomicU64>) -> Self {
         BackendPool {
             conns: Mutex::new(HashMap::new()),
+            departed: Mutex::new(Vec::new()),
             settings,
             on_change,
             connects,
@@ -210,6 +223,14 @@ impl BackendPool {
             if !keep {
                 tracing::debug!(%addr, "backend left the list; closing");
                 conn.cancel.cancel();
+                if self.settings.count_outcomes {
+                    let mut departed = self.departed.lock().expect("departed lock");
+                    // Bounded: emptied at every report; beyond this, a
+                    // churning list's oldest counts are let go.
+                    if departed.len() < MAX_DEPARTED {
+                        departed.push((*addr, conn.outcomes.clone()));
+                    }
+                }
             }
             keep
         });
@@ -227,6 +248,7 @@ impl BackendPool {
                         cancel: CancellationToken::new(),
                         kick: Notify::new(),
                         unreachable: std::sync::atomic::AtomicBool::new(false),
+                        outcomes: Arc::default(),
                     });
                     conns.insert(*addr, conn.clone());
                     tokio::spawn(maintain(
@@ -238,6 +260,23 @@ impl BackendPool {
                 }
             }
         }
+    }
+
+    /// Every backend's outcomes since the last call, one locality each
+    /// (backends that left the pool since included), reset.
+    pub(crate) fn take_outcomes(
+        &self,
+    ) -> Vec<lb_proto::envoy::service::load_stats::v3::UpstreamLocalityStats> {
+        let mut all: Vec<(SocketAddr, Arc<Outcomes>)> =
+            std::mem::take(&mut *self.departed.lock().expect("departed lock"));
+        all.extend(
+            self.conns
+                .lock()
+                .expect("pool lock")
+                .iter()
+                .map(|(addr, conn)| (*addr, conn.outcomes.clone())),
+        );
+        all.iter().filter_map(|(addr, o)| o.take(*addr)).collect()
     }
 
     /// Closes every connection.

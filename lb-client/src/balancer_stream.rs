@@ -12,6 +12,8 @@
 //!   so one DNS name can front all LB replicas.
 //! - The stream carries the channel's client id (`lb-client-id` metadata),
 //!   which the LB uses to give this client a stable subset of backends.
+//! - Beside it, on the same connection, per-backend outcomes go to the same
+//!   LB over LRS ([`crate::load_report`]).
 //! - If no list arrives within the fallback timeout, or every LB address
 //!   fails before any list was received, or (as C-core's grpclb does) the
 //!   LB is lost and every backend of its last list has failed, the
@@ -281,7 +283,7 @@ async fn stream(
                     .insert(lb_proto::ext::HEARTBEAT_HEADER, ms);
             }
         }
-        let mut inbound = LoadBalancerClient::new(channel)
+        let mut inbound = LoadBalancerClient::new(channel.clone())
             .balance_load(request)
             .await
             .map_err(|s| format!("{addr}: {} {}", s.code(), s.message()))?
@@ -293,14 +295,14 @@ async fn stream(
             .ok_or_else(|| format!("{addr}: stream ended before initial_response"))?;
         match first.load_balance_response_type {
             Some(LoadBalanceResponseType::InitialResponse(r)) => {
-                Ok((inbound, r.client_stats_report_interval))
+                Ok((channel, inbound, r.client_stats_report_interval))
             }
             other => Err(format!(
                 "{addr}: expected initial_response first, got {other:?}"
             )),
         }
     };
-    let (mut inbound, interval) = tokio::time::timeout(settings.connect_timeout, opening)
+    let (channel, mut inbound, interval) = tokio::time::timeout(settings.connect_timeout, opening)
         .await
         .map_err(|_| {
             format!(
@@ -315,6 +317,15 @@ async fn stream(
     let reporter =
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
     let _reporter = reporter.map(AbortOnDrop::new);
+    // Per-backend outcomes go to the same LB, over LRS on this connection.
+    let _outcomes = state.count_outcomes.then(|| {
+        let node = crate::load_report::node(&settings.client_id, settings.zone.as_deref());
+        AbortOnDrop::new(tokio::spawn(crate::load_report::run(
+            channel,
+            state.clone(),
+            node,
+        )))
+    });
     state.counters.lb_streams.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(lb = %addr, service = %state.service, ?interval, "load balancer stream open");
     *state.current_lb.lock().expect("lb lock") = addr.parse().ok();

@@ -48,6 +48,7 @@ use tonic::Status;
 use crate::backends::ConnSettings;
 use crate::balancer_stream::{self, LbSettings};
 use crate::deadline::{self, DeadlineBody, RequestDeadline};
+use crate::outcomes::{CallOutcome, End, OutcomeBody};
 use crate::picker::{Pick, ReadyBackend};
 use crate::retry::{
     Attempts, Outcome, Replay, RetryPolicies, RetryPolicy, RetryThrottling, Throttle,
@@ -307,6 +308,17 @@ impl LbChannelBuilder {
     /// retries cannot amplify an outage.
     pub fn retry_throttling(mut self, throttling: RetryThrottling) -> Self {
         self.throttling = Some(throttling);
+        self
+    }
+
+    /// Report each backend's call outcomes to the LB (default on): calls,
+    /// the backend's errors, latency, and apart from them the calls that
+    /// the caller cancelled or its deadline ended, every interval the LB
+    /// asks, over LRS beside the BalanceLoad stream. The LB pools them over
+    /// its clients (`/api/v1/services/{name}` shows them per backend).
+    /// Off, calls are not counted per backend at all.
+    pub fn report_outcomes(mut self, on: bool) -> Self {
+        self.conn.count_outcomes = on;
         self
     }
 
@@ -730,6 +742,15 @@ async fn call(
         };
         prepare(&mut request, &backend, &state);
         state.stats.started();
+        // Dropped with the call if the caller gives it up: a cancellation.
+        let record = state
+            .count_outcomes
+            .then(|| CallOutcome::start(backend.conn.outcomes.clone()));
+        let finish = |record: Option<CallOutcome>, end: End| {
+            if let Some(r) = record {
+                r.finish(end)
+            }
+        };
         let sent = backend.sender.try_send_request(request);
         let answered = match deadline {
             // Dropping the send on time-out resets the backend's stream.
@@ -737,6 +758,7 @@ async fn call(
                 Ok(answered) => answered,
                 Err(_) => {
                     state.stats.failed();
+                    finish(record, End::Deadline);
                     return Err(deadline::exceeded(&format!(
                         "waiting for backend {}'s response",
                         backend.addr
@@ -749,13 +771,22 @@ async fn call(
         match answered {
             Ok(response) => {
                 state.stats.known_received();
-                return Ok(match deadline {
+                let response = match deadline {
                     Some(d) => response.map(|b| Body::new(DeadlineBody::new(b, d))),
                     None => response.map(Body::new),
+                };
+                return Ok(match record {
+                    Some(record) => {
+                        let (parts, body) = response.into_parts();
+                        let body = OutcomeBody::new(body, &parts.headers, record);
+                        http::Response::from_parts(parts, Body::new(body))
+                    }
+                    None => response,
                 });
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !retried => {
+                    finish(record, End::Error);
                     state.stats.failed_to_send();
                     state.report_send_failure(&backend);
                     tracing::debug!(addr = %backend.addr, error = %e.into_error(), "call not sent; retrying on the next backend");
@@ -763,6 +794,7 @@ async fn call(
                     request = unsent;
                 }
                 Some(_) => {
+                    finish(record, End::Error);
                     state.stats.failed_to_send();
                     state.report_send_failure(&backend);
                     return Err(Status::unavailable(format!(
@@ -773,6 +805,7 @@ async fn call(
                     .into());
                 }
                 None => {
+                    finish(record, End::Error);
                     state.stats.failed();
                     let error = e.into_error();
                     return Err(

@@ -48,10 +48,12 @@ pub mod backoff;
 pub mod balancer_stream;
 pub mod channel;
 mod deadline;
+mod load_report;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "orca")]
 pub mod orca;
+mod outcomes;
 pub mod picker;
 #[cfg(feature = "register")]
 pub mod register;

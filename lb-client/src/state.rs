@@ -49,6 +49,8 @@ pub struct Counters {
     pub backend_connections: Arc<AtomicU64>,
     /// Calls sent again under a retry policy (one per retry).
     pub retries: AtomicU64,
+    /// Per-backend outcome reports sent to the LB.
+    pub outcome_reports: AtomicU64,
 }
 
 /// A copy of [`Counters`] at one moment.
@@ -62,6 +64,8 @@ pub struct CountersSnapshot {
     pub backend_connections: u64,
     /// Retries under a retry policy.
     pub retries: u64,
+    /// Per-backend outcome reports sent.
+    pub outcome_reports: u64,
 }
 
 impl Counters {
@@ -72,6 +76,7 @@ impl Counters {
             lists: self.lists.load(Ordering::Relaxed),
             backend_connections: self.backend_connections.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            outcome_reports: self.outcome_reports.load(Ordering::Relaxed),
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct ChannelState {
     pub counters: Counters,
     /// Calls waiting for their response headers now.
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Each backend's call outcomes are counted (and reported).
+    pub(crate) count_outcomes: bool,
     fallback: Vec<SocketAddr>,
     pool: BackendPool,
     source: Mutex<Source>,
@@ -135,6 +142,7 @@ impl ChannelState {
                 .and_then(|ua| http::HeaderValue::try_from(format!("{ua} {library}")).ok())
                 .unwrap_or(http::HeaderValue::from_static(library));
             ChannelState {
+                count_outcomes: conn.count_outcomes,
                 scheme,
                 user_agent,
                 origin,
@@ -167,6 +175,13 @@ impl ChannelState {
             }
             Source::Waiting | Source::Unavailable(_) => Vec::new(),
         }
+    }
+
+    /// Every backend's outcomes since the last report, one locality each.
+    pub(crate) fn take_outcomes(
+        &self,
+    ) -> Vec<lb_proto::envoy::service::load_stats::v3::UpstreamLocalityStats> {
+        self.pool.take_outcomes()
     }
 
     /// Installs a list received from the LB.

@@ -134,6 +134,9 @@ pub struct Metrics {
     pub client_calls: Family<CallLabels, Counter>,
     /// Health transitions, per service and new state.
     pub health_transitions: Family<CallLabels, Counter>,
+    /// Per-backend call outcomes clients reported (LRS), all backends of a
+    /// service together, per end: success, error, deadline, cancelled.
+    pub backend_outcomes: Family<CallLabels, Counter>,
     /// Relative weight of each backend in its service's list (0 = not listed).
     pub backend_weight: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 when a backend's health check says it serves, else 0.
@@ -327,6 +330,7 @@ impl Metrics {
             services_forgotten: Counter::default(),
             cluster_degraded: Gauge::default(),
             client_calls: Family::default(),
+            backend_outcomes: Family::default(),
             health_transitions: Family::default(),
             backend_weight: Family::default(),
             backend_healthy: Family::default(),
@@ -434,6 +438,11 @@ impl Metrics {
             "client_calls",
             "Calls reported in client stats, per service and kind",
             m.client_calls.clone(),
+        );
+        reg.add(
+            "backend_outcomes",
+            "Call outcomes clients reported per backend (LRS), summed per service and end (success, error, deadline, cancelled)",
+            m.backend_outcomes.clone(),
         );
         reg.add(
             "health_transitions",
@@ -673,6 +682,12 @@ impl Metrics {
             self.client_calls.remove(&CallLabels {
                 service: service.into(),
                 kind: kind.into(),
+            });
+        }
+        for end in crate::catalog::OUTCOME_ENDS {
+            self.backend_outcomes.remove(&CallLabels {
+                service: service.into(),
+                kind: end.into(),
             });
         }
         for to in crate::model::HealthState::ALL {

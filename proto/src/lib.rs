@@ -6,6 +6,8 @@
 //! - [`helloworld`]: the greeter used by examples, tests and benchmarks.
 //! - [`xds`]: ORCA load reports (`xds.data.orca.v3`) and the out-of-band
 //!   reporting service (`xds.service.orca.v3`).
+//! - [`envoy::service::load_stats::v3`]: the client side's subset of LRS,
+//!   over which `LbChannel` reports per-backend outcomes.
 
 /// What this project adds to the grpclb protocol, the same at both ends.
 pub mod ext {
@@ -28,6 +30,26 @@ pub mod ext {
     /// Longest service name, in bytes: in a registry, in an initial request,
     /// in a client's settings.
     pub const MAX_SERVICE_NAME_LEN: usize = 255;
+
+    /// LRS `Node.client_features` entry of a client whose calls the LB
+    /// already counts from another report (an `LbChannel`'s grpclb client
+    /// stats): its LRS reports carry per-backend outcomes only, and are not
+    /// added to the service's call totals or its zone's demand a second
+    /// time.
+    pub const LRS_OUTCOMES_ONLY: &str = "lb.outcomes-only";
+    /// LRS `load_metric_stats` name: the latency of finished calls, in
+    /// milliseconds (`total_metric_value` sums them over
+    /// `num_requests_finished_with_metric` calls), from the request sent to
+    /// the response's end.
+    pub const METRIC_LATENCY_MS: &str = "latency_ms";
+    /// LRS `load_metric_stats` name: calls the caller abandoned before
+    /// their end (counted in `num_requests_finished_with_metric`): the
+    /// caller's doing, neither a success nor an error of the backend.
+    pub const METRIC_CANCELLED: &str = "cancelled_by_caller";
+    /// LRS `load_metric_stats` name: calls ended by their deadline
+    /// (counted in `num_requests_finished_with_metric`): the caller's
+    /// budget, not counted as an error of the backend (their latency is).
+    pub const METRIC_DEADLINE: &str = "deadline_exceeded";
 }
 
 /// `grpc.lb.v1`: the grpclb protocol.
@@ -111,6 +133,23 @@ pub mod xds {
             #[allow(missing_docs, clippy::all)]
             pub mod v3 {
                 tonic::include_proto!("xds.service.orca.v3");
+            }
+        }
+    }
+}
+
+/// `envoy.*`: the client side's subset of the Load Reporting Service.
+pub mod envoy {
+    /// `envoy.service`
+    pub mod service {
+        /// `envoy.service.load_stats`
+        pub mod load_stats {
+            /// `envoy.service.load_stats.v3`: LRS, with the messages it
+            /// carries (their full API keeps some in `envoy.config.*`; the
+            /// field numbers are the same).
+            #[allow(missing_docs, clippy::all)]
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.load_stats.v3");
             }
         }
     }

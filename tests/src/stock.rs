@@ -506,11 +506,19 @@ pub async fn stock_fleet(
     n: usize,
     args: &[&str],
 ) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
+    stock_fleet_of(&vec![args; n]).await
+}
+
+/// [`stock_fleet`] with each backend's own flags: one backend per entry.
+pub async fn stock_fleet_of(
+    each: &[&[&str]],
+) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
+    let n = each.len();
     let lb = crate::Lb::start(&[]).await;
     let registry = format!("lb://{}", lb.addr);
     let mut backends = Vec::new();
     let mut registrations = Vec::new();
-    for _ in 0..n {
+    for args in each {
         let b = StockBackend::start_with(Stock::GrpcGo, args).await;
         registrations.push(
             lb_client::Registration::start(

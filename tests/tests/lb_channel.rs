@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lb_client::channel::DEFAULT_CONCURRENCY_LIMIT;
 use lb_client::{LbChannel, Registration, RegistrationOptions, RetryPolicy, RetryThrottling};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::stock::{stock_fleet, Stock, StockBackend};
+use lb_tests::stock::{stock_fleet, stock_fleet_of, Stock, StockBackend};
 use lb_tests::{wait_until, Caller};
 use tonic::Code;
 use tower::load::Load;
@@ -475,5 +475,109 @@ async fn tower_retry_retries_a_call_no_backend_answered() {
     assert!(
         errors_seen.load(Ordering::Relaxed) >= 1,
         "tower::retry never saw an error"
+    );
+}
+
+/// Per-backend outcomes reach the LB: three stock grpc-go backends (one
+/// answers, one fails every call with UNAVAILABLE, one holds every answer
+/// 2 s) take 90 calls from one `LbChannel`: a third of them the caller
+/// gives up after 400 ms (the future dropped), a third carry a 400 ms
+/// deadline, a third wait for their answer. `/api/v1/services/greeter` then shows, per backend, what the
+/// channel reported over LRS: the failing backend's errors, and the slow
+/// backend's calls as cancelled by the caller or ended by the deadline,
+/// none of them as its errors. The service's call totals (from BalanceLoad
+/// client stats) count each call once, not again from LRS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_errors() {
+    let (lb, backends, _registrations) =
+        stock_fleet_of(&[&[], &["-fail-code", "14"], &["-delay", "2s"]]).await;
+    let (good, failing, slow) = (backends[0].addr, backends[1].addr, backends[2].addr);
+    let channel = LbChannel::builder("greeter")
+        .lb(lb.addr.to_string())
+        .build()
+        .expect("channel");
+    assert!(
+        wait_until(Duration::from_secs(10), || channel.ready_backends().len() == 3).await,
+        "the channel never connected to the three backends"
+    );
+    const CALLS: usize = 90;
+    let client = GreeterClient::new(channel.clone());
+    let calls = (0..CALLS).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(HelloRequest {
+                name: format!("call {i}"),
+            });
+            // Round robin gives call i to backend i mod 3: each backend
+            // gets calls of every kind.
+            match (i / 3) % 3 {
+                // The caller's own deadline.
+                0 => {
+                    request.set_timeout(Duration::from_millis(400));
+                    let _ = client.say_hello(request).await;
+                }
+                // The caller gives up: the call's future is dropped.
+                1 => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(400),
+                        client.say_hello(request),
+                    )
+                    .await;
+                }
+                _ => {
+                    let _ = client.say_hello(request).await;
+                }
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    let outcomes = |addr: std::net::SocketAddr| {
+        lb.backends("greeter")
+            .into_iter()
+            .find(|b| b["address"] == addr.to_string())
+            .map(|b| b["outcomes"].clone())
+            .unwrap_or_default()
+    };
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    // Every call ends up reported (the slow backend's too, at most 2 s on).
+    let reported = wait_until(Duration::from_secs(15), || {
+        [good, failing, slow]
+            .iter()
+            .map(|a| n(&outcomes(*a), "calls"))
+            .sum::<u64>()
+            == CALLS as u64
+            && n(&outcomes(slow), "in_progress") == 0
+    })
+    .await;
+    let (g, f, s) = (outcomes(good), outcomes(failing), outcomes(slow));
+    eprintln!("outcomes: good {g}\nfailing {f}\nslow {s}");
+    assert!(reported, "not every call was reported");
+    assert!(channel.counters().outcome_reports > 0);
+    for o in [&g, &f, &s] {
+        assert_eq!(n(o, "reporters"), 1, "one channel reported: {o}");
+        assert!(n(o, "calls") > 0, "every backend took calls: {o}");
+    }
+    assert_eq!(n(&g, "errors"), 0, "{g}");
+    assert_eq!(n(&g, "successes"), n(&g, "calls"), "{g}");
+    assert_eq!(n(&f, "errors"), n(&f, "calls"), "{f}");
+    assert_eq!(f["error_rate"].as_f64(), Some(1.0), "{f}");
+    assert_eq!(n(&s, "errors"), 0, "the caller's own ends counted as errors: {s}");
+    // A third of its calls each: given up, out of time, answered (in 2 s).
+    let third = n(&s, "calls") / 3;
+    assert_eq!(n(&s, "cancelled_by_caller"), third, "{s}");
+    assert_eq!(n(&s, "deadline_exceeded"), third, "{s}");
+    assert_eq!(n(&s, "successes"), third, "{s}");
+    let latency = |o: &serde_json::Value| o["latency_ms_mean"].as_f64().unwrap_or(-1.0);
+    assert!(
+        (0.0..100.0).contains(&latency(&g)),
+        "the answering backend's latency: {g}"
+    );
+    assert!(latency(&s) >= 390.0, "deadline-ended calls keep their latency: {s}");
+    // Each call counted once in the service's totals.
+    let started = || lb.service_json("greeter")["calls"]["started"].as_i64();
+    assert!(
+        wait_until(Duration::from_secs(5), || started() == Some(CALLS as i64)).await,
+        "the service's call totals counted {:?} calls, not {CALLS}",
+        started()
     );
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::AdminState;
-use crate::catalog::{Backend, ServiceEntry};
+use crate::catalog::{Backend, OutcomesView, ServiceEntry};
 use crate::snapshot::PublishedList;
 use crate::streams::sessions::{Session, StatsReport, XdsNode, XdsSession, XdsTypeStatus};
 use crate::zones::ZoneReport;
@@ -75,6 +75,10 @@ pub struct BackendRow {
     /// The replica that health-checks it (only in a cluster).
     #[serde(skip_serializing_if = "Option::is_none")]
     checked_by: Option<String>,
+    /// What clients reported of its calls (LRS), pooled over them; absent
+    /// until one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcomes: Option<OutcomesView>,
 }
 
 /// Calls clients reported for a service (sums of grpclb client stats).
@@ -146,6 +150,10 @@ impl<'a> ServiceDetail<'a> {
         let total = list.servers.len().max(1) as f64;
         let subset_counts = s.subsets.enabled().then(|| s.subsets.counts(entry.name()));
         let view = s.cluster.as_ref().map(|c| c.view());
+        let now = std::time::Instant::now();
+        entry
+            .outcomes
+            .retain(|a| backends.iter().any(|b| b.addr == *a));
         let rows = backends
             .into_iter()
             .map(|b| {
@@ -166,6 +174,7 @@ impl<'a> ServiceDetail<'a> {
                             .unwrap_or(&v.replica_id)
                             .to_string()
                     }),
+                    outcomes: entry.outcomes.view(b.addr, now),
                     backend: b,
                 }
             })

@@ -42,6 +42,7 @@ impl Catalog {
                     backends: Mutex::new(BTreeMap::new()),
                     list,
                     calls: CallTotals::default(),
+                    outcomes: Default::default(),
                     conflict: Mutex::new(None),
                     idle_since: Mutex::new(None),
                     held: Default::default(),

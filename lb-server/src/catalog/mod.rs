@@ -20,6 +20,7 @@
 //! | `observe` | what probes and operators say |
 //! | `publish` | policy → snapshot, source priority and conflicts |
 //! | `calls` | client stats, summed per service |
+//! | `outcomes` | what clients saw of each backend, pooled over a window |
 //! | `journal` | each change, as an event, for history |
 //! | `startup` | the starting state logged as one summary, not per service |
 //! | `evict` | forgetting services nobody uses |
@@ -39,11 +40,13 @@ mod evict;
 mod ingest;
 pub mod journal;
 mod observe;
+mod outcomes;
 mod publish;
 mod startup;
 
 pub use backend::{token_for, Backend, LoadReport, WeightOverride};
 pub use calls::CallTotals;
+pub use outcomes::{reporter_name, OutcomesView, Sample, ServiceOutcomes, OUTCOME_ENDS};
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -66,6 +69,8 @@ pub struct ServiceEntry {
     list: watch::Sender<Arc<PublishedList>>,
     /// Sums of the client stats reported for this service.
     pub calls: CallTotals,
+    /// What clients saw of each of its backends.
+    pub outcomes: ServiceOutcomes,
     /// Why some of its backends are ignored: two registry sources define it.
     conflict: Mutex<Option<String>>,
     /// Since when it has had no backends and no watcher, as last checked.
@@ -107,6 +112,15 @@ impl ServiceEntry {
     /// Whether any registry lists a backend of it now (healthy or not).
     pub fn is_registered(&self) -> bool {
         !self.backends.lock().expect("catalog lock").is_empty()
+    }
+
+    /// Whether a backend at `addr` is known (listed or not).
+    pub fn has_backend(&self, addr: SocketAddr) -> bool {
+        self.backends
+            .lock()
+            .expect("catalog lock")
+            .values()
+            .any(|b| b.addr == addr)
     }
 
     /// A copy of the backends now known.

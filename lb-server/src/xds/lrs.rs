@@ -8,8 +8,17 @@
 //! successes `known_received`, and drops `dropped` (by category, as grpclb
 //! drops are by token). The calls issued also count as demand of the
 //! reporting node's zone ([`crate::zones`]).
+//!
+//! Each locality of a report is one backend (our assignments put its
+//! address in `sub_zone`), so a report also says what each backend did
+//! with the reporter's calls: those samples are pooled per backend
+//! ([`crate::catalog::ServiceOutcomes`]). `LbChannel` reports here too,
+//! with its node marked [`lb_proto::ext::LRS_OUTCOMES_ONLY`]: its totals
+//! already came over BalanceLoad, so only its per-backend outcomes are
+//! read.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
@@ -22,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Ads, Responses};
+use crate::catalog::{reporter_name, Sample};
 use crate::model::Locality;
 use crate::net::limits::RateBudget;
 use crate::streams::first_request::{first_request, timeout_status, FirstRequest};
@@ -103,6 +113,14 @@ impl LoadReportingService for LoadReporting {
                         .parts
                         .zones
                         .client_zone(Locality::new(&zone.region, &zone.zone), peer);
+                    reporter.name = match (node.id.as_str(), peer) {
+                        ("", Some(peer)) => reporter_name(&peer.to_string()),
+                        (id, _) => reporter_name(id),
+                    };
+                    reporter.outcomes_only = node
+                        .client_features
+                        .iter()
+                        .any(|f| f == lb_proto::ext::LRS_OUTCOMES_ONLY);
                 }
                 for cluster in &report.cluster_stats {
                     fold(&ads, cluster, &mut reporter);
@@ -151,11 +169,19 @@ fn read_failed(ads: &Ads, status: Status) {
 /// Most clusters one LRS stream's calls are counted for, per zone.
 const MAX_REPORTED_CLUSTERS: usize = 1024;
 
-/// Who reports on one LRS stream: its node's zone, and its place in the
-/// zone table of each cluster it reported.
+/// Most localities (backends) of one cluster read from one report.
+const MAX_REPORTED_LOCALITIES: usize = 4096;
+
+/// Who reports on one LRS stream: its node's name and zone, whether its
+/// calls are counted elsewhere, and its place in the zone table of each
+/// cluster it reported.
 #[derive(Default)]
 struct Reporter {
+    name: Arc<str>,
     locality: Locality,
+    /// Its node said [`lb_proto::ext::LRS_OUTCOMES_ONLY`]: its totals
+    /// came over BalanceLoad; only its per-backend outcomes are read here.
+    outcomes_only: bool,
     members: HashMap<String, ZoneMember>,
 }
 
@@ -186,6 +212,41 @@ pub(crate) fn client_stats(cluster: &ClusterStats) -> ClientStats {
     }
 }
 
+/// One cluster's report per backend: each locality whose `sub_zone` is a
+/// backend's address (as our assignments name them), as a sample of its
+/// outcomes (at most [`MAX_REPORTED_LOCALITIES`]).
+pub(crate) fn outcomes(cluster: &ClusterStats) -> Vec<(SocketAddr, Sample)> {
+    use lb_proto::ext::{METRIC_CANCELLED, METRIC_DEADLINE, METRIC_LATENCY_MS};
+    cluster
+        .upstream_locality_stats
+        .iter()
+        .take(MAX_REPORTED_LOCALITIES)
+        .filter_map(|l| {
+            let addr = l.locality.as_ref()?.sub_zone.parse::<SocketAddr>().ok()?;
+            let mut sample = Sample {
+                issued: l.total_issued_requests,
+                successes: l.total_successful_requests,
+                errors: l.total_error_requests,
+                in_progress: l.total_requests_in_progress,
+                ..Default::default()
+            };
+            for m in &l.load_metric_stats {
+                let n = m.num_requests_finished_with_metric;
+                match m.metric_name.as_str() {
+                    METRIC_LATENCY_MS => {
+                        sample.timed = n;
+                        sample.latency_ms = m.total_metric_value;
+                    }
+                    METRIC_DEADLINE => sample.deadline = n,
+                    METRIC_CANCELLED => sample.cancelled = n,
+                    _ => {}
+                }
+            }
+            Some((addr, sample))
+        })
+        .collect()
+}
+
 /// Adds one cluster's report to its service's call totals, and to the
 /// demand of the reporter's zone.
 fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
@@ -193,9 +254,22 @@ fn fold(ads: &Ads, cluster: &ClusterStats, reporter: &mut Reporter) {
         ads.parts.metrics.xds.refuse("lrs_unknown_cluster");
         return;
     };
+    ads.parts.metrics.xds.load_reports.inc();
+    let samples = outcomes(cluster);
+    if ads
+        .parts
+        .catalog
+        .record_outcomes(&entry, &reporter.name, &samples)
+        > 0
+        || cluster.upstream_locality_stats.len() > samples.len()
+    {
+        ads.parts.metrics.xds.refuse("lrs_unknown_backend");
+    }
+    if reporter.outcomes_only {
+        return;
+    }
     let stats = client_stats(cluster);
     ads.parts.catalog.record_client_stats(&entry, &stats);
-    ads.parts.metrics.xds.load_reports.inc();
     if !reporter.members.contains_key(&cluster.cluster_name)
         && reporter.members.len() < MAX_REPORTED_CLUSTERS
     {
