@@ -156,8 +156,13 @@ async fn lb_port_limits_are_enforced_with_clear_statuses_and_counted() {
     );
     assert_eq!(metric("too_many_streams_per_peer"), 1.0);
 
-    // In total: 1 (the client) + 4 + 3 from 127.0.0.3 = 8; the next is refused.
-    for _ in 0..3 {
+    // In total: 2 (the client's BalanceLoad stream and the LRS stream of its
+    // per-backend outcomes) + 4 + 2 from 127.0.0.3 = 8; the next is refused.
+    assert!(
+        lb_tests::wait_until(Duration::from_secs(10), || ch.counters().outcome_reports > 0).await,
+        "the client's outcome reports never started"
+    );
+    for _ in 0..2 {
         held.push(
             RawStream::open(lb.addr, ip("127.0.0.3"), Some("greeter"))
                 .await
