@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use lb_client::picker::Pick;
+use lb_client::internals::Pick;
 use lb_client::{LbChannel, Registration, RegistrationOptions, LB_TOKEN_HEADER};
 use lb_examples::greeter::{GreeterOptions, RunningGreeter};
 use lb_server::{Config, LbServer};

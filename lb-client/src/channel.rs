@@ -66,7 +66,39 @@ pub const LB_TOKEN_HEADER: http::HeaderName = http::HeaderName::from_static(LB_T
 /// requests by default).
 pub const DEFAULT_CONCURRENCY_LIMIT: usize = 1024;
 
-/// Builds an [`LbChannel`].
+/// Builds an [`LbChannel`]: where the LBs are, how to reach backends, and
+/// what calls may expect. The HTTP/2 and connection settings have the
+/// names tonic's `Endpoint` gives them.
+///
+/// ```
+/// use std::time::Duration;
+/// use lb_client::{LbChannel, RetryPolicy, RetryThrottling};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), lb_client::Error> {
+/// let channel = LbChannel::builder("greeter")
+///     // Several replicas; the channel moves between them.
+///     .lbs(["127.0.0.1:7000", "127.0.0.1:7001"])
+///     .zone("eu-west-1a")
+///     .timeout(Duration::from_secs(2))
+///     .concurrency_limit(Some(256))
+///     .initial_stream_window_size(1 << 20)
+///     .user_agent("checkout/1.4")
+///     // The common recipe for rolling restarts, as a stock client's
+///     // service config has it.
+///     .retry_policy(
+///         "helloworld.Greeter",
+///         RetryPolicy::new(2, [tonic::Code::Unavailable]),
+///     )
+///     .retry_throttling(RetryThrottling { max_tokens: 10, token_ratio: 0.1 })
+///     .build()?;
+/// // Built at once; the LB stream and connections come up in the background.
+/// assert_eq!(channel.in_flight(), 0);
+///
+/// // Settings that cannot work are refused when built.
+/// assert!(LbChannel::builder("greeter").build().is_err(), "no LB, no fallback");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LbChannelBuilder {
     service: String,
@@ -389,6 +421,52 @@ impl Drop for StopOnDrop {
 
 /// A client channel balanced by a lookaside LB. Cheap to clone; clones share
 /// the list, connections, stats and concurrency limit.
+///
+/// It is a `tower::Service` for HTTP/2 gRPC requests, so every
+/// tonic-generated client takes it where it takes tonic's `Channel`. This
+/// example runs as it stands: a greeter serves on a free port of this
+/// process, and the channel, given no LB, calls it as its fallback backend
+/// (with an LB, `.lb("host:port")` is all that changes).
+///
+/// ```
+/// use lb_client::LbChannel;
+/// use lb_proto::helloworld::greeter_client::GreeterClient;
+/// use lb_proto::helloworld::greeter_server::{Greeter, GreeterServer};
+/// use lb_proto::helloworld::{HelloReply, HelloRequest};
+///
+/// struct Hello;
+///
+/// #[tonic::async_trait]
+/// impl Greeter for Hello {
+///     async fn say_hello(
+///         &self,
+///         request: tonic::Request<HelloRequest>,
+///     ) -> Result<tonic::Response<HelloReply>, tonic::Status> {
+///         let message = format!("Hello {}", request.into_inner().name);
+///         Ok(tonic::Response::new(HelloReply { message }))
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let backend = listener.local_addr()?;
+/// tokio::spawn(
+///     tonic::transport::Server::builder()
+///         .add_service(GreeterServer::new(Hello))
+///         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+/// );
+///
+/// let channel = LbChannel::builder("greeter")
+///     .fallback_backends([backend])
+///     .timeout(std::time::Duration::from_secs(5))
+///     .build()?;
+/// let mut greeter = GreeterClient::new(channel.clone());
+/// let reply = greeter.say_hello(HelloRequest { name: "you".into() }).await?;
+/// assert_eq!(reply.into_inner().message, "Hello you");
+/// assert_eq!(channel.ready_backends(), vec![backend]);
+/// # Ok(()) }
+/// ```
 pub struct LbChannel {
     state: Arc<ChannelState>,
     /// The default deadline of every call.
@@ -470,15 +548,16 @@ impl LbChannel {
         self.state.listed_backends()
     }
 
-    /// The picker holding the current pick list (for inspection and
-    /// benchmarks; calls use it through the `tower::Service`).
+    /// The picker holding the current pick list (for the pick benchmark;
+    /// calls use it through the `tower::Service`). Not part of the API.
+    #[doc(hidden)]
     pub fn picker(&self) -> &crate::picker::Picker {
         &self.state.picker
     }
 
     /// How often this channel opened LB streams and backend connections and
     /// received lists since it started (all still in steady state).
-    pub fn counters(&self) -> crate::state::CountersSnapshot {
+    pub fn counters(&self) -> crate::Counters {
         self.state.counters.snapshot()
     }
 

@@ -21,53 +21,71 @@
 //! LB reads (etcd or the LB's embedded registry) and keeps it alive, and
 //! `orca::LoadRecorder` publishes their load to the LB.
 //!
-//! | module | job |
+//! The public face is this page: the channel and its builder, retry
+//! policies ([`retry`]), TLS settings, and for backends [`Registration`]
+//! ([`register`]) and [`orca`]. Inside, one job per file:
+//!
+//! | file | job |
 //! | --- | --- |
-//! | [`channel`] | the `tower::Service` and its builder |
-//! | [`balancer_stream`] | the LB stream: lists, failover, stats, fallback |
-//! | [`state`] | list in force + connections → pick list |
-//! | [`picker`] | lock-free walk of the pick list |
+//! | `channel` | the `tower::Service` and its builder |
+//! | `balancer_stream` | the LB stream: lists, failover, stats, fallback |
+//! | `state` | list in force + connections → pick list |
+//! | `picker` | lock-free walk of the pick list |
 //! | `deadline` | a call's deadline, kept for the whole call (pick, headers, body) |
-//! | [`retry`] | gRPC retry policies and throttling (gRFC A6), the request replayed |
-//! | [`backends`] | one HTTP/2 connection per backend, reconnected with backoff |
-//! | [`stats`] | client-stats counters |
+//! | `retry` | gRPC retry policies and throttling (gRFC A6), the request replayed |
+//! | `outcomes` | what each backend did with the calls: counted per call |
+//! | `load_report` | those outcomes to the LB over LRS |
+//! | `backends` | one HTTP/2 connection per backend, reconnected with backoff |
+//! | `stats` | client-stats counters (grpclb) |
 //! | `register` | backend registration helpers (feature `register`) |
 //! | `orca` | backend-side ORCA load reporting (feature `orca`) |
-//! | [`backoff`] | jittered exponential backoff, reset after a session that lasted |
+//! | `backoff` | jittered exponential backoff, reset after a session that lasted |
 //! | `etcd` | etcd access: one member at a time, keep-alive within etcd's policy (feature `etcd`) |
-//! | [`tls`] | TLS settings of outgoing connections |
-//! | [`task`] | tasks that end with their owner |
+//! | `tls` | TLS settings of outgoing connections |
+//! | `task` | tasks that end with their owner |
 //!
 //! Features: `register` (registration in the embedded registry), `etcd`
 //! (etcd access and registration there), `orca` (backend load reporting),
 //! all on by default; `zookeeper` and `consul` registration are off. A
 //! client that only calls needs none: `default-features = false`.
 
-pub mod backends;
-pub mod backoff;
-pub mod balancer_stream;
-pub mod channel;
+mod backends;
+mod backoff;
+mod balancer_stream;
+mod channel;
 mod deadline;
-mod load_report;
 #[cfg(feature = "etcd")]
-pub mod etcd;
+mod etcd;
+mod load_report;
 #[cfg(feature = "orca")]
 pub mod orca;
 mod outcomes;
-pub mod picker;
+mod picker;
 #[cfg(feature = "register")]
 pub mod register;
 pub mod retry;
-pub mod state;
-pub mod stats;
-pub mod task;
-pub mod tls;
+mod state;
+mod stats;
+mod task;
+mod tls;
 
-pub use channel::{LbChannel, LbChannelBuilder, LB_TOKEN, LB_TOKEN_HEADER};
+pub use channel::{LbChannel, LbChannelBuilder, DEFAULT_CONCURRENCY_LIMIT, LB_TOKEN, LB_TOKEN_HEADER};
 #[cfg(feature = "register")]
 pub use register::{Registration, RegistrationOptions};
 pub use retry::{RetryPolicy, RetryThrottling};
+pub use state::CountersSnapshot as Counters;
 pub use tls::TlsConfig;
+
+/// What `lb-server`, the tests and the benchmarks share with this crate's
+/// insides. Not part of the API: no promise of stability.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::backoff::Backoff;
+    #[cfg(feature = "etcd")]
+    pub use crate::etcd::{list_prefix, EtcdAccess};
+    pub use crate::picker::{Pick, PickList, Picker};
+    pub use crate::task::AbortOnDrop;
+}
 
 /// A boxed error, as tower services use.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

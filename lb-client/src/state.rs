@@ -53,7 +53,9 @@ pub struct Counters {
     pub outcome_reports: AtomicU64,
 }
 
-/// A copy of [`Counters`] at one moment.
+/// How often a channel connected, heard from its LB and retried, at one
+/// moment ([`crate::LbChannel::counters`]). In steady state none of these
+/// move but `outcome_reports`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CountersSnapshot {
     /// BalanceLoad streams opened.

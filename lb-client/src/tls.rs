@@ -1,12 +1,16 @@
 //! TLS for the connections the client side opens: to LBs (BalanceLoad), to
 //! backends (calls), and to the embedded registry or etcd (registration).
 //!
-//! A [`TlsConfig`] holds PEM bytes: the CA that signs the servers'
-//! certificates (required: there is no implicit trust store), optionally a
-//! client certificate and key for servers that demand mutual TLS, and
-//! optionally the name to verify servers' certificates against (by default
-//! the host as dialled: an IP address for backends, which then need an IP
-//! subject alternative name).
+//! A [`TlsConfig`] says whom to trust: a CA given as PEM (a private PKI,
+//! the common case inside a fleet), Mozilla's roots compiled in
+//! ([`TlsConfig::with_webpki_roots`], feature `tls-webpki-roots`), the
+//! system's store ([`TlsConfig::with_native_roots`], feature
+//! `tls-native-roots`; `SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured),
+//! or several of them; nothing is trusted implicitly. Optionally a client
+//! certificate and key for servers that demand mutual TLS, and the name to
+//! verify servers' certificates against (by default the host as dialled:
+//! an IP address for backends, which then need an IP subject alternative
+//! name).
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), lb_client::Error> {
@@ -32,6 +36,8 @@ use crate::Error;
 #[derive(Clone, Default)]
 pub struct TlsConfig {
     ca_pem: Option<Vec<u8>>,
+    webpki_roots: bool,
+    native_roots: bool,
     identity: Option<(Vec<u8>, Vec<u8>)>,
     server_name: Option<String>,
 }
@@ -41,6 +47,8 @@ impl std::fmt::Debug for TlsConfig {
         // Never print key material.
         f.debug_struct("TlsConfig")
             .field("ca", &self.ca_pem.is_some())
+            .field("webpki_roots", &self.webpki_roots)
+            .field("native_roots", &self.native_roots)
             .field("client_identity", &self.identity.is_some())
             .field("server_name", &self.server_name)
             .finish()
@@ -56,6 +64,23 @@ impl TlsConfig {
     /// The CA certificate(s), PEM, that servers' certificates must chain to.
     pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Also trust Mozilla's root CAs, compiled in (as tonic's
+    /// `ClientTlsConfig::with_webpki_roots`).
+    #[cfg(feature = "tls-webpki-roots")]
+    pub fn with_webpki_roots(mut self) -> Self {
+        self.webpki_roots = true;
+        self
+    }
+
+    /// Also trust the system's root CAs, read when the connection settings
+    /// are built (as tonic's `ClientTlsConfig::with_native_roots`;
+    /// `SSL_CERT_FILE` and `SSL_CERT_DIR` override the system's paths).
+    #[cfg(feature = "tls-native-roots")]
+    pub fn with_native_roots(mut self) -> Self {
+        self.native_roots = true;
         self
     }
 
@@ -112,6 +137,14 @@ impl TlsConfig {
     /// The same settings for tonic channels (LB streams, registration, etcd).
     pub fn tonic(&self) -> tonic::transport::ClientTlsConfig {
         let mut tls = tonic::transport::ClientTlsConfig::new();
+        #[cfg(feature = "tls-webpki-roots")]
+        if self.webpki_roots {
+            tls = tls.with_webpki_roots();
+        }
+        #[cfg(feature = "tls-native-roots")]
+        if self.native_roots {
+            tls = tls.with_native_roots();
+        }
         if let Some(ca) = &self.ca_pem {
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
         }
@@ -128,17 +161,38 @@ impl TlsConfig {
     /// ALPN `h2`.
     pub fn rustls(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
         let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("TLS {what}: {e}"));
-        let ca = self
-            .ca_pem
-            .as_ref()
-            .ok_or_else(|| Error::Config("TLS needs a CA certificate to trust (ca_pem)".into()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca) {
-            let cert = cert.map_err(|e| bad("CA certificate", &e))?;
-            roots.add(cert).map_err(|e| bad("CA certificate", &e))?;
+        if self.ca_pem.is_none() && !self.webpki_roots && !self.native_roots {
+            return Err(Error::Config(
+                "TLS needs CAs to trust: a CA certificate (ca_pem), or the webpki or native roots"
+                    .into(),
+            ));
         }
-        if roots.is_empty() {
-            return Err(Error::Config("TLS CA: no certificate in the PEM".into()));
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &self.ca_pem {
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                let cert = cert.map_err(|e| bad("CA certificate", &e))?;
+                roots.add(cert).map_err(|e| bad("CA certificate", &e))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Config("TLS CA: no certificate in the PEM".into()));
+            }
+        }
+        #[cfg(feature = "tls-webpki-roots")]
+        if self.webpki_roots {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        #[cfg(feature = "tls-native-roots")]
+        if self.native_roots {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "a system root certificate could not be read");
+            }
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(Error::Config(
+                    "TLS: no root certificate in the system's store".into(),
+                ));
+            }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)

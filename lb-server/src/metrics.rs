@@ -181,7 +181,7 @@ pub struct Metrics {
     /// or streams.
     pub services_forgotten: Counter,
     /// 1 while this replica is clustered but has no etcd session
-    /// ([`crate::cluster`]): it checks every backend itself and can neither
+    /// (`crate::cluster`): it checks every backend itself and can neither
     /// hand checks over nor take them over.
     pub cluster_degraded: Gauge,
 }

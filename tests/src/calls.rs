@@ -231,10 +231,11 @@ impl ListWatcher {
             let _keep_open = tx;
             while let Ok(Some(m)) = stream.message().await {
                 if let Some(LoadBalanceResponseType::ServerList(l)) = m.load_balance_response_type {
-                    let addrs = lb_client::balancer_stream::to_entries(&l.servers)
-                        .into_iter()
-                        .filter(|e| !e.drop)
-                        .map(|e| e.addr)
+                    let addrs = l
+                        .servers
+                        .iter()
+                        .filter(|s| !s.drop)
+                        .filter_map(|s| s.socket_addr())
                         .collect();
                     sink.lock().unwrap().push((Instant::now(), addrs));
                 }

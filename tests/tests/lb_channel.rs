@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_client::channel::DEFAULT_CONCURRENCY_LIMIT;
+use lb_client::DEFAULT_CONCURRENCY_LIMIT;
 use lb_client::{LbChannel, Registration, RegistrationOptions, RetryPolicy, RetryThrottling};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_tests::stock::{stock_fleet, stock_fleet_of, Stock, StockBackend};

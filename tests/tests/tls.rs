@@ -337,3 +337,59 @@ async fn the_admin_port_serves_https_to_certificate_holders_only() {
     // The operator was never disturbed.
     assert_eq!(lb.get("/healthz").0, 200);
 }
+
+/// Trust without a CA file: the system's store (`with_native_roots`, here
+/// pointed at the test CA by `SSL_CERT_FILE`, as an operator's would be by
+/// the system's CA bundle) lets an `LbChannel` call a TLS backend; Mozilla's
+/// compiled-in roots (`with_webpki_roots`) do not trust a private CA, so
+/// the same call fails on the certificate; and settings that trust nothing
+/// are refused when the channel is built.
+#[test]
+fn system_roots_trust_what_the_system_trusts_and_webpki_roots_do_not_trust_a_private_ca() {
+    let pki = Pki::generate();
+    // Read when the TLS settings are built (no test runs beside this one:
+    // scripts/test runs them one at a time).
+    std::env::set_var("SSL_CERT_FILE", &pki.ca);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let lb = Lb::embedded(&[]).await;
+        let args = tls_greeter_args(&pki);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let g = Greeter::start(&format!("lb://{}", lb.addr), &args).await;
+        let identity = |tls: lb_client::TlsConfig| {
+            tls.identity_pem(
+                std::fs::read(&pki.client_cert).unwrap(),
+                std::fs::read(&pki.client_key).unwrap(),
+            )
+        };
+        let channel = |tls: lb_client::TlsConfig| {
+            LbChannel::builder("greeter")
+                .fallback_backends([g.addr])
+                .backend_tls(identity(tls))
+                .build()
+        };
+        let native = channel(lb_client::TlsConfig::new().with_native_roots()).expect("channel");
+        let mut answered = Err(tonic::Status::unknown("no call yet"));
+        for _ in 0..50 {
+            answered = call_ok(&native).await;
+            if answered.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        answered.expect("a call trusting the system's roots");
+
+        let webpki = channel(lb_client::TlsConfig::new().with_webpki_roots()).expect("channel");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let refused = call_ok(&webpki).await.expect_err("a private CA is not Mozilla's");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(
+            webpki.ready_backends().is_empty(),
+            "no connection to a backend whose CA is not trusted"
+        );
+
+        let nothing = channel(lb_client::TlsConfig::new()).err().expect("refused");
+        assert!(nothing.to_string().contains("CAs to trust"), "{nothing}");
+    });
+    std::env::remove_var("SSL_CERT_FILE");
+}

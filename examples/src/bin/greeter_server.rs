@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, env = "GREETER_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Address to register (`host:port`); default: the listen address, or
-    /// `<hostname>:<port>` when listening on 0.0.0.0 / [::] (the LB resolves
+    /// `<hostname>:<port>` when listening on 0.0.0.0 / `[::]` (the LB resolves
     /// host names).
     #[arg(long, env = "GREETER_ADVERTISE")]
     advertise: Option<String>,

@@ -3,23 +3,23 @@
 //!
 //! | module | registry | how the instance lives |
 //! | --- | --- | --- |
-//! | [`etcd`] | `etcd://h1:2379,…` | a key on a lease kept alive; a lost lease is replaced and the key written again |
-//! | [`embedded`] | `lb://host:7000,…` | the LB's own `lb.registry.v1.Registry` API; a lease the LB forgot (restart) is registered again |
-//! | [`zookeeper`] | `zk://h1:2181,…/prefix` | an ephemeral provider znode; an expired session is replaced and the znode made again (feature `zookeeper`) |
-//! | [`consul`] | `consul[+https]://host:8500` | an agent service with a gRPC health check; re-registered when the agent forgets it (feature `consul`) |
+//! | `etcd` | `etcd://h1:2379,…` | a key on a lease kept alive; a lost lease is replaced and the key written again |
+//! | `embedded` | `lb://host:7000,…` | the LB's own `lb.registry.v1.Registry` API; a lease the LB forgot (restart) is registered again |
+//! | `zookeeper` | `zk://h1:2181,…/prefix` | an ephemeral provider znode; an expired session is replaced and the znode made again (feature `zookeeper`) |
+//! | `consul` | `consul[+https]://host:8500` | an agent service with a gRPC health check; re-registered when the agent forgets it (feature `consul`) |
 //!
 //! DNS is read-only: records are published in the zone, not by backends.
 //! Every helper retries by itself, forever, with jittered backoff: a backend
 //! can start while the registry is down and will appear once it is back.
 
-pub mod embedded;
+mod embedded;
 #[cfg(feature = "etcd")]
-pub mod etcd;
+mod etcd;
 
 #[cfg(feature = "consul")]
-pub mod consul;
+mod consul;
 #[cfg(feature = "zookeeper")]
-pub mod zookeeper;
+mod zookeeper;
 
 use std::time::Duration;
 
@@ -73,7 +73,30 @@ impl Default for RegistrationOptions {
     }
 }
 
-/// A registration kept alive in the background.
+/// A registration kept alive in the background: the instance is in the
+/// registry while this value lives (and the process with it), and is
+/// removed gracefully by [`Registration::deregister`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lb_client::{Registration, RegistrationOptions};
+///
+/// # async fn serve() {}
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), lb_client::Error> {
+/// // In the LB's embedded registry (`lb://`), or etcd (`etcd://h1:2379,h2:2379`).
+/// let registration = Registration::start(
+///     "lb://127.0.0.1:7000",
+///     "greeter",
+///     "10.0.0.7:50051",
+///     RegistrationOptions { ttl: Duration::from_secs(10), ..Default::default() },
+/// )?;
+/// registration.wait_registered(Duration::from_secs(5)).await;
+/// serve().await;
+/// // On shutdown: out of the registry before the server stops.
+/// registration.deregister().await;
+/// # Ok(()) }
+/// ```
 pub struct Registration {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -83,7 +106,7 @@ pub struct Registration {
 /// What a registration task is given: where to say whether the instance is
 /// registered now, and when to deregister.
 #[derive(Clone)]
-pub struct Control {
+pub(crate) struct Control {
     /// Set true while the instance is registered.
     pub registered: watch::Sender<bool>,
     /// Cancelled to deregister and stop.

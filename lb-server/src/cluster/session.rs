@@ -81,7 +81,7 @@ impl Link {
         Box::pin(async move {
             tokio::time::sleep(after).await;
             let mut client = timed("connect", etcd.connect()).await?;
-            let (revision, listing) = lb_client::etcd::list_prefix(&mut client, &prefix)
+            let (revision, listing) = lb_client::internals::list_prefix(&mut client, &prefix)
                 .await
                 .map_err(|e| format!("list cluster: {e}"))?;
             let options = WatchOptions::new()

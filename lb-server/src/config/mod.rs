@@ -1,7 +1,7 @@
 //! Command-line and environment configuration of an `lb-server` process.
 //!
 //! Every flag can also be given as an `LB_…` environment variable or in the
-//! config file (`--config lb.toml`, see [`file`]); `--help` documents them
+//! config file (`--config lb.toml`, see [`mod@file`]); `--help` documents them
 //! all, each section of it headed by its section of the file. [`Config`] is plain data: [`crate::LbServer`] turns it
 //! into running parts, handing each part its own section
 //! ([`RegistryFlags`] to the registry sources, [`ProbeFlags`] to the probes,

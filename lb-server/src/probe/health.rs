@@ -32,7 +32,7 @@
 //! the policy weighs it as one view ([`crate::policy`]), and other replicas
 //! are asked to witness it ([`crate::cluster`]).
 //!
-//! Reconnects use the shared jittered backoff ([`lb_client::backoff`]),
+//! Reconnects use the shared jittered backoff (`lb_client::internals::Backoff`),
 //! capped at one second so that a backend that comes back (SIGCONT, a
 //! restart on the same address) is listed again within about two seconds.
 //! After 30 s down the cap grows to 20 s: a zone of dead backends costs a
@@ -54,7 +54,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_client::backoff::Backoff;
+use lb_client::internals::Backoff;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -66,7 +66,7 @@ use super::report::Reporter;
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
 use crate::model::HealthState;
-use lb_client::task::AbortOnDrop;
+use lb_client::internals::AbortOnDrop;
 
 /// Health-checking settings.
 #[derive(Debug, Clone)]

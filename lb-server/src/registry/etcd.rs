@@ -12,8 +12,8 @@ use std::sync::Arc;
 use etcd_client::{EventType, WatchOptions};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use lb_client::etcd::list_prefix;
-pub use lb_client::etcd::EtcdAccess;
+use lb_client::internals::list_prefix;
+pub use lb_client::internals::EtcdAccess;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{self, Decoded};

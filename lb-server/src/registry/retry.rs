@@ -1,12 +1,12 @@
 //! Keeping a session with a discovery system up: sessions run one after
 //! another (etcd's list + watch, ZooKeeper's watch), with the shared
-//! jittered backoff between failures ([`lb_client::backoff`]), which starts
+//! jittered backoff between failures (`lb_client::internals::Backoff`), which starts
 //! over after a session that lasted.
 
 use std::future::Future;
 use std::time::Duration;
 
-use lb_client::backoff::Backoff;
+use lb_client::internals::Backoff;
 use tokio_util::sync::CancellationToken;
 
 /// Delay before the first retry after a failure; grows up to [`RETRY_MAX`].

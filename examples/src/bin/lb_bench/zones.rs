@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_client::register::RegistrationOptions;
+use lb_client::RegistrationOptions;
 use lb_client::LbChannel;
 use lb_examples::greeter::{backend_of, GreeterOptions};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
