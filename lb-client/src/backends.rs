@@ -66,6 +66,55 @@ pub struct ConnSettings {
     /// Count each backend's call outcomes and report them to the LB
     /// ([`crate::outcomes`], [`crate::load_report`]; default on).
     pub count_outcomes: bool,
+    /// How to reach a backend instead of TCP to its address (Unix sockets,
+    /// proxies), as tonic's `Endpoint::connect_with_connector`.
+    pub connector: Option<Connector>,
+}
+
+/// A connection a custom connector made.
+pub trait BackendIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> BackendIo for T {}
+
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn BackendIo>, crate::BoxError>> + Send>>;
+
+/// A custom connector: a `tower::Service<Uri>` (the backend's
+/// `http://ip:port`) that makes the connection HTTP/2 runs over.
+#[derive(Clone)]
+pub struct Connector(Arc<dyn Fn(http::Uri) -> Connecting + Send + Sync>);
+
+impl Connector {
+    /// Wraps `service`; each connection is made by a clone of it.
+    pub fn new<C>(service: C) -> Self
+    where
+        C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+        C::Response: BackendIo,
+        C::Error: Into<crate::BoxError>,
+        C::Future: Send + 'static,
+    {
+        Connector(Arc::new(move |uri| {
+            use tower::ServiceExt;
+            let service = service.clone();
+            Box::pin(async move {
+                let io = service.oneshot(uri).await.map_err(Into::into)?;
+                Ok(Box::new(io) as Box<dyn BackendIo>)
+            })
+        }))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn BackendIo>, String> {
+        let uri = http::Uri::try_from(format!("http://{addr}")).map_err(|e| e.to_string())?;
+        (self.0)(uri)
+            .await
+            .map_err(|e| format!("connect {addr} (custom connector): {e}"))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
 }
 
 /// HTTP/2 settings of backend connections (`None`: hyper's defaults).
@@ -113,6 +162,7 @@ impl Default for ConnSettings {
             user_agent: None,
             origin: None,
             count_outcomes: true,
+            connector: None,
         }
     }
 }
@@ -306,20 +356,26 @@ async fn connect(
     String,
 > {
     let attempt = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        tune(&tcp, settings);
+        let io: Box<dyn BackendIo> = match &settings.connector {
+            Some(connector) => connector.connect(addr).await?,
+            None => {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connect {addr}: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                tune(&tcp, settings);
+                Box::new(tcp)
+            }
+        };
         match &settings.tls {
-            None => http2_over(addr, tcp, settings).await,
+            None => http2_over(addr, io, settings).await,
             Some(tls) => {
                 let name = tls
                     .settings
                     .name_for(&addr.ip().to_string())
                     .map_err(|e| e.to_string())?;
                 let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
-                    .connect(name, tcp)
+                    .connect(name, io)
                     .await
                     .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
                 http2_over(addr, stream, settings).await

@@ -322,6 +322,39 @@ impl LbChannelBuilder {
         self
     }
 
+    /// Reach backends through `connector` instead of TCP to their
+    /// addresses (as tonic's `Endpoint::connect_with_connector`): a
+    /// `tower::Service` given the backend's `http://ip:port` that returns
+    /// the connection (a Unix socket, a tunnel through a proxy, an
+    /// in-memory pipe). TLS, when set, runs over it; the TCP keep-alive and
+    /// user-timeout settings are the connector's business then.
+    ///
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), lb_client::Error> {
+    /// // Backends listen on Unix sockets named after the address the LB
+    /// // lists.
+    /// let unix = tower::service_fn(|uri: http::Uri| {
+    ///     let path = format!("/run/greeter/{}.sock", uri.port_u16().unwrap_or(0));
+    ///     tokio::net::UnixStream::connect(path)
+    /// });
+    /// let channel = lb_client::LbChannel::builder("greeter")
+    ///     .lb("127.0.0.1:7000")
+    ///     .connector(unix)
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn connector<C>(mut self, connector: C) -> Self
+    where
+        C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+        C::Response: crate::BackendIo,
+        C::Error: Into<crate::BoxError>,
+        C::Future: Send + 'static,
+    {
+        self.conn.connector = Some(crate::backends::Connector::new(connector));
+        self
+    }
+
     /// Retries calls to `name` (`pkg.Service` for all its methods, or
     /// `pkg.Service/Method`; a method's own policy wins) as gRPC's
     /// `retryPolicy` says (gRFC A6): see [`crate::retry`]. The common

@@ -69,6 +69,7 @@ mod stats;
 mod task;
 mod tls;
 
+pub use backends::BackendIo;
 pub use channel::{LbChannel, LbChannelBuilder, DEFAULT_CONCURRENCY_LIMIT, LB_TOKEN, LB_TOKEN_HEADER};
 #[cfg(feature = "register")]
 pub use register::{Registration, RegistrationOptions};

@@ -581,3 +581,61 @@ async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_erro
         started()
     );
 }
+
+/// A custom connector (tonic's `connect_with_connector`): the channel
+/// reaches its listed backend, a stock grpc-go server, only through a Unix
+/// socket named after the backend's port, where a relay in this test
+/// forwards to the server. Every call goes through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_connector_reaches_backends_over_unix_sockets() {
+    let (lb, backends, _registrations) = stock_fleet(1, &[]).await;
+    let backend = backends[0].addr;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join(format!("{}.sock", backend.port()));
+    let listener = tokio::net::UnixListener::bind(&socket).expect("unix socket");
+    let relayed = Arc::new(AtomicUsize::new(0));
+    let relay = {
+        let relayed = relayed.clone();
+        tokio::spawn(async move {
+            while let Ok((mut unix, _)) = listener.accept().await {
+                relayed.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    if let Ok(mut tcp) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut unix, &mut tcp).await;
+                    }
+                });
+            }
+        })
+    };
+    let dir_path = dir.path().to_path_buf();
+    let unix = tower::service_fn(move |uri: http::Uri| {
+        let path = dir_path.join(format!("{}.sock", uri.port_u16().unwrap_or(0)));
+        tokio::net::UnixStream::connect(path)
+    });
+    let channel = LbChannel::builder("greeter")
+        .lb(lb.addr.to_string())
+        .connector(unix)
+        .build()
+        .expect("channel");
+    assert!(
+        wait_until(Duration::from_secs(10), || channel.ready_backends() == vec![backend]).await,
+        "the channel never connected through the connector"
+    );
+    let mut client = GreeterClient::new(channel.clone());
+    for i in 0..20 {
+        let reply = client
+            .say_hello(HelloRequest {
+                name: format!("unix {i}"),
+            })
+            .await
+            .expect("call through the Unix socket");
+        assert!(reply.into_inner().message.ends_with(&backend.to_string()));
+    }
+    assert_eq!(
+        relayed.load(Ordering::Relaxed) as u64,
+        channel.counters().backend_connections,
+        "every backend connection went through the connector"
+    );
+    assert!(relayed.load(Ordering::Relaxed) >= 1);
+    relay.abort();
+}
