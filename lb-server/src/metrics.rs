@@ -46,6 +46,9 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// The ends of a call `lb_backend_outcomes_total` counts per service.
+pub const OUTCOME_ENDS: [&str; 4] = ["success", "error", "deadline", "cancelled"];
+
 /// Labels of client-reported call counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
@@ -684,7 +687,7 @@ impl Metrics {
                 kind: kind.into(),
             });
         }
-        for end in crate::catalog::OUTCOME_ENDS {
+        for end in OUTCOME_ENDS {
             self.backend_outcomes.remove(&CallLabels {
                 service: service.into(),
                 kind: end.into(),

@@ -46,7 +46,7 @@ mod startup;
 
 pub use backend::{token_for, Backend, LoadReport, WeightOverride};
 pub use calls::CallTotals;
-pub use outcomes::{reporter_name, OutcomesView, Sample, ServiceOutcomes, OUTCOME_ENDS};
+pub use outcomes::{reporter_name, OutcomesView, Sample, ServiceOutcomes};
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{Catalog, ServiceEntry};
-use crate::metrics::CallLabels;
+use crate::metrics::{CallLabels, OUTCOME_ENDS};
 
 /// One bucket of the window.
 pub const BUCKET: Duration = Duration::from_secs(10);
@@ -230,9 +230,6 @@ impl ServiceOutcomes {
             .retain(|a, _| keep(a));
     }
 }
-
-/// The ends of a call `lb_backend_outcomes_total` counts.
-pub const OUTCOME_ENDS: [&str; 4] = ["success", "error", "deadline", "cancelled"];
 
 impl Catalog {
     /// Adds one report's per-backend `samples`, from `reporter`, to the
