@@ -76,8 +76,9 @@ pub trait BackendIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> BackendIo for T {}
 
-type Connecting =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn BackendIo>, crate::BoxError>> + Send>>;
+type Connecting = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Box<dyn BackendIo>, crate::BoxError>> + Send>,
+>;
 
 /// A custom connector: a `tower::Service<Uri>` (the backend's
 /// `http://ip:port`) that makes the connection HTTP/2 runs over.

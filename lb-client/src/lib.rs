@@ -70,7 +70,9 @@ mod task;
 mod tls;
 
 pub use backends::BackendIo;
-pub use channel::{LbChannel, LbChannelBuilder, DEFAULT_CONCURRENCY_LIMIT, LB_TOKEN, LB_TOKEN_HEADER};
+pub use channel::{
+    LbChannel, LbChannelBuilder, DEFAULT_CONCURRENCY_LIMIT, LB_TOKEN, LB_TOKEN_HEADER,
+};
 #[cfg(feature = "register")]
 pub use register::{Registration, RegistrationOptions};
 pub use retry::{RetryPolicy, RetryThrottling};

@@ -73,7 +73,10 @@ pub(crate) async fn run(channel: Channel, state: Arc<ChannelState>, node: Node) 
         match stream(&channel, &state, &node).await {
             Ok(()) => backoff.reset(),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
-                tracing::debug!(message = status.message(), "the load balancer takes no outcome reports");
+                tracing::debug!(
+                    message = status.message(),
+                    "the load balancer takes no outcome reports"
+                );
                 return;
             }
             Err(status) => {

@@ -291,7 +291,11 @@ mod tests {
         assert_eq!(r.total_requests_in_progress, 1);
         assert_eq!(metric(&r, METRIC_DEADLINE), 1);
         assert_eq!(metric(&r, METRIC_CANCELLED), 1);
-        assert_eq!(metric(&r, METRIC_LATENCY_MS), 3, "cancelled calls have no latency");
+        assert_eq!(
+            metric(&r, METRIC_LATENCY_MS),
+            3,
+            "cancelled calls have no latency"
+        );
         assert_eq!(r.locality.unwrap().sub_zone, "127.0.0.1:9");
         // Reset, except what is still in progress.
         let r = o.take(addr()).unwrap();

@@ -159,7 +159,9 @@ async fn lb_port_limits_are_enforced_with_clear_statuses_and_counted() {
     // In total: 2 (the client's BalanceLoad stream and the LRS stream of its
     // per-backend outcomes) + 4 + 2 from 127.0.0.3 = 8; the next is refused.
     assert!(
-        lb_tests::wait_until(Duration::from_secs(10), || ch.counters().outcome_reports > 0).await,
+        lb_tests::wait_until(Duration::from_secs(10), || ch.counters().outcome_reports
+            > 0)
+        .await,
         "the client's outcome reports never started"
     );
     for _ in 0..2 {

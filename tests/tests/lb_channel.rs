@@ -497,7 +497,9 @@ async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_erro
         .build()
         .expect("channel");
     assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends().len() == 3).await,
+        wait_until(Duration::from_secs(10), || channel.ready_backends().len()
+            == 3)
+        .await,
         "the channel never connected to the three backends"
     );
     const CALLS: usize = 90;
@@ -518,11 +520,9 @@ async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_erro
                 }
                 // The caller gives up: the call's future is dropped.
                 1 => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(400),
-                        client.say_hello(request),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(400), client.say_hello(request))
+                            .await;
                 }
                 _ => {
                     let _ = client.say_hello(request).await;
@@ -561,7 +561,11 @@ async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_erro
     assert_eq!(n(&g, "successes"), n(&g, "calls"), "{g}");
     assert_eq!(n(&f, "errors"), n(&f, "calls"), "{f}");
     assert_eq!(f["error_rate"].as_f64(), Some(1.0), "{f}");
-    assert_eq!(n(&s, "errors"), 0, "the caller's own ends counted as errors: {s}");
+    assert_eq!(
+        n(&s, "errors"),
+        0,
+        "the caller's own ends counted as errors: {s}"
+    );
     // A third of its calls each: given up, out of time, answered (in 2 s).
     let third = n(&s, "calls") / 3;
     assert_eq!(n(&s, "cancelled_by_caller"), third, "{s}");
@@ -572,7 +576,10 @@ async fn per_backend_outcomes_reach_the_lb_and_the_callers_own_ends_are_not_erro
         (0.0..100.0).contains(&latency(&g)),
         "the answering backend's latency: {g}"
     );
-    assert!(latency(&s) >= 390.0, "deadline-ended calls keep their latency: {s}");
+    assert!(
+        latency(&s) >= 390.0,
+        "deadline-ended calls keep their latency: {s}"
+    );
     // Each call counted once in the service's totals.
     let started = || lb.service_json("greeter")["calls"]["started"].as_i64();
     assert!(
@@ -618,7 +625,9 @@ async fn a_custom_connector_reaches_backends_over_unix_sockets() {
         .build()
         .expect("channel");
     assert!(
-        wait_until(Duration::from_secs(10), || channel.ready_backends() == vec![backend]).await,
+        wait_until(Duration::from_secs(10), || channel.ready_backends()
+            == vec![backend])
+        .await,
         "the channel never connected through the connector"
     );
     let mut client = GreeterClient::new(channel.clone());

@@ -315,7 +315,10 @@ mod tests {
         o.record(a, &c1, &sample(10, 9, 1), t0);
         o.record(a, &c2, &sample(10, 7, 3), t0 + Duration::from_secs(1));
         let v = o.view(a, t0 + Duration::from_secs(2)).unwrap();
-        assert_eq!((v.calls, v.successes, v.errors, v.reporters), (20, 16, 4, 2));
+        assert_eq!(
+            (v.calls, v.successes, v.errors, v.reporters),
+            (20, 16, 4, 2)
+        );
         assert_eq!(v.error_rate, Some(0.2));
         assert_eq!(v.latency_ms_mean, Some(2.0));
         // A minute later, the window has moved on; the totals stay.

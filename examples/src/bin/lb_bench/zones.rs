@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_client::RegistrationOptions;
 use lb_client::LbChannel;
+use lb_client::RegistrationOptions;
 use lb_examples::greeter::{backend_of, GreeterOptions};
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
 use lb_server::{Config, LbServer};
