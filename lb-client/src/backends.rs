@@ -276,8 +276,9 @@ impl BackendPool {
                 conn.cancel.cancel();
                 if self.settings.count_outcomes {
                     let mut departed = self.departed.lock().expect("departed lock");
-                    // Bounded: emptied at every report; beyond this, a
-                    // churning list's oldest counts are let go.
+                    // Bounded: emptied at every report (but for backends
+                    // with calls still in progress); at the cap, a churning
+                    // list's further departures are not reported.
                     if departed.len() < MAX_DEPARTED {
                         departed.push((*addr, conn.outcomes.clone()));
                     }
@@ -318,16 +319,22 @@ impl BackendPool {
     pub(crate) fn take_outcomes(
         &self,
     ) -> Vec<lb_proto::envoy::service::load_stats::v3::UpstreamLocalityStats> {
-        let mut all: Vec<(SocketAddr, Arc<Outcomes>)> =
-            std::mem::take(&mut *self.departed.lock().expect("departed lock"));
-        all.extend(
+        let departed = std::mem::take(&mut *self.departed.lock().expect("departed lock"));
+        let mut reports: Vec<_> = departed
+            .iter()
+            .filter_map(|(addr, o)| o.take(*addr))
+            .collect();
+        // Calls still running on a departed backend are reported when they end.
+        let still = departed.into_iter().filter(|(_, o)| o.in_progress() > 0);
+        self.departed.lock().expect("departed lock").extend(still);
+        reports.extend(
             self.conns
                 .lock()
                 .expect("pool lock")
                 .iter()
-                .map(|(addr, conn)| (*addr, conn.outcomes.clone())),
+                .filter_map(|(addr, conn)| conn.outcomes.take(*addr)),
         );
-        all.iter().filter_map(|(addr, o)| o.take(*addr)).collect()
+        reports
     }
 
     /// Closes every connection.

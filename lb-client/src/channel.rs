@@ -898,7 +898,7 @@ async fn call(
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !retried => {
-                    finish(record, End::Error);
+                    finish(record, End::NotSent);
                     state.stats.failed_to_send();
                     state.report_send_failure(&backend);
                     tracing::debug!(addr = %backend.addr, error = %e.into_error(), "call not sent; retrying on the next backend");
@@ -906,13 +906,23 @@ async fn call(
                     request = unsent;
                 }
                 Some(_) => {
-                    finish(record, End::Error);
+                    finish(record, End::NotSent);
                     state.stats.failed_to_send();
                     state.report_send_failure(&backend);
                     return Err(Status::unavailable(format!(
                         "backend {} unavailable: {}",
                         backend.addr,
                         e.into_error()
+                    ))
+                    .into());
+                }
+                None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    // The request body's deadline reset the stream first.
+                    finish(record, End::Deadline);
+                    state.stats.failed();
+                    return Err(deadline::exceeded(&format!(
+                        "sending to backend {}",
+                        backend.addr
                     ))
                     .into());
                 }

@@ -43,6 +43,9 @@ use crate::state::ChannelState;
 /// Shortest report interval obeyed, whatever the LB asks.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest report interval obeyed (a larger one would overflow timers).
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Time allowed for the LB's first answer on a report stream.
 const FIRST_ANSWER: Duration = Duration::from_secs(10);
 
@@ -70,6 +73,8 @@ pub(crate) fn node(client_id: &str, zone: Option<&str>) -> Node {
 pub(crate) async fn run(channel: Channel, state: Arc<ChannelState>, node: Node) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
+        // A stream that lasted earns a fresh backoff.
+        backoff.attempt();
         match stream(&channel, &state, &node).await {
             Ok(()) => backoff.reset(),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
@@ -99,7 +104,7 @@ impl Asked {
             .load_reporting_interval
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .unwrap_or(MIN_INTERVAL)
-            .max(MIN_INTERVAL);
+            .clamp(MIN_INTERVAL, MAX_INTERVAL);
         Asked {
             every,
             wanted: response.send_all_clusters || response.clusters.iter().any(|c| c == service),

@@ -12,6 +12,7 @@
 //! | `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`, `UNIMPLEMENTED`, `RESOURCE_EXHAUSTED`, a reset stream or a lost connection, a response with no status | error of the backend |
 //! | `DEADLINE_EXCEEDED` (the caller's deadline, here or at the backend) | deadline: the caller's budget, with its latency |
 //! | the caller dropped the call (or its response) before the end, or `CANCELLED` | cancelled by the caller |
+//! | never written (its connection had closed; it goes to the next backend) | issued only |
 //!
 //! Latency runs from the request sent to the response's end (its
 //! trailers), for every call that ended by itself or by its deadline.
@@ -55,6 +56,10 @@ pub(crate) enum End {
     Deadline,
     /// The caller gave it up.
     Cancelled,
+    /// It was never written to the backend (its connection had closed): it
+    /// goes to the next backend, and says nothing of this one beyond what
+    /// its health checks see.
+    NotSent,
 }
 
 impl End {
@@ -87,6 +92,11 @@ impl End {
 }
 
 impl Outcomes {
+    /// Calls in progress now.
+    pub(crate) fn in_progress(&self) -> i64 {
+        self.in_progress.load(Ordering::Relaxed)
+    }
+
     /// The counters as one locality's stats (the backend's address as its
     /// `sub_zone`), reset for the next interval; `None` when nothing
     /// happened and nothing is in progress.
@@ -169,6 +179,7 @@ impl CallOutcome {
             End::Error => &o.failed,
             End::Deadline => &o.deadline,
             End::Cancelled => &o.cancelled,
+            End::NotSent => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if end != End::Cancelled {

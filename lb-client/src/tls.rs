@@ -99,7 +99,7 @@ impl TlsConfig {
     }
 
     /// The name set with [`TlsConfig::server_name`], if any.
-    pub fn server_name_override(&self) -> Option<&str> {
+    pub(crate) fn server_name_override(&self) -> Option<&str> {
         self.server_name.as_deref()
     }
 
@@ -134,7 +134,9 @@ impl TlsConfig {
         self.rustls().map(|_| ())
     }
 
-    /// The same settings for tonic channels (LB streams, registration, etcd).
+    /// The same settings for tonic channels (LB streams, registration,
+    /// etcd). Not part of the API (it ties this crate to tonic's TLS types).
+    #[doc(hidden)]
     pub fn tonic(&self) -> tonic::transport::ClientTlsConfig {
         let mut tls = tonic::transport::ClientTlsConfig::new();
         #[cfg(feature = "tls-webpki-roots")]
@@ -158,7 +160,8 @@ impl TlsConfig {
     }
 
     /// The same settings for raw rustls connections (backend calls), with
-    /// ALPN `h2`.
+    /// ALPN `h2`. Not part of the API (it ties this crate to rustls).
+    #[doc(hidden)]
     pub fn rustls(&self) -> Result<Arc<rustls::ClientConfig>, Error> {
         let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("TLS {what}: {e}"));
         if self.ca_pem.is_none() && !self.webpki_roots && !self.native_roots {
@@ -187,12 +190,12 @@ impl TlsConfig {
             for e in &found.errors {
                 tracing::warn!(error = %e, "a system root certificate could not be read");
             }
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(Error::Config(
-                    "TLS: no root certificate in the system's store".into(),
-                ));
-            }
+            roots.add_parsable_certificates(found.certs);
+        }
+        if roots.is_empty() {
+            return Err(Error::Config(
+                "TLS: no CA to trust (the system's store is empty)".into(),
+            ));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -216,7 +219,7 @@ impl TlsConfig {
     }
 
     /// The name to verify a server dialled at `host` against.
-    pub fn name_for(&self, host: &str) -> Result<ServerName<'static>, Error> {
+    pub(crate) fn name_for(&self, host: &str) -> Result<ServerName<'static>, Error> {
         let name = self.server_name.as_deref().unwrap_or(host);
         ServerName::try_from(name.to_string())
             .map_err(|e| Error::Config(format!("TLS server name {name:?}: {e}")))

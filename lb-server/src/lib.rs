@@ -12,6 +12,7 @@
 //!                 ▲                                         ├─► xds ────► clients, Envoy
 //!   probe (health, load)                                    └─► admin (HTTP: JSON, /metrics)
 //!   cluster (probe results shared between replicas)
+//!   clients' outcomes (LRS) ──► gray (ejections, into the policy)
 //! ```
 //!
 //! | module | job |
@@ -21,6 +22,7 @@
 //! | `registry` | sources: embedded memory, etcd, file, DNS, ZooKeeper, Consul, Kubernetes |
 //! | `catalog` | who exists, and what probes and operators say; publishes lists |
 //! | `policy` | backends → ordered, weighted server list, with reasons |
+//! | `gray` | gray failures: every client's outcomes of each backend → ejections |
 //! | `snapshot` | published lists: versioned, immutable, encoded once |
 //! | `zones` | per-client-zone lists from demand and capacity per zone |
 //! | `probe` | active health checks and ORCA load per backend |
@@ -42,6 +44,7 @@ pub mod config;
 pub(crate) mod admin;
 pub(crate) mod catalog;
 pub(crate) mod cluster;
+pub(crate) mod gray;
 pub(crate) mod grpclb;
 pub(crate) mod history;
 pub(crate) mod log_limit;

@@ -163,6 +163,12 @@ pub struct Metrics {
     /// to their checker beyond the unconfirmed-removal cap, or serving to
     /// another replica (present only while some are held). An alert.
     pub backends_held: Family<ServiceLabels, Gauge>,
+    /// Backends ejected for failing clients' calls, per service.
+    pub gray_ejected: Family<ServiceLabels, Gauge>,
+    /// Backends suspect but kept listed: the ejection cap is reached.
+    pub gray_held: Family<ServiceLabels, Gauge>,
+    /// Ejections for failing clients' calls, per service.
+    pub gray_ejections: Family<ServiceLabels, Counter>,
     /// Backends kept listed after leaving the registry because they still
     /// pass health checks (present only while some are kept). An alert.
     pub backends_kept_unregistered: Family<ServiceLabels, Gauge>,
@@ -345,6 +351,9 @@ impl Metrics {
             registrations_refused: Family::default(),
             registry_conflicts: Family::default(),
             backends_held: Family::default(),
+            gray_ejected: Family::default(),
+            gray_held: Family::default(),
+            gray_ejections: Family::default(),
             backends_kept_unregistered: Family::default(),
             upstream_reconnects: Family::default(),
             xds: XdsMetrics::new(),
@@ -441,6 +450,21 @@ impl Metrics {
             "client_calls",
             "Calls reported in client stats, per service and kind",
             m.client_calls.clone(),
+        );
+        reg.add(
+            "gray_ejected",
+            "Backends out of every list for failing clients' calls (gray failures), per service",
+            m.gray_ejected.clone(),
+        );
+        reg.add(
+            "gray_held",
+            "Backends suspect of gray failure but kept listed: the ejection cap is reached, per service",
+            m.gray_held.clone(),
+        );
+        reg.add(
+            "gray_ejections",
+            "Ejections for failing clients' calls, per service",
+            m.gray_ejections.clone(),
         );
         reg.add(
             "backend_outcomes",
@@ -670,6 +694,9 @@ impl Metrics {
         self.list_version.remove(&labels);
         self.registry_conflicts.remove(&labels);
         self.backends_held.remove(&labels);
+        self.gray_ejected.remove(&labels);
+        self.gray_held.remove(&labels);
+        self.gray_ejections.remove(&labels);
         self.backends_kept_unregistered.remove(&labels);
         self.zone_cross_fraction.remove(&labels);
         self.zone_plans.remove(&labels);

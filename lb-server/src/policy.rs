@@ -15,6 +15,9 @@
 //!    replica finds serving. A held backend costs clients a failed connect
 //!    they route around; removing half a service on one replica's word
 //!    would overload the other half for every client.
+//!    Backends the gray-failure detector ejected ([`crate::gray`]) are
+//!    not eligible either; those on probation or slow are listed at a
+//!    reduced weight (step 4).
 //! 3. **Panic mode**: when fewer than `panic_threshold` of the registered
 //!    backends are eligible, all registered backends are listed rather than
 //!    overloading the few healthy ones.
@@ -159,6 +162,8 @@ pub struct Candidate<'a> {
     /// Other replicas' witness results while its checker finds it silent,
     /// by replica id.
     pub opinions: Option<&'a BTreeMap<String, HealthState>>,
+    /// What the gray-failure detector says of it ([`crate::gray`]).
+    pub gray: Option<&'a crate::gray::State>,
 }
 
 /// Why a backend is (not) listed, and with what weight.
@@ -231,6 +236,7 @@ impl Policy {
         let eligible = |i: usize| {
             let c = &candidates[i];
             !c.drained
+                && !c.gray.is_some_and(|g| g.ejected())
                 && (held[i].is_some()
                     || match c.health {
                         HealthState::Serving | HealthState::Unchecked => true,
@@ -273,6 +279,9 @@ impl Policy {
             if !is_chosen[i] {
                 decisions[i].reason = match (c.drained, c.health) {
                     (true, _) => "drained by an operator".into(),
+                    _ if c.gray.is_some_and(|g| g.ejected()) => {
+                        c.gray.map(|g| g.why.clone()).unwrap_or_default()
+                    }
                     (_, HealthState::Unknown) => "not health-checked yet".into(),
                     (_, HealthState::NotServing) => "health: NOT_SERVING".into(),
                     (_, HealthState::Unreachable) => "health: unreachable".into(),
@@ -314,7 +323,10 @@ impl Policy {
                 let relative = w
                     .map(|w| w.clamp(mean * MIN_RATIO, mean * MAX_RATIO) / mean)
                     .unwrap_or(1.0);
-                relative * c.weight.max(1) as f64 * self.slow_start_factor(c.serving_since, now)
+                relative
+                    * c.weight.max(1) as f64
+                    * self.slow_start_factor(c.serving_since, now)
+                    * c.gray.map_or(1.0, |g| g.weight_factor)
             })
             .collect();
         let ints = entries(&weights, self.max_list_len);
@@ -356,6 +368,9 @@ impl Policy {
             let f = self.slow_start_factor(c.serving_since, now);
             if f < 1.0 {
                 why.push(format!("slow start {:.0}%", f * 100.0));
+            }
+            if let Some(g) = c.gray.filter(|g| !g.why.is_empty()) {
+                why.push(g.why.clone());
             }
             d.reason = why.join("; ");
         }
@@ -598,6 +613,7 @@ mod tests {
             load: None,
             drained: false,
             opinions: None,
+            gray: None,
         }
     }
 

@@ -168,6 +168,7 @@ impl LbServer {
             parts.sources(&sources);
             parts.probes(cluster.clone())?;
             parts.refresh();
+            parts.judge_gray();
             parts.forget_idle();
             parts.history();
             parts.grpc(lb_listener, &sources)?;
@@ -307,6 +308,15 @@ impl Parts {
         self.spawn_every(every, move || catalog.refresh_all());
     }
 
+    /// Judges gray failures every second from clients' pooled outcomes.
+    fn judge_gray(&mut self) {
+        let catalog = self.catalog.clone();
+        let settings = self.cfg.policy.gray();
+        self.spawn_every(Duration::from_secs(1), move || {
+            catalog.judge_gray(&settings, std::time::Instant::now())
+        });
+    }
+
     /// Forgets services idle for `--idle-service-grace`, and what the
     /// frontends kept about them.
     fn forget_idle(&mut self) {
@@ -360,9 +370,9 @@ impl Parts {
                 request_max_rate: cfg.grpc.xds_request_max_rate,
                 shutdown_spread: cfg.grpc.shutdown_spread,
                 initial_request_timeout: cfg.grpc.initial_request_timeout,
-                load_report_interval: cfg.grpc.client_stats_interval,
+                load_report_interval: cfg.grpc.load_report_interval,
                 resources: xds::resources::ResourceSettings {
-                    lrs: !cfg.grpc.client_stats_interval.is_zero(),
+                    lrs: !cfg.grpc.load_report_interval.is_zero(),
                     connect_timeout: Duration::from_secs(1),
                     retries: cfg.grpc.xds_retries,
                 },

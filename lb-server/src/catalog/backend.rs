@@ -63,6 +63,10 @@ pub struct Backend {
     /// the moment a graceful deregistration's NOT_SERVING takes to arrive).
     #[serde(skip)]
     pub departure_noted: bool,
+    /// What the gray-failure detector says of it, from clients' outcomes
+    /// (`None` until it said something).
+    #[serde(serialize_with = "gray_view", skip_serializing_if = "Option::is_none")]
+    pub gray: Option<crate::gray::State>,
     /// The policy's last decision about it.
     pub decision: Decision,
     /// Operator's weight override, replacing the registry weight until it expires.
@@ -89,6 +93,26 @@ fn secs_ago<S: serde::Serializer>(at: &Option<Instant>, s: S) -> Result<S::Ok, S
         Some(t) => s.serialize_f64((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
         None => s.serialize_none(),
     }
+}
+
+/// The detector's state as the API shows it: phase, for how long, the
+/// ejections so far, the weight factor and why.
+fn gray_view<S: serde::Serializer>(
+    state: &Option<crate::gray::State>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let Some(g) = state else {
+        return s.serialize_none();
+    };
+    let mut v = s.serialize_struct("Gray", 5)?;
+    v.serialize_field("state", g.phase_name())?;
+    let secs = (g.since.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    v.serialize_field("since_s", &secs)?;
+    v.serialize_field("ejections", &g.times)?;
+    v.serialize_field("weight_factor", &g.weight_factor)?;
+    v.serialize_field("why", &g.why)?;
+    v.end()
 }
 
 /// The window of [`Backend::recent_transitions`].

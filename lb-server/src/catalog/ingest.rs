@@ -348,6 +348,7 @@ impl Catalog {
                     .map(|b| b.opinions.clone())
                     .unwrap_or_default(),
                 serving_since: sibling.as_ref().and_then(|b| b.serving_since),
+                gray: sibling.as_ref().and_then(|b| b.gray.clone()),
                 load: sibling.as_ref().and_then(|b| b.load.clone()),
                 load_report: sibling.as_ref().and_then(|b| b.load_report.clone()),
                 drained: false,

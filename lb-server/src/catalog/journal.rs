@@ -61,6 +61,13 @@ pub enum Change {
         /// The override; `None` when cleared.
         weight: Option<u32>,
     },
+    /// The gray-failure detector changed its verdict on a backend.
+    Gray {
+        /// Its phase now: ejected, probation, held, deweighted, admitted.
+        state: String,
+        /// Why, in words.
+        why: String,
+    },
     /// A new list was published.
     List {
         /// Its version.

@@ -21,6 +21,7 @@
 //! | `publish` | policy → snapshot, source priority and conflicts |
 //! | `calls` | client stats, summed per service |
 //! | `outcomes` | what clients saw of each backend, pooled over a window |
+//! | `ejections` | the gray-failure detector's verdicts on those, applied |
 //! | `journal` | each change, as an event, for history |
 //! | `startup` | the starting state logged as one summary, not per service |
 //! | `evict` | forgetting services nobody uses |
@@ -36,6 +37,7 @@
 mod backend;
 mod calls;
 mod departed;
+mod ejections;
 mod evict;
 mod ingest;
 pub mod journal;
@@ -112,15 +114,6 @@ impl ServiceEntry {
     /// Whether any registry lists a backend of it now (healthy or not).
     pub fn is_registered(&self) -> bool {
         !self.backends.lock().expect("catalog lock").is_empty()
-    }
-
-    /// Whether a backend at `addr` is known (listed or not).
-    pub fn has_backend(&self, addr: SocketAddr) -> bool {
-        self.backends
-            .lock()
-            .expect("catalog lock")
-            .values()
-            .any(|b| b.addr == addr)
     }
 
     /// A copy of the backends now known.

@@ -76,12 +76,46 @@ struct Bucket {
     counts: Sample,
 }
 
-/// One reporter of a backend: when it last reported and its calls in
-/// progress then.
+/// One reporter of a backend: when it last reported, its calls in
+/// progress then, and what it saw, decayed ([`crate::gray::DECAY`]).
 #[derive(Debug, Clone, Copy)]
 struct Reporter {
     last: Instant,
     in_progress: u64,
+    recent: Decayed,
+}
+
+/// Counts that fade: each is worth `exp(−age / DECAY)` of itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct Decayed {
+    answered: f64,
+    errors: f64,
+    timed: f64,
+    latency_ms: f64,
+}
+
+impl Decayed {
+    /// These counts as seen `age` later.
+    fn aged(&self, age: Duration) -> Decayed {
+        let f = (-age.as_secs_f64() / crate::gray::DECAY.as_secs_f64()).exp();
+        Decayed {
+            answered: self.answered * f,
+            errors: self.errors * f,
+            timed: self.timed * f,
+            latency_ms: self.latency_ms * f,
+        }
+    }
+
+    fn add(&mut self, s: &Sample) {
+        // Saturating counts in f64: at worst a huge number, never NaN.
+        let n = |v: u64| v as f64;
+        self.answered += n(s.successes) + n(s.errors);
+        self.errors += n(s.errors);
+        self.timed += n(s.timed);
+        if s.latency_ms.is_finite() && s.latency_ms >= 0.0 {
+            self.latency_ms += s.latency_ms;
+        }
+    }
 }
 
 /// One backend's pooled outcomes.
@@ -103,14 +137,54 @@ impl Pooled {
             }),
         }
         self.total.add(sample);
-        let r = Reporter {
-            last: now,
-            in_progress: sample.in_progress,
-        };
-        if let Some(known) = self.reporters.get_mut(reporter) {
-            *known = r;
-        } else if self.reporters.len() < MAX_REPORTERS {
-            self.reporters.insert(reporter.clone(), r);
+        let r = self.reporters.get(reporter).copied();
+        if r.is_none() && self.reporters.len() >= MAX_REPORTERS {
+            return;
+        }
+        let mut recent = r.map_or_else(Decayed::default, |r| {
+            r.recent.aged(now.saturating_duration_since(r.last))
+        });
+        recent.add(sample);
+        self.reporters.insert(
+            reporter.clone(),
+            Reporter {
+                last: now,
+                in_progress: sample.in_progress,
+                recent,
+            },
+        );
+    }
+
+    /// What the reporters saw, decayed to `now`, as the detector reads it.
+    fn evidence(&mut self, now: Instant) -> crate::gray::Evidence {
+        self.expire(now);
+        let mut e = crate::gray::Evidence::default();
+        for r in self.reporters.values() {
+            let d = r.recent.aged(now.saturating_duration_since(r.last));
+            e.answered += d.answered;
+            e.errors += d.errors;
+            e.timed += d.timed;
+            e.latency_ms += d.latency_ms;
+            if d.answered > 0.01 {
+                e.reporters += 1;
+            }
+            if d.errors >= 0.5 {
+                e.reporters_with_errors += 1;
+            }
+            if d.errors > e.top_errors.0 {
+                e.top_errors = (d.errors, d.answered);
+            }
+            if d.latency_ms > e.top_latency.0 {
+                e.top_latency = (d.latency_ms, d.timed);
+            }
+        }
+        e
+    }
+
+    /// Forgets what the reporters saw so far (probation starts afresh).
+    fn reset(&mut self) {
+        for r in self.reporters.values_mut() {
+            r.recent = Decayed::default();
         }
     }
 
@@ -212,6 +286,23 @@ impl ServiceOutcomes {
             .map(|p| p.view(now))
     }
 
+    /// Every backend's evidence for the detector, decayed to `now`.
+    pub fn evidence(&self, now: Instant) -> HashMap<SocketAddr, crate::gray::Evidence> {
+        self.backends
+            .lock()
+            .expect("outcomes lock")
+            .iter_mut()
+            .map(|(a, p)| (*a, p.evidence(now)))
+            .collect()
+    }
+
+    /// Forgets what clients saw of `addr` so far.
+    pub fn reset(&self, addr: SocketAddr) {
+        if let Some(p) = self.backends.lock().expect("outcomes lock").get_mut(&addr) {
+            p.reset();
+        }
+    }
+
     /// Backends with outcomes kept.
     pub fn len(&self) -> usize {
         self.backends.lock().expect("outcomes lock").len()
@@ -242,10 +333,17 @@ impl Catalog {
         samples: &[(SocketAddr, Sample)],
     ) -> usize {
         let now = Instant::now();
+        let known: std::collections::HashSet<SocketAddr> = entry
+            .backends
+            .lock()
+            .expect("catalog lock")
+            .values()
+            .map(|b| b.addr)
+            .collect();
         let mut unknown = 0;
         let mut ends = [0u64; 4];
         for (addr, sample) in samples {
-            if !entry.has_backend(*addr) {
+            if !known.contains(addr) {
                 unknown += 1;
                 continue;
             }
@@ -261,10 +359,7 @@ impl Catalog {
         }
         // Backends that left stay until the next check: prune once they
         // could be as many as those the service has.
-        let known = entry.backends.lock().expect("catalog lock").len();
-        if entry.outcomes.len() > 2 * known + 16 {
-            let known: std::collections::HashSet<SocketAddr> =
-                entry.backends().iter().map(|b| b.addr).collect();
+        if entry.outcomes.len() > 2 * known.len() + 16 {
             entry.outcomes.retain(|a| known.contains(a));
         }
         for (end, n) in OUTCOME_ENDS.iter().zip(ends) {

@@ -134,6 +134,7 @@ impl Catalog {
                     load: b.load.as_ref(),
                     drained: b.drained,
                     opinions: Some(&b.opinions),
+                    gray: b.gray.as_ref(),
                 })
                 .collect();
             self.policy.load().build(&candidates, now)

@@ -362,6 +362,58 @@ pub struct PolicyFlags {
     #[arg(long, env = "LB_MAX_UNCONFIRMED_REMOVAL", default_value_t = 0.2)]
     pub max_unconfirmed_removal: f64,
 
+    /// Gray failures: eject backends that pass their health checks but
+    /// fail clients' calls, judged from every client's pooled outcomes
+    /// (LRS reports of `LbChannel` and xDS clients); `false` turns the
+    /// detector off (and re-admits everyone).
+    #[arg(long, env = "LB_GRAY_EJECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gray_ejection: bool,
+
+    /// Gray failures: answered calls (decayed over ~30 s) a backend needs
+    /// before it is judged.
+    #[arg(long, env = "LB_GRAY_MIN_CALLS", default_value_t = 10.0)]
+    pub gray_min_calls: f64,
+
+    /// Gray failures: distinct clients that must have seen a backend's
+    /// errors (one broken or lying client never ejects).
+    #[arg(long, env = "LB_GRAY_MIN_CLIENTS", default_value_t = 3)]
+    pub gray_min_clients: usize,
+
+    /// Gray failures: smallest error rate that ejects.
+    #[arg(long, env = "LB_GRAY_MIN_ERROR_RATE", default_value_t = 0.02)]
+    pub gray_min_error_rate: f64,
+
+    /// Gray failures: a backend's error rate must be this many times the
+    /// median of its peers'.
+    #[arg(long, env = "LB_GRAY_ERROR_RATIO", default_value_t = 3.0)]
+    pub gray_error_ratio: f64,
+
+    /// Gray failures: evidence needed, in nats (12: a chance of about 6 in
+    /// a million that the errors were the peers' noise).
+    #[arg(long, env = "LB_GRAY_MIN_SCORE", default_value_t = 12.0)]
+    pub gray_min_score: f64,
+
+    /// Gray failures: largest fraction of a service ejected at once (at
+    /// least one backend); further suspects stay listed, counted in
+    /// `lb_gray_held`.
+    #[arg(long, env = "LB_GRAY_MAX_EJECTION", default_value_t = 0.1)]
+    pub gray_max_ejection: f64,
+
+    /// Gray failures: length of a first ejection; the n-th lasts n times
+    /// this (at most 5 minutes).
+    #[arg(long, env = "LB_GRAY_BASE_EJECTION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub gray_base_ejection: Duration,
+
+    /// Gray failures: weight factor of a backend on probation after an
+    /// ejection.
+    #[arg(long, env = "LB_GRAY_PROBATION_WEIGHT", default_value_t = 0.2)]
+    pub gray_probation_weight: f64,
+
+    /// Gray failures: a backend whose mean latency is this many times its
+    /// peers' median is de-weighted.
+    #[arg(long, env = "LB_GRAY_LATENCY_RATIO", default_value_t = 3.0)]
+    pub gray_latency_ratio: f64,
+
     /// Shed load (drop entries) when every backend's utilization is above
     /// this (off unless set).
     #[arg(long, env = "LB_SHED_UTILIZATION")]
@@ -393,6 +445,14 @@ pub struct GrpcFlags {
     /// Interval at which clients are asked to report client stats (0 = never).
     #[arg(long, env = "LB_CLIENT_STATS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub client_stats_interval: Duration,
+
+    /// Interval at which clients are asked to send load reports over LRS
+    /// (xDS clients, and `LbChannel`'s per-backend outcomes): the evidence
+    /// of the gray-failure detector, so it bounds how fast a failing
+    /// backend is seen (0 = LRS off). `LbChannel` skips a report with
+    /// nothing in it.
+    #[arg(long, env = "LB_LOAD_REPORT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub load_report_interval: Duration,
 
     /// A BalanceLoad stream that sends no initial request within this time is
     /// closed.
@@ -705,6 +765,22 @@ impl RegistryFlags {
 }
 
 impl PolicyFlags {
+    /// The gray-failure detector's settings these flags describe.
+    pub fn gray(&self) -> crate::gray::Settings {
+        crate::gray::Settings {
+            enabled: self.gray_ejection,
+            min_calls: self.gray_min_calls.max(1.0),
+            min_reporters: self.gray_min_clients.max(1),
+            min_error_rate: self.gray_min_error_rate.clamp(0.0, 1.0),
+            error_ratio: self.gray_error_ratio.max(1.0),
+            min_score: self.gray_min_score.max(0.0),
+            max_ejection: self.gray_max_ejection.clamp(0.0, 1.0),
+            base_ejection: self.gray_base_ejection.max(Duration::from_secs(1)),
+            probation_weight: self.gray_probation_weight.clamp(0.01, 1.0),
+            latency_ratio: self.gray_latency_ratio.max(1.0),
+        }
+    }
+
     /// The list-building policy these flags describe.
     pub fn policy(&self) -> crate::policy::Policy {
         crate::policy::Policy {

@@ -2,7 +2,7 @@
 //!
 //! C-core opens this stream when a Cluster names an LRS server (ours do:
 //! `lrs_server: {self: {}}`). The LB answers the first request with "report
-//! every cluster, every `--client-stats-interval`", then folds each report
+//! every cluster, every `--load-report-interval`", then folds each report
 //! into the service's call totals, the same counters grpclb client stats
 //! feed: issued calls are `started`, successes and errors `finished`,
 //! successes `known_received`, and drops `dropped` (by category, as grpclb
@@ -54,7 +54,7 @@ impl LoadReportingService for LoadReporting {
         if interval.is_zero() {
             return Err(ads.refuse(
                 "lrs_off",
-                Status::unimplemented("load reports are off (--client-stats-interval 0)"),
+                Status::unimplemented("load reports are off (--load-report-interval 0)"),
             ));
         }
         let peer = request.remote_addr();
@@ -107,7 +107,10 @@ impl LoadReportingService for LoadReporting {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-                if let Some(node) = &report.node {
+                // The node is read from the first request only (as LRS
+                // says), so one stream cannot pose as many reporters.
+                if let Some(node) = report.node.as_ref().filter(|_| !reporter.named) {
+                    reporter.named = true;
                     let zone = node.locality.clone().unwrap_or_default();
                     reporter.locality = ads
                         .parts
@@ -179,6 +182,8 @@ const MAX_REPORTED_LOCALITIES: usize = 4096;
 struct Reporter {
     name: Arc<str>,
     locality: Locality,
+    /// Its node was read (from its first request).
+    named: bool,
     /// Its node said [`lb_proto::ext::LRS_OUTCOMES_ONLY`]: its totals
     /// came over BalanceLoad; only its per-backend outcomes are read here.
     outcomes_only: bool,

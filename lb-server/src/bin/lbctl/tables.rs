@@ -113,6 +113,10 @@ pub fn service(v: &Value) -> String {
             if b["drained"].as_bool() == Some(true) {
                 health.push_str(" (drained)");
             }
+            // What clients' outcomes say (gray failures), when not "admitted".
+            if let Some(state) = b["gray"]["state"].as_str().filter(|s| *s != "admitted") {
+                health.push_str(&format!(" ({state})"));
+            }
             let flaps = b["health_transitions_10m"].as_u64().unwrap_or(0);
             let weight = match &b["weight_override"] {
                 Value::Object(o) => format!("{} (override)", cell(&o["weight"].clone())),

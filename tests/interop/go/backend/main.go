@@ -13,13 +13,15 @@
 // MaxConcurrentStreams; 0 keeps grpc-go's default) and -delay holds every
 // answer that long: together, a backend that callers can outrun.
 // -fail-code answers every call with that gRPC status code (health stays
-// SERVING: a backend whose checks pass while its calls fail).
+// SERVING: a backend whose checks pass while its calls fail); with
+// -fail-rate, only that fraction of calls, at random (a gray failure).
 package main
 
 import (
 	"context"
 	"flag"
 	"fmt"
+	"math/rand"
 	"net"
 	"os"
 	"os/signal"
@@ -55,6 +57,7 @@ func main() {
 	maxStreams := flag.Uint("max-streams", 0, "concurrent streams per connection (0: grpc-go's default)")
 	delay := flag.Duration("delay", 0, "hold every answer this long")
 	failCode := flag.Int("fail-code", 0, "answer every call with this status code (0: answer normally)")
+	failRate := flag.Float64("fail-rate", 1, "with -fail-code: the fraction of calls that fail, at random")
 	flag.Parse()
 
 	lis, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
@@ -70,7 +73,7 @@ func main() {
 	s := grpc.NewServer(opts...)
 	greeter.Register(s, func(_ context.Context, name string) (string, error) {
 		time.Sleep(*delay)
-		if *failCode != 0 {
+		if *failCode != 0 && rand.Float64() < *failRate {
 			return "", status.Errorf(codes.Code(*failCode), "failing on purpose (-fail-code) at %s", addr)
 		}
 		return fmt.Sprintf("Hello %s from %s", name, addr), nil

@@ -1,0 +1,119 @@
+//! What clients' outcomes say about a backend: the gray-failure detector
+//! ([`crate::gray`]) run over each service's pooled outcomes every second,
+//! its verdicts written on the backends, and the list republished when a
+//! verdict changes what clients get (an ejection, a probation, a
+//! re-admission, a weight step).
+//!
+//! Only backends that pass their health checks are judged, on what clients
+//! saw while they passed: a backend that is down is the health checks'
+//! business, and the errors its callers saw while it went down are
+//! forgotten, not held against it once it is back.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::journal::Change;
+use super::{Catalog, ServiceEntry};
+use crate::gray::{self, Input, State};
+use crate::metrics::Metrics;
+use crate::model::HealthState;
+
+impl Catalog {
+    /// Judges every service's backends at `now`.
+    pub fn judge_gray(&self, settings: &gray::Settings, now: Instant) {
+        let entries: Vec<_> = self.services.iter().map(|e| e.value().clone()).collect();
+        for entry in entries {
+            self.judge_service(&entry, settings, now);
+        }
+    }
+
+    fn judge_service(&self, entry: &ServiceEntry, settings: &gray::Settings, now: Instant) {
+        let evidence = entry.outcomes.evidence(now);
+        let mut resets: Vec<SocketAddr> = Vec::new();
+        let (ejected, held) = {
+            let mut backends = entry.backends.lock().expect("catalog lock");
+            if evidence.is_empty() && backends.values().all(|b| b.gray.is_none()) {
+                return;
+            }
+            let fresh = State::new(now);
+            let verdicts = {
+                let inputs: Vec<Input<'_>> = backends
+                    .values()
+                    .map(|b| Input {
+                        token: &b.token,
+                        evidence: (b.health == HealthState::Serving)
+                            .then(|| evidence.get(&b.addr))
+                            .flatten(),
+                        state: b.gray.as_ref().unwrap_or(&fresh),
+                    })
+                    .collect();
+                gray::judge(settings, &inputs, now)
+            };
+            let mut republish = false;
+            for (b, v) in backends.values_mut().zip(verdicts) {
+                // A backend that is down is the health checks' business:
+                // what its callers saw meanwhile is not held against it
+                // once it is back.
+                if v.reset_evidence
+                    || (b.health != HealthState::Serving && evidence.contains_key(&b.addr))
+                {
+                    resets.push(b.addr);
+                }
+                let before = b.gray.as_ref().unwrap_or(&fresh);
+                let moved = before.phase_name() != v.state.phase_name()
+                    || before.weight_factor != v.state.weight_factor;
+                if moved {
+                    self.note_verdict(entry, b.addr, before, &v.state);
+                }
+                republish |= moved;
+                b.gray = (b.gray.is_some() || v.state != fresh).then_some(v.state);
+            }
+            if republish {
+                self.publish(entry, &mut backends);
+            }
+            let count = |f: fn(&State) -> bool| {
+                backends
+                    .values()
+                    .filter(|b| b.gray.as_ref().is_some_and(f))
+                    .count()
+            };
+            (count(State::ejected), count(|g| g.held))
+        };
+        for addr in resets {
+            entry.outcomes.reset(addr);
+        }
+        Metrics::set_alert(&self.metrics.gray_ejected, &entry.name, ejected);
+        Metrics::set_alert(&self.metrics.gray_held, &entry.name, held);
+    }
+
+    /// Logs, counts and journals one verdict that changed.
+    fn note_verdict(&self, entry: &ServiceEntry, addr: SocketAddr, before: &State, now: &State) {
+        let service = entry.name();
+        let state = now.phase_name();
+        match state {
+            "ejected" => {
+                tracing::warn!(service, %addr, why = %now.why, "backend ejected: clients' calls fail");
+                self.metrics
+                    .gray_ejections
+                    .get_or_create(&crate::metrics::ServiceLabels {
+                        service: service.to_string(),
+                    })
+                    .inc();
+            }
+            "held" if before.phase_name() != "held" => {
+                tracing::warn!(service, %addr, why = %now.why, "backend suspect but held in the list: the ejection cap is reached");
+            }
+            _ => {
+                tracing::info!(service, %addr, from = before.phase_name(), to = state, why = %now.why, "gray-failure verdict changed")
+            }
+        }
+        self.journal.record(
+            service,
+            Some(addr),
+            Change::Gray {
+                state: state.to_string(),
+                why: now.why.clone(),
+            },
+        );
+    }
+}

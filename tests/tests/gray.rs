@@ -1,0 +1,293 @@
+//! Gray failures, end to end: stock grpc-go backends whose health checks
+//! always pass while some of their calls fail (`-fail-code 14 -fail-rate`),
+//! many `LbChannel` clients each calling at a low rate and reporting what
+//! they see per backend (LRS), and the LB judging the pooled evidence:
+//! the failing backend leaves every client's list, one lying reporter
+//! ejects nothing, and the ejection cap holds the rest with an alert.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lb_client::LbChannel;
+use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
+use lb_tests::stock::{stock_fleet_of, StockClient};
+use lb_tests::{wait_until, Lb};
+
+/// Clients: each its own `LbChannel` (its own client id, so its own
+/// reporter to the LB).
+const CLIENTS: usize = 20;
+
+/// `n` channels to `lb`, each ready with `backends` backends.
+async fn clients(lb: &Lb, n: usize, backends: usize) -> Vec<LbChannel> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            LbChannel::builder("greeter")
+                .lb(lb.addr.to_string())
+                .build()
+                .expect("channel"),
+        );
+    }
+    for c in &out {
+        assert!(
+            wait_until(Duration::from_secs(10), || c.ready_backends().len()
+                == backends)
+            .await,
+            "a client never connected to the {backends} backends"
+        );
+    }
+    out
+}
+
+/// Every client calls once per `every` until `stop`, counting failures
+/// (bounded: at most `limit` in all).
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(channels: &[LbChannel], every: Duration, limit: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks = channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (stop, failures, calls) = (stop.clone(), failures.clone(), calls.clone());
+                let mut client = GreeterClient::new(c.clone());
+                tokio::spawn(async move {
+                    // Spread the clients over the interval.
+                    tokio::time::sleep(every * i as u32 / 20).await;
+                    let end = Instant::now() + limit;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        let mut request = tonic::Request::new(HelloRequest {
+                            name: "gray".into(),
+                        });
+                        request.set_timeout(Duration::from_secs(2));
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        if client.say_hello(request).await.is_err() {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            calls,
+            tasks,
+        }
+    }
+
+    fn failures(&self) -> usize {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The detector's state of the backend at `addr` (`"admitted"` when it
+/// never said anything).
+fn gray_state(lb: &Lb, addr: std::net::SocketAddr) -> (String, String) {
+    lb.backends("greeter")
+        .into_iter()
+        .find(|b| b["address"] == addr.to_string())
+        .map(|b| {
+            (
+                b["gray"]["state"]
+                    .as_str()
+                    .unwrap_or("admitted")
+                    .to_string(),
+                b["gray"]["why"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// 20 clients at 1 call/s each against 5 backends, one failing 30 % of
+/// its calls (its health checks pass): no client alone has the evidence
+/// (each sends it a call every 5 s), the pool does. It leaves every
+/// client's list within seconds, and the clients' failures stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_failing_thirty_percent_leaves_every_clients_list() {
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.3"];
+    let (lb, backends, _registrations) = stock_fleet_of(&[&[], &[], gray, &[], &[]]).await;
+    let bad = backends[2].addr;
+    let channels = clients(&lb, CLIENTS, 5).await;
+    // A stock grpc-go grpclb client beside them: it reports nothing per
+    // backend, and gets the ejection in its list all the same.
+    let stock = StockClient::go(
+        lb.addr,
+        "greeter",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+    );
+    let started = Instant::now();
+    let load = Load::start(&channels, Duration::from_secs(1), Duration::from_secs(40));
+    let out_of_every_list = wait_until(Duration::from_secs(20), || {
+        channels.iter().all(|c| !c.listed_backends().contains(&bad))
+    })
+    .await;
+    let took = started.elapsed();
+    let (state, why) = gray_state(&lb, bad);
+    eprintln!("gray: 30 % failing backend out of all {CLIENTS} clients' lists after {took:?}; {state}: {why}");
+    assert!(
+        out_of_every_list,
+        "the failing backend stayed listed: {state} {why}"
+    );
+    assert!(took <= Duration::from_secs(8), "ejection took {took:?}");
+    assert_eq!(state, "ejected", "{why}");
+    assert!(why.contains("% errors from"), "{why}");
+    assert_eq!(lb.metric("lb_gray_ejected{service=\"greeter\"}"), 1.0);
+    assert!(lb.metric("lb_gray_ejections_total{service=\"greeter\"}") >= 1.0);
+    // Every other backend stays, and the clients' failures stop.
+    for c in &channels {
+        assert_eq!(c.listed_backends().len(), 4);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = load.failures();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = load.failures();
+    let calls = load.calls.load(Ordering::Relaxed);
+    load.stop().await;
+    eprintln!("gray: {before} failed calls before the ejection took hold, {} in the 5 s after ({calls} calls in all)", after - before);
+    assert_eq!(after, before, "calls still failed after the ejection");
+    let go = stock.finish(Duration::from_secs(30)).await;
+    let calls = go["calls"].as_u64().unwrap_or(0) as f64;
+    let to_bad = go["per_backend"][bad.to_string()].as_u64().unwrap_or(0) as f64;
+    eprintln!("gray: the grpc-go grpclb client sent {to_bad} of {calls} calls to the failing backend (a fifth is its fair share)");
+    assert!(calls > 100.0, "{go}");
+    assert!(
+        to_bad < 0.14 * calls,
+        "the stock grpclb client kept calling the ejected backend: {go}"
+    );
+}
+
+/// One client that reports every call to a healthy backend as failed
+/// (over its own LRS stream) beside ten honest clients: nothing is
+/// ejected, though the lie is in the evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lying_client_ejects_nothing() {
+    use lb_proto::envoy::service::load_stats::v3::{
+        load_reporting_service_client::LoadReportingServiceClient, ClusterStats, LoadStatsRequest,
+        Locality, Node, UpstreamLocalityStats,
+    };
+    let (lb, backends, _registrations) = stock_fleet_of(&[&[], &[], &[]]).await;
+    let victim = backends[0].addr;
+    let channels = clients(&lb, 10, 3).await;
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    );
+    // The liar: 50 calls a second to the victim, every one "failed".
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let lies = tokio::spawn(async move {
+        let report = |node: Option<Node>| LoadStatsRequest {
+            node,
+            cluster_stats: vec![ClusterStats {
+                cluster_name: "greeter".into(),
+                upstream_locality_stats: vec![UpstreamLocalityStats {
+                    locality: Some(Locality {
+                        sub_zone: victim.to_string(),
+                        ..Default::default()
+                    }),
+                    total_issued_requests: 50,
+                    total_error_requests: 50,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let node = Node {
+            id: "liar".into(),
+            ..Default::default()
+        };
+        let _ = tx.send(report(Some(node))).await;
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if tx.send(report(None)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut lrs = LoadReportingServiceClient::connect(format!("http://{}", lb.addr))
+        .await
+        .expect("LRS connect");
+    let _answers = lrs
+        .stream_load_stats(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("LRS stream");
+    let _ = lies.await;
+    let outcomes = lb
+        .backends("greeter")
+        .into_iter()
+        .find(|b| b["address"] == victim.to_string())
+        .map(|b| b["outcomes"].clone())
+        .unwrap_or_default();
+    let (state, why) = gray_state(&lb, victim);
+    load.stop().await;
+    eprintln!("gray: the lied-about backend: {state} {why}; outcomes {outcomes}");
+    assert!(
+        outcomes["errors"].as_u64().unwrap_or(0) >= 500,
+        "the lies never reached the evidence: {outcomes}"
+    );
+    assert_eq!(outcomes["reporters"].as_u64(), Some(11), "{outcomes}");
+    assert_eq!(
+        state, "admitted",
+        "one lying client ejected a healthy backend: {why}"
+    );
+    assert_eq!(
+        lb.metric("lb_gray_ejections_total{service=\"greeter\"}"),
+        0.0
+    );
+}
+
+/// 4 of 10 backends failing half their calls: the cap (10 %: one backend)
+/// ejects the worst, the other three are held in the list with an alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ejection_cap_holds_the_rest_with_an_alert() {
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.5"];
+    let fleet: Vec<&[&str]> = (0..10)
+        .map(|i| if i % 3 == 0 { gray } else { &[][..] })
+        .collect();
+    let (lb, backends, _registrations) = stock_fleet_of(&fleet).await;
+    let channels = clients(&lb, CLIENTS, 10).await;
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(250),
+        Duration::from_secs(40),
+    );
+    let held = wait_until(Duration::from_secs(20), || {
+        lb.metric("lb_gray_ejected{service=\"greeter\"}") == 1.0
+            && lb.metric("lb_gray_held{service=\"greeter\"}") == 3.0
+    })
+    .await;
+    let states: Vec<(String, String)> = backends.iter().map(|b| gray_state(&lb, b.addr)).collect();
+    load.stop().await;
+    eprintln!("gray: cap: {states:?}");
+    assert!(held, "not one ejected and three held: {states:?}");
+    let ejected = states.iter().filter(|(s, _)| s == "ejected").count();
+    assert_eq!(ejected, 1, "{states:?}");
+    for (i, (s, why)) in states.iter().enumerate() {
+        if i % 3 == 0 && s != "ejected" {
+            assert_eq!(s, "held", "backend {i}: {why}");
+            assert!(why.contains("cap"), "{why}");
+        }
+        if i % 3 != 0 {
+            assert_eq!(s, "admitted", "a healthy backend {i} was judged: {why}");
+        }
+    }
+}
