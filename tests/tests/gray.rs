@@ -291,3 +291,46 @@ async fn the_ejection_cap_holds_the_rest_with_an_alert() {
         }
     }
 }
+
+/// The same gray failure seen only by stock xDS clients (C-core through
+/// Python grpcio): their LRS per-locality reports (each backend its own
+/// locality) are the evidence, and the ejection reaches their EDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_xds_clients_evidence_ejects_and_they_stop_calling_it() {
+    const XDS_CLIENTS: usize = 6;
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.3"];
+    let (lb, backends, _registrations) = stock_fleet_of(&[&[], &[], gray, &[], &[]]).await;
+    let bad = backends[2].addr;
+    let server = lb.addr.to_string();
+    let (run, pace) = (Duration::from_secs(25), Duration::from_millis(200));
+    let clients: Vec<StockClient> = (0..XDS_CLIENTS)
+        .map(|i| StockClient::xds_grpcio(&server, "greeter", &format!("xds-{i}"), run, pace))
+        .collect();
+    let started = Instant::now();
+    let ejected = wait_until(Duration::from_secs(25), || {
+        gray_state(&lb, bad).0 == "ejected"
+    })
+    .await;
+    let took = started.elapsed();
+    let (state, why) = gray_state(&lb, bad);
+    eprintln!("gray: xDS clients only: {state} after {took:?} (process start included): {why}");
+    assert!(
+        ejected,
+        "the xDS clients' evidence ejected nothing: {state} {why}"
+    );
+    let mut to_bad = 0;
+    let mut calls = 0;
+    for c in clients {
+        let summary = c.finish(Duration::from_secs(60)).await;
+        calls += summary["calls"].as_u64().unwrap_or(0);
+        to_bad += summary["per_backend"][bad.to_string()]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    eprintln!("gray: the xDS clients sent {to_bad} of {calls} calls to the failing backend (a fifth is its fair share)");
+    assert!(calls > 200, "too few calls: {calls}");
+    assert!(
+        (to_bad as f64) < 0.15 * calls as f64,
+        "the xDS clients kept calling the ejected backend: {to_bad} of {calls}"
+    );
+}
