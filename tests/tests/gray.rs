@@ -334,3 +334,124 @@ async fn stock_xds_clients_evidence_ejects_and_they_stop_calling_it() {
         "the xDS clients kept calling the ejected backend: {to_bad} of {calls}"
     );
 }
+
+/// 5 % failures against a fleet failing 0.5 %, 50 calls/s in all from 10
+/// clients: a small excess needs more calls to be told from noise, and is
+/// ejected once there are enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_percent_against_a_half_percent_fleet_is_ejected() {
+    let noise: &[&str] = &["-fail-code", "14", "-fail-rate", "0.005"];
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.05"];
+    let (lb, backends, _registrations) = stock_fleet_of(&[noise, noise, gray, noise, noise]).await;
+    let bad = backends[2].addr;
+    let channels = clients(&lb, 10, 5).await;
+    let started = Instant::now();
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(200),
+        Duration::from_secs(90),
+    );
+    let ejected = wait_until(Duration::from_secs(90), || {
+        gray_state(&lb, bad).0 == "ejected"
+    })
+    .await;
+    let took = started.elapsed();
+    let states: Vec<String> = backends.iter().map(|b| gray_state(&lb, b.addr).0).collect();
+    let (_, why) = gray_state(&lb, bad);
+    load.stop().await;
+    eprintln!("gray: 5 % against 0.5 %: ejected {ejected} after {took:?}: {why}; all: {states:?}");
+    assert!(
+        ejected,
+        "a backend failing 5 % was never ejected: {states:?}"
+    );
+    assert!(took <= Duration::from_secs(60), "took {took:?}");
+    assert_eq!(
+        states.iter().filter(|s| *s == "ejected").count(),
+        1,
+        "a noisy backend was ejected too: {states:?}"
+    );
+}
+
+/// No false ejection: every backend fails 2 % of calls (the fleet's
+/// noise), and the callers cancel or time out a share of their calls on
+/// their own: for a minute, nothing is ejected, held or de-weighted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noise_and_the_callers_own_ends_eject_nothing() {
+    let noise: &[&str] = &["-fail-code", "14", "-fail-rate", "0.02", "-delay", "20ms"];
+    let (lb, backends, _registrations) = stock_fleet_of(&[noise; 5]).await;
+    let channels = clients(&lb, 10, 5).await;
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    );
+    // Callers of their own: some give up after 10 ms, some carry a 10 ms
+    // deadline, against answers that take 20 ms.
+    let impatient: Vec<_> = channels
+        .iter()
+        .take(4)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut client = GreeterClient::new(c.clone());
+            tokio::spawn(async move {
+                let end = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < end {
+                    let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+                    if i % 2 == 0 {
+                        request.set_timeout(Duration::from_millis(10));
+                        let _ = client.say_hello(request).await;
+                    } else {
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(10),
+                            client.say_hello(request),
+                        )
+                        .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+    let mut judged = Vec::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        for b in &backends {
+            let (state, why) = gray_state(&lb, b.addr);
+            if state != "admitted" {
+                judged.push(format!("{}: {state}: {why}", b.addr));
+            }
+        }
+        if !judged.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for t in impatient {
+        let _ = t.await;
+    }
+    let failures = load.failures();
+    load.stop().await;
+    let outcomes: Vec<serde_json::Value> = lb
+        .backends("greeter")
+        .into_iter()
+        .map(|b| b["outcomes"].clone())
+        .collect();
+    eprintln!("gray: a minute of 2 % noise and impatient callers: {failures} failed calls; outcomes {outcomes:?}");
+    assert!(judged.is_empty(), "false verdicts: {judged:?}");
+    assert!(failures > 0, "the noise never showed");
+    let cancelled: u64 = outcomes
+        .iter()
+        .map(|o| {
+            o["cancelled_by_caller"].as_u64().unwrap_or(0)
+                + o["deadline_exceeded"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        cancelled > 100,
+        "the callers' own ends never showed: {outcomes:?}"
+    );
+    assert_eq!(
+        lb.metric("lb_gray_ejections_total{service=\"greeter\"}"),
+        0.0
+    );
+}
