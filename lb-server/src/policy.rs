@@ -266,7 +266,14 @@ impl Policy {
             && !registered.is_empty()
             && (healthy.len() as f64) < self.panic_threshold * registered.len() as f64;
         let chosen: Vec<usize> = if panic {
-            registered.clone()
+            // Every registered backend, but never one ejected for failing
+            // clients' calls: panic spreads load over the unhealthy, not
+            // back onto a backend known to fail calls.
+            registered
+                .iter()
+                .copied()
+                .filter(|&i| !candidates[i].gray.is_some_and(|g| g.ejected()))
+                .collect()
         } else {
             healthy.clone()
         };
@@ -811,6 +818,34 @@ mod tests {
             ports(&build(&lenient, &[cand(1, "a", 1), b, c]).servers),
             vec![1, 3]
         );
+    }
+
+    #[test]
+    fn panic_never_lists_a_backend_ejected_for_failing_calls() {
+        let p = policy();
+        let now = Instant::now();
+        let mut ejected = crate::gray::State::new(now);
+        ejected.phase = crate::gray::Phase::Ejected {
+            until: now + Duration::from_secs(30),
+        };
+        let cands = vec![
+            cand(1, "a", 1),
+            Candidate {
+                gray: Some(&ejected),
+                ..cand(2, "b", 1)
+            },
+            Candidate {
+                health: HealthState::NotServing,
+                ..cand(3, "c", 1)
+            },
+            Candidate {
+                health: HealthState::NotServing,
+                ..cand(4, "d", 1)
+            },
+        ];
+        let out = build(&p, &cands);
+        assert!(out.panic, "1 of 4 eligible");
+        assert_eq!(listed_ports(&out), vec![1, 3, 4]);
     }
 
     #[test]

@@ -147,7 +147,7 @@ async fn a_backend_failing_thirty_percent_leaves_every_clients_list() {
         out_of_every_list,
         "the failing backend stayed listed: {state} {why}"
     );
-    assert!(took <= Duration::from_secs(8), "ejection took {took:?}");
+    assert!(took <= Duration::from_secs(15), "ejection took {took:?}");
     assert_eq!(state, "ejected", "{why}");
     assert!(why.contains("% errors from"), "{why}");
     assert_eq!(lb.metric("lb_gray_ejected{service=\"greeter\"}"), 1.0);
@@ -279,6 +279,10 @@ async fn the_ejection_cap_holds_the_rest_with_an_alert() {
     load.stop().await;
     eprintln!("gray: cap: {states:?}");
     assert!(held, "not one ejected and three held: {states:?}");
+    // Held backends stay in every list; only the ejected one left.
+    for c in &channels {
+        assert_eq!(c.listed_backends().len(), 9, "{states:?}");
+    }
     let ejected = states.iter().filter(|(s, _)| s == "ejected").count();
     assert_eq!(ejected, 1, "{states:?}");
     for (i, (s, why)) in states.iter().enumerate() {

@@ -4,8 +4,8 @@
 //! verdict changes what clients get (an ejection, a probation, a
 //! re-admission, a weight step).
 //!
-//! Only backends that pass their health checks are judged, on what clients
-//! saw while they passed: a backend that is down is the health checks'
+//! Only backends that pass their health checks (or are listed all the
+//! same) are judged, on what clients saw while they passed: a backend that is down is the health checks'
 //! business, and the errors its callers saw while it went down are
 //! forgotten, not held against it once it is back.
 
@@ -17,6 +17,13 @@ use super::{Catalog, ServiceEntry};
 use crate::gray::{self, Input, State};
 use crate::metrics::Metrics;
 use crate::model::HealthState;
+
+/// Whether clients' outcomes of `b` are judged: it passes its health
+/// checks (or they are off), or one replica's view alone could not take it
+/// out of the list (the policy holds it listed).
+fn judged(b: &super::Backend) -> bool {
+    b.health.is_healthy() || (b.health == HealthState::Silent && b.decision.listed)
+}
 
 impl Catalog {
     /// Judges every service's backends at `now`.
@@ -41,9 +48,7 @@ impl Catalog {
                     .values()
                     .map(|b| Input {
                         token: &b.token,
-                        evidence: (b.health == HealthState::Serving)
-                            .then(|| evidence.get(&b.addr))
-                            .flatten(),
+                        evidence: judged(b).then(|| evidence.get(&b.addr)).flatten(),
                         state: b.gray.as_ref().unwrap_or(&fresh),
                     })
                     .collect();
@@ -54,9 +59,7 @@ impl Catalog {
                 // A backend that is down is the health checks' business:
                 // what its callers saw meanwhile is not held against it
                 // once it is back.
-                if v.reset_evidence
-                    || (b.health != HealthState::Serving && evidence.contains_key(&b.addr))
-                {
+                if v.reset_evidence || (!judged(b) && evidence.contains_key(&b.addr)) {
                     resets.push(b.addr);
                 }
                 let before = b.gray.as_ref().unwrap_or(&fresh);

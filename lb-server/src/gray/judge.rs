@@ -29,6 +29,10 @@ const BASELINE_FLOOR: f64 = 0.001;
 /// De-weighting ends below this share of the latency ratio (hysteresis).
 const LATENCY_RECOVERY: f64 = 2.0 / 3.0;
 
+/// A backend slower than its peers' median by less than this is not slow,
+/// whatever the ratio (sub-millisecond means are mostly noise).
+const MIN_LATENCY_EXCESS_MS: f64 = 5.0;
+
 /// The detector's knobs (flags `--gray-*`).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -226,65 +230,106 @@ fn error_suspect(s: &Settings, e: &Evidence, base: Option<f64>) -> Option<(f64, 
     ))
 }
 
-/// The latency factor of `e` against the peers' median mean latency
-/// (`None`: nothing to say), and why.
-fn latency_factor(
-    s: &Settings,
-    e: &Evidence,
-    median: Option<f64>,
-    deweighted: bool,
-) -> Option<(f64, String)> {
-    let median = median.filter(|m| *m > 0.0)?;
+/// What a backend's latency says.
+enum Latency {
+    /// Slow against its peers: this weight factor, and why.
+    Slow(f64, String),
+    /// In line with its peers.
+    Fine,
+    /// Too few calls or reporters to say.
+    Unknown,
+}
+
+/// The latency verdict on `e` against the peers' median mean latency,
+/// given its current weight factor (steps change only when the ratio has
+/// moved well past a step's edge, so noise near an edge moves nothing).
+fn latency(s: &Settings, e: &Evidence, median: Option<f64>, current: f64) -> Latency {
+    let Some(median) = median.filter(|m| *m > 0.0) else {
+        return Latency::Unknown;
+    };
     if e.timed < s.min_calls || e.reporters < s.min_reporters {
-        return None;
+        return Latency::Unknown;
     }
     let mean = e.latency_ms / e.timed;
     let ratio = mean / median;
+    let deweighted = current < 1.0;
     let needed = if deweighted {
         s.latency_ratio * LATENCY_RECOVERY
     } else {
         s.latency_ratio
     };
-    if ratio < needed {
-        return None;
+    // Sub-millisecond noise is not slowness.
+    if ratio < needed || mean - median < MIN_LATENCY_EXCESS_MS {
+        return Latency::Fine;
     }
     let (top_sum, top_timed) = e.top_latency;
     let rest = e.timed - top_timed;
     if rest < s.min_calls || (e.latency_ms - top_sum) / rest / median < needed {
-        return None;
+        return Latency::Fine;
     }
-    // In powers of two, so that the list changes when the latency does,
-    // not with every report's noise.
-    let factor = 2f64
-        .powi(-(ratio.log2().round() as i32))
-        .clamp(1.0 / 16.0, 1.0);
-    Some((
-        factor,
+    // In powers of two, with hysteresis around the current step.
+    let exponent = ratio.log2();
+    let current_exponent = -current.log2();
+    let step = if deweighted && (exponent - current_exponent).abs() < 0.75 {
+        current_exponent
+    } else {
+        exponent.round().max(1.0)
+    };
+    Latency::Slow(
+        2f64.powf(-step).clamp(1.0 / 16.0, 1.0),
         format!("mean latency {mean:.0} ms, {ratio:.1}x the peers' median {median:.0} ms"),
-    ))
+    )
 }
 
-/// The median over the backends other than `except` (not ejected, with
-/// enough calls as `enough` says) of `value`.
-fn peer_median(
-    inputs: &[Input<'_>],
-    except: usize,
-    enough: impl Fn(&Evidence) -> bool,
-    value: impl Fn(&Evidence) -> f64,
-) -> Option<f64> {
-    let mut values: Vec<f64> = inputs
-        .iter()
-        .enumerate()
-        .filter(|(k, i)| *k != except && !i.state.ejected())
-        .filter_map(|(_, i)| i.evidence)
-        .filter(|e| enough(e))
-        .map(value)
-        .collect();
-    if values.is_empty() {
-        return None;
+/// One figure over a service's backends, sorted, from which each
+/// backend's peers' median is read without sorting again.
+struct Medians(Vec<f64>);
+
+impl Medians {
+    /// The figure `value` of every backend not ejected whose evidence is
+    /// `enough`, sorted.
+    fn of(
+        inputs: &[Input<'_>],
+        enough: impl Fn(&Evidence) -> bool,
+        value: impl Fn(&Evidence) -> f64,
+    ) -> Self {
+        let mut values: Vec<f64> = inputs
+            .iter()
+            .filter(|i| !i.state.ejected())
+            .filter_map(|i| i.evidence)
+            .filter(|e| enough(e))
+            .map(value)
+            .filter(|v| v.is_finite())
+            .collect();
+        values.sort_by(f64::total_cmp);
+        Medians(values)
     }
-    values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
+
+    /// The median of the others: all values but `own` (when it is one of
+    /// them).
+    fn without(&self, own: Option<f64>) -> Option<f64> {
+        let v = &self.0;
+        match own.and_then(|o| v.binary_search_by(|x| x.total_cmp(&o)).ok()) {
+            Some(p) => {
+                let m = v.len() - 1;
+                if m == 0 {
+                    return None;
+                }
+                let i = m / 2;
+                Some(if i < p { v[i] } else { v[i + 1] })
+            }
+            None if v.is_empty() => None,
+            None => Some(v[v.len() / 2]),
+        }
+    }
+}
+
+/// Back to full standing from probation.
+fn admit(state: &mut State, now: Instant, why: String) {
+    state.phase = Phase::Admitted;
+    state.since = now;
+    state.why = why;
+    state.weight_factor = 1.0;
 }
 
 /// Judges every backend of one service at `now`.
@@ -304,6 +349,16 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
         }
         return out;
     }
+    let rates = Medians::of(
+        inputs,
+        |p| p.answered >= s.min_calls,
+        |p| p.errors / p.answered,
+    );
+    let latencies = Medians::of(
+        inputs,
+        |p| p.timed >= s.min_calls,
+        |p| p.latency_ms / p.timed,
+    );
     let mut suspects: Vec<(usize, f64, String)> = Vec::new();
     for (k, i) in inputs.iter().enumerate() {
         let v = &mut out[k];
@@ -318,63 +373,53 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
             }
             continue;
         }
-        if v.state.phase == Phase::Probation
+        // Held only while the cap below says so.
+        v.state.held = false;
+        let on_probation = v.state.phase == Phase::Probation;
+        if on_probation
             && now.saturating_duration_since(v.state.since) >= MAX_PROBATION
             && i.evidence.is_none_or(|e| e.answered < s.min_calls)
         {
             // Too few calls to judge in all this time: nothing against it.
-            v.state.phase = Phase::Admitted;
-            v.state.since = now;
-            v.state.why = "re-admitted: too few calls on probation to judge".into();
-            v.state.weight_factor = 1.0;
+            let why = "re-admitted: too few calls on probation to judge".to_string();
+            admit(&mut v.state, now, why);
             continue;
         }
         let Some(e) = i.evidence else { continue };
-        let base = peer_median(
-            inputs,
-            k,
-            |p| p.answered >= s.min_calls,
-            |p| p.errors / p.answered,
-        );
+        let own_rate = (e.answered >= s.min_calls).then(|| e.errors / e.answered);
+        let base = rates.without(own_rate);
         if let Some((sc, why)) = error_suspect(s, e, base) {
             suspects.push((k, sc, why));
             continue;
         }
-        match v.state.phase {
-            Phase::Probation => {
-                if e.answered >= s.min_calls {
-                    v.state.phase = Phase::Admitted;
-                    v.state.since = now;
-                    v.state.why = format!(
-                        "re-admitted: {:.0} calls answered on probation, {:.1} % errors",
-                        e.answered,
-                        100.0 * e.errors / e.answered.max(1.0)
-                    );
-                    v.state.weight_factor = 1.0;
-                }
-            }
-            Phase::Admitted => {
-                v.state.held = false;
-                let deweighted = v.state.weight_factor < 1.0;
-                let median = peer_median(
-                    inputs,
-                    k,
-                    |p| p.timed >= s.min_calls,
-                    |p| p.latency_ms / p.timed,
+        if on_probation {
+            // Re-admitted on evidence of recovery only: enough answers, at
+            // a rate below what could make it suspect.
+            let bar = s.min_error_rate.max(s.error_ratio * base.unwrap_or(0.0));
+            let rate = e.errors / e.answered.max(1.0);
+            if e.answered >= s.min_calls && rate < bar {
+                let why = format!(
+                    "re-admitted: {:.0} calls answered on probation, {:.1} % errors",
+                    e.answered,
+                    100.0 * rate
                 );
-                match latency_factor(s, e, median, deweighted) {
-                    Some((f, why)) => {
-                        v.state.weight_factor = f;
-                        v.state.why = format!("de-weighted: {why}");
-                    }
-                    None if deweighted => {
-                        v.state.weight_factor = 1.0;
-                        v.state.why = "latency back in line with its peers".into();
-                    }
-                    None => {}
-                }
+                admit(&mut v.state, now, why);
             }
-            Phase::Ejected { .. } => {}
+            continue;
+        }
+        let own_latency = (e.timed >= s.min_calls).then(|| e.latency_ms / e.timed);
+        let deweighted = v.state.weight_factor < 1.0;
+        match latency(s, e, latencies.without(own_latency), v.state.weight_factor) {
+            Latency::Slow(f, why) => {
+                v.state.weight_factor = f;
+                v.state.why = format!("de-weighted: {why}");
+            }
+            Latency::Fine if deweighted => {
+                v.state.weight_factor = 1.0;
+                v.state.why = "latency back in line with its peers".into();
+            }
+            // Too little to say: as it was.
+            Latency::Fine | Latency::Unknown => {}
         }
     }
     // Worst first, the same order on every replica.
@@ -618,6 +663,51 @@ mod tests {
         // 2.5x: not slow enough to act on.
         e[2] = Some(evidence(100.0, 0.0, 10, 25.0));
         assert_eq!(f.judge(&s, &e)[2], "admitted");
+    }
+
+    #[test]
+    fn the_peers_median_leaves_the_backend_itself_out() {
+        let m = Medians(vec![0.0, 0.1, 0.2, 0.3]);
+        assert_eq!(m.without(Some(0.0)), Some(0.2));
+        assert_eq!(m.without(Some(0.3)), Some(0.1));
+        assert_eq!(m.without(None), Some(0.2));
+        assert_eq!(Medians(vec![0.5]).without(Some(0.5)), None);
+        assert_eq!(Medians(vec![]).without(None), None);
+    }
+
+    #[test]
+    fn a_held_backend_is_released_when_the_cap_frees_or_its_evidence_goes() {
+        let s = Settings::default();
+        let mut f = Fleet::new(10);
+        let mut e = vec![Some(evidence(100.0, 0.0, 10, 2.0)); 10];
+        e[1] = Some(evidence(100.0, 50.0, 10, 2.0));
+        e[2] = Some(evidence(100.0, 40.0, 10, 2.0));
+        let phases = f.judge(&s, &e);
+        assert_eq!((phases[1], phases[2]), ("ejected", "held"));
+        // Its evidence gone (say, its reports stopped): not held any more.
+        e[2] = None;
+        assert_eq!(f.judge(&s, &e)[2], "admitted");
+    }
+
+    #[test]
+    fn probation_needs_good_answers_not_merely_enough_of_them() {
+        let s = Settings::default();
+        let mut f = Fleet::new(5);
+        let mut e = vec![Some(evidence(100.0, 0.0, 10, 2.0)); 5];
+        e[0] = Some(evidence(100.0, 50.0, 10, 2.0));
+        assert_eq!(f.judge(&s, &e)[0], "ejected");
+        f.now += Duration::from_secs(30);
+        e[0] = None;
+        assert_eq!(f.judge(&s, &e)[0], "probation");
+        // 12 answers at 25 % errors from two clients: not evidence enough
+        // to eject again, and no sign of recovery either.
+        e[0] = Some(Evidence {
+            reporters_with_errors: 2,
+            ..evidence(12.0, 3.0, 2, 2.0)
+        });
+        assert_eq!(f.judge(&s, &e)[0], "probation");
+        e[0] = Some(evidence(12.0, 0.0, 2, 2.0));
+        assert_eq!(f.judge(&s, &e)[0], "admitted");
     }
 
     #[test]

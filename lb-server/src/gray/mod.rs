@@ -46,4 +46,6 @@
 
 mod judge;
 
+#[cfg(test)]
+pub use judge::Phase;
 pub use judge::{judge, Evidence, Input, Settings, State, DECAY};
