@@ -196,8 +196,9 @@ impl EtcdAccess {
     }
 }
 
-/// A TCP connection to the member `uri` names, with linear retransmission
-/// timeouts for thin streams and no Nagle delay.
+/// A TCP connection to the member `uri` names, tuned as a thin stream
+/// ([`crate::thin`]): lease keep-alives must not wait seconds behind a
+/// lost segment.
 async fn thin_stream(
     uri: http::Uri,
 ) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
@@ -214,9 +215,7 @@ async fn thin_stream(
     };
     let port = uri.port_u16().unwrap_or(default_port);
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-    tcp.set_nodelay(true)?;
-    // Best effort: a kernel without it still connects.
-    let _ = socket2::SockRef::from(&tcp).set_tcp_thin_linear_timeouts(true);
+    crate::thin::tune(&tcp);
     Ok(hyper_util::rt::TokioIo::new(tcp))
 }
 

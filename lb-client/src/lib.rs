@@ -43,6 +43,7 @@
 //! | `etcd` | etcd access: one member at a time, keep-alive within etcd's policy (feature `etcd`) |
 //! | `tls` | TLS settings of outgoing connections |
 //! | `task` | tasks that end with their owner |
+//! | `thin` | socket options for thin streams (lists, keep-alives) on lossy links |
 //!
 //! Features: `register` (registration in the embedded registry), `etcd`
 //! (etcd access and registration there), `orca` (backend load reporting),
@@ -67,6 +68,7 @@ pub mod retry;
 mod state;
 mod stats;
 mod task;
+mod thin;
 mod tls;
 
 pub use backends::BackendIo;
@@ -88,6 +90,7 @@ pub mod internals {
     pub use crate::etcd::{list_prefix, EtcdAccess};
     pub use crate::picker::{Pick, PickList, Picker};
     pub use crate::task::AbortOnDrop;
+    pub use crate::thin::{tune as tune_thin_stream, RTO_MAX as THIN_STREAM_RTO_MAX};
 }
 
 /// A boxed error, as tower services use.

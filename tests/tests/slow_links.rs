@@ -88,12 +88,13 @@ async fn lossy_slow_links_keep_streams_leases_and_lists() {
     let client_host = net.host();
 
     // etcd's host as the README asks of etcd hosts on lossy links: linear
-    // retransmission timeouts for thin streams (the LB sets them on its
-    // own sockets), or a keep-alive answer lost four times in a row
-    // arrives after its lease ran out.
+    // retransmission timeouts for thin streams and an RTO ceiling of one
+    // second (the LB sets both on its own sockets), or a keep-alive answer
+    // lost four times in a row arrives after its lease ran out.
     etcd_host
         .ns
         .sysctl("net.ipv4.tcp_thin_linear_timeouts", "1");
+    etcd_host.ns.sysctl("net.ipv4.tcp_rto_max_ms", "1000");
     let etcd = Etcd::start_in(&etcd_host).await;
     let greeters = greeters_in(&backend_hosts, PORT, &etcd.registry_url(), &["--ttl", "5s"]).await;
     let backends: Vec<SocketAddr> = greeters.iter().map(|g| g.addr).collect();

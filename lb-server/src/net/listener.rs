@@ -10,8 +10,8 @@
 //!   hold slots forever;
 //! - survives accept errors such as "too many open files" by pausing
 //!   instead of spinning;
-//! - gives each connection linear retransmission timeouts for thin streams
-//!   and a TCP user timeout ([`PEER_USER_TIMEOUT`]), so that a lossy link
+//! - tunes each connection as a thin stream (linear retransmission
+//!   timeouts, an RTO ceiling of one second) and gives it a TCP user timeout ([`PEER_USER_TIMEOUT`]), so that a lossy link
 //!   stays up and a dead one is noticed.
 //!
 //! Every refusal is a rate-limited warn line and a count in
@@ -120,12 +120,12 @@ pub fn guarded(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             // List streams are thin (a few segments in flight): on a lossy
-            // link, exponential retransmission backoff makes a segment lost
-            // three times in a row cost seconds; linear timeouts for thin
-            // streams keep a list update within a few round trips.
-            let _ = socket2::SockRef::from(&tcp).set_tcp_thin_linear_timeouts(true);
+            // link, exponential backoff and an RTO inflated by loss recovery
+            // make a segment lost three times in a row cost seconds; linear
+            // timeouts and an RTO ceiling of one second keep a list update
+            // within a few round trips.
+            lb_client::internals::tune_thin_stream(&tcp);
             // A client that acknowledges nothing the LB sent (a heartbeat,
             // a list, a PING) for this long is behind a dead link.
             let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(PEER_USER_TIMEOUT));
