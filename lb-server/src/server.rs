@@ -168,7 +168,7 @@ impl LbServer {
             parts.sources(&sources);
             parts.probes(cluster.clone())?;
             parts.refresh();
-            parts.judge_gray();
+            parts.judge_gray(cluster.clone());
             parts.forget_idle();
             parts.history();
             parts.grpc(lb_listener, &sources)?;
@@ -308,12 +308,24 @@ impl Parts {
         self.spawn_every(every, move || catalog.refresh_all());
     }
 
-    /// Judges gray failures every second from clients' pooled outcomes.
-    fn judge_gray(&mut self) {
+    /// Judges gray failures every second from clients' pooled outcomes,
+    /// with the other replicas' verdicts when in a cluster (and publishes
+    /// this one's).
+    fn judge_gray(&mut self, cluster: Option<Arc<Cluster>>) {
         let catalog = self.catalog.clone();
         let settings = self.cfg.policy.gray();
         self.spawn_every(Duration::from_secs(1), move || {
-            catalog.judge_gray(&settings, std::time::Instant::now())
+            let now = std::time::Instant::now();
+            match &cluster {
+                Some(cluster) => {
+                    let own =
+                        catalog.judge_gray(&settings, now, Some(cluster.id()), &cluster.votes());
+                    cluster.publish_votes(own);
+                }
+                None => {
+                    catalog.judge_gray(&settings, now, None, &Default::default());
+                }
+            }
         });
     }
 

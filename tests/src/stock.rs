@@ -513,16 +513,54 @@ pub async fn stock_fleet(
 pub async fn stock_fleet_of(
     each: &[&[&str]],
 ) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
-    let n = each.len();
     let lb = crate::Lb::start(&[]).await;
     let registry = format!("lb://{}", lb.addr);
+    let (backends, registrations) = register_fleet(&registry, each, &[&lb]).await;
+    (lb, backends, registrations)
+}
+
+/// [`stock_fleet_of`] behind `replicas` LB replicas sharing one etcd
+/// (replica ids `lb1`, `lb2`, …), with `args` for each replica.
+pub async fn stock_cluster_of(
+    replicas: usize,
+    args: &[&str],
+    each: &[&[&str]],
+) -> (
+    crate::Etcd,
+    Vec<crate::Lb>,
+    Vec<StockBackend>,
+    Vec<lb_client::Registration>,
+) {
+    let etcd = crate::Etcd::start().await;
+    let registry = etcd.registry_url();
+    let mut lbs = Vec::new();
+    for i in 1..=replicas {
+        let id = format!("lb{i}");
+        let mut all = vec!["--registry", registry.as_str(), "--replica-id", id.as_str()];
+        all.extend_from_slice(args);
+        lbs.push(crate::Lb::start(&all).await);
+    }
+    let all: Vec<&crate::Lb> = lbs.iter().collect();
+    let (backends, registrations) = register_fleet(&registry, each, &all).await;
+    (etcd, lbs, backends, registrations)
+}
+
+/// Starts one stock grpc-go backend per entry of `each` (its flags),
+/// registers each as `greeter` in `registry`, and waits until every LB of
+/// `lbs` lists them all.
+async fn register_fleet(
+    registry: &str,
+    each: &[&[&str]],
+    lbs: &[&crate::Lb],
+) -> (Vec<StockBackend>, Vec<lb_client::Registration>) {
+    let n = each.len();
     let mut backends = Vec::new();
     let mut registrations = Vec::new();
     for args in each {
         let b = StockBackend::start_with(Stock::GrpcGo, args).await;
         registrations.push(
             lb_client::Registration::start(
-                &registry,
+                registry,
                 "greeter",
                 &b.addr.to_string(),
                 lb_client::RegistrationOptions::default(),
@@ -531,15 +569,17 @@ pub async fn stock_fleet_of(
         );
         backends.push(b);
     }
-    let listed = crate::wait_until(Duration::from_secs(10), || {
-        let n_listed = lb
-            .backends("greeter")
-            .iter()
-            .filter(|b| b["list_entries"].as_u64().unwrap_or(0) > 0)
-            .count();
-        n_listed == n
-    })
-    .await;
-    assert!(listed, "the LB never listed {n} backends");
-    (lb, backends, registrations)
+    for lb in lbs {
+        let listed = crate::wait_until(Duration::from_secs(10), || {
+            let n_listed = lb
+                .backends("greeter")
+                .iter()
+                .filter(|b| b["list_entries"].as_u64().unwrap_or(0) > 0)
+                .count();
+            n_listed == n
+        })
+        .await;
+        assert!(listed, "the LB never listed {n} backends");
+    }
+    (backends, registrations)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::stock::{stock_fleet_of, StockClient};
+use lb_tests::stock::{stock_cluster_of, stock_fleet_of, StockClient};
 use lb_tests::{wait_until, Lb};
 
 /// Clients: each its own `LbChannel` (its own client id, so its own
@@ -293,6 +293,95 @@ async fn the_ejection_cap_holds_the_rest_with_an_alert() {
         if i % 3 != 0 {
             assert_eq!(s, "admitted", "a healthy backend {i} was judged: {why}");
         }
+    }
+}
+
+/// The backends `lb` ejects now.
+fn ejected_set(lb: &Lb, backends: &[lb_tests::stock::StockBackend]) -> Vec<std::net::SocketAddr> {
+    backends
+        .iter()
+        .filter(|b| gray_state(lb, b.addr).0 == "ejected")
+        .map(|b| b.addr)
+        .collect()
+}
+
+/// Two replicas over one etcd, each with half the clients, so each judges
+/// from its own clients' reports only: 4 of 10 backends failing half
+/// their calls. Each replica alone would eject the worst by its own
+/// evidence; sharing their verdicts, both eject the same one (the first
+/// ejection to reach etcd), hold the other three, and every client of
+/// either replica drops that one backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_publish_one_ejected_set() {
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.5"];
+    let fleet: Vec<&[&str]> = (0..10)
+        .map(|i| if i % 3 == 0 { gray } else { &[][..] })
+        .collect();
+    let (_etcd, lbs, backends, _registrations) = stock_cluster_of(2, &[], &fleet).await;
+    let mut channels = clients(&lbs[0], CLIENTS / 2, 10).await;
+    channels.extend(clients(&lbs[1], CLIENTS / 2, 10).await);
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(250),
+        Duration::from_secs(50),
+    );
+    let agreed = || {
+        let sets: Vec<_> = lbs.iter().map(|lb| ejected_set(lb, &backends)).collect();
+        sets[0].len() == 1
+            && sets[0] == sets[1]
+            && lbs
+                .iter()
+                .all(|lb| lb.metric("lb_gray_held{service=\"greeter\"}") == 3.0)
+    };
+    let started = Instant::now();
+    let converged = wait_until(Duration::from_secs(25), agreed).await;
+    let took = started.elapsed();
+    let states = |lb: &Lb| -> Vec<(String, String)> {
+        backends.iter().map(|b| gray_state(lb, b.addr)).collect()
+    };
+    assert!(
+        converged,
+        "the replicas never agreed on one ejected backend and three held: lb1 {:?}, lb2 {:?}",
+        states(&lbs[0]),
+        states(&lbs[1])
+    );
+    // And they stay agreed while the evidence keeps coming.
+    let mut disagreements = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !agreed() {
+            disagreements += 1;
+        }
+    }
+    let ejected = ejected_set(&lbs[0], &backends);
+    let judged_by: Vec<String> = lbs
+        .iter()
+        .map(|lb| {
+            lb.backends("greeter")
+                .into_iter()
+                .find(|b| b["address"] == ejected[0].to_string())
+                .map(|b| b["gray"]["judged_by"].to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    eprintln!(
+        "gray: two replicas agreed on {ejected:?} after {took:?}; judged by (lb1, lb2): {judged_by:?}; \
+         lb1 {:?}; lb2 {:?}",
+        states(&lbs[0]),
+        states(&lbs[1])
+    );
+    load.stop().await;
+    assert_eq!(disagreements, 0, "the replicas' ejected sets parted");
+    for c in &channels {
+        let listed = c.listed_backends();
+        assert_eq!(listed.len(), 9, "a client's list: {listed:?}");
+        assert!(
+            !listed.contains(&ejected[0]),
+            "a client still lists {ejected:?}"
+        );
+    }
+    for lb in &lbs {
+        assert_eq!(lb.metric("lb_cluster_degraded"), 0.0);
     }
 }
 

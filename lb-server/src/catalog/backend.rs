@@ -105,13 +105,14 @@ fn gray_view<S: serde::Serializer>(
     let Some(g) = state else {
         return s.serialize_none();
     };
-    let mut v = s.serialize_struct("Gray", 5)?;
+    let mut v = s.serialize_struct("Gray", 6)?;
     v.serialize_field("state", g.phase_name())?;
     let secs = (g.since.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     v.serialize_field("since_s", &secs)?;
     v.serialize_field("ejections", &g.times)?;
     v.serialize_field("weight_factor", &g.weight_factor)?;
     v.serialize_field("why", &g.why)?;
+    v.serialize_field("judged_by", &g.by)?;
     v.end()
 }
 

@@ -48,6 +48,7 @@ mod startup;
 
 pub use backend::{token_for, Backend, LoadReport, WeightOverride};
 pub use calls::CallTotals;
+pub use ejections::{OwnVotes, Votes};
 pub use outcomes::{reporter_name, OutcomesView, Sample, ServiceOutcomes};
 
 use std::collections::{BTreeMap, HashSet};

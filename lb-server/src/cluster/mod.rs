@@ -37,6 +37,12 @@
 //! Opinions read before a session loss are forgotten with it: a replica cut
 //! off from etcd judges on its own view, within the cap.
 //!
+//! Gray-failure ejections are shared the same way: a replica that ejects a
+//! backend on its clients' reports publishes a vote under
+//! `<prefix>gray/<service>/<addr>/<replica>` (on its lease), and every
+//! replica adopts the votes it reads, within one cap, so that all publish
+//! the same ejected set ([`crate::gray::shared`]).
+//!
 //! Load reports are published only when they moved by 5 % (or every 30 s),
 //! and the owner applies the published value itself, so that every replica
 //! weights from the same numbers.
@@ -53,7 +59,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, OwnVotes, Votes};
+use crate::gray::shared::{ReadVote, Vote};
 use crate::model::{HealthState, LoadSample};
 use opinion::Opinion;
 use shared::{SharedHealth, SharedLoad};
@@ -68,6 +75,8 @@ enum Outgoing {
     Health(BackendKey),
     /// Its opinion, as a witness, of a backend another replica owns.
     Opinion(BackendKey),
+    /// Its gray-failure ejection of a backend ([`crate::gray::shared`]).
+    Vote(BackendKey),
 }
 
 /// Settings of cluster membership.
@@ -178,6 +187,11 @@ pub struct Cluster {
     opinions: Mutex<HashMap<BackendKey, BTreeMap<String, HealthState>>>,
     /// Opinions this replica holds as a witness and published.
     witnessing: Mutex<HashMap<BackendKey, Opinion>>,
+    /// Gray-failure votes of every replica, as read from etcd (this
+    /// replica's own once read back), by service and backend.
+    votes: Mutex<Votes>,
+    /// This replica's own votes, as published.
+    voting: Mutex<HashMap<BackendKey, Vote>>,
     /// Bumped when the backends that need a witness may have changed.
     suspects: watch::Sender<u64>,
     /// Keys to write (or delete) in etcd.
@@ -205,6 +219,8 @@ impl Cluster {
             mine: Mutex::new(HashMap::new()),
             opinions: Mutex::new(HashMap::new()),
             witnessing: Mutex::new(HashMap::new()),
+            votes: Mutex::new(Votes::new()),
+            voting: Mutex::new(HashMap::new()),
             suspects: watch::channel(0).0,
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
@@ -470,6 +486,89 @@ impl Cluster {
         }
     }
 
+    /// The cluster's gray-failure votes as read (empty while the session
+    /// is down: a replica on its own judges alone).
+    pub fn votes(&self) -> Votes {
+        self.votes.lock().expect("cluster lock").clone()
+    }
+
+    /// Publishes this replica's own ejections as its votes: a new vote for
+    /// a new ejection (or a repeat), a withdrawal for one that ended.
+    pub fn publish_votes(&self, own: OwnVotes) {
+        let mut voting = self.voting.lock().expect("cluster lock");
+        let mut now: HashMap<BackendKey, Vote> = HashMap::with_capacity(own.len());
+        for (service, addr, vote) in own {
+            now.insert((service, addr), vote);
+        }
+        let withdrawn: Vec<BackendKey> = voting
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in withdrawn {
+            voting.remove(&key);
+            let _ = self.outbox.send(Outgoing::Vote(key));
+        }
+        for (key, vote) in now {
+            // The remaining time shrinks every second; only a new ejection
+            // (or a longer one) is written again.
+            let same = voting.get(&key).is_some_and(|v| v.times == vote.times);
+            if !same {
+                voting.insert(key.clone(), vote);
+                let _ = self.outbox.send(Outgoing::Vote(key));
+            }
+        }
+    }
+
+    /// A vote read from etcd (`None`: withdrawn) by `replica`, with the
+    /// revision that created its key.
+    fn on_vote(&self, key: BackendKey, replica: String, vote: Option<(Vote, i64)>) {
+        let mut all = self.votes.lock().expect("cluster lock");
+        let (service, addr) = key;
+        let of_service = all.entry(service.clone()).or_default();
+        let of = of_service.entry(addr).or_default();
+        of.retain(|v| v.replica != replica);
+        if let Some((vote, revision)) = vote {
+            of.push(ReadVote {
+                replica,
+                vote,
+                revision,
+                read_at: Instant::now(),
+            });
+        }
+        if of.is_empty() {
+            of_service.remove(&addr);
+            if of_service.is_empty() {
+                all.remove(&service);
+            }
+        }
+    }
+
+    /// Every vote read, as (backend, voter).
+    fn votes_read(&self) -> Vec<(BackendKey, String)> {
+        let all = self.votes.lock().expect("cluster lock");
+        all.iter()
+            .flat_map(|(service, of)| {
+                of.iter().flat_map(move |(addr, votes)| {
+                    votes
+                        .iter()
+                        .map(move |v| ((service.clone(), *addr), v.replica.clone()))
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets every vote read (the session is gone: a replica on its own
+    /// judges alone, and what it only adopted ends in probation).
+    fn forget_votes(&self) {
+        self.votes.lock().expect("cluster lock").clear();
+    }
+
+    /// What to write for a vote key: this replica's, or `None` to delete.
+    fn outgoing_vote(&self, key: &BackendKey) -> Option<Vote> {
+        self.voting.lock().expect("cluster lock").get(key).cloned()
+    }
+
     /// What to write for an opinion key: this replica's, or `None` to delete.
     fn outgoing_opinion(&self, key: &BackendKey) -> Option<Opinion> {
         self.witnessing
@@ -542,10 +641,12 @@ impl Cluster {
         let mut mine = self.mine.lock().expect("cluster lock");
         mine.retain(|(service, addr), _| self.owns(service, *addr));
         let witnessing = self.witnessing.lock().expect("cluster lock");
+        let voting = self.voting.lock().expect("cluster lock");
         mine.keys()
             .cloned()
             .map(Outgoing::Health)
             .chain(witnessing.keys().cloned().map(Outgoing::Opinion))
+            .chain(voting.keys().cloned().map(Outgoing::Vote))
             .collect()
     }
 

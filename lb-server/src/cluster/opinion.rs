@@ -1,3 +1,6 @@
+//! A replica's word on a backend another replica may own, one key per
+//! replica: a witness's opinion and a gray-failure vote.
+//!
 //! A witness's opinion: what a replica that does not own a backend finds
 //! when it probes it because the owner finds it silent, as stored in etcd
 //! under `<prefix>opinions/<service>/<addr>/<replica>` (on the witness's
@@ -23,14 +26,22 @@ pub struct Opinion {
     pub detail: String,
 }
 
-/// The etcd key of `replica`'s opinion of `service` at `addr`.
-pub fn key(prefix: &str, service: &str, addr: SocketAddr, replica: &str) -> String {
-    format!("{prefix}opinions/{service}/{addr}/{replica}")
+/// Where witnesses' opinions live under the cluster prefix.
+pub const OPINIONS: &str = "opinions/";
+
+/// Where replicas' gray-failure votes live under the cluster prefix
+/// ([`crate::gray::shared`]).
+pub const VOTES: &str = "gray/";
+
+/// The etcd key of `replica`'s word (under `dir`: [`OPINIONS`], [`VOTES`])
+/// on `service` at `addr`.
+pub fn key(prefix: &str, dir: &str, service: &str, addr: SocketAddr, replica: &str) -> String {
+    format!("{prefix}{dir}{service}/{addr}/{replica}")
 }
 
-/// Splits an opinion key back into the backend and the witness's id.
-pub fn parse_key(prefix: &str, key: &str) -> Option<(BackendKey, String)> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix("opinions/")?;
+/// Splits a key of [`key`] back into the backend and the replica's id.
+pub fn parse_key(prefix: &str, dir: &str, key: &str) -> Option<(BackendKey, String)> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(dir)?;
     let (backend, replica) = rest.rsplit_once('/')?;
     let (service, addr) = backend.rsplit_once('/')?;
     if replica.is_empty() || service.is_empty() {
@@ -49,14 +60,30 @@ mod tests {
     #[test]
     fn keys_round_trip_even_with_slashes_in_names() {
         let addr: SocketAddr = "[::1]:8080".parse().unwrap();
-        let k = key("/lb/", "team/greeter", addr, "lb-2");
+        let k = key("/lb/", OPINIONS, "team/greeter", addr, "lb-2");
         assert_eq!(k, "/lb/opinions/team/greeter/[::1]:8080/lb-2");
         assert_eq!(
-            parse_key("/lb/", &k),
+            parse_key("/lb/", OPINIONS, &k),
             Some((("team/greeter".into(), addr), "lb-2".into()))
         );
-        assert_eq!(parse_key("/lb/", "/lb/health/svc/127.0.0.1:80"), None);
-        assert_eq!(parse_key("/lb/", "/lb/opinions/svc/127.0.0.1:80/"), None);
-        assert_eq!(parse_key("/lb/", "/lb/opinions/svc/nope/lb-2"), None);
+        assert_eq!(parse_key("/lb/", VOTES, &k), None);
+        assert_eq!(
+            parse_key("/lb/", OPINIONS, "/lb/health/svc/127.0.0.1:80"),
+            None
+        );
+        assert_eq!(
+            parse_key("/lb/", OPINIONS, "/lb/opinions/svc/127.0.0.1:80/"),
+            None
+        );
+        assert_eq!(
+            parse_key("/lb/", OPINIONS, "/lb/opinions/svc/nope/lb-2"),
+            None
+        );
+        let v = key("/lb/", VOTES, "svc", addr, "lb-1");
+        assert_eq!(v, "/lb/gray/svc/[::1]:8080/lb-1");
+        assert_eq!(
+            parse_key("/lb/", VOTES, &v),
+            Some((("svc".into(), addr), "lb-1".into()))
+        );
     }
 }

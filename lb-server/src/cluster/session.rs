@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::opinion::{self, Opinion};
 use super::shared::{self, SharedHealth};
 use super::{BackendKey, Cluster, Outgoing, ReplicaInfo, View};
+use crate::gray::shared::Vote;
 use crate::registry::retry::session_backoff;
 
 /// Limit for one etcd request; a longer wait means the session is broken.
@@ -158,6 +159,7 @@ pub(super) async fn run(
         };
         set_connected(cluster, false, None);
         cluster.forget_opinions();
+        cluster.forget_votes();
         let first = cluster.session_lost(&error);
         cluster.settings.etcd.rotate();
         cluster.catalog.metrics().upstream_reconnect("cluster");
@@ -303,15 +305,18 @@ impl Session {
         let prefix = &cluster.settings.prefix;
         let mut seen = HashSet::new();
         let mut opinions_seen = HashSet::new();
+        let mut votes_seen = HashSet::new();
         let replicas = std::mem::take(&mut self.replicas);
         for kv in listing {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if let Some(k) = shared::parse_key(prefix, &key) {
                 seen.insert(k.clone());
-            } else if let Some(opinion) = opinion::parse_key(prefix, &key) {
+            } else if let Some(opinion) = opinion::parse_key(prefix, opinion::OPINIONS, &key) {
                 opinions_seen.insert(opinion);
+            } else if let Some(vote) = opinion::parse_key(prefix, opinion::VOTES, &key) {
+                votes_seen.insert(vote);
             }
-            self.on_put(cluster, &key, kv.value());
+            self.on_put(cluster, &key, kv.value(), kv.create_revision());
         }
         // Opinions no longer there (each change is applied once: an opinion
         // read again unchanged changes nothing).
@@ -327,6 +332,11 @@ impl Session {
             .collect();
         for (k, replica) in stale {
             cluster.on_opinion(k, replica, None);
+        }
+        for (k, replica) in cluster.votes_read() {
+            if !votes_seen.contains(&(k.clone(), replica.clone())) {
+                cluster.on_vote(k, replica, None);
+            }
         }
         if self.replicas != replicas {
             set_connected(
@@ -523,7 +533,9 @@ impl Session {
                         let Some(kv) = event.kv() else { continue };
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
                         replicas_changed |= match event.event_type() {
-                            EventType::Put => self.on_put(cluster, &key, kv.value()),
+                            EventType::Put => {
+                                self.on_put(cluster, &key, kv.value(), kv.create_revision())
+                            }
                             EventType::Delete => self.on_delete(cluster, &key),
                         };
                     }
@@ -603,11 +615,30 @@ impl Session {
                 "health",
             ),
             Outgoing::Opinion(key) => (
-                opinion::key(prefix, &key.0, key.1, &cluster.settings.replica_id),
+                opinion::key(
+                    prefix,
+                    opinion::OPINIONS,
+                    &key.0,
+                    key.1,
+                    &cluster.settings.replica_id,
+                ),
                 cluster
                     .outgoing_opinion(key)
                     .map(|v| serde_json::to_vec(&v).expect("opinion serializes")),
                 "opinion",
+            ),
+            Outgoing::Vote(key) => (
+                opinion::key(
+                    prefix,
+                    opinion::VOTES,
+                    &key.0,
+                    key.1,
+                    &cluster.settings.replica_id,
+                ),
+                cluster
+                    .outgoing_vote(key)
+                    .map(|v| serde_json::to_vec(&v).expect("vote serializes")),
+                "gray-failure vote",
             ),
         };
         let mut client = self
@@ -691,7 +722,7 @@ fn settle(
 
 impl Session {
     /// Applies one key read from etcd; returns whether the replica set changed.
-    fn on_put(&mut self, cluster: &Cluster, key: &str, value: &[u8]) -> bool {
+    fn on_put(&mut self, cluster: &Cluster, key: &str, value: &[u8], revision: i64) -> bool {
         let prefix = &cluster.settings.prefix;
         if let Some(id) = key
             .strip_prefix(prefix.as_str())
@@ -716,10 +747,15 @@ impl Session {
                 Ok(v) => cluster.on_remote(k, Some(v)),
                 Err(e) => tracing::warn!(key, error = %e, "unreadable shared health entry ignored"),
             }
-        } else if let Some((k, replica)) = opinion::parse_key(prefix, key) {
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, opinion::OPINIONS, key) {
             match serde_json::from_slice::<Opinion>(value) {
                 Ok(v) => cluster.on_opinion(k, replica, Some(v.health)),
                 Err(e) => tracing::warn!(key, error = %e, "unreadable witness opinion ignored"),
+            }
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, opinion::VOTES, key) {
+            match serde_json::from_slice::<Vote>(value) {
+                Ok(v) => cluster.on_vote(k, replica, Some((v, revision))),
+                Err(e) => tracing::warn!(key, error = %e, "unreadable gray-failure vote ignored"),
             }
         }
         false
@@ -741,8 +777,10 @@ impl Session {
         }
         if let Some(k) = shared::parse_key(prefix, key) {
             cluster.on_remote(k, None);
-        } else if let Some((k, replica)) = opinion::parse_key(prefix, key) {
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, opinion::OPINIONS, key) {
             cluster.on_opinion(k, replica, None);
+        } else if let Some((k, replica)) = opinion::parse_key(prefix, opinion::VOTES, key) {
+            cluster.on_vote(k, replica, None);
         }
         false
     }

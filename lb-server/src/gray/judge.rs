@@ -59,6 +59,13 @@ pub struct Settings {
     pub latency_ratio: f64,
 }
 
+impl Settings {
+    /// Most backends of a service of `n` ejected at once.
+    pub fn cap(&self, n: usize) -> usize {
+        ((self.max_ejection * n as f64).floor() as usize).max(1)
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -130,6 +137,9 @@ pub struct State {
     pub weight_factor: f64,
     /// Suspect, but the ejection cap is reached: listed, with an alert.
     pub held: bool,
+    /// Ejected on another replica's verdict (its id), not this one's own
+    /// ([`crate::gray::shared`]).
+    pub by: Option<String>,
 }
 
 impl State {
@@ -142,6 +152,7 @@ impl State {
             why: String::new(),
             weight_factor: 1.0,
             held: false,
+            by: None,
         }
     }
 
@@ -369,6 +380,7 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
                 v.state.since = now;
                 v.state.why = format!("probation after ejection {}", v.state.times);
                 v.state.weight_factor = s.probation_weight;
+                v.state.by = None;
                 v.reset_evidence = true;
             }
             continue;
@@ -427,7 +439,7 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
         b.1.total_cmp(&a.1)
             .then_with(|| inputs[a.0].token.cmp(inputs[b.0].token))
     });
-    let cap = ((s.max_ejection * inputs.len() as f64).floor() as usize).max(1);
+    let cap = s.cap(inputs.len());
     let mut ejected = out.iter().filter(|v| v.state.ejected()).count();
     for (k, _, why) in suspects {
         let v = &mut out[k];

@@ -39,12 +39,16 @@
 //!    [`Settings::latency_ratio`] times its peers' median, with the same
 //!    evidence rules, is de-weighted (by the ratio) rather than ejected.
 //!
+//! 6. **One ejected set for the cluster**: each replica publishes its own
+//!    ejections and adopts the others' ([`shared`]), within one cap.
+//!
 //! The decision is pure ([`judge`]: evidence and the previous state in,
 //! verdicts with reasons out) and unit-tested like the policy; the catalog
 //! runs it every second and publishes a new list when a verdict changes.
 //! Panic mode still applies: ejected backends count as unhealthy.
 
 mod judge;
+pub mod shared;
 
 #[cfg(test)]
 pub use judge::Phase;
