@@ -513,7 +513,15 @@ pub async fn stock_fleet(
 pub async fn stock_fleet_of(
     each: &[&[&str]],
 ) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
-    let lb = crate::Lb::start(&[]).await;
+    stock_fleet_with(&[], each).await
+}
+
+/// [`stock_fleet_of`] behind an LB started with `lb_args`.
+pub async fn stock_fleet_with(
+    lb_args: &[&str],
+    each: &[&[&str]],
+) -> (crate::Lb, Vec<StockBackend>, Vec<lb_client::Registration>) {
+    let lb = crate::Lb::start(lb_args).await;
     let registry = format!("lb://{}", lb.addr);
     let (backends, registrations) = register_fleet(&registry, each, &[&lb]).await;
     (lb, backends, registrations)

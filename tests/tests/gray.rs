@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lb_client::LbChannel;
 use lb_proto::helloworld::{greeter_client::GreeterClient, HelloRequest};
-use lb_tests::stock::{stock_cluster_of, stock_fleet_of, StockClient};
+use lb_tests::stock::{stock_cluster_of, stock_fleet_of, stock_fleet_with, StockClient};
 use lb_tests::{wait_until, Lb};
 
 /// Clients: each its own `LbChannel` (its own client id, so its own
@@ -296,6 +296,110 @@ async fn the_ejection_cap_holds_the_rest_with_an_alert() {
     }
 }
 
+/// The weight factor and list entries of the backend at `addr`.
+fn weighting(lb: &Lb, addr: std::net::SocketAddr) -> (f64, u64) {
+    lb.backends("greeter")
+        .into_iter()
+        .find(|b| b["address"] == addr.to_string())
+        .map(|b| {
+            (
+                b["gray"]["weight_factor"].as_f64().unwrap_or(1.0),
+                b["list_entries"].as_u64().unwrap_or(0),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// A backend whose every answer takes 40 ms more than its peers' (stock
+/// grpc-go with `-delay`, health always SERVING) is de-weighted within
+/// 15 s: its share of every list shrinks, and no peer is judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_is_deweighted_within_fifteen_seconds() {
+    let slow: &[&str] = &["-delay", "40ms"];
+    let fleet: Vec<&[&str]> = (0..5)
+        .map(|i| if i == 0 { slow } else { &[][..] })
+        .collect();
+    let (lb, backends, _registrations) = stock_fleet_of(&fleet).await;
+    let channels = clients(&lb, CLIENTS, 5).await;
+    let load = Load::start(&channels, Duration::from_secs(1), Duration::from_secs(40));
+    let started = Instant::now();
+    let deweighted = wait_until(Duration::from_secs(15), || {
+        gray_state(&lb, backends[0].addr).0 == "deweighted"
+    })
+    .await;
+    let took = started.elapsed();
+    let weights: Vec<(f64, u64)> = backends.iter().map(|b| weighting(&lb, b.addr)).collect();
+    let states: Vec<(String, String)> = backends.iter().map(|b| gray_state(&lb, b.addr)).collect();
+    load.stop().await;
+    eprintln!("gray: slow backend de-weighted after {took:?}: weights {weights:?}; {states:?}");
+    assert!(
+        deweighted,
+        "the slow backend was not de-weighted in 15 s: {states:?}"
+    );
+    assert!(weights[0].0 < 1.0, "{weights:?}");
+    let fewest_peer = weights[1..].iter().map(|w| w.1).min().unwrap_or(0);
+    assert!(
+        weights[0].1 < fewest_peer,
+        "the slow backend kept its share of the list: {weights:?}"
+    );
+    for (i, (s, why)) in states.iter().enumerate().skip(1) {
+        assert_eq!(s, "admitted", "a peer {i} was judged: {why}");
+    }
+}
+
+/// An ejection ends in probation (listed again, at a fifth of its
+/// weight, its evidence afresh), and a backend that still fails there is
+/// ejected again, for twice as long: its passing health checks never
+/// re-admit it. With `--gray-base-ejection 3s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_still_failing_on_probation_is_ejected_again_for_longer() {
+    let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.3"];
+    let fleet: Vec<&[&str]> = (0..5)
+        .map(|i| if i == 0 { gray } else { &[][..] })
+        .collect();
+    let (lb, backends, _registrations) =
+        stock_fleet_with(&["--gray-base-ejection", "3s"], &fleet).await;
+    let channels = clients(&lb, CLIENTS, 5).await;
+    let load = Load::start(
+        &channels,
+        Duration::from_millis(250),
+        Duration::from_secs(60),
+    );
+    let addr = backends[0].addr;
+    let phase = |want: &'static str, why: &'static str| {
+        let lb = &lb;
+        move || {
+            let (s, w) = gray_state(lb, addr);
+            s == want && w.contains(why)
+        }
+    };
+    let first = wait_until(Duration::from_secs(15), phase("ejected", "(ejection 1)")).await;
+    assert!(first, "never ejected: {:?}", gray_state(&lb, addr));
+    let probation = wait_until(Duration::from_secs(10), phase("probation", "")).await;
+    let on_probation = weighting(&lb, addr);
+    assert!(
+        probation,
+        "no probation after the ejection: {:?}",
+        gray_state(&lb, addr)
+    );
+    // Listed again, at a fraction of its weight.
+    let listed_again = wait_until(Duration::from_secs(5), || {
+        channels.iter().any(|c| c.listed_backends().contains(&addr))
+    })
+    .await;
+    let again = wait_until(Duration::from_secs(20), phase("ejected", "(ejection 2)")).await;
+    let state = gray_state(&lb, addr);
+    load.stop().await;
+    eprintln!("gray: on probation {on_probation:?}; then {state:?}");
+    assert!(listed_again, "clients never listed it on probation");
+    assert!(
+        on_probation.0 < 1.0,
+        "full weight on probation: {on_probation:?}"
+    );
+    assert!(again, "not ejected again on probation: {state:?}");
+    assert!(state.1.contains("ejected for 6s"), "{state:?}");
+}
+
 /// The backends `lb` ejects now.
 fn ejected_set(lb: &Lb, backends: &[lb_tests::stock::StockBackend]) -> Vec<std::net::SocketAddr> {
     backends
@@ -305,19 +409,21 @@ fn ejected_set(lb: &Lb, backends: &[lb_tests::stock::StockBackend]) -> Vec<std::
         .collect()
 }
 
-/// Two replicas over one etcd, each with half the clients, so each judges
-/// from its own clients' reports only: 4 of 10 backends failing half
-/// their calls. Each replica alone would eject the worst by its own
-/// evidence; sharing their verdicts, both eject the same one (the first
-/// ejection to reach etcd), hold the other three, and every client of
-/// either replica drops that one backend.
+/// Three replicas over one etcd: two with half the clients each, so each
+/// judges from its own clients' reports only, and one with no clients at
+/// all. 4 of 10 backends fail half their calls. Each of the two alone
+/// would eject the worst by its own evidence; sharing their verdicts,
+/// both eject the same one (the oldest vote in etcd wins the cap) and hold
+/// the other three, the third, which has no evidence of its own, ejects
+/// that one on their votes, and every client drops it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_publish_one_ejected_set() {
+async fn replicas_publish_one_ejected_set() {
     let gray: &[&str] = &["-fail-code", "14", "-fail-rate", "0.5"];
     let fleet: Vec<&[&str]> = (0..10)
         .map(|i| if i % 3 == 0 { gray } else { &[][..] })
         .collect();
-    let (_etcd, lbs, backends, _registrations) = stock_cluster_of(2, &[], &fleet).await;
+    let (_etcd, lbs, backends, _registrations) =
+        stock_cluster_of(3, &["--gray-base-ejection", "60s"], &fleet).await;
     let mut channels = clients(&lbs[0], CLIENTS / 2, 10).await;
     channels.extend(clients(&lbs[1], CLIENTS / 2, 10).await);
     let load = Load::start(
@@ -328,8 +434,8 @@ async fn two_replicas_publish_one_ejected_set() {
     let agreed = || {
         let sets: Vec<_> = lbs.iter().map(|lb| ejected_set(lb, &backends)).collect();
         sets[0].len() == 1
-            && sets[0] == sets[1]
-            && lbs
+            && sets.iter().all(|s| *s == sets[0])
+            && lbs[..2]
                 .iter()
                 .all(|lb| lb.metric("lb_gray_held{service=\"greeter\"}") == 3.0)
     };
@@ -341,9 +447,10 @@ async fn two_replicas_publish_one_ejected_set() {
     };
     assert!(
         converged,
-        "the replicas never agreed on one ejected backend and three held: lb1 {:?}, lb2 {:?}",
+        "the replicas never agreed on one ejected backend and three held: lb1 {:?}, lb2 {:?}, lb3 {:?}",
         states(&lbs[0]),
-        states(&lbs[1])
+        states(&lbs[1]),
+        states(&lbs[2])
     );
     // And they stay agreed while the evidence keeps coming.
     let mut disagreements = 0;
@@ -354,24 +461,29 @@ async fn two_replicas_publish_one_ejected_set() {
         }
     }
     let ejected = ejected_set(&lbs[0], &backends);
-    let judged_by: Vec<String> = lbs
+    let judged_by: Vec<serde_json::Value> = lbs
         .iter()
         .map(|lb| {
             lb.backends("greeter")
                 .into_iter()
                 .find(|b| b["address"] == ejected[0].to_string())
-                .map(|b| b["gray"]["judged_by"].to_string())
+                .map(|b| b["gray"]["judged_by"].clone())
                 .unwrap_or_default()
         })
         .collect();
     eprintln!(
-        "gray: two replicas agreed on {ejected:?} after {took:?}; judged by (lb1, lb2): {judged_by:?}; \
+        "gray: replicas agreed on {ejected:?} after {took:?}; judged by (lb1, lb2, lb3): {judged_by:?}; \
          lb1 {:?}; lb2 {:?}",
         states(&lbs[0]),
         states(&lbs[1])
     );
     load.stop().await;
     assert_eq!(disagreements, 0, "the replicas' ejected sets parted");
+    // The replica without clients ejected it on another's vote.
+    assert!(
+        judged_by[2] == "lb1" || judged_by[2] == "lb2",
+        "lb3 did not adopt a vote: {judged_by:?}"
+    );
     for c in &channels {
         let listed = c.listed_backends();
         assert_eq!(listed.len(), 9, "a client's list: {listed:?}");

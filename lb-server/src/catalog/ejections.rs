@@ -90,7 +90,8 @@ impl Catalog {
                         state,
                     })
                     .collect();
-                shared::adopt(me, settings.cap(standings.len()), &mut standings, now);
+                let cap = settings.cap(standings.len());
+                shared::adopt(me, cap, settings.probation_weight, &mut standings, now);
             }
             let verdicts = {
                 let inputs: Vec<Input<'_>> = backends

@@ -190,8 +190,9 @@ pub struct Cluster {
     /// Gray-failure votes of every replica, as read from etcd (this
     /// replica's own once read back), by service and backend.
     votes: Mutex<Votes>,
-    /// This replica's own votes, as published.
-    voting: Mutex<HashMap<BackendKey, Vote>>,
+    /// This replica's own votes, as published, with when each ejection
+    /// ends (what is left of it is written, not what was).
+    voting: Mutex<HashMap<BackendKey, (Vote, Instant)>>,
     /// Bumped when the backends that need a witness may have changed.
     suspects: watch::Sender<u64>,
     /// Keys to write (or delete) in etcd.
@@ -495,6 +496,7 @@ impl Cluster {
     /// Publishes this replica's own ejections as its votes: a new vote for
     /// a new ejection (or a repeat), a withdrawal for one that ended.
     pub fn publish_votes(&self, own: OwnVotes) {
+        let at = Instant::now();
         let mut voting = self.voting.lock().expect("cluster lock");
         let mut now: HashMap<BackendKey, Vote> = HashMap::with_capacity(own.len());
         for (service, addr, vote) in own {
@@ -512,9 +514,10 @@ impl Cluster {
         for (key, vote) in now {
             // The remaining time shrinks every second; only a new ejection
             // (or a longer one) is written again.
-            let same = voting.get(&key).is_some_and(|v| v.times == vote.times);
+            let same = voting.get(&key).is_some_and(|(v, _)| v.times == vote.times);
             if !same {
-                voting.insert(key.clone(), vote);
+                let ends = at + vote.remaining;
+                voting.insert(key.clone(), (vote, ends));
                 let _ = self.outbox.send(Outgoing::Vote(key));
             }
         }
@@ -523,17 +526,34 @@ impl Cluster {
     /// A vote read from etcd (`None`: withdrawn) by `replica`, with the
     /// revision that created its key.
     fn on_vote(&self, key: BackendKey, replica: String, vote: Option<(Vote, i64)>) {
+        // A vote of this replica's that it no longer holds (a write that
+        // landed after its withdrawal, or one of an earlier run under the
+        // same id): withdrawn again.
+        if vote.is_some()
+            && replica == self.settings.replica_id
+            && !self.voting.lock().expect("cluster lock").contains_key(&key)
+        {
+            let _ = self.outbox.send(Outgoing::Vote(key.clone()));
+        }
         let mut all = self.votes.lock().expect("cluster lock");
         let (service, addr) = key;
         let of_service = all.entry(service.clone()).or_default();
         let of = of_service.entry(addr).or_default();
-        of.retain(|v| v.replica != replica);
+        let was = of
+            .iter()
+            .position(|v| v.replica == replica)
+            .map(|i| of.swap_remove(i));
         if let Some((vote, revision)) = vote {
+            // Read again unchanged (a re-listing): it was read back then.
+            let read_at = match was {
+                Some(w) if w.revision == revision && w.vote == vote => w.read_at,
+                _ => Instant::now(),
+            };
             of.push(ReadVote {
                 replica,
                 vote,
                 revision,
-                read_at: Instant::now(),
+                read_at,
             });
         }
         if of.is_empty() {
@@ -566,7 +586,12 @@ impl Cluster {
 
     /// What to write for a vote key: this replica's, or `None` to delete.
     fn outgoing_vote(&self, key: &BackendKey) -> Option<Vote> {
-        self.voting.lock().expect("cluster lock").get(key).cloned()
+        let voting = self.voting.lock().expect("cluster lock");
+        let (vote, ends) = voting.get(key)?;
+        Some(Vote {
+            remaining: ends.saturating_duration_since(Instant::now()),
+            ..vote.clone()
+        })
     }
 
     /// What to write for an opinion key: this replica's, or `None` to delete.

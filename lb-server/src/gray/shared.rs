@@ -10,12 +10,15 @@
 //!
 //! - a backend with a vote from any replica is ejected everywhere, for as
 //!   long as a vote stands (the voter withdraws it when its own ejection
-//!   ends, and every replica moves the backend to probation together);
-//! - at most the cap is ejected: backends are taken in the order their
-//!   first vote reached etcd (its revision, the same for every reader),
-//!   then by token. A replica whose own ejection lost that race takes it
-//!   back and holds the backend instead, with an alert, as the judge does
-//!   at the cap.
+//!   ends, and every replica moves the backend to probation together). A
+//!   vote still there [`GRACE`] after the voter's ejection should have
+//!   ended is stale and counts for nothing, so a lost withdrawal cannot
+//!   hold a backend out;
+//! - at most the cap is ejected: backends are taken in the order of their
+//!   oldest standing vote in etcd (its revision, the same for every
+//!   reader), then by token. A replica whose own ejection lost that race
+//!   takes it back and holds the backend instead (on probation if it had
+//!   been ejected before), with an alert, as the judge does at the cap.
 //!
 //! A replica without a session reads no votes: it judges alone, as it
 //! checks health alone ([`crate::cluster`]), and ejections it only adopted
@@ -81,18 +84,39 @@ pub struct Standing<'a> {
     pub state: &'a mut State,
 }
 
+impl ReadVote {
+    /// When the voter's ejection ends, as this reader counts, plus
+    /// [`GRACE`] for its withdrawal to arrive. A vote past it is stale (a
+    /// withdrawal lost on the way) and counts for nothing.
+    pub fn deadline(&self) -> Instant {
+        self.read_at + self.vote.remaining + GRACE
+    }
+}
+
 /// Applies the cluster's votes to one service's backends before the judge
-/// runs, with `me` this replica's id and `cap` the service's ejection cap.
+/// runs, with `me` this replica's id, `cap` the service's ejection cap and
+/// `probation_weight` the weight factor of a backend on probation.
 /// Returns whether any state changed.
-pub fn adopt(me: &str, cap: usize, backends: &mut [Standing<'_>], now: Instant) -> bool {
-    // The cluster's ejected set: voted backends in the order their first
-    // vote reached etcd, at most the cap.
+pub fn adopt(
+    me: &str,
+    cap: usize,
+    probation_weight: f64,
+    backends: &mut [Standing<'_>],
+    now: Instant,
+) -> bool {
+    // The cluster's ejected set: backends with a standing vote, in the
+    // order of their oldest standing vote in etcd, at most the cap.
     let mut voted: Vec<(i64, &str, usize)> = backends
         .iter()
         .enumerate()
         .filter_map(|(k, b)| {
-            let first = b.votes.iter().map(|v| v.revision).min()?;
-            Some((first, b.token, k))
+            let oldest = b
+                .votes
+                .iter()
+                .filter(|v| v.deadline() > now)
+                .map(|v| v.revision)
+                .min()?;
+            Some((oldest, b.token, k))
         })
         .collect();
     voted.sort();
@@ -100,17 +124,24 @@ pub fn adopt(me: &str, cap: usize, backends: &mut [Standing<'_>], now: Instant) 
     let mut changed = false;
     for (k, b) in backends.iter_mut().enumerate() {
         let in_set = ejected.contains(&k);
+        // Other replicas' standing votes: this replica's own state says
+        // what its own vote means.
+        let theirs = || {
+            b.votes
+                .iter()
+                .filter(|v| v.replica != me && v.deadline() > now)
+        };
         let own_vote_read = b.votes.iter().any(|v| v.replica == me);
         let state = &mut *b.state;
         match (&state.phase, state.by.is_some(), in_set) {
-            // Another replica's ejection: adopted, or kept while it stands.
+            // Another replica's ejection: adopted.
             (Phase::Admitted | Phase::Probation, _, true) => {
-                let Some(vote) = b.votes.iter().max_by_key(|v| v.read_at + v.vote.remaining) else {
+                let Some(vote) = theirs().max_by_key(|v| v.deadline()) else {
                     continue;
                 };
                 state.times = state.times.max(vote.vote.times);
                 state.phase = Phase::Ejected {
-                    until: vote.read_at + vote.vote.remaining + GRACE,
+                    until: vote.deadline(),
                 };
                 state.since = now;
                 state.held = false;
@@ -119,30 +150,33 @@ pub fn adopt(me: &str, cap: usize, backends: &mut [Standing<'_>], now: Instant) 
                 state.by = Some(vote.replica.clone());
                 changed = true;
             }
+            // Adopted and still standing: until its latest deadline.
             (Phase::Ejected { .. }, true, true) => {
-                let until = b
-                    .votes
-                    .iter()
-                    .map(|v| v.read_at + v.vote.remaining + GRACE)
-                    .max()
-                    .unwrap_or(now);
-                state.phase = Phase::Ejected { until };
+                if let Some(until) = theirs().map(ReadVote::deadline).max() {
+                    state.phase = Phase::Ejected { until };
+                }
             }
-            // An adopted ejection whose votes are withdrawn (or over the
-            // cap): it ends now, and the judge starts probation.
+            // An adopted ejection whose votes are withdrawn (or stale, or
+            // over the cap): it ends now, and the judge starts probation.
             (Phase::Ejected { .. }, true, false) => {
                 state.phase = Phase::Ejected { until: now };
                 state.by = None;
                 changed = true;
             }
             // This replica's own ejection, read back but over the cap:
-            // another replica's came first. Taken back, held.
+            // other replicas' came first. Taken back: held in the list,
+            // on probation if it had been ejected before.
             (Phase::Ejected { .. }, false, false) if own_vote_read => {
-                state.phase = Phase::Admitted;
                 state.times = state.times.saturating_sub(1);
                 state.since = now;
                 state.held = true;
-                state.weight_factor = 1.0;
+                if state.times > 0 {
+                    state.phase = Phase::Probation;
+                    state.weight_factor = probation_weight;
+                } else {
+                    state.phase = Phase::Admitted;
+                    state.weight_factor = 1.0;
+                }
                 state.why = format!(
                     "suspect, held: the cluster's ejection cap ({cap}) is reached by other \
                      replicas' ejections"
@@ -197,7 +231,7 @@ mod tests {
                 state,
             })
             .collect();
-        adopt(me, cap, &mut standings, now);
+        adopt(me, cap, 0.2, &mut standings, now);
     }
 
     #[test]
@@ -212,7 +246,8 @@ mod tests {
         assert!(!states[1].ejected());
         // No vote of its own for an adopted ejection.
         assert_eq!(own_vote(&states[0], now), None);
-        // Still standing past the voter's own deadline: the vote holds it.
+        // Standing past the voter's own deadline, within the grace: the
+        // vote holds it.
         let later = now + Duration::from_secs(31);
         run("lb1", 1, &mut states, &votes, later);
         assert!(states[0].ejected());
@@ -220,6 +255,38 @@ mod tests {
         run("lb1", 1, &mut states, &[vec![], vec![]], later);
         assert_eq!(states[0].phase, Phase::Ejected { until: later });
         assert_eq!(states[0].by, None);
+    }
+
+    #[test]
+    fn a_stale_vote_and_this_replicas_own_vote_are_never_adopted() {
+        let now = Instant::now();
+        let mut states = vec![State::new(now), State::new(now)];
+        // lb2's vote whose withdrawal never came, past its deadline; and
+        // lb1's own vote read back after lb1 itself moved on (probation).
+        states[1].phase = Phase::Probation;
+        let stale = vote("lb2", 10, now - Duration::from_secs(60), 30);
+        let votes = vec![vec![stale], vec![vote("lb1", 11, now, 30)]];
+        run("lb1", 2, &mut states, &votes, now);
+        assert!(!states[0].ejected(), "a stale vote adopted");
+        assert_eq!(states[1].phase, Phase::Probation, "its own vote adopted");
+    }
+
+    #[test]
+    fn a_probation_ejection_taken_back_over_the_cap_stays_on_probation() {
+        let now = Instant::now();
+        let mut states = vec![State::new(now), State::new(now)];
+        states[1].phase = Phase::Ejected {
+            until: now + Duration::from_secs(60),
+        };
+        states[1].times = 2;
+        let votes = vec![
+            vec![vote("lb2", 10, now, 30)],
+            vec![vote("lb1", 11, now, 60)],
+        ];
+        run("lb1", 1, &mut states, &votes, now);
+        assert_eq!(states[1].phase, Phase::Probation);
+        assert_eq!((states[1].times, states[1].weight_factor), (1, 0.2));
+        assert!(states[1].held);
     }
 
     #[test]
