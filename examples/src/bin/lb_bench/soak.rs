@@ -11,8 +11,9 @@
 //! long-lived LB must not do:
 //! - fail a call (every failure is printed);
 //! - move what does not change: a health transition of a stock backend, a
-//!   lost etcd session (`lb_upstream_reconnects_total{kind="etcd"}`), or a
-//!   WARN line in the LB's log;
+//!   lost etcd session (`lb_upstream_reconnects_total{kind="etcd"}`), a
+//!   WARN line in the LB's log, or a gray-failure verdict (every client
+//!   reports its per-backend outcomes, and none fails);
 //! - grow: the LB's resident memory is sampled every second and a straight
 //!   line fitted after the warm-up; its slope is reported (KiB/min);
 //! - leak tasks or file descriptors: both are read from the LB's `/metrics`
@@ -279,6 +280,17 @@ pub async fn soak(
         .await?
         .unwrap_or(0.0);
     let warn_lines = lb.log_lines("WARN");
+    // Every client reports its per-backend outcomes (LRS) and no call
+    // fails: the gray-failure detector must say nothing all run long.
+    let gray_verdicts: Vec<String> = ["INFO", "WARN"]
+        .iter()
+        .flat_map(|level| lb.log_lines(level))
+        .filter(|l| {
+            l.contains("gray-failure verdict")
+                || l.contains("backend ejected")
+                || l.contains("held in the list")
+        })
+        .collect();
     let rss_end = rss_kib(pid);
     for h in &holders {
         h.abort();
@@ -322,6 +334,10 @@ pub async fn soak(
     );
     println!("| etcd sessions lost | {etcd_reconnects} |");
     println!("| WARN lines in the LB's log | {} |", warn_lines.len());
+    println!(
+        "| gray-failure verdicts (ejections, holds, de-weightings) | {} |",
+        gray_verdicts.len()
+    );
 
     let mut problems = Vec::new();
     if failed > 0 {
@@ -356,6 +372,13 @@ pub async fn soak(
             &warn_lines[..warn_lines.len().min(5)]
         ));
     }
+    if !gray_verdicts.is_empty() {
+        problems.push(format!(
+            "{} gray-failure verdicts on healthy backends, first: {:?}",
+            gray_verdicts.len(),
+            &gray_verdicts[..gray_verdicts.len().min(5)]
+        ));
+    }
     // A count that could not be read (NaN) counts as a leak.
     let leaked = |before: f64, after: f64| {
         before.is_nan() || after.is_nan() || after > before + limits.leak_tolerance
@@ -381,7 +404,8 @@ pub async fn soak(
         "tasks_before": tasks_before, "tasks_after": tasks_after,
         "fds_before": fds_before, "fds_after": fds_after,
         "stock_backends": stock_names, "stock_transitions": stock_worst,
-        "etcd_reconnects": etcd_reconnects, "warn_lines": warn_lines.len(), "problems": problems,
+        "etcd_reconnects": etcd_reconnects, "warn_lines": warn_lines.len(),
+        "gray_verdicts": gray_verdicts.len(), "problems": problems,
     });
     if !problems.is_empty() {
         eprintln!("{}", serde_json::to_string_pretty(&result)?);
