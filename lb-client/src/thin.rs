@@ -54,7 +54,7 @@ fn set_rto_max(sock: &socket2::SockRef<'_>, max: Duration) {
     if rc != 0 {
         tracing::trace!(
             error = %std::io::Error::last_os_error(),
-            "TCP_RTO_MAX_MS not set (a kernel before 6.15)"
+            "TCP_RTO_MAX_MS not set; the kernel's ceiling stays"
         );
     }
 }

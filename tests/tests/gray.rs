@@ -376,7 +376,9 @@ async fn a_backend_still_failing_on_probation_is_ejected_again_for_longer() {
     let first = wait_until(Duration::from_secs(15), phase("ejected", "(ejection 1)")).await;
     assert!(first, "never ejected: {:?}", gray_state(&lb, addr));
     let probation = wait_until(Duration::from_secs(10), phase("probation", "")).await;
+    let probation_began = Instant::now();
     let on_probation = weighting(&lb, addr);
+    let peers_entries = weighting(&lb, backends[1].addr).1;
     assert!(
         probation,
         "no probation after the ejection: {:?}",
@@ -388,13 +390,26 @@ async fn a_backend_still_failing_on_probation_is_ejected_again_for_longer() {
     })
     .await;
     let again = wait_until(Duration::from_secs(20), phase("ejected", "(ejection 2)")).await;
+    let probation_lasted = probation_began.elapsed();
     let state = gray_state(&lb, addr);
     load.stop().await;
-    eprintln!("gray: on probation {on_probation:?}; then {state:?}");
+    eprintln!(
+        "gray: on probation {on_probation:?} (a peer: {peers_entries} list entries) for {probation_lasted:?}; then {state:?}"
+    );
     assert!(listed_again, "clients never listed it on probation");
     assert!(
         on_probation.0 < 1.0,
         "full weight on probation: {on_probation:?}"
+    );
+    assert!(
+        on_probation.1 < peers_entries,
+        "its full share of the list on probation: {on_probation:?} against {peers_entries}"
+    );
+    // Judged afresh on probation: the errors that ejected it do not
+    // re-eject it at the next tick; new calls must.
+    assert!(
+        probation_lasted >= Duration::from_secs(2),
+        "re-ejected {probation_lasted:?} into probation, before new evidence could come"
     );
     assert!(again, "not ejected again on probation: {state:?}");
     assert!(state.1.contains("ejected for 6s"), "{state:?}");
@@ -460,7 +475,9 @@ async fn replicas_publish_one_ejected_set() {
             disagreements += 1;
         }
     }
+    assert_eq!(disagreements, 0, "the replicas' ejected sets parted");
     let ejected = ejected_set(&lbs[0], &backends);
+    assert_eq!(ejected.len(), 1, "{ejected:?}");
     let judged_by: Vec<serde_json::Value> = lbs
         .iter()
         .map(|lb| {
@@ -478,7 +495,6 @@ async fn replicas_publish_one_ejected_set() {
         states(&lbs[1])
     );
     load.stop().await;
-    assert_eq!(disagreements, 0, "the replicas' ejected sets parted");
     // The replica without clients ejected it on another's vote.
     assert!(
         judged_by[2] == "lb1" || judged_by[2] == "lb2",

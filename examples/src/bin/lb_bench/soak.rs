@@ -34,6 +34,10 @@ use serde_json::json;
 use crate::measure::rss_kib;
 use crate::procs::{greeter_in, open_balance_stream, start_etcd, LbProcess, StockBackend};
 
+/// The LB's log filter in the soak: warnings, and the gray-failure
+/// detector's verdicts.
+const GRAY_LOG: &str = "warn,lb_server::catalog::ejections=info";
+
 /// The stock backends kept through the run: how to start each.
 pub struct StockPeers {
     /// The grpc-go backend (`tests/interop/go/build` makes it).
@@ -203,7 +207,10 @@ pub async fn soak(
 ) -> anyhow::Result<serde_json::Value> {
     let (_etcd, endpoint) = start_etcd().await?;
     let registry = format!("etcd://{endpoint}");
-    let lb = LbProcess::start(&registry).await?;
+    // WARN and up, and the gray-failure detector's INFO lines: every
+    // verdict it changes (de-weightings and probation too) is logged there.
+    let bin = std::env::current_exe()?.with_file_name("lb-server");
+    let lb = LbProcess::start_bin_with(&bin, &registry, GRAY_LOG, &[]).await?;
     let pid = lb.child.id();
     let stock = peers.start(Some(&registry)).await?;
     let stock_addrs: Vec<std::net::SocketAddr> = stock.iter().map(|b| b.addr).collect();
