@@ -558,7 +558,9 @@ async fn stock_xds_clients_evidence_ejects_and_they_stop_calling_it() {
 
 /// 5 % failures against a fleet failing 0.5 %, 50 calls/s in all from 10
 /// clients: a small excess needs more calls to be told from noise, and is
-/// ejected once there are enough.
+/// ejected once there are enough (a few hundred of the backend's calls:
+/// 25 s at the median of ten runs, 57 s at the slowest; the bound below
+/// leaves room for an unlucky draw, not for a detector that waits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_against_a_half_percent_fleet_is_ejected() {
     let noise: &[&str] = &["-fail-code", "14", "-fail-rate", "0.005"];
@@ -570,7 +572,7 @@ async fn five_percent_against_a_half_percent_fleet_is_ejected() {
     let load = Load::start(
         &channels,
         Duration::from_millis(200),
-        Duration::from_secs(90),
+        Duration::from_secs(100),
     );
     let ejected = wait_until(Duration::from_secs(90), || {
         gray_state(&lb, bad).0 == "ejected"
@@ -585,7 +587,7 @@ async fn five_percent_against_a_half_percent_fleet_is_ejected() {
         ejected,
         "a backend failing 5 % was never ejected: {states:?}"
     );
-    assert!(took <= Duration::from_secs(60), "took {took:?}");
+    assert!(took <= Duration::from_secs(85), "took {took:?}");
     assert_eq!(
         states.iter().filter(|s| *s == "ejected").count(),
         1,

@@ -77,7 +77,8 @@ struct Bucket {
 }
 
 /// One reporter of a backend: when it last reported, its calls in
-/// progress then, and what it saw, decayed ([`crate::gray::DECAY`]).
+/// progress then, and what it saw, decayed ([`crate::gray::DECAY`],
+/// [`crate::gray::ERROR_DECAY`]).
 #[derive(Debug, Clone, Copy)]
 struct Reporter {
     last: Instant,
@@ -85,7 +86,8 @@ struct Reporter {
     recent: Decayed,
 }
 
-/// Counts that fade: each is worth `exp(−age / DECAY)` of itself.
+/// Counts that fade: each is worth `exp(−age / DECAY)` of itself (errors
+/// and answered calls with the longer `ERROR_DECAY`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Decayed {
     answered: f64,
@@ -97,10 +99,11 @@ struct Decayed {
 impl Decayed {
     /// These counts as seen `age` later.
     fn aged(&self, age: Duration) -> Decayed {
-        let f = (-age.as_secs_f64() / crate::gray::DECAY.as_secs_f64()).exp();
+        let fade = |decay: Duration| (-age.as_secs_f64() / decay.as_secs_f64()).exp();
+        let (f, g) = (fade(crate::gray::DECAY), fade(crate::gray::ERROR_DECAY));
         Decayed {
-            answered: self.answered * f,
-            errors: self.errors * f,
+            answered: self.answered * g,
+            errors: self.errors * g,
             timed: self.timed * f,
             latency_ms: self.latency_ms * f,
         }

@@ -9,12 +9,30 @@
 //! The bound is closed-form (no sum over calls), conservative, and grows
 //! with evidence: 6 errors in 20 calls against a clean fleet score 29; 15
 //! in 300 against a 0.5 % fleet score 21; 3 in 10 against a 2 % fleet 7.
+//!
+//! The peers' rate is pooled: their errors over their answered calls, of
+//! the peers whose own rate is in line with the rest (at most
+//! [`Settings::error_ratio`] times the median rate, or below
+//! [`Settings::min_error_rate`]), so several failing backends do not
+//! raise the bar for each other. A pooled rate is read from several times
+//! the calls of any one peer's: with a few errors per peer, a median of
+//! per-peer rates jumps between 0, 1 and 2 errors' worth, and a small
+//! excess (5 % against 0.5 %) would wait for a lucky draw.
 
 use std::time::{Duration, Instant};
 
-/// Evidence decays with this time constant: a call reported this long ago
-/// counts 1/e of a call reported now.
+/// Latency evidence decays with this time constant: a call reported this
+/// long ago counts 1/e of a call reported now. Short, so that a backend
+/// turning slow shows its new mean soon.
 pub const DECAY: Duration = Duration::from_secs(30);
+
+/// Error evidence (answered calls and errors) decays with this longer
+/// time constant: a small excess of errors needs many calls to be told
+/// from noise (5 % against a 0.5 % fleet: about 300 calls), and a
+/// backend answering 10 calls a second only has them within a minute if
+/// they are remembered that long. A failing backend's evidence is
+/// dropped at ejection anyway (probation starts afresh).
+pub const ERROR_DECAY: Duration = Duration::from_secs(90);
 
 /// Longest ejection, however often a backend was ejected.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -208,15 +226,14 @@ fn score(k: f64, n: f64, p: f64) -> f64 {
 }
 
 /// Whether `e` is suspect of failing calls against its peers' error rate
-/// `base` (the median of theirs: several failing backends do not raise
-/// the bar for each other): `Some((score, reason))`.
+/// `base` (pooled, see the module docs): `Some((score, reason))`.
 fn error_suspect(s: &Settings, e: &Evidence, base: Option<f64>) -> Option<(f64, String)> {
     let base = base?.max(0.0);
     if e.reporters_with_errors < s.min_reporters {
         return None;
     }
     let p = base.max(BASELINE_FLOOR);
-    let test = |errors: f64, answered: f64| {
+    let test = |errors: f64, answered: f64, needed: f64| {
         if answered < s.min_calls {
             return None;
         }
@@ -225,15 +242,21 @@ fn error_suspect(s: &Settings, e: &Evidence, base: Option<f64>) -> Option<(f64, 
             return None;
         }
         let sc = score(errors, answered, p);
-        (sc >= s.min_score).then_some(sc)
+        (sc >= needed).then_some(sc)
     };
-    let sc = test(e.errors, e.answered)?;
-    // No one reporter decides.
-    test(e.errors - e.top_errors.0, e.answered - e.top_errors.1)?;
+    let sc = test(e.errors, e.answered, s.min_score)?;
+    // No one reporter decides: without the one that saw the most errors,
+    // the rest are still an excess, and still evidence (half the score:
+    // a liar's errors left out leave nothing; honest ones leave most).
+    test(
+        e.errors - e.top_errors.0,
+        e.answered - e.top_errors.1,
+        s.min_score / 2.0,
+    )?;
     Some((
         sc,
         format!(
-            "{:.0} % errors from {} clients against a {:.1} % fleet baseline (its peers' median)",
+            "{:.0} % errors from {} clients against a {:.1} % fleet baseline (its peers' rate)",
             100.0 * e.errors / e.answered,
             e.reporters_with_errors,
             100.0 * base
@@ -290,6 +313,68 @@ fn latency(s: &Settings, e: &Evidence, median: Option<f64>, current: f64) -> Lat
         2f64.powf(-step).clamp(1.0 / 16.0, 1.0),
         format!("mean latency {mean:.0} ms, {ratio:.1}x the peers' median {median:.0} ms"),
     )
+}
+
+/// The peers' pooled error rate, per backend: errors over answered calls
+/// of the backends in line with the rest (module docs), the backend
+/// itself left out.
+struct Baseline {
+    /// Each backend's own errors and answered calls, when they count.
+    own: Vec<Option<(f64, f64)>>,
+    /// Their sums.
+    errors: f64,
+    answered: f64,
+}
+
+impl Baseline {
+    fn of(s: &Settings, inputs: &[Input<'_>]) -> Self {
+        let counted = |i: &Input<'_>| {
+            i.evidence
+                .filter(|e| !i.state.ejected() && e.answered >= s.min_calls)
+                .map(|e| (e.errors, e.answered))
+        };
+        let mut rates: Vec<f64> = inputs
+            .iter()
+            .filter_map(counted)
+            .map(|(k, n)| k / n)
+            .filter(|r| r.is_finite())
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        let Some(median) = rates.get(rates.len() / 2).copied() else {
+            return Baseline {
+                own: vec![None; inputs.len()],
+                errors: 0.0,
+                answered: 0.0,
+            };
+        };
+        let in_line = (s.error_ratio * median).max(s.min_error_rate);
+        let own: Vec<Option<(f64, f64)>> = inputs
+            .iter()
+            .map(|i| counted(i).filter(|(k, n)| k / n <= in_line))
+            .collect();
+        let (errors, answered) = own
+            .iter()
+            .flatten()
+            .fold((0.0, 0.0), |(k, n), (ki, ni)| (k + ki, n + ni));
+        Baseline {
+            own,
+            errors,
+            answered,
+        }
+    }
+
+    /// The rate of backend `k`'s peers, if they answered enough calls.
+    /// Half an error more than they saw, over one call more (Jeffreys'
+    /// estimate of a proportion): a fleet with few calls and no error yet
+    /// is not known to fail less than about one call in twice as many as
+    /// it answered (at 100 calls, 0.5 %; at 1,000 calls with 5 errors,
+    /// 0.55 %), which keeps the first seconds after a start, when every
+    /// count is small, from reading a clean fleet as a perfect one.
+    fn without(&self, s: &Settings, k: usize) -> Option<f64> {
+        let (ki, ni) = self.own[k].unwrap_or((0.0, 0.0));
+        let (errors, answered) = (self.errors - ki, self.answered - ni);
+        (answered >= s.min_calls).then(|| ((errors + 0.5) / (answered + 1.0)).clamp(0.0, 1.0))
+    }
 }
 
 /// One figure over a service's backends, sorted, from which each
@@ -360,11 +445,7 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
         }
         return out;
     }
-    let rates = Medians::of(
-        inputs,
-        |p| p.answered >= s.min_calls,
-        |p| p.errors / p.answered,
-    );
+    let baseline = Baseline::of(s, inputs);
     let latencies = Medians::of(
         inputs,
         |p| p.timed >= s.min_calls,
@@ -398,8 +479,7 @@ pub fn judge(s: &Settings, inputs: &[Input<'_>], now: Instant) -> Vec<Verdict> {
             continue;
         }
         let Some(e) = i.evidence else { continue };
-        let own_rate = (e.answered >= s.min_calls).then(|| e.errors / e.answered);
-        let base = rates.without(own_rate);
+        let base = baseline.without(s, k);
         if let Some((sc, why)) = error_suspect(s, e, base) {
             suspects.push((k, sc, why));
             continue;
@@ -675,6 +755,35 @@ mod tests {
         // 2.5x: not slow enough to act on.
         e[2] = Some(evidence(100.0, 0.0, 10, 25.0));
         assert_eq!(f.judge(&s, &e)[2], "admitted");
+    }
+
+    #[test]
+    fn the_baseline_pools_the_peers_in_line_and_leaves_failing_ones_out() {
+        let s = Settings::default();
+        let mut f = Fleet::new(10);
+        // Nine peers at 0.5 % (1.5 errors in 300 calls each, pooled), one
+        // of them failing 30 %, and one backend at 5 %.
+        let mut e = vec![Some(evidence(300.0, 1.5, 10, 2.0)); 10];
+        e[0] = Some(evidence(300.0, 90.0, 10, 2.0));
+        e[5] = Some(evidence(300.0, 15.0, 10, 2.0));
+        let inputs: Vec<Input<'_>> = (0..10)
+            .map(|i| Input {
+                token: &f.tokens[i],
+                evidence: e[i].as_ref(),
+                state: &f.states[i],
+            })
+            .collect();
+        let b = Baseline::of(&s, &inputs);
+        // 8 peers' 12 errors in 2,400 calls (and half an error more).
+        let rate = b.without(&s, 5).unwrap();
+        assert!((rate - 12.5 / 2401.0).abs() < 1e-9, "{rate}");
+        // The 5 % backend is out of the 30 % one's baseline as well.
+        assert!((b.without(&s, 0).unwrap() - 12.5 / 2401.0).abs() < 1e-9);
+        drop(inputs);
+        let phases = f.judge(&s, &e);
+        assert_eq!(phases[0], "ejected");
+        assert_eq!(phases[5], "held", "over the cap of one: {phases:?}");
+        assert!(f.states[5].why.contains("0.5 % fleet baseline"));
     }
 
     #[test]

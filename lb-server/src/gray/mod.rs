@@ -14,15 +14,17 @@
 //!
 //! 1. **Evidence**: per backend, its calls, the calls it answered, its
 //!    errors and latency, pooled over clients with an exponential decay
-//!    ([`DECAY`]), and who contributed them (distinct reporters).
+//!    ([`ERROR_DECAY`] for errors, [`DECAY`] for latency), and who
+//!    contributed them (distinct reporters).
 //! 2. **Errors against its peers** ([`judge`]): a backend is suspect when
 //!    its error rate is at least [`Settings::min_error_rate`], at least
-//!    [`Settings::error_ratio`] times the median of its peers' rates (so
-//!    that several failing backends do not raise the bar for each other),
-//!    and significantly so (an evidence score of at least
-//!    [`Settings::min_score`] against that rate), over at least
-//!    [`Settings::min_calls`] answered calls; and all of that still holds with the reporter that saw the
-//!    most errors left out, while at least [`Settings::min_reporters`]
+//!    [`Settings::error_ratio`] times its peers' pooled rate (peers that
+//!    fail too are left out of it, so that several failing backends do
+//!    not raise the bar for each other), and significantly so (an
+//!    evidence score of at least [`Settings::min_score`] against that
+//!    rate), over at least [`Settings::min_calls`] answered calls; with
+//!    the reporter that saw the most errors left out, the rest is still
+//!    an excess (half the score), while at least [`Settings::min_reporters`]
 //!    distinct clients saw errors. One broken or lying client cannot eject
 //!    a healthy backend; a noise level shared by every backend ejects none.
 //! 3. **A cap**: at most `max(1, max_ejection × backends)` are ejected at
@@ -52,4 +54,4 @@ pub mod shared;
 
 #[cfg(test)]
 pub use judge::Phase;
-pub use judge::{judge, Evidence, Input, Settings, State, DECAY};
+pub use judge::{judge, Evidence, Input, Settings, State, DECAY, ERROR_DECAY};

@@ -59,6 +59,9 @@ func main() {
 	failCode := flag.Int("fail-code", 0, "answer every call with this status code (0: answer normally)")
 	failRate := flag.Float64("fail-rate", 1, "with -fail-code: the fraction of calls that fail, at random")
 	flag.Parse()
+	// Go before 1.20 seeds math/rand with 1: every backend would fail the
+	// same calls of its sequence, the same in every run.
+	rand.Seed(time.Now().UnixNano() ^ int64(os.Getpid()))
 
 	lis, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *port))
 	if err != nil {
