@@ -32,7 +32,8 @@ use crate::model::Locality;
 /// One service's server list, as published to streams.
 #[derive(Debug)]
 pub struct PublishedList {
-    /// Increments on every change; 0 before the first backend appeared.
+    /// Increments on every change; 0 until something is decided (see
+    /// [`PublishedList::empty`]).
     pub version: u64,
     /// The ordered list.
     pub servers: Vec<Server>,
@@ -85,7 +86,8 @@ impl PublishedList {
         self
     }
 
-    /// The list before any backend appeared.
+    /// The list before anything was decided (version 0: no backend yet,
+    /// or none had its first health check). Frontends never send it.
     pub fn empty() -> Self {
         PublishedList::new(0, Vec::new(), false, 0.0)
     }

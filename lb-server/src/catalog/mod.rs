@@ -454,6 +454,38 @@ mod tests {
         assert!(e.current_list().servers.is_empty());
     }
 
+    #[test]
+    fn nothing_is_decided_before_the_first_health_checks_answer() {
+        let c = Catalog::new(
+            Policy {
+                panic_threshold: 0.0,
+                ..Policy::default()
+            },
+            Arc::new(Metrics::new()),
+            1,
+            true,
+        );
+        c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
+        c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
+        let e = c.service("svc").unwrap();
+        assert_eq!(
+            e.current_list().version,
+            0,
+            "not checked yet: no list to send, not an empty one"
+        );
+        let a1 = SocketAddr::from(([127, 0, 0, 1], 1));
+        let a2 = SocketAddr::from(([127, 0, 0, 1], 2));
+        c.set_health("svc", a1, HealthState::Unreachable, "connection refused");
+        assert_eq!(e.current_list().version, 0, "one is still unchecked");
+        c.set_health("svc", a2, HealthState::NotServing, "");
+        let list = e.current_list();
+        assert_eq!(
+            (list.version, list.servers.len()),
+            (1, 0),
+            "every backend checked, none may be listed: an empty list, decided"
+        );
+    }
+
     fn ports(c: &Catalog, service: &str) -> Vec<i32> {
         let mut p: Vec<i32> = c
             .service(service)

@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::journal::Change;
 use super::{Backend, Catalog, ServiceEntry};
 use crate::metrics::{Metrics, ServiceLabels};
-use crate::model::Locality;
+use crate::model::{HealthState, Locality};
 use crate::policy::{Candidate, Decision};
 use crate::snapshot::PublishedList;
 
@@ -183,10 +183,19 @@ impl Catalog {
             .filter(|b| b.decision.listed && b.locality.is_known())
             .map(|b| (b.addr, b.locality.clone()))
             .collect();
+        // Version 0 is "not decided yet" (no frontend sends it): a list
+        // becomes version 1 once something is listed, or once every
+        // backend had its first health check and none may be listed. A
+        // restarted LB must not tell its first clients "no servers" because
+        // its probes have not answered yet.
+        let settled = backends
+            .values()
+            .all(|b| b.drained || b.health != HealthState::Unknown);
         entry.list.send_if_modified(|current| {
             if current.servers == servers
                 && current.panic == panic
                 && *current.localities == localities
+                && (current.version > 0 || !settled)
             {
                 return false;
             }

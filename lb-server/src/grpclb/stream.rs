@@ -203,6 +203,11 @@ impl StreamState {
         // Compare versions rather than relying on `has_changed`: `changed()`
         // marks the newest value as seen.
         let list = self.lists.borrow_and_update().clone();
+        if list.version == 0 {
+            // Not decided yet (the LB's first health checks are out):
+            // the client keeps what it has.
+            return None;
+        }
         let new_version = self.last_version != Some(list.version);
         let servers = match &mut self.subset {
             None if !new_version => return None,

@@ -598,12 +598,17 @@ impl AdsStream {
     /// The assignment of `service` as this client sees it.
     fn assignment(&mut self, service: &str) -> Option<Bytes> {
         let entry = self.ads.parts.catalog.service(service)?;
+        // Version 0 is not decided yet (the LB's first health checks are
+        // out): no assignment rather than one with no endpoints.
         if let Some(member) = self.zone_members.get(service) {
             if let Some(view) = member.current() {
-                return Some(self.ads.assignments.get(service, &view));
+                return (view.version > 0).then(|| self.ads.assignments.get(service, &view));
             }
         }
         let list = entry.current_list();
+        if list.version == 0 {
+            return None;
+        }
         if !self.ads.parts.subsets.enabled() {
             return Some(self.ads.assignments.get(service, &list));
         }
