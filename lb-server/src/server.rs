@@ -387,6 +387,7 @@ impl Parts {
                     lrs: !cfg.grpc.load_report_interval.is_zero(),
                     connect_timeout: Duration::from_secs(1),
                     retries: cfg.grpc.xds_retries,
+                    outlier_detection: cfg.grpc.xds_outlier_detection,
                 },
             },
             self.shutdown.clone(),

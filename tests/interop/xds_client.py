@@ -31,6 +31,7 @@ def main():
     p.add_argument("--load-seconds", type=float, default=0.0, help="closed-loop load for this long; prints calls/s and latency")
     p.add_argument("--concurrency", type=int, default=32, help="calls in flight with --load-seconds")
     p.add_argument("--target", default="", help="dial this instead of xds:///<name> (e.g. a proxy's host:port)")
+    p.add_argument("--events", action="store_true", help="add every call to the summary: [unix time, backend, ok] (a failed call's backend from its details)")
     args = p.parse_args()
 
     bootstrap = {
@@ -64,19 +65,27 @@ def main():
         channel.close()
         return 0
 
-    per_backend, failures = {}, []
+    per_backend, failures, events = {}, [], []
     calls = 0
     for i in greeter_calls.schedule(args.calls, args.duration, args.interval):
         calls += 1
+        at = round(time.time(), 3)
         try:
             raw = say_hello(hello_codec.encode("call-%d" % i), timeout=5)
         except grpc.RpcError as e:
             failures.append(greeter_calls.failure(e))
+            if args.events:
+                events.append([at, (e.details() or "").rsplit(" at ", 1)[-1], 0])
             continue
         backend = hello_codec.decode(raw).rsplit(" from ", 1)[-1]
         per_backend[backend] = per_backend.get(backend, 0) + 1
+        if args.events:
+            events.append([at, backend, 1])
     time.sleep(args.linger)
-    print(json.dumps({"calls": calls, "per_backend": per_backend, "failures": failures, "grpc": grpc.__version__}))
+    summary = {"calls": calls, "per_backend": per_backend, "failures": failures, "grpc": grpc.__version__}
+    if args.events:
+        summary["events"] = events
+    print(json.dumps(summary))
     channel.close()
     return 0
 

@@ -484,6 +484,35 @@ mod tests {
             (1, 0),
             "every backend checked, none may be listed: an empty list, decided"
         );
+        // With panic mode on, the first answer being a refused connection
+        // decides nothing either: panic over the one checked backend would
+        // send every client to it.
+        let c = Catalog::new(
+            Policy {
+                panic_threshold: 0.5,
+                ..Policy::default()
+            },
+            Arc::new(Metrics::new()),
+            1,
+            true,
+        );
+        for (key, port) in [("k1", 1), ("k2", 2), ("k3", 3)] {
+            c.upsert("etcd", inst("svc", key, port)).unwrap();
+        }
+        let e = c.service("svc").unwrap();
+        c.set_health("svc", a1, HealthState::Unreachable, "connection refused");
+        assert_eq!(
+            e.current_list().version,
+            0,
+            "panic over one checked backend"
+        );
+        c.set_health("svc", a2, HealthState::Serving, "");
+        let list = e.current_list();
+        assert_eq!(
+            (list.version, list.servers.len()),
+            (1, 1),
+            "a backend passing its checks is listed at once"
+        );
     }
 
     fn ports(c: &Catalog, service: &str) -> Vec<i32> {

@@ -184,18 +184,24 @@ impl Catalog {
             .map(|b| (b.addr, b.locality.clone()))
             .collect();
         // Version 0 is "not decided yet" (no frontend sends it): a list
-        // becomes version 1 once something is listed, or once every
-        // backend had its first health check and none may be listed. A
-        // restarted LB must not tell its first clients "no servers" because
-        // its probes have not answered yet.
+        // becomes version 1 once a backend is listed for passing its
+        // health checks, or once every backend had its first check. A
+        // restarted LB must not tell its first clients "no servers", nor
+        // send them to the one backend whose refused connection answered
+        // first (panic mode over the few checked so far), because its
+        // probes have not all answered yet.
         let settled = backends
             .values()
             .all(|b| b.drained || b.health != HealthState::Unknown);
+        let decided = settled || (!servers.is_empty() && !panic);
         entry.list.send_if_modified(|current| {
-            if current.servers == servers
+            if current.version == 0 && !decided {
+                return false;
+            }
+            if current.version > 0
+                && current.servers == servers
                 && current.panic == panic
                 && *current.localities == localities
-                && (current.version > 0 || !settled)
             {
                 return false;
             }

@@ -369,7 +369,7 @@ pub struct PolicyFlags {
     #[arg(long, env = "LB_GRAY_EJECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub gray_ejection: bool,
 
-    /// Gray failures: answered calls (decayed over ~30 s) a backend needs
+    /// Gray failures: answered calls (decayed over ~90 s) a backend needs
     /// before it is judged.
     #[arg(long, env = "LB_GRAY_MIN_CALLS", default_value_t = 10.0)]
     pub gray_min_calls: f64,
@@ -383,8 +383,9 @@ pub struct PolicyFlags {
     #[arg(long, env = "LB_GRAY_MIN_ERROR_RATE", default_value_t = 0.02)]
     pub gray_min_error_rate: f64,
 
-    /// Gray failures: a backend's error rate must be this many times the
-    /// median of its peers'.
+    /// Gray failures: a backend's error rate must be this many times its
+    /// peers' pooled rate (peers beyond this many times the median left out
+    /// of it).
     #[arg(long, env = "LB_GRAY_ERROR_RATIO", default_value_t = 3.0)]
     pub gray_error_ratio: f64,
 
@@ -513,6 +514,15 @@ pub struct GrpcFlags {
     /// not run twice).
     #[arg(long, env = "LB_XDS_RETRIES", default_value_t = 1)]
     pub xds_retries: u32,
+
+    /// Clusters carry `outlier_detection` (gRFC A50 as gRPC documents it:
+    /// success-rate ejection with its defaults, and failure-percentage
+    /// ejection at 50 %), so that xDS clients run their own per-client
+    /// detection. Off by default: the LB's pooled detection
+    /// (`--gray-ejection`) sees every client's calls; this is for
+    /// comparing the two (`lb-bench gray`).
+    #[arg(long, env = "LB_XDS_OUTLIER_DETECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub xds_outlier_detection: bool,
 
     /// Most xDS requests (ADS) or load reports (LRS) one stream may send per
     /// second (bursts of twice that pass); a faster stream is closed with

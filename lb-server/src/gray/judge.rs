@@ -30,8 +30,9 @@ pub const DECAY: Duration = Duration::from_secs(30);
 /// time constant: a small excess of errors needs many calls to be told
 /// from noise (5 % against a 0.5 % fleet: about 300 calls), and a
 /// backend answering 10 calls a second only has them within a minute if
-/// they are remembered that long. A failing backend's evidence is
-/// dropped at ejection anyway (probation starts afresh).
+/// they are remembered that long (a reporter silent for a minute is
+/// forgotten whole). A failing backend's evidence is reset when its
+/// probation starts.
 pub const ERROR_DECAY: Duration = Duration::from_secs(90);
 
 /// Longest ejection, however often a backend was ejected.

@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
-    Cluster,
+    Cluster, OutlierDetection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source::ConfigSourceSpecifier, socket_address::PortSpecifier, Address,
@@ -162,6 +162,34 @@ pub struct ResourceSettings {
     /// connection broke mid-call), on another backend; 0 = none. Said in
     /// the route (`retry_policy`, gRFC A44), as service meshes do by default.
     pub retries: u32,
+    /// Whether Clusters carry [`outlier_detection`] (clients' own
+    /// per-client ejection, for comparison with the LB's pooled one).
+    pub outlier_detection: bool,
+}
+
+/// gRFC A50's outlier detection as gRPC documents its defaults: every
+/// 10 s, a backend is ejected (30 s × times ejected; at most 10 % of the
+/// cluster, and always at least one) when its success rate is 1.9 standard deviations below the
+/// mean of at least 5 backends with 100 calls each in the interval, or
+/// when 50 % of at least 50 calls failed (failure percentage, which gRPC
+/// leaves off unless configured). Counted per client, per interval.
+pub fn outlier_detection() -> OutlierDetection {
+    let n = |v: u32| Some(UInt32Value { value: v });
+    OutlierDetection {
+        interval: Some(duration(Duration::from_secs(10))),
+        base_ejection_time: Some(duration(Duration::from_secs(30))),
+        max_ejection_time: Some(duration(Duration::from_secs(300))),
+        max_ejection_percent: n(10),
+        enforcing_success_rate: n(100),
+        success_rate_minimum_hosts: n(5),
+        success_rate_request_volume: n(100),
+        success_rate_stdev_factor: n(1900),
+        failure_percentage_threshold: n(50),
+        enforcing_failure_percentage: n(100),
+        failure_percentage_minimum_hosts: n(5),
+        failure_percentage_request_volume: n(50),
+        ..Default::default()
+    }
 }
 
 fn ads() -> ConfigSource {
@@ -267,6 +295,7 @@ pub fn cluster(service: &str, settings: &ResourceSettings) -> Bytes {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
             pack_any(http2),
         )]),
+        outlier_detection: settings.outlier_detection.then(outlier_detection),
         lrs_server: settings.lrs.then(|| ConfigSource {
             config_source_specifier: Some(
                 ConfigSourceSpecifier::Self_(SelfConfigSource::default()),
@@ -471,6 +500,7 @@ mod tests {
             lrs: false,
             connect_timeout: Duration::from_secs(1),
             retries: 1,
+            outlier_detection: false,
         };
         let any = route("greeter.svc.example:8443", "greeter", &settings);
         let rc: RouteConfiguration = unpack(&any);

@@ -30,6 +30,10 @@
 //!   grpc-go and C-core backends kept throughout): no failed call, RSS flat
 //!   after warm-up, no task or descriptor leak, no transition of the stock
 //!   backends, no lost etcd session, no WARN line. Fails when a check fails.
+//! - `gray`: a backend failing a share of calls while its health checks
+//!   pass, three ways: no detection, gRFC A50 outlier detection in stock
+//!   C-core clients, and the LB's pooled detection: time to eject, failed
+//!   calls, and false ejections in a noisy run.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 //!
@@ -37,10 +41,11 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle`, `zones` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle`, `zones`, `gray` |
 
 mod failover;
 mod fanout;
+mod gray;
 mod idle;
 mod kill_removal;
 mod measure;
@@ -206,6 +211,17 @@ enum Bench {
         #[command(flatten)]
         peers: StockPeerArgs,
     },
+    /// Gray failures: no detection vs A50 in each client vs the LB's pooled detection.
+    Gray {
+        /// Length of the noisy run (every backend fails 2 %), per detector.
+        #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+        noise_run: Duration,
+        /// Only this case (1: 30 %, 2: 5 %, 3: A50's ground), without the noisy run.
+        #[arg(long)]
+        case: Option<usize>,
+        #[command(flatten)]
+        peers: StockPeerArgs,
+    },
     /// One LB under steady churn: no failed call, flat RSS, no task or fd leak.
     Soak {
         /// How long the measured load runs, after the warm-up (bounded; the
@@ -337,6 +353,17 @@ async fn main() -> anyhow::Result<()> {
                 limits,
             )
             .await?
+        }
+        Bench::Gray {
+            noise_run,
+            case,
+            peers,
+        } => {
+            let peers = gray::Peers {
+                grpc_go_backend: peers.grpc_go_backend,
+                python: peers.python,
+            };
+            gray::gray(&peers, noise_run, case).await?
         }
         Bench::Idle {
             lb_servers,
