@@ -378,6 +378,20 @@ mod tests {
         )
     }
 
+    /// A catalog whose backends are health-checked (unlisted until their
+    /// first check), with this panic threshold.
+    fn checked_catalog(panic_threshold: f64) -> Catalog {
+        Catalog::new(
+            Policy {
+                panic_threshold,
+                ..Policy::default()
+            },
+            Arc::new(Metrics::new()),
+            1,
+            true,
+        )
+    }
+
     fn inst(service: &str, key: &str, port: u16) -> Instance {
         Instance {
             service: service.into(),
@@ -413,15 +427,7 @@ mod tests {
 
     #[test]
     fn health_changes_republish_and_unchecked_backends_wait() {
-        let c = Catalog::new(
-            Policy {
-                panic_threshold: 0.0,
-                ..Policy::default()
-            },
-            Arc::new(Metrics::new()),
-            1,
-            true,
-        );
+        let c = checked_catalog(0.0);
         let mut members = c.subscribe_members();
         c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
         c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
@@ -456,15 +462,7 @@ mod tests {
 
     #[test]
     fn nothing_is_decided_before_the_first_health_checks_answer() {
-        let c = Catalog::new(
-            Policy {
-                panic_threshold: 0.0,
-                ..Policy::default()
-            },
-            Arc::new(Metrics::new()),
-            1,
-            true,
-        );
+        let c = checked_catalog(0.0);
         c.upsert("etcd", inst("svc", "k1", 1)).unwrap();
         c.upsert("etcd", inst("svc", "k2", 2)).unwrap();
         let e = c.service("svc").unwrap();
@@ -487,15 +485,7 @@ mod tests {
         // With panic mode on, the first answer being a refused connection
         // decides nothing either: panic over the one checked backend would
         // send every client to it.
-        let c = Catalog::new(
-            Policy {
-                panic_threshold: 0.5,
-                ..Policy::default()
-            },
-            Arc::new(Metrics::new()),
-            1,
-            true,
-        );
+        let c = checked_catalog(0.5);
         for (key, port) in [("k1", 1), ("k2", 2), ("k3", 3)] {
             c.upsert("etcd", inst("svc", key, port)).unwrap();
         }

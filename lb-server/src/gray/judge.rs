@@ -599,17 +599,21 @@ mod tests {
             }
         }
 
-        /// Judges with `evidence` per backend, keeps the states, returns
-        /// the phases' names.
-        fn judge(&mut self, s: &Settings, evidence: &[Option<Evidence>]) -> Vec<&'static str> {
-            let inputs: Vec<Input<'_>> = (0..self.addrs.len())
+        /// The detector's inputs: `evidence` per backend and its state.
+        fn inputs<'a>(&'a self, evidence: &'a [Option<Evidence>]) -> Vec<Input<'a>> {
+            (0..self.addrs.len())
                 .map(|i| Input {
                     token: &self.tokens[i],
                     evidence: evidence[i].as_ref(),
                     state: &self.states[i],
                 })
-                .collect();
-            let verdicts = judge(s, &inputs, self.now);
+                .collect()
+        }
+
+        /// Judges with `evidence` per backend, keeps the states, returns
+        /// the phases' names.
+        fn judge(&mut self, s: &Settings, evidence: &[Option<Evidence>]) -> Vec<&'static str> {
+            let verdicts = judge(s, &self.inputs(evidence), self.now);
             self.states = verdicts.into_iter().map(|v| v.state).collect();
             self.states.iter().map(State::phase_name).collect()
         }
@@ -713,14 +717,7 @@ mod tests {
         f.now += Duration::from_secs(29);
         assert_eq!(f.judge(&s, &e)[0], "ejected");
         f.now += Duration::from_secs(1);
-        let inputs: Vec<Input<'_>> = (0..5)
-            .map(|i| Input {
-                token: &f.tokens[i],
-                evidence: e[i].as_ref(),
-                state: &f.states[i],
-            })
-            .collect();
-        let v = judge(&s, &inputs, f.now);
+        let v = judge(&s, &f.inputs(&e), f.now);
         assert_eq!(v[0].state.phase, Phase::Probation);
         assert!(v[0].reset_evidence, "probation starts on fresh evidence");
         assert_eq!(v[0].state.weight_factor, s.probation_weight);
@@ -767,13 +764,7 @@ mod tests {
         let mut e = vec![Some(evidence(300.0, 1.5, 10, 2.0)); 10];
         e[0] = Some(evidence(300.0, 90.0, 10, 2.0));
         e[5] = Some(evidence(300.0, 15.0, 10, 2.0));
-        let inputs: Vec<Input<'_>> = (0..10)
-            .map(|i| Input {
-                token: &f.tokens[i],
-                evidence: e[i].as_ref(),
-                state: &f.states[i],
-            })
-            .collect();
+        let inputs = f.inputs(&e);
         let b = Baseline::of(&s, &inputs);
         // 8 peers' 12 errors in 2,400 calls (and half an error more).
         let rate = b.without(&s, 5).unwrap();
