@@ -559,7 +559,7 @@ async fn stock_xds_clients_evidence_ejects_and_they_stop_calling_it() {
 /// 5 % failures against a fleet failing 0.5 %, 50 calls/s in all from 10
 /// clients: a small excess needs more calls to be told from noise, and is
 /// ejected once there are enough (a few hundred of the backend's calls:
-/// 25 s at the median of ten runs, 57 s at the slowest; the bound below
+/// 30 s at the median of six runs, 57 s at the slowest; the bound below
 /// leaves room for an unlucky draw, not for a detector that waits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_against_a_half_percent_fleet_is_ejected() {
