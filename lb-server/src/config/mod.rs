@@ -384,8 +384,8 @@ pub struct PolicyFlags {
     pub gray_min_error_rate: f64,
 
     /// Gray failures: a backend's error rate must be this many times its
-    /// peers' pooled rate (peers beyond this many times the median left out
-    /// of it).
+    /// peers' pooled rate (peers beyond this many times the median, and
+    /// beyond the minimum error rate, left out of it).
     #[arg(long, env = "LB_GRAY_ERROR_RATIO", default_value_t = 3.0)]
     pub gray_error_ratio: f64,
 

@@ -601,7 +601,8 @@ impl AdsStream {
         // Version 0 is not decided yet (the LB's first health checks are
         // out): no assignment rather than one with no endpoints. gRPC
         // clients wait 15 s for a resource before taking it as absent
-        // (gRFC A57); the first checks answer within `--health-timeout`.
+        // (gRFC A57); this replica's own first checks answer within
+        // `--health-timeout`, other replicas' come through etcd.
         if let Some(member) = self.zone_members.get(service) {
             if let Some(view) = member.current() {
                 return (view.version > 0).then(|| self.ads.assignments.get(service, &view));
