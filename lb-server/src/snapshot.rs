@@ -92,6 +92,12 @@ impl PublishedList {
         PublishedList::new(0, Vec::new(), false, 0.0)
     }
 
+    /// Whether it says anything yet (version 1 on): version 0 is "not
+    /// decided", which no frontend sends (see [`PublishedList::empty`]).
+    pub fn decided(&self) -> bool {
+        self.version > 0
+    }
+
     /// The whole list as a grpclb `LoadBalanceResponse` (`server_list`),
     /// encoded once.
     pub fn grpclb(&self) -> &Bytes {

@@ -195,10 +195,10 @@ impl Catalog {
             .all(|b| b.drained || b.health != HealthState::Unknown);
         let decided = settled || (!servers.is_empty() && !panic);
         entry.list.send_if_modified(|current| {
-            if current.version == 0 && !decided {
+            if !current.decided() && !decided {
                 return false;
             }
-            if current.version > 0
+            if current.decided()
                 && current.servers == servers
                 && current.panic == panic
                 && *current.localities == localities

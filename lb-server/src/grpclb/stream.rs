@@ -203,7 +203,7 @@ impl StreamState {
         // Compare versions rather than relying on `has_changed`: `changed()`
         // marks the newest value as seen.
         let list = self.lists.borrow_and_update().clone();
-        if list.version == 0 {
+        if !list.decided() {
             // Not decided yet (the LB's first health checks are out):
             // the client keeps what it has.
             return None;

@@ -605,11 +605,13 @@ impl AdsStream {
         // `--health-timeout`, other replicas' come through etcd.
         if let Some(member) = self.zone_members.get(service) {
             if let Some(view) = member.current() {
-                return (view.version > 0).then(|| self.ads.assignments.get(service, &view));
+                return view
+                    .decided()
+                    .then(|| self.ads.assignments.get(service, &view));
             }
         }
         let list = entry.current_list();
-        if list.version == 0 {
+        if !list.decided() {
             return None;
         }
         if !self.ads.parts.subsets.enabled() {

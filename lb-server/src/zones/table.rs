@@ -378,7 +378,7 @@ impl ZoneTable {
                     && current.failover == failover
                     && current.panic == list.panic
                     && current.localities == list.localities
-                    && (current.version > 0 || list.version == 0)
+                    && (current.decided() || !list.decided())
                 {
                     return false;
                 }
