@@ -98,6 +98,60 @@ impl Load {
     }
 }
 
+/// One lying reporter ("liar") over LRS to `lb`: for `length`, it claims 50
+/// calls a second to `victim`, every one failed. Ends after `length`.
+async fn lie_about(
+    lb: &Lb,
+    victim: std::net::SocketAddr,
+    length: Duration,
+) -> tokio::task::JoinHandle<()> {
+    use lb_proto::envoy::service::load_stats::v3::{
+        load_reporting_service_client::LoadReportingServiceClient, ClusterStats, LoadStatsRequest,
+        Locality, Node, UpstreamLocalityStats,
+    };
+    let report = move |node: Option<Node>| LoadStatsRequest {
+        node,
+        cluster_stats: vec![ClusterStats {
+            cluster_name: "greeter".into(),
+            upstream_locality_stats: vec![UpstreamLocalityStats {
+                locality: Some(Locality {
+                    sub_zone: victim.to_string(),
+                    ..Default::default()
+                }),
+                total_issued_requests: 50,
+                total_error_requests: 50,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let node = Node {
+        id: "liar".into(),
+        ..Default::default()
+    };
+    tx.send(report(Some(node)))
+        .await
+        .expect("first report queued");
+    let mut lrs = LoadReportingServiceClient::connect(format!("http://{}", lb.addr))
+        .await
+        .expect("LRS connect");
+    let answers = lrs
+        .stream_load_stats(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("LRS stream");
+    tokio::spawn(async move {
+        let _answers = answers;
+        let end = Instant::now() + length;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if tx.send(report(None)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// The detector's state of the backend at `addr` (`"admitted"` when it
 /// never said anything).
 fn gray_state(lb: &Lb, addr: std::net::SocketAddr) -> (String, String) {
@@ -180,10 +234,6 @@ async fn a_backend_failing_thirty_percent_leaves_every_clients_list() {
 /// ejected, though the lie is in the evidence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_lying_client_ejects_nothing() {
-    use lb_proto::envoy::service::load_stats::v3::{
-        load_reporting_service_client::LoadReportingServiceClient, ClusterStats, LoadStatsRequest,
-        Locality, Node, UpstreamLocalityStats,
-    };
     let (lb, backends, _registrations) = stock_fleet_of(&[&[], &[], &[]]).await;
     let victim = backends[0].addr;
     let channels = clients(&lb, 10, 3).await;
@@ -193,43 +243,7 @@ async fn one_lying_client_ejects_nothing() {
         Duration::from_secs(30),
     );
     // The liar: 50 calls a second to the victim, every one "failed".
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let lies = tokio::spawn(async move {
-        let report = |node: Option<Node>| LoadStatsRequest {
-            node,
-            cluster_stats: vec![ClusterStats {
-                cluster_name: "greeter".into(),
-                upstream_locality_stats: vec![UpstreamLocalityStats {
-                    locality: Some(Locality {
-                        sub_zone: victim.to_string(),
-                        ..Default::default()
-                    }),
-                    total_issued_requests: 50,
-                    total_error_requests: 50,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        };
-        let node = Node {
-            id: "liar".into(),
-            ..Default::default()
-        };
-        let _ = tx.send(report(Some(node))).await;
-        for _ in 0..12 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if tx.send(report(None)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut lrs = LoadReportingServiceClient::connect(format!("http://{}", lb.addr))
-        .await
-        .expect("LRS connect");
-    let _answers = lrs
-        .stream_load_stats(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("LRS stream");
+    let lies = lie_about(&lb, victim, Duration::from_secs(12)).await;
     let _ = lies.await;
     let outcomes = lb
         .backends("greeter")
@@ -595,19 +609,30 @@ async fn five_percent_against_a_half_percent_fleet_is_ejected() {
     );
 }
 
+/// How long the no-false-ejection test runs: a minute in the suite, and
+/// as long as `LB_GRAY_NOISE_SECS` says for the ten-minute run
+/// (`LB_GRAY_NOISE_SECS=600 cargo test --release --test gray -- noise`).
+fn noise_run() -> Duration {
+    let secs = std::env::var("LB_GRAY_NOISE_SECS")
+        .ok()
+        .map(|v| v.parse::<u64>().expect("LB_GRAY_NOISE_SECS: whole seconds"))
+        .unwrap_or(60);
+    Duration::from_secs(secs.clamp(10, 3600))
+}
+
 /// No false ejection: every backend fails 2 % of calls (the fleet's
-/// noise), and the callers cancel or time out a share of their calls on
-/// their own: for a minute, nothing is ejected, held or de-weighted.
+/// noise), the callers cancel or time out a share of their calls on
+/// their own, and one lying reporter claims every call to one backend
+/// failed: for the whole run, nothing is ejected, held or de-weighted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn noise_and_the_callers_own_ends_eject_nothing() {
+async fn noise_the_callers_own_ends_and_a_liar_eject_nothing() {
+    let length = noise_run();
     let noise: &[&str] = &["-fail-code", "14", "-fail-rate", "0.02", "-delay", "20ms"];
     let (lb, backends, _registrations) = stock_fleet_of(&[noise; 5]).await;
     let channels = clients(&lb, 10, 5).await;
-    let load = Load::start(
-        &channels,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-    );
+    let load = Load::start(&channels, Duration::from_millis(100), length);
+    let victim = backends[0].addr;
+    let lies = lie_about(&lb, victim, length).await;
     // Callers of their own: some give up after 10 ms, some carry a 10 ms
     // deadline, against answers that take 20 ms.
     let impatient: Vec<_> = channels
@@ -617,7 +642,7 @@ async fn noise_and_the_callers_own_ends_eject_nothing() {
         .map(|(i, c)| {
             let mut client = GreeterClient::new(c.clone());
             tokio::spawn(async move {
-                let end = Instant::now() + Duration::from_secs(60);
+                let end = Instant::now() + length;
                 while Instant::now() < end {
                     let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
                     if i % 2 == 0 {
@@ -636,7 +661,7 @@ async fn noise_and_the_callers_own_ends_eject_nothing() {
         })
         .collect();
     let mut judged = Vec::new();
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + length;
     while Instant::now() < end {
         for b in &backends {
             let (state, why) = gray_state(&lb, b.addr);
@@ -652,6 +677,7 @@ async fn noise_and_the_callers_own_ends_eject_nothing() {
     for t in impatient {
         let _ = t.await;
     }
+    let _ = lies.await;
     let failures = load.failures();
     load.stop().await;
     let outcomes: Vec<serde_json::Value> = lb
@@ -659,7 +685,20 @@ async fn noise_and_the_callers_own_ends_eject_nothing() {
         .into_iter()
         .map(|b| b["outcomes"].clone())
         .collect();
-    eprintln!("gray: a minute of 2 % noise and impatient callers: {failures} failed calls; outcomes {outcomes:?}");
+    eprintln!(
+        "gray: {length:?} of 2 % noise, impatient callers and a liar: {failures} failed calls; outcomes {outcomes:?}"
+    );
+    let lied_about = lb
+        .backends("greeter")
+        .into_iter()
+        .find(|b| b["address"] == victim.to_string())
+        .map(|b| b["outcomes"].clone())
+        .unwrap_or_default();
+    assert_eq!(
+        lied_about["reporters"].as_u64(),
+        Some(11),
+        "the liar never reached the evidence: {lied_about}"
+    );
     assert!(judged.is_empty(), "false verdicts: {judged:?}");
     assert!(failures > 0, "the noise never showed");
     let cancelled: u64 = outcomes
