@@ -127,11 +127,23 @@ struct Pooled {
     buckets: VecDeque<Bucket>,
     reporters: HashMap<Arc<str>, Reporter>,
     total: Sample,
+    /// When a report last swept out the reporters gone quiet.
+    swept: Option<Instant>,
 }
+
+/// How often reports sweep out reporters gone quiet for the window: every
+/// report would walk up to [`MAX_REPORTERS`] entries for each backend it
+/// names. Views and the detector's reads sweep every time.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Pooled {
     fn record(&mut self, reporter: &Arc<str>, sample: &Sample, now: Instant) {
-        self.expire(now);
+        if self
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY)
+        {
+            self.expire(now);
+        }
         match self.buckets.back_mut() {
             Some(b) if now.duration_since(b.start) < BUCKET => b.counts.add(sample),
             _ => self.buckets.push_back(Bucket {
@@ -192,6 +204,7 @@ impl Pooled {
     }
 
     fn expire(&mut self, now: Instant) {
+        self.swept = Some(now);
         let window = BUCKET * BUCKETS as u32;
         while self
             .buckets

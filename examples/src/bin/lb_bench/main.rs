@@ -34,6 +34,9 @@
 //!   pass, three ways: no detection, gRFC A50 outlier detection in stock
 //!   C-core clients, and the LB's pooled detection: time to eject, failed
 //!   calls, and false ejections in a noisy run.
+//! - `lrs`: the LB's CPU per report of per-backend outcomes (LRS, one
+//!   locality per backend) from many clients, beside grpclb's per-service
+//!   `client_stats` over the same streams.
 //!
 //! Results are printed as a Markdown table and written as JSON (`--json`).
 //!
@@ -41,13 +44,14 @@
 //! | --- | --- |
 //! | [`measure`] | closed-loop load, percentiles, CPU accounting |
 //! | [`procs`] | processes and in-process parts a benchmark runs: etcd, lb-server, nginx, greeters |
-//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle`, `zones`, `gray` |
+//! | one module per benchmark | `throughput`, `propagation`, `fanout`, `slow_backend`, `kill_removal`, `failover`, `soak`, `idle`, `zones`, `gray`, `lrs` |
 
 mod failover;
 mod fanout;
 mod gray;
 mod idle;
 mod kill_removal;
+mod lrs;
 mod measure;
 mod procs;
 mod propagation;
@@ -222,6 +226,21 @@ enum Bench {
         #[command(flatten)]
         peers: StockPeerArgs,
     },
+    /// LB CPU per LRS report (one locality per backend) vs per grpclb client_stats report.
+    Lrs {
+        /// Clients, each with a BalanceLoad and an LRS stream (100 per connection).
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Backends of the service, each a locality in every LRS report.
+        #[arg(long, default_value_t = 20)]
+        backends: usize,
+        /// Length of each phase (quiet, grpclb reports, LRS reports).
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Rounds of the three phases.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// One LB under steady churn: no failed call, flat RSS, no task or fd leak.
     Soak {
         /// How long the measured load runs, after the warm-up (bounded; the
@@ -365,6 +384,12 @@ async fn main() -> anyhow::Result<()> {
             };
             gray::gray(&peers, noise_run, case).await?
         }
+        Bench::Lrs {
+            streams,
+            backends,
+            window,
+            rounds,
+        } => lrs::lrs(streams, backends, window, rounds).await?,
         Bench::Idle {
             lb_servers,
             settle,
