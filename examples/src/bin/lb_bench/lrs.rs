@@ -216,7 +216,7 @@ pub async fn lrs(
     if let Some(Ok(Err(e))) = tasks.try_join_next() {
         anyhow::bail!("a client failed during the run: {e}");
     }
-    let errors = lb
+    let outcomes = lb
         .metric_sum("lb_backend_outcomes_total")
         .await
         .unwrap_or(0.0);
@@ -248,10 +248,12 @@ pub async fn lrs(
         share(Phase::Lrs),
         lrs_us / backends.max(1) as f64
     );
-    println!(
-        "\nLRS / grpclb per report: {:.1}×; the LB counted {errors:.0} outcomes in all",
-        lrs_us / grpclb_us.max(f64::MIN_POSITIVE)
-    );
+    let ratio = if grpclb_us > 0.0 {
+        format!("{:.1}×", lrs_us / grpclb_us)
+    } else {
+        "not measured (too few reports for the CPU clock's ticks)".into()
+    };
+    println!("\nLRS / grpclb per report: {ratio}; the LB counted {outcomes:.0} outcomes in all");
     Ok(json!({
         "streams": streams,
         "backends": backends,
