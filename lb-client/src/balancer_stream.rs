@@ -38,7 +38,7 @@ use tonic::transport::Endpoint;
 use crate::backoff::Backoff;
 use crate::state::{ChannelState, ListEntry};
 use crate::stats::ZeroReports;
-use crate::task::AbortOnDrop;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Settings of the LB connection.
 #[derive(Debug, Clone)]
@@ -316,11 +316,11 @@ async fn stream(
         .filter(|d| !d.is_zero());
     let reporter =
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));
-    let _reporter = reporter.map(AbortOnDrop::new);
+    let _reporter = reporter.map(AbortOnDropHandle::new);
     // Per-backend outcomes go to the same LB, over LRS on this connection.
     let _outcomes = state.count_outcomes.then(|| {
         let node = crate::load_report::node(&settings.client_id, settings.zone.as_deref());
-        AbortOnDrop::new(tokio::spawn(crate::load_report::run(
+        AbortOnDropHandle::new(tokio::spawn(crate::load_report::run(
             channel,
             state.clone(),
             node,
@@ -489,7 +489,7 @@ mod tests {
     async fn reports_within(every: Duration, run: Duration, calling: bool) -> Vec<ClientStats> {
         let state = ChannelState::new("svc".into(), Vec::new(), Default::default(), false);
         let (tx, mut rx) = mpsc::channel(10_000);
-        let reporter = AbortOnDrop::new(tokio::spawn(report_stats(state.clone(), tx, every)));
+        let reporter = AbortOnDropHandle::new(tokio::spawn(report_stats(state.clone(), tx, every)));
         let end = tokio::time::Instant::now() + run;
         while tokio::time::Instant::now() < end {
             if calling {

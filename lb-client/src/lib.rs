@@ -67,7 +67,6 @@ pub mod register;
 pub mod retry;
 mod state;
 mod stats;
-mod task;
 mod thin;
 mod tls;
 
@@ -89,7 +88,6 @@ pub mod internals {
     #[cfg(feature = "etcd")]
     pub use crate::etcd::{list_prefix, EtcdAccess};
     pub use crate::picker::{Pick, PickList, Picker};
-    pub use crate::task::AbortOnDrop;
     pub use crate::thin::{tune as tune_thin_stream, RTO_MAX as THIN_STREAM_RTO_MAX};
 }
 

@@ -66,7 +66,7 @@ use super::report::Reporter;
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
 use crate::model::HealthState;
-use lb_client::internals::AbortOnDrop;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Health-checking settings.
 #[derive(Debug, Clone)]
@@ -365,7 +365,7 @@ async fn session(
             addr,
             s.orca_interval,
         ));
-        AbortOnDrop::new(task)
+        AbortOnDropHandle::new(task)
     });
     let mut client = HealthClient::new(channel);
     let request = HealthCheckRequest {
