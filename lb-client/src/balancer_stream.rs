@@ -312,7 +312,7 @@ async fn stream(
         })??;
 
     let interval = interval
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .and_then(|d| Duration::try_from(d).ok())
         .filter(|d| !d.is_zero());
     let reporter =
         interval.map(|every| tokio::spawn(report_stats(state.clone(), tx.clone(), every)));

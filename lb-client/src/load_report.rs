@@ -102,7 +102,7 @@ impl Asked {
     fn of(response: &LoadStatsResponse, service: &str) -> Asked {
         let every = response
             .load_reporting_interval
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(MIN_INTERVAL)
             .clamp(MIN_INTERVAL, MAX_INTERVAL);
         Asked {
@@ -151,10 +151,7 @@ async fn stream(
                     cluster_stats: vec![ClusterStats {
                         cluster_name: state.service.clone(),
                         upstream_locality_stats: localities,
-                        load_report_interval: Some(prost_types::Duration {
-                            seconds: since.as_secs() as i64,
-                            nanos: since.subsec_nanos() as i32,
-                        }),
+                        load_report_interval: prost_types::Duration::try_from(since).ok(),
                         ..Default::default()
                     }],
                 };

@@ -161,7 +161,7 @@ impl OpenRcaService for OrcaService {
         let asked = request
             .into_inner()
             .report_interval
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(1));
         let every = asked.max(self.min_interval);
         let recorder = self.recorder.clone();

@@ -67,14 +67,8 @@ impl CallStats {
     /// Takes the counters as a report and resets them.
     pub fn take(&self) -> ClientStats {
         let drops = std::mem::take(&mut *self.drops.lock().expect("drops lock"));
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
         ClientStats {
-            timestamp: Some(prost_types::Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-            }),
+            timestamp: Some(prost_types::Timestamp::from(SystemTime::now())),
             num_calls_started: self.started.swap(0, Ordering::Relaxed),
             num_calls_finished: self.finished.swap(0, Ordering::Relaxed),
             num_calls_finished_with_client_failed_to_send: self

@@ -123,12 +123,9 @@ impl Balancer {
         let initial_response = LoadBalanceResponse {
             load_balance_response_type: Some(LoadBalanceResponseType::InitialResponse(
                 InitialLoadBalanceResponse {
-                    client_stats_report_interval: (!interval.is_zero()).then(|| {
-                        prost_types::Duration {
-                            seconds: interval.as_secs() as i64,
-                            nanos: interval.subsec_nanos() as i32,
-                        }
-                    }),
+                    client_stats_report_interval: (!interval.is_zero())
+                        .then(|| prost_types::Duration::try_from(interval).ok())
+                        .flatten(),
                 },
             )),
         }

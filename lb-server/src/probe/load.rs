@@ -28,10 +28,7 @@ pub async fn collect(
     every: Duration,
 ) {
     let request = OrcaLoadReportRequest {
-        report_interval: Some(prost_types::Duration {
-            seconds: every.as_secs() as i64,
-            nanos: every.subsec_nanos() as i32,
-        }),
+        report_interval: prost_types::Duration::try_from(every).ok(),
         request_cost_names: Vec::new(),
     };
     let mut stream = match OpenRcaServiceClient::new(channel)

@@ -132,12 +132,7 @@ impl LoadReportingService for LoadReporting {
                     answered = true;
                     let response = LoadStatsResponse {
                         send_all_clusters: true,
-                        load_reporting_interval: Some(
-                            envoy_types::pb::google::protobuf::Duration {
-                                seconds: interval.as_secs() as i64,
-                                nanos: interval.subsec_nanos() as i32,
-                            },
-                        ),
+                        load_reporting_interval: Some(super::resources::duration(interval)),
                         ..Default::default()
                     };
                     if tx.send(Ok(response)).await.is_err() {

@@ -200,7 +200,9 @@ fn ads() -> ConfigSource {
     }
 }
 
-fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+/// `d` as the protobuf Duration of Envoy's types (their own generated
+/// type, without prost-types' conversions).
+pub(crate) fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
     envoy_types::pb::google::protobuf::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
