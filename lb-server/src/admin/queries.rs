@@ -59,7 +59,11 @@ pub async fn metrics(State(s): State<AdminState>) -> Response {
 /// `GET /api/v1/services`: every service, summarised.
 pub async fn services(State(s): State<AdminState>) -> Json<Value> {
     let entries = s.catalog.services();
-    let all: Vec<ServiceSummary> = entries.iter().map(|e| ServiceSummary::of(e, &s)).collect();
+    let counts = s.sessions.stream_counts();
+    let all: Vec<ServiceSummary> = entries
+        .iter()
+        .map(|e| ServiceSummary::of(e, counts.of(e.name())))
+        .collect();
     Json(json!({ "services": all }))
 }
 

@@ -116,7 +116,7 @@ impl<'a> ServiceFigures<'a> {
         entry: &'a ServiceEntry,
         list: &PublishedList,
         backends: &[Backend],
-        s: &AdminState,
+        clients: usize,
     ) -> Self {
         ServiceFigures {
             name: entry.name(),
@@ -125,17 +125,17 @@ impl<'a> ServiceFigures<'a> {
             list_version: list.version,
             panic: list.panic,
             conflict: entry.conflict(),
-            clients: s.sessions.count_for(entry.name()),
+            clients,
         }
     }
 }
 
 impl<'a> ServiceSummary<'a> {
-    /// The summary of `entry`.
-    pub fn of(entry: &'a ServiceEntry, s: &AdminState) -> Self {
+    /// The summary of `entry`, with `clients` streams open for it.
+    pub fn of(entry: &'a ServiceEntry, clients: usize) -> Self {
         let backends = entry.backends();
         ServiceSummary {
-            figures: ServiceFigures::of(entry, &entry.current_list(), &backends, s),
+            figures: ServiceFigures::of(entry, &entry.current_list(), &backends, clients),
             backends: backends.len(),
         }
     }
@@ -146,7 +146,12 @@ impl<'a> ServiceDetail<'a> {
     pub fn of(entry: &'a ServiceEntry, s: &AdminState) -> Self {
         let list = entry.current_list();
         let backends = entry.backends();
-        let figures = ServiceFigures::of(entry, &list, &backends, s);
+        let figures = ServiceFigures::of(
+            entry,
+            &list,
+            &backends,
+            s.sessions.stream_counts().of(entry.name()),
+        );
         let total = list.servers.len().max(1) as f64;
         let subset_counts = s.subsets.enabled().then(|| s.subsets.counts(entry.name()));
         let view = s.cluster.as_ref().map(|c| c.view());

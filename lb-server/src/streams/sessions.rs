@@ -212,25 +212,51 @@ impl Sessions {
         all
     }
 
-    /// Number of open streams for `service`: BalanceLoad streams mapped to
-    /// it and ADS streams subscribed to its assignment.
-    pub fn count_for(&self, service: &str) -> usize {
-        let grpclb = self
-            .open
-            .iter()
-            .filter(|e| e.value().service == service)
-            .count();
-        let xds = self
-            .xds
-            .iter()
-            .filter(|e| {
-                let types = e.value().types.lock().expect("types lock");
-                types
-                    .get("eds")
-                    .is_some_and(|t| t.subscribed.iter().any(|n| n == service || n == "*"))
-            })
-            .count();
-        grpclb + xds
+    /// Open streams per service, counted in one pass over the streams (a
+    /// listing of every service must not walk every stream per service).
+    pub fn stream_counts(&self) -> StreamCounts {
+        let mut counts = StreamCounts::default();
+        for e in self.open.iter() {
+            *counts
+                .per_service
+                .entry(e.value().service.clone())
+                .or_default() += 1;
+        }
+        for e in self.xds.iter() {
+            let types = e.value().types.lock().expect("types lock");
+            let Some(eds) = types.get("eds") else {
+                continue;
+            };
+            if eds.subscribed.iter().any(|n| n == "*") {
+                counts.wildcard += 1;
+                continue;
+            }
+            let mut names: Vec<&String> = eds.subscribed.iter().collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                *counts.per_service.entry(name.clone()).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Open streams per service, as [`Sessions::stream_counts`] found them.
+#[derive(Debug, Default)]
+pub struct StreamCounts {
+    /// BalanceLoad streams mapped to a service, plus ADS streams that
+    /// subscribed to its assignment by name.
+    per_service: std::collections::HashMap<String, usize>,
+    /// ADS streams subscribed to every assignment (`*`).
+    wildcard: usize,
+}
+
+impl StreamCounts {
+    /// Open streams for `service`: BalanceLoad streams mapped to it and
+    /// ADS streams subscribed to its assignment.
+    pub fn of(&self, service: &str) -> usize {
+        self.per_service.get(service).copied().unwrap_or(0) + self.wildcard
     }
 }
 
@@ -273,5 +299,46 @@ impl Drop for XdsSessionGuard {
     fn drop(&mut self) {
         self.sessions.xds.remove(&self.session.id);
         self.metrics.xds.streams_open.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One pass counts what the old per-service walk counted: BalanceLoad
+    /// streams by service, ADS streams by the assignments they subscribed
+    /// to (once each, however often named), wildcard ADS streams for every
+    /// service.
+    #[test]
+    fn stream_counts_per_service_in_one_pass() {
+        let sessions = Arc::new(Sessions::default());
+        let metrics = Arc::new(Metrics::new());
+        let open = |service: &str| {
+            sessions.open(metrics.clone(), None, service.into(), service.into(), None)
+        };
+        let _a = [open("a"), open("a"), open("b")];
+        let subscribe = |names: &[&str]| {
+            let guard = sessions.open_xds(metrics.clone(), None);
+            guard.session().types.lock().unwrap().insert(
+                "eds",
+                XdsTypeStatus {
+                    subscribed: names.iter().map(|n| n.to_string()).collect(),
+                    ..Default::default()
+                },
+            );
+            guard
+        };
+        let _x = [
+            subscribe(&["b", "c", "b"]),
+            subscribe(&["*", "c"]),
+            sessions.open_xds(metrics.clone(), None),
+        ];
+        let counts = sessions.stream_counts();
+        assert_eq!(
+            ["a", "b", "c", "d"].map(|s| counts.of(s)),
+            [3, 3, 2, 1],
+            "{counts:?}"
+        );
     }
 }
