@@ -128,7 +128,6 @@ impl LbServer {
                 max_backends_per_service: cfg.catalog.max_backends_per_service,
                 idle_service_grace: cfg.catalog.idle_service_grace,
                 deregistration_grace: cfg.catalog.deregistration_grace,
-                ..CatalogLimits::default()
             })
             .with_source_order(sources.names())
             .with_leased_sources(sources.leased()),

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -47,7 +47,6 @@ impl Catalog {
                     idle_since: Mutex::new(None),
                     held: Default::default(),
                     departed: Default::default(),
-                    appeared: Instant::now(),
                 })
             })
             .value()

@@ -82,9 +82,6 @@ pub struct ServiceEntry {
     held: std::sync::atomic::AtomicUsize,
     /// Departed backends kept listed, as last published.
     departed: std::sync::atomic::AtomicUsize,
-    /// When the catalog first heard of it: its list is decided at the
-    /// latest [`CatalogLimits::undecided_limit`] after this.
-    appeared: Instant,
 }
 
 impl ServiceEntry {
@@ -173,12 +170,6 @@ pub struct CatalogLimits {
     /// A backend its registry drops while it passes health checks stays
     /// listed this long (zero: it leaves at once); see `departed`.
     pub deregistration_grace: std::time::Duration,
-    /// A service's first list waits for every backend's first health check
-    /// (or for a backend that passes one, outside panic mode), and for no
-    /// longer than this after the service appeared: a backend whose first
-    /// check never comes (its checker's registry lacks it) must not leave
-    /// the service without any list.
-    pub undecided_limit: std::time::Duration,
 }
 
 impl Default for CatalogLimits {
@@ -188,7 +179,6 @@ impl Default for CatalogLimits {
             max_backends_per_service: 10_000,
             idle_service_grace: std::time::Duration::from_secs(300),
             deregistration_grace: std::time::Duration::from_secs(300),
-            undecided_limit: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -292,16 +282,15 @@ impl Catalog {
     }
 
     /// Recomputes the lists that time can change (load reports, their
-    /// blackout and expiry, slow start, expiring overrides, a first list
-    /// not decided yet). Publishes only changes. A service with none of
-    /// those inputs gives the same list as at its last change and is
-    /// skipped: a zone of dead backends costs the refresh nothing.
+    /// blackout and expiry, slow start, expiring overrides). Publishes only
+    /// changes. A service with none of those inputs gives the same list as
+    /// at its last change and is skipped: a zone of dead backends costs the
+    /// refresh nothing.
     pub fn refresh_all(&self) {
         self.settle_startup();
         for entry in self.services() {
             let mut backends = entry.backends.lock().expect("catalog lock");
-            let undecided = !entry.list.borrow().decided();
-            if undecided || backends.values().any(Backend::changes_with_time) {
+            if backends.values().any(Backend::changes_with_time) {
                 self.publish(&entry, &mut backends);
             }
         }
@@ -514,34 +503,6 @@ mod tests {
             (1, 1),
             "a backend passing its checks is listed at once"
         );
-    }
-
-    /// A backend whose first check never comes (its checker's registry
-    /// lacks it) holds a first list back for the limit, not for ever: the
-    /// periodic refresh decides it with what is known.
-    #[test]
-    fn a_first_check_that_never_comes_holds_the_list_for_the_limit_only() {
-        let limit = std::time::Duration::from_millis(200);
-        let c = checked_catalog(0.5).with_limits(CatalogLimits {
-            undecided_limit: limit,
-            ..CatalogLimits::default()
-        });
-        for (key, port) in [("k1", 1), ("k2", 2)] {
-            c.upsert("etcd", inst("svc", key, port)).unwrap();
-        }
-        let e = c.service("svc").unwrap();
-        let a1 = SocketAddr::from(([127, 0, 0, 1], 1));
-        c.set_health("svc", a1, HealthState::Unreachable, "connection refused");
-        c.refresh_all();
-        assert_eq!(e.current_list().version, 0, "within the limit: waiting");
-        std::thread::sleep(limit);
-        c.refresh_all();
-        let list = e.current_list();
-        assert_eq!(
-            list.version, 1,
-            "past the limit the refresh decides the list"
-        );
-        assert!(list.panic, "panic over the backends known: {list:?}");
     }
 
     fn ports(c: &Catalog, service: &str) -> Vec<i32> {

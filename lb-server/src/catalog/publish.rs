@@ -189,13 +189,11 @@ impl Catalog {
         // restarted LB must not tell its first clients "no servers", nor
         // send them to the one backend whose refused connection answered
         // first (panic mode over the few checked so far), because its
-        // probes have not all answered yet. A first check that never
-        // comes holds the list back for `undecided_limit` at most.
+        // probes have not all answered yet.
         let settled = backends
             .values()
             .all(|b| b.drained || b.health != HealthState::Unknown);
-        let overdue = now.saturating_duration_since(entry.appeared) >= self.limits.undecided_limit;
-        let decided = settled || overdue || (!servers.is_empty() && !panic);
+        let decided = settled || (!servers.is_empty() && !panic);
         entry.list.send_if_modified(|current| {
             if !current.decided() && !decided {
                 return false;
