@@ -14,13 +14,13 @@
 //!   seconds on a path whose real round trip is milliseconds. A ceiling on
 //!   the RTO (`TCP_RTO_MAX_MS`, Linux 6.15) of [`RTO_MAX`] keeps every
 //!   retry within a second of the last;
-//! - **the RTO floor**: Linux adds at least 200 ms (`tcp_rto_min`) to the
-//!   smoothed round trip, room for a bulk receiver's delayed ACKs. A thin
-//!   stream's lost list waits that long for each try even on a path of a
-//!   millisecond. A floor of [`RTO_MIN`] (`TCP_RTO_MIN_US`, Linux 6.15)
-//!   keeps the retry within the round trip plus 50 ms; on a long path the
-//!   round trip dominates, as before, and a retry sent early is a few
-//!   duplicate bytes.
+//! - **the RTO floor**: Linux's RTO is the smoothed round trip plus a
+//!   variance term of at least 200 ms (`tcp_rto_min`), room for a bulk
+//!   receiver's delayed ACKs. A thin stream's lost list waits that long
+//!   for each try even on a path of a millisecond. A floor of [`RTO_MIN`]
+//!   (`TCP_RTO_MIN_US`, Linux 6.15) lowers that term's minimum to 50 ms;
+//!   where the round trip varies more, the variance term is larger anyway,
+//!   and a retry sent early is a few duplicate bytes.
 //!
 //! All are best effort: a kernel without them still connects, with its
 //! defaults. Measured on a link losing 30 % of packets each way (the
@@ -33,8 +33,9 @@ use std::time::Duration;
 /// kernel accepts nothing lower than one second.
 pub const RTO_MAX: Duration = Duration::from_secs(1);
 
-/// Floor of the retransmission timeout of thin-stream connections, added
-/// to the smoothed round trip (the kernel's default is 200 ms).
+/// Floor of the variance term the kernel adds to the smoothed round trip
+/// for the retransmission timeout of thin-stream connections (its default
+/// is 200 ms).
 pub const RTO_MIN: Duration = Duration::from_millis(50);
 
 /// `TCP_RTO_MAX_MS` and `TCP_RTO_MIN_US` from `linux/tcp.h` (not in every
@@ -46,8 +47,8 @@ mod opt {
 }
 
 /// Sets the thin-stream options on `tcp`: no Nagle delay, linear
-/// retransmission timeouts, and an RTO between [`RTO_MIN`] above the round
-/// trip and [`RTO_MAX`]. Errors are ignored (an older kernel keeps its
+/// retransmission timeouts, and an RTO of at most [`RTO_MAX`] whose
+/// variance term is at least [`RTO_MIN`]. Errors are ignored (an older kernel keeps its
 /// defaults).
 pub fn tune(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
@@ -111,10 +112,10 @@ mod tests {
         assert!(tcp.nodelay().unwrap());
         let sock = socket2::SockRef::from(&tcp);
         assert!(sock.tcp_thin_linear_timeouts().unwrap());
-        // SAFETY: as in set_int, reading into a c_int of the given size.
         let get = |option: libc::c_int| {
             let mut v: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: as in set_int, reading into a c_int of the given size.
             let rc = unsafe {
                 libc::getsockopt(
                     tcp.as_raw_fd(),

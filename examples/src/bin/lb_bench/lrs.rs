@@ -15,7 +15,10 @@
 //! this process, not in the LB's); a report's cost is its phase's CPU above
 //! the quiet phase's, over the reports sent. The backends are registered
 //! under static keys with health checks off: what is measured is the
-//! evidence, not probing.
+//! evidence, not probing. The LB keeps at most 256 reporters per backend
+//! (`catalog::outcomes::MAX_REPORTERS`); with more clients, the reports of
+//! those beyond are counted in the backend's totals but not remembered
+//! per reporter, a cheaper path, so the default stays below the cap.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -134,6 +137,17 @@ async fn client(
     }
 }
 
+/// The first client that ended (with an error, or panicking), if any: no
+/// client ends on its own while the run lasts.
+fn failed(tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>, when: &str) -> anyhow::Result<()> {
+    match tasks.try_join_next() {
+        None => Ok(()),
+        Some(Ok(Ok(()))) => anyhow::bail!("a client ended {when}"),
+        Some(Ok(Err(e))) => anyhow::bail!("a client failed {when}: {e}"),
+        Some(Err(e)) => anyhow::bail!("a client panicked {when}: {e}"),
+    }
+}
+
 /// Runs the benchmark: `streams` clients, a service of `backends`
 /// backends, `rounds` rounds of three phases of `window` each.
 pub async fn lrs(
@@ -193,9 +207,7 @@ pub async fn lrs(
     }
     eprintln!("lrs: {streams} clients, each with a BalanceLoad and an LRS stream; settling");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    if let Some(Ok(Err(e))) = tasks.try_join_next() {
-        anyhow::bail!("a client failed while opening: {e}");
-    }
+    failed(&mut tasks, "while opening")?;
 
     // CPU seconds and reports per phase, summed over the rounds.
     let mut cpu = [Duration::ZERO; 3];
@@ -207,15 +219,13 @@ pub async fn lrs(
             tokio::time::sleep(Duration::from_secs(1)).await;
             let (cpu0, sent0) = (process_cpu(pid), sent.0[p as usize].load(Ordering::Relaxed));
             tokio::time::sleep(window).await;
-            cpu[p as usize] += process_cpu(pid) - cpu0;
+            cpu[p as usize] += process_cpu(pid).saturating_sub(cpu0);
             reports[p as usize] += sent.0[p as usize].load(Ordering::Relaxed) - sent0;
             eprintln!("lrs: round {} {p:?}: done", round + 1);
         }
     }
     phase.store(Phase::Quiet as u8, Ordering::Relaxed);
-    if let Some(Ok(Err(e))) = tasks.try_join_next() {
-        anyhow::bail!("a client failed during the run: {e}");
-    }
+    failed(&mut tasks, "during the run")?;
     let outcomes = lb
         .metric_sum("lb_backend_outcomes_total")
         .await

@@ -228,14 +228,15 @@ enum Bench {
     },
     /// LB CPU per LRS report (one locality per backend) vs per grpclb client_stats report.
     Lrs {
-        /// Clients, each with a BalanceLoad and an LRS stream (100 per connection).
-        #[arg(long, default_value_t = 1000)]
+        /// Clients, each with a BalanceLoad and an LRS stream (100 per
+        /// connection); at most 256 are remembered per backend.
+        #[arg(long, default_value_t = 250)]
         streams: usize,
         /// Backends of the service, each a locality in every LRS report.
         #[arg(long, default_value_t = 20)]
         backends: usize,
         /// Length of each phase (quiet, grpclb reports, LRS reports).
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
         window: Duration,
         /// Rounds of the three phases.
         #[arg(long, default_value_t = 2)]
