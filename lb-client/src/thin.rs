@@ -48,8 +48,8 @@ mod opt {
 
 /// Sets the thin-stream options on `tcp`: no Nagle delay, linear
 /// retransmission timeouts, and an RTO of at most [`RTO_MAX`] whose
-/// variance term is at least [`RTO_MIN`]. Errors are ignored (an older kernel keeps its
-/// defaults).
+/// variance term is at least 50 ms. Errors are ignored (an older kernel
+/// keeps its defaults).
 pub fn tune(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
     let sock = socket2::SockRef::from(tcp);
